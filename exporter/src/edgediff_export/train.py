@@ -1,0 +1,190 @@
+"""`edgediff-train`: train the DDPM noise-prediction U-Net on MNIST with exact resume.
+
+Every random draw of step k comes from a generator seeded by (seed, k), so a run stopped at any
+checkpoint and resumed is bit-for-bit the run that never stopped (same batches, same t, same
+noise), given the same torch build and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .data import load_mnist
+from .schedules import alphas_cumprod, betas_for, schedule_metadata
+from .unet import UNet, UNetConfig, count_parameters
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 6000
+    batch_size: int = 128
+    lr: float = 1e-3
+    lr_min: float = 1e-5
+    warmup: int = 200
+    ema_decay: float = 0.999
+    seed: int = 0
+    schedule: str = "linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    label_dropout: float = 0.1
+    grad_clip: float = 1.0
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * min(frac, 1.0)))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def save_atomic(obj: object, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def train(out_dir: Path, cfg: TrainConfig, ucfg: UNetConfig, checkpoint_every: int,
+          time_budget_min: float | None, threads: int | None) -> Path:
+    if threads:
+        torch.set_num_threads(threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "checkpoint.pt"
+    log_path = out_dir / "loss.csv"
+
+    x_all, y_all = load_mnist("trainval")
+    x_all, y_all = torch.from_numpy(x_all), torch.from_numpy(y_all)
+    abar = torch.from_numpy(alphas_cumprod(betas_for(
+        cfg.schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end))).float()
+
+    torch.manual_seed(cfg.seed)
+    model = UNet(ucfg)
+    ema = UNet(ucfg)
+    ema.load_state_dict(model.state_dict())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    start, elapsed = 0, 0.0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        if ck["unet_config"] != ucfg.to_dict() or ck["train_config"] != cfg.__dict__:
+            raise SystemExit(f"{ckpt_path} was made with other settings; use another --out-dir "
+                             f"or the same settings (stored: {ck['train_config']})")
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["opt"])
+        start, elapsed = ck["step"], ck["elapsed_s"]
+        print(f"resuming from step {start} ({elapsed / 60:.1f} min trained)")
+    print(f"U-Net: {count_parameters(model):,} parameters; training steps {start}..{cfg.steps}")
+
+    def checkpoint(step: int) -> None:
+        save_atomic({"model": model.state_dict(), "ema": ema.state_dict(),
+                     "opt": opt.state_dict(), "step": step, "elapsed_s": elapsed,
+                     "unet_config": ucfg.to_dict(), "train_config": cfg.__dict__,
+                     "schedule": schedule_metadata(cfg.schedule, cfg.num_train_timesteps,
+                                                   cfg.beta_start, cfg.beta_end)}, ckpt_path)
+
+    # Keep the log consistent with the checkpoint: drop rows written after it.
+    rows = []
+    if log_path.exists():
+        with log_path.open() as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) < start]
+    with log_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "elapsed_s"])
+        w.writeheader()
+        w.writerows(rows)
+
+    from tqdm import tqdm
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, dynamic_ncols=True)
+    t0 = time.time() - elapsed
+    run_start = elapsed
+    model.train()
+    for step in bar:
+        g = step_generator(cfg.seed, step)
+        idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=g)
+        x0 = x_all[idx]
+        t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=g)
+        eps = torch.randn(x0.shape, generator=g)
+        labels = None
+        if ucfg.num_classes is not None:
+            labels = y_all[idx].clone()
+            drop = torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout
+            labels[drop] = ucfg.num_classes
+        a = abar[t][:, None, None, None]
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        loss = F.mse_loss(model(xt, t, labels), eps)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        elapsed = time.time() - t0
+        with log_path.open("a", newline="") as f:
+            f.write(f"{step},{loss.item():.6f},{lr_at(step, cfg):.3e},{elapsed:.1f}\n")
+        run_s = max(1e-9, elapsed - run_start)
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(step, cfg):.1e}",
+                        img_s=f"{(step + 1 - start) * cfg.batch_size / run_s:.0f}")
+        done = step + 1
+        over_budget = time_budget_min is not None and elapsed > time_budget_min * 60
+        if done % checkpoint_every == 0 or done == cfg.steps or over_budget:
+            checkpoint(done)
+        if over_budget:
+            print(f"time budget reached at step {done}; rerun the same command to resume")
+            break
+    return ckpt_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="edgediff-train", description=__doc__.splitlines()[0])
+    p.add_argument("--out-dir", type=Path, required=True, help="checkpoint and loss log folder")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
+    p.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "quadratic", "sigmoid"])
+    p.add_argument("--base-channels", type=int, default=32)
+    p.add_argument("--channel-mult", default="1,2,4")
+    p.add_argument("--num-res-blocks", type=int, default=1)
+    p.add_argument("--attention-resolutions", default="7")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="train class-conditionally with label dropout (classifier-free guidance)")
+    p.add_argument("--label-dropout", type=float, default=TrainConfig.label_dropout)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--time-budget-min", type=float, default=None,
+                   help="stop (with a checkpoint) after this many minutes of training in total")
+    p.add_argument("--threads", type=int, default=None)
+    a = p.parse_args(argv)
+    cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
+                      ema_decay=a.ema_decay, seed=a.seed, schedule=a.schedule,
+                      label_dropout=a.label_dropout)
+    ucfg = UNetConfig(base_channels=a.base_channels,
+                      channel_mult=tuple(int(c) for c in a.channel_mult.split(",")),
+                      num_res_blocks=a.num_res_blocks,
+                      attention_resolutions=tuple(int(r) for r in a.attention_resolutions.split(",") if r),
+                      num_classes=a.num_classes)
+    path = train(a.out_dir, cfg, ucfg, a.checkpoint_every, a.time_budget_min, a.threads)
+    print(json.dumps({"checkpoint": str(path)}))
+
+
+if __name__ == "__main__":
+    main()

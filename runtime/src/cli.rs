@@ -1,0 +1,297 @@
+//! The `edgediff` command line: thin wrappers over the library API.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use argh::FromArgs;
+use ndarray::{Array4, Ix4, Ix5};
+
+use crate::backend::{init_onnxruntime, NetworkOptions};
+use crate::error::{Error, Result};
+use crate::generate::{generate, SampleOptions};
+use crate::model::Model;
+use crate::noise::InjectedNoise;
+use crate::npy::{npy_bytes, read_npy, write_atomic};
+use crate::sampler::SamplerKind;
+
+/// edgediff: sample from self-describing ONNX diffusion models.
+///
+/// Exit codes: 0 success, 1 bad command line, 2 invalid argument, 3 model or ONNX Runtime
+/// problem, 4 file I/O problem, 5 the network produced NaN/Inf.
+#[derive(FromArgs, Debug)]
+pub struct Cli {
+    #[argh(subcommand)]
+    command: Command,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+enum Command {
+    Sample(SampleCmd),
+    Info(InfoCmd),
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "sample")]
+/// Generate samples into a PNG grid (OUT.png), a folder of PNGs (OUT/), or a float32 OUT.npy.
+struct SampleCmd {
+    /// the ONNX model (default: the shipped MNIST model)
+    #[argh(option)]
+    model: Option<PathBuf>,
+    /// sampler: ddpm or ddim (default ddim)
+    #[argh(option, default = "String::from(\"ddim\")")]
+    sampler: String,
+    /// number of sampling steps (default 100)
+    #[argh(option, default = "100")]
+    steps: usize,
+    /// time-step spacing: leading, trailing or linspace (default trailing)
+    #[argh(option, default = "String::from(\"trailing\")")]
+    spacing: String,
+    /// explicit comma-separated schedule times, most noisy first (overrides --steps/--spacing)
+    #[argh(option)]
+    timesteps: Option<String>,
+    /// DDIM stochasticity in [0, 1] (default 0: deterministic)
+    #[argh(option, default = "0.0")]
+    eta: f64,
+    /// number of samples (default 16)
+    #[argh(option, short = 'n', default = "16")]
+    n: usize,
+    /// samples per network call (default 64)
+    #[argh(option, default = "64")]
+    batch_size: usize,
+    /// random seed (default 0); the same seed gives the same output
+    #[argh(option, default = "0")]
+    seed: u64,
+    /// class label for class-conditional models
+    #[argh(option)]
+    class: Option<i64>,
+    /// clip x0 predictions to the model's data range at every step
+    #[argh(switch)]
+    clip_x0: bool,
+    /// initial noise as float32 .npy [n, C, H, W] instead of the seeded noise
+    #[argh(option)]
+    init_noise: Option<PathBuf>,
+    /// per-step noise as float32 .npy [steps, n, C, H, W] for stochastic samplers (with --init-noise)
+    #[argh(option)]
+    step_noise: Option<PathBuf>,
+    /// output: a .png grid, a .npy array, or a directory for one PNG per sample (default samples.png)
+    #[argh(option, short = 'o', default = "PathBuf::from(\"samples.png\")")]
+    out: PathBuf,
+    /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
+    #[argh(option)]
+    ort_lib: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads (default 0: its own choice)
+    #[argh(option, default = "0")]
+    threads: usize,
+    /// no progress bar
+    #[argh(switch, short = 'q')]
+    quiet: bool,
+    /// print a JSON summary on stdout
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "info")]
+/// Print a model's metadata.
+struct InfoCmd {
+    /// the ONNX model (default: the shipped MNIST model)
+    #[argh(option)]
+    model: Option<PathBuf>,
+    /// print JSON for programs
+    #[argh(switch)]
+    json: bool,
+    /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
+    #[argh(option)]
+    ort_lib: Option<PathBuf>,
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Sample(cmd) => sample(cmd),
+        Command::Info(cmd) => info(cmd),
+    }
+}
+
+fn open_model(path: Option<&Path>, ort_lib: Option<&Path>, threads: usize) -> Result<Model> {
+    init_onnxruntime(ort_lib)?;
+    let opts = NetworkOptions { intra_threads: threads };
+    match path {
+        Some(p) => Model::open_with(p, &opts),
+        None => default_model(&opts),
+    }
+}
+
+#[cfg(edgediff_default_model)]
+fn default_model(opts: &NetworkOptions) -> Result<Model> {
+    static BYTES: &[u8] = include_bytes!(env!("EDGEDIFF_DEFAULT_MODEL"));
+    Model::from_bytes(BYTES, "<embedded models/mnist-ddpm.onnx>", opts)
+}
+
+#[cfg(not(edgediff_default_model))]
+fn default_model(_opts: &NetworkOptions) -> Result<Model> {
+    Err(Error::InvalidArgument(
+        "this build has no embedded default model (models/mnist-ddpm.onnx was absent at build time); pass --model".into(),
+    ))
+}
+
+fn parse_timesteps(text: &str) -> Result<Vec<f64>> {
+    text.split(',')
+        .map(|s| s.trim().parse::<f64>().map_err(|_| Error::InvalidArgument(format!("--timesteps: '{s}' is not a number"))))
+        .collect()
+}
+
+fn load_injected(init: &Path, steps: Option<&Path>) -> Result<InjectedNoise> {
+    let initial = read_npy(init)?.into_dimensionality::<Ix4>().map_err(|_| Error::BadInput {
+        path: init.into(),
+        detail: "--init-noise must be 4-D [n, C, H, W]".into(),
+    })?;
+    let steps = match steps {
+        Some(p) => {
+            let a = read_npy(p)?;
+            a.view().into_dimensionality::<Ix5>().map_err(|_| Error::BadInput {
+                path: p.into(),
+                detail: "--step-noise must be 5-D [steps, n, C, H, W]".into(),
+            })?;
+            Some(a)
+        }
+        None => None,
+    };
+    Ok(InjectedNoise { initial, steps })
+}
+
+/// A one-line progress bar on stderr; silent unless stderr is a terminal.
+struct Bar {
+    start: Instant,
+    active: bool,
+    n: usize,
+}
+
+impl Bar {
+    fn update(&mut self, done: usize, total: usize) {
+        if !self.active || total == 0 {
+            return;
+        }
+        let secs = self.start.elapsed().as_secs_f64();
+        let frac = done as f64 / total as f64;
+        let eta = if done > 0 { secs * (1.0 - frac) / frac } else { 0.0 };
+        let filled = (frac * 30.0) as usize;
+        eprint!(
+            "\r[{}{}] {done}/{total} steps  {:.1} samples/s  ETA {eta:.0}s ",
+            "#".repeat(filled),
+            " ".repeat(30 - filled),
+            self.n as f64 * frac / secs.max(1e-9)
+        );
+        if done == total {
+            eprintln!();
+        }
+    }
+}
+
+fn sample(cmd: SampleCmd) -> Result<()> {
+    let sampler = SamplerKind::parse(&cmd.sampler, cmd.eta)?;
+    let spacing = cmd.spacing.parse()?;
+    let timesteps = cmd.timesteps.as_deref().map(parse_timesteps).transpose()?;
+    let injected = match (&cmd.init_noise, &cmd.step_noise) {
+        (Some(init), steps) => Some(load_injected(init, steps.as_deref())?),
+        (None, Some(_)) => return Err(Error::InvalidArgument("--step-noise needs --init-noise".into())),
+        (None, None) => None,
+    };
+    let n = injected.as_ref().map_or(cmd.n, |inj| inj.initial.shape()[0]);
+    let out_kind = OutKind::of(&cmd.out);
+    let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
+    let opts = SampleOptions {
+        sampler,
+        steps: cmd.steps,
+        spacing,
+        timesteps,
+        n,
+        batch_size: cmd.batch_size,
+        seed: cmd.seed,
+        class_label: cmd.class,
+        clip_x0: cmd.clip_x0,
+    };
+    let start = Instant::now();
+    let mut bar = Bar { start, active: !cmd.quiet && std::io::stderr().is_terminal(), n };
+    let x = generate(&mut model, &opts, injected.as_ref(), &mut |d, t| bar.update(d, t))?;
+    let sample_secs = start.elapsed().as_secs_f64();
+    let files = write_output(&x, &cmd.out, out_kind, model.metadata().data_range)?;
+    log::info!("{} samples in {sample_secs:.2}s", n);
+    if cmd.json {
+        let summary = serde_json::json!({
+            "out": cmd.out, "files": files, "n": n, "sampler": sampler.name(),
+            "steps": opts.timesteps.as_ref().map_or(opts.steps, Vec::len),
+            "seconds": sample_secs, "model": model.path(),
+        });
+        println!("{summary}");
+    } else if !cmd.quiet {
+        eprintln!("wrote {} ({} samples, {:.2}s)", cmd.out.display(), n, sample_secs);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+enum OutKind {
+    Grid,
+    Npy,
+    Folder,
+}
+
+impl OutKind {
+    fn of(path: &Path) -> OutKind {
+        match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+            Some("png") => OutKind::Grid,
+            Some("npy") => OutKind::Npy,
+            _ => OutKind::Folder,
+        }
+    }
+}
+
+fn write_output(x: &Array4<f32>, out: &Path, kind: OutKind, range: [f64; 2]) -> Result<Vec<PathBuf>> {
+    match kind {
+        OutKind::Grid => {
+            write_atomic(out, &crate::image::grid_png(x.view(), range)?)?;
+            Ok(vec![out.into()])
+        }
+        OutKind::Npy => {
+            let std = x.as_standard_layout();
+            write_atomic(out, &npy_bytes(x.shape(), std.iter().copied()))?;
+            Ok(vec![out.into()])
+        }
+        OutKind::Folder => {
+            std::fs::create_dir_all(out).map_err(Error::io(format!("creating directory {}", out.display())))?;
+            let mut files = Vec::with_capacity(x.shape()[0]);
+            for (i, s) in x.outer_iter().enumerate() {
+                let path = out.join(format!("{i:06}.png"));
+                write_atomic(&path, &crate::image::sample_png(s, range)?)?;
+                files.push(path);
+            }
+            Ok(files)
+        }
+    }
+}
+
+fn info(cmd: InfoCmd) -> Result<()> {
+    let model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), 1)?;
+    let m = model.metadata();
+    if cmd.json {
+        let text = serde_json::to_string_pretty(m).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        println!("{text}");
+        return Ok(());
+    }
+    println!("model:        {}", model.path().display());
+    println!("name:         {}", m.name);
+    if !m.description.is_empty() {
+        println!("description:  {}", m.description);
+    }
+    println!("prediction:   {:?}", m.prediction);
+    println!("time input:   {:?}", m.time_input);
+    println!("schedule:     {:?}", m.schedule);
+    println!("sample shape: {:?}", m.sample_shape);
+    println!("data range:   {:?}", m.data_range);
+    println!("conditioning: {}", m.conditioning.as_ref().map_or("none".to_string(), |c| format!("{c:?}")));
+    println!("network:      sample {:?}", model.network.sample_type());
+    Ok(())
+}

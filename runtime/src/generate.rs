@@ -1,0 +1,145 @@
+//! The sampling entry point shared by the CLI and the C ABI: options in, samples out.
+
+use ndarray::{concatenate, Array4, Axis};
+
+use crate::denoiser::ModelDenoiser;
+use crate::error::{Error, Result};
+use crate::metadata::Conditioning;
+use crate::model::Model;
+use crate::noise::{InjectedNoise, NoiseSource, SeededNoise};
+use crate::sampler::SamplerKind;
+use crate::schedule::Schedule;
+use crate::spacing::{levels, timesteps, Spacing};
+
+/// What to generate and how.
+#[derive(Debug, Clone)]
+pub struct SampleOptions {
+    pub sampler: SamplerKind,
+    /// Network evaluations per sample for one-call-per-step samplers.
+    pub steps: usize,
+    pub spacing: Spacing,
+    /// An explicit list of schedule times (most noisy first), overriding `steps` and `spacing`.
+    pub timesteps: Option<Vec<f64>>,
+    pub n: usize,
+    /// Samples per network call; memory grows with it, not with `n`.
+    pub batch_size: usize,
+    pub seed: u64,
+    /// Class for class-conditional models; None samples unconditionally (the null label).
+    pub class_label: Option<i64>,
+    /// Clip x0 predictions to the model's data range at every step.
+    pub clip_x0: bool,
+}
+
+impl Default for SampleOptions {
+    fn default() -> Self {
+        SampleOptions {
+            sampler: SamplerKind::Ddim { eta: 0.0 },
+            steps: 100,
+            spacing: Spacing::Trailing,
+            timesteps: None,
+            n: 16,
+            batch_size: 64,
+            seed: 0,
+            class_label: None,
+            clip_x0: false,
+        }
+    }
+}
+
+/// Upper bound on `n` in one call; larger jobs go through the chunked file writers.
+pub const MAX_SAMPLES: usize = 10_000_000;
+
+/// Generates `opts.n` samples `[n, C, H, W]` in the model's data range.
+///
+/// `injected` replaces the seeded noise (initial `[n, C, H, W]`, per-step `[steps, n, C, H, W]`);
+/// `progress(done_calls, total_calls)` is told after each batch step.
+///
+/// ```no_run
+/// use edgediff::{generate, Model, SampleOptions};
+/// let mut model = Model::open("models/mnist-ddpm.onnx")?;
+/// let samples = generate(&mut model, &SampleOptions { n: 4, steps: 50, ..Default::default() }, None, &mut |_, _| {})?;
+/// assert_eq!(samples.shape(), &[4, 1, 28, 28]);
+/// # Ok::<(), edgediff::Error>(())
+/// ```
+pub fn generate(
+    model: &mut Model,
+    opts: &SampleOptions,
+    injected: Option<&InjectedNoise>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Array4<f32>> {
+    if opts.n == 0 || opts.n > MAX_SAMPLES {
+        return Err(Error::InvalidArgument(format!("-n {} must be in 1..={MAX_SAMPLES}", opts.n)));
+    }
+    if opts.batch_size == 0 {
+        return Err(Error::InvalidArgument("--batch-size must be at least 1".into()));
+    }
+    let meta = model.metadata().clone();
+    let labels = match (&meta.conditioning, opts.class_label) {
+        (Some(Conditioning::Class { num_classes, .. }), Some(k)) if k < 0 || k as usize >= *num_classes => {
+            return Err(Error::InvalidArgument(format!("--class {k} is outside 0..{num_classes}")))
+        }
+        (Some(Conditioning::Class { .. }), Some(k)) => Some(k),
+        (Some(Conditioning::Class { null_label, .. }), None) => Some(*null_label),
+        (_, Some(_)) => return Err(Error::InvalidArgument("--class given but the model is not class-conditional".into())),
+        (_, None) => None,
+    };
+    let ts = match &opts.timesteps {
+        Some(ts) => validate_timesteps(model, ts)?,
+        None => timesteps(model.schedule(), opts.spacing, opts.steps)?,
+    };
+    let lv = levels(model.schedule(), &ts);
+    let [c, h, w] = meta.sample_shape;
+    if let Some(inj) = injected {
+        if inj.initial.shape() != [opts.n, c, h, w] {
+            return Err(Error::InvalidArgument(format!(
+                "--init-noise has shape {:?}; expected [{}, {c}, {h}, {w}]",
+                inj.initial.shape(),
+                opts.n
+            )));
+        }
+    }
+    // x_T ~ N(0, I) on variance-preserving schedules, N(0, sigma_max² I) on VE.
+    let prior_std = if matches!(model.schedule(), Schedule::Ve { .. }) { lv[0].sigma } else { 1.0 };
+    let total_calls = ts.len() * opts.n.div_ceil(opts.batch_size);
+    let mut chunks = Vec::with_capacity(opts.n.div_ceil(opts.batch_size));
+    let mut done_calls = 0;
+    for first in (0..opts.n).step_by(opts.batch_size) {
+        let m = opts.batch_size.min(opts.n - first);
+        let mut seeded;
+        let mut rows;
+        let noise: &mut dyn NoiseSource = match injected {
+            Some(inj) => {
+                rows = inj.rows(first, m);
+                &mut rows
+            }
+            None => {
+                seeded = SeededNoise::new(opts.seed, first, m, meta.sample_shape);
+                &mut seeded
+            }
+        };
+        let x = noise.initial()?.mapv(|v| v * prior_std as f32);
+        let mut den = ModelDenoiser::new(model, labels.map(|k| vec![k; m]), opts.clip_x0, first);
+        let base = done_calls;
+        let out = opts.sampler.run(&mut den, x, &lv, noise, &mut |i, _| progress(base + i, total_calls))?;
+        done_calls += ts.len();
+        chunks.push(out);
+    }
+    let views: Vec<_> = chunks.iter().map(|a| a.view()).collect();
+    concatenate(Axis(0), &views).map_err(|e| Error::InvalidArgument(e.to_string()))
+}
+
+fn validate_timesteps(model: &Model, ts: &[f64]) -> Result<Vec<f64>> {
+    let bad = |why: String| Err(Error::InvalidArgument(format!("--timesteps: {why}")));
+    if ts.is_empty() {
+        return bad("the list is empty".into());
+    }
+    let hi = model.schedule().num_train_timesteps().map_or(1.0, |t| (t - 1) as f64);
+    let lo = if model.schedule().num_train_timesteps().is_some() { 0.0 } else { f64::MIN_POSITIVE };
+    if let Some(t) = ts.iter().find(|t| !(lo..=hi).contains(*t)) {
+        return bad(format!("{t} is outside [{lo}, {hi}]"));
+    }
+    if ts.windows(2).any(|w| w[1] >= w[0]) {
+        return bad("times must strictly decrease (most noisy first)".into());
+    }
+    Ok(ts.to_vec())
+}

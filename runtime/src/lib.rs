@@ -1,0 +1,38 @@
+//! edgediff: run self-describing ONNX diffusion models with plain `ndarray` samplers.
+//!
+//! A model file carries its own description (schedule, prediction type, time input, shape,
+//! conditioning) in its `edgediff` metadata; [`Model::open`] validates it against the graph,
+//! and [`generate`] draws samples with any [`SamplerKind`] over any [`Spacing`].
+//!
+//! ```no_run
+//! use edgediff::{generate, Model, SampleOptions, SamplerKind};
+//! edgediff::init_onnxruntime(None)?; // or set ORT_DYLIB_PATH
+//! let mut model = Model::open("models/mnist-ddpm.onnx")?;
+//! let opts = SampleOptions { sampler: SamplerKind::Ddim { eta: 0.0 }, steps: 50, n: 16, ..Default::default() };
+//! let samples = generate(&mut model, &opts, None, &mut |_, _| {})?;
+//! # Ok::<(), edgediff::Error>(())
+//! ```
+
+pub mod backend;
+pub mod cli;
+pub mod denoiser;
+pub mod error;
+pub mod generate;
+pub mod image;
+pub mod metadata;
+pub mod model;
+pub mod noise;
+pub mod npy;
+pub mod sampler;
+pub mod schedule;
+pub mod spacing;
+
+pub use backend::init_onnxruntime;
+pub use error::{Error, Result};
+pub use generate::{generate, SampleOptions};
+pub use model::Model;
+pub use sampler::SamplerKind;
+pub use spacing::Spacing;
+
+/// The crate version.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

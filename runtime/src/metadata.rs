@@ -1,0 +1,231 @@
+//! The model contract's metadata: the `edgediff` JSON record in an ONNX file's metadata_props.
+
+use serde::{Deserialize, Serialize};
+
+/// The metadata key holding the JSON record.
+pub const METADATA_KEY: &str = "edgediff";
+/// The newest metadata format this runtime reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+const REQUIRED: [&str; 6] =
+    ["format_version", "prediction", "time_input", "schedule", "sample_shape", "data_range"];
+
+/// What the network's output means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Prediction {
+    /// The noise eps in x_t = alpha x0 + sigma eps.
+    Epsilon,
+    /// v = alpha eps - sigma x0 (Salimans & Ho 2022).
+    V,
+    /// The clean sample x0.
+    Sample,
+    /// The score grad log p_t(x) = -eps / sigma.
+    Score,
+}
+
+/// What the network's `timestep` input carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeInput {
+    /// The discrete training index 0..T-1 (fractional values allowed for float inputs).
+    Index,
+    /// Continuous time in [0, 1].
+    Continuous,
+    /// The noise level sigma(t) itself.
+    Sigma,
+}
+
+/// The noise schedule the model was trained with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ScheduleSpec {
+    /// Betas evenly spaced from `beta_start` to `beta_end` (Ho et al. 2020).
+    Linear { num_train_timesteps: usize, beta_start: f64, beta_end: f64 },
+    /// Square roots of the betas evenly spaced (DDPM code's "quad", diffusers' "scaled_linear").
+    Quadratic { num_train_timesteps: usize, beta_start: f64, beta_end: f64 },
+    /// Betas along a logistic curve over [-6, 6] (DDPM code's "sigmoid").
+    Sigmoid { num_train_timesteps: usize, beta_start: f64, beta_end: f64 },
+    /// Nichol & Dhariwal's cosine alpha-bar schedule with offset `s`, betas capped at `max_beta`.
+    Cosine {
+        num_train_timesteps: usize,
+        #[serde(default = "default_s")]
+        s: f64,
+        #[serde(default = "default_max_beta")]
+        max_beta: f64,
+    },
+    /// Continuous variance-preserving SDE with linear beta(t) (Song et al. 2021).
+    Vp { beta_min: f64, beta_max: f64 },
+    /// Continuous variance-exploding SDE, sigma(t) = sigma_min (sigma_max/sigma_min)^t.
+    Ve { sigma_min: f64, sigma_max: f64 },
+}
+
+fn default_s() -> f64 {
+    0.008
+}
+fn default_max_beta() -> f64 {
+    0.999
+}
+
+/// Conditioning the network accepts besides `sample` and `timestep`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Conditioning {
+    /// Integer class labels; `null_label` is the "no class" label for classifier-free guidance.
+    Class { num_classes: usize, null_label: i64 },
+    /// Embedding sequences `[N, L, D]`.
+    Embedding { dim: usize },
+}
+
+/// The parsed metadata record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelMetadata {
+    pub format_version: u32,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub prediction: Prediction,
+    pub time_input: TimeInput,
+    pub schedule: ScheduleSpec,
+    /// `[C, H, W]` of one sample.
+    pub sample_shape: [usize; 3],
+    /// The range of clean data, e.g. `[-1, 1]`.
+    pub data_range: [f64; 2],
+    #[serde(default)]
+    pub conditioning: Option<Conditioning>,
+    /// Free-form extras (the exporter stores the network config here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extra: Option<serde_json::Value>,
+}
+
+impl ModelMetadata {
+    /// Parses and validates the JSON record; the error string names every problem found.
+    ///
+    /// ```
+    /// let m = edgediff::metadata::ModelMetadata::from_json(r#"{"format_version":1,
+    ///   "prediction":"epsilon","time_input":"index","sample_shape":[1,28,28],
+    ///   "data_range":[-1,1],"schedule":{"kind":"linear","num_train_timesteps":1000,
+    ///   "beta_start":0.0001,"beta_end":0.02}}"#).unwrap();
+    /// assert_eq!(m.sample_shape, [1, 28, 28]);
+    /// ```
+    pub fn from_json(text: &str) -> Result<Self, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))?;
+        let obj = value.as_object().ok_or("the record is not a JSON object")?;
+        let missing: Vec<&str> = REQUIRED.iter().copied().filter(|k| !obj.contains_key(*k)).collect();
+        if !missing.is_empty() {
+            return Err(format!("missing fields: {}", missing.join(", ")));
+        }
+        let meta: ModelMetadata =
+            serde_json::from_value(value).map_err(|e| format!("malformed field: {e}"))?;
+        meta.validate()?;
+        Ok(meta)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.format_version == 0 || self.format_version > FORMAT_VERSION {
+            return Err(format!(
+                "format_version {} is not supported (this runtime reads 1..={FORMAT_VERSION}); upgrade edgediff",
+                self.format_version
+            ));
+        }
+        if self.sample_shape.iter().any(|&d| d == 0 || d > 1 << 16) {
+            return Err(format!("sample_shape {:?} has a zero or absurd dimension", self.sample_shape));
+        }
+        let [lo, hi] = self.data_range;
+        if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+            return Err(format!("data_range [{lo}, {hi}] must be finite with min < max"));
+        }
+        match &self.schedule {
+            ScheduleSpec::Linear { num_train_timesteps: t, beta_start: a, beta_end: b }
+            | ScheduleSpec::Quadratic { num_train_timesteps: t, beta_start: a, beta_end: b }
+            | ScheduleSpec::Sigmoid { num_train_timesteps: t, beta_start: a, beta_end: b } => {
+                check_steps(*t)?;
+                if !(*a > 0.0 && a <= b && *b < 1.0) {
+                    return Err(format!("betas must satisfy 0 < beta_start <= beta_end < 1, got {a}..{b}"));
+                }
+            }
+            ScheduleSpec::Cosine { num_train_timesteps: t, s, max_beta } => {
+                check_steps(*t)?;
+                if !(*s >= 0.0 && *max_beta > 0.0 && *max_beta < 1.0) {
+                    return Err(format!("cosine needs s >= 0 and 0 < max_beta < 1, got s={s}, max_beta={max_beta}"));
+                }
+            }
+            ScheduleSpec::Vp { beta_min, beta_max } => {
+                if !(*beta_min >= 0.0 && beta_max > beta_min) {
+                    return Err(format!("vp needs 0 <= beta_min < beta_max, got {beta_min}, {beta_max}"));
+                }
+            }
+            ScheduleSpec::Ve { sigma_min, sigma_max } => {
+                if !(*sigma_min > 0.0 && sigma_max > sigma_min) {
+                    return Err(format!("ve needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}"));
+                }
+            }
+        }
+        if let Some(Conditioning::Class { num_classes, null_label }) = &self.conditioning {
+            if *num_classes == 0 || *null_label < 0 {
+                return Err("conditioning.class needs num_classes > 0 and null_label >= 0".into());
+            }
+        }
+        let discrete = !matches!(self.schedule, ScheduleSpec::Vp { .. } | ScheduleSpec::Ve { .. });
+        if discrete && self.time_input == TimeInput::Sigma {
+            return Err("time_input 'sigma' needs a ve schedule".into());
+        }
+        if !discrete && self.time_input == TimeInput::Index {
+            return Err("time_input 'index' needs a discrete schedule (linear, cosine, quadratic, sigmoid)".into());
+        }
+        Ok(())
+    }
+
+    /// Elements in one sample, C * H * W.
+    pub fn sample_len(&self) -> usize {
+        self.sample_shape.iter().product()
+    }
+}
+
+fn check_steps(t: usize) -> Result<(), String> {
+    if (2..=100_000).contains(&t) {
+        Ok(())
+    } else {
+        Err(format!("num_train_timesteps {t} is outside 2..=100000"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"{"format_version":1,"prediction":"epsilon","time_input":"index",
+        "sample_shape":[1,8,8],"data_range":[-1,1],"conditioning":null,
+        "schedule":{"kind":"cosine","num_train_timesteps":1000}}"#;
+
+    #[test]
+    fn parses_and_fills_defaults() {
+        let m = ModelMetadata::from_json(GOOD).unwrap();
+        assert_eq!(m.schedule, ScheduleSpec::Cosine { num_train_timesteps: 1000, s: 0.008, max_beta: 0.999 });
+    }
+
+    #[test]
+    fn names_missing_fields() {
+        let err = ModelMetadata::from_json(r#"{"format_version":1,"prediction":"epsilon"}"#).unwrap_err();
+        assert_eq!(err, "missing fields: time_input, schedule, sample_shape, data_range");
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for (from, to) in [
+            (r#""prediction":"epsilon""#, r#""prediction":"noise""#),
+            (r#""format_version":1"#, r#""format_version":9"#),
+            (r#""sample_shape":[1,8,8]"#, r#""sample_shape":[0,8,8]"#),
+            (r#""data_range":[-1,1]"#, r#""data_range":[1,-1]"#),
+            (r#""num_train_timesteps":1000"#, r#""num_train_timesteps":1"#),
+            (r#""time_input":"index""#, r#""time_input":"sigma""#),
+        ] {
+            let bad = GOOD.replace(from, to);
+            assert_ne!(bad, GOOD);
+            assert!(ModelMetadata::from_json(&bad).is_err(), "accepted {bad}");
+        }
+        assert!(ModelMetadata::from_json("not json").unwrap_err().starts_with("not valid JSON"));
+    }
+}

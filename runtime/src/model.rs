@@ -1,0 +1,90 @@
+//! A loaded model: its validated metadata, its schedule and its network.
+
+use std::path::{Path, PathBuf};
+
+use crate::backend::{Network, NetworkOptions};
+use crate::error::{Error, Result};
+use crate::metadata::{Conditioning, ModelMetadata};
+use crate::schedule::Schedule;
+
+/// A self-describing diffusion model opened through ONNX Runtime.
+///
+/// ```no_run
+/// let mut model = edgediff::Model::open("models/mnist-ddpm.onnx")?;
+/// println!("{} {:?}", model.metadata().name, model.metadata().sample_shape);
+/// # Ok::<(), edgediff::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Model {
+    pub(crate) network: Network,
+    metadata: ModelMetadata,
+    schedule: Schedule,
+    path: PathBuf,
+}
+
+impl Model {
+    /// Opens a model with default session options.
+    pub fn open(path: impl AsRef<Path>) -> Result<Model> {
+        Model::open_with(path, &NetworkOptions::default())
+    }
+
+    /// Opens a model, validating its metadata against its graph.
+    pub fn open_with(path: impl AsRef<Path>, opts: &NetworkOptions) -> Result<Model> {
+        let path = path.as_ref();
+        if !path.exists() {
+            return Err(Error::ModelFile { path: path.into(), detail: "no such file".into() });
+        }
+        let (network, raw) = Network::open(path, opts)?;
+        Model::from_network(network, raw, path)
+    }
+
+    /// Opens a model from the bytes of an ONNX file held in memory; `label` names it in errors.
+    pub fn from_bytes(bytes: &[u8], label: impl AsRef<Path>, opts: &NetworkOptions) -> Result<Model> {
+        let (network, raw) = Network::from_bytes(bytes, label.as_ref(), opts)?;
+        Model::from_network(network, raw, label.as_ref())
+    }
+
+    fn from_network(network: Network, raw: Option<String>, path: &Path) -> Result<Model> {
+        let raw = raw.ok_or_else(|| Error::Metadata {
+            path: path.into(),
+            detail: format!("the ONNX file has no '{}' metadata entry", crate::metadata::METADATA_KEY),
+        })?;
+        let metadata = ModelMetadata::from_json(&raw).map_err(|detail| Error::Metadata { path: path.into(), detail })?;
+        let contract = |detail: String| Error::Contract { path: path.into(), detail };
+        for (i, (&declared, &meta)) in network.declared_shape.iter().zip(&metadata.sample_shape).enumerate() {
+            if declared >= 0 && declared as usize != meta {
+                return Err(contract(format!(
+                    "metadata sample_shape {:?} disagrees with the graph's sample input {:?} at dimension {}",
+                    metadata.sample_shape,
+                    network.declared_shape,
+                    i + 1
+                )));
+            }
+        }
+        let wants_labels = matches!(metadata.conditioning, Some(Conditioning::Class { .. }));
+        if wants_labels != network.has_class_labels() {
+            return Err(contract(format!(
+                "metadata conditioning is {:?} but the graph {} a 'class_labels' input",
+                metadata.conditioning,
+                if network.has_class_labels() { "has" } else { "has no" }
+            )));
+        }
+        let schedule = Schedule::from_spec(&metadata.schedule);
+        Ok(Model { network, metadata, schedule, path: path.into() })
+    }
+
+    /// The validated metadata.
+    pub fn metadata(&self) -> &ModelMetadata {
+        &self.metadata
+    }
+
+    /// The noise schedule the model was trained with.
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// The file the model came from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}

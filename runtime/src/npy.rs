@@ -1,0 +1,129 @@
+//! Minimal `.npy` (NumPy format 1.0/2.0) reading and writing of little-endian float32/float64,
+//! C-order arrays: what the CLI exchanges with Python.
+
+use std::io::Write;
+use std::path::Path;
+
+use ndarray::{ArrayD, IxDyn};
+
+use crate::error::{Error, Result};
+
+const MAGIC: &[u8] = b"\x93NUMPY";
+
+/// Reads a float32 or float64 C-order array as f32.
+pub fn read_npy(path: &Path) -> Result<ArrayD<f32>> {
+    let bytes = std::fs::read(path).map_err(Error::io(format!("reading {}", path.display())))?;
+    parse_npy(&bytes).map_err(|detail| Error::BadInput { path: path.into(), detail })
+}
+
+/// Parses `.npy` bytes; the error says what is wrong.
+pub fn parse_npy(bytes: &[u8]) -> std::result::Result<ArrayD<f32>, String> {
+    if bytes.len() < 10 || &bytes[..6] != MAGIC {
+        return Err("not a .npy file (bad magic)".into());
+    }
+    let (header_len, start): (usize, usize) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        v => return Err(format!("unsupported .npy version {v}")),
+    };
+    let header = bytes
+        .get(start..start.checked_add(header_len).ok_or("header length overflows")?)
+        .ok_or("truncated header")?;
+    let header = std::str::from_utf8(header).map_err(|_| "header is not text")?;
+    let field = |key: &str| -> std::result::Result<&str, String> {
+        let at = header.find(&format!("'{key}'")).ok_or(format!("header lacks '{key}'"))?;
+        Ok(header[at + key.len() + 2..].trim_start().trim_start_matches(':').trim_start())
+    };
+    let descr = field("descr")?;
+    let width = if descr.starts_with("'<f4'") {
+        4
+    } else if descr.starts_with("'<f8'") {
+        8
+    } else {
+        return Err(format!("dtype {} is not supported; save as float32 ('<f4')", descr.split(',').next().unwrap_or("")));
+    };
+    if field("fortran_order")?.starts_with("True") {
+        return Err("Fortran-order arrays are not supported; save with np.ascontiguousarray".into());
+    }
+    let shape_text = field("shape")?;
+    let shape_text = shape_text.strip_prefix('(').ok_or("malformed shape")?;
+    let shape_text = &shape_text[..shape_text.find(')').ok_or("malformed shape")?];
+    let shape: Vec<usize> = shape_text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>().map_err(|_| format!("bad dimension '{s}'")))
+        .collect::<std::result::Result<_, _>>()?;
+    let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("shape overflows")?;
+    let data = &bytes[start + header_len..];
+    if data.len() != count.checked_mul(width).ok_or("shape overflows")? {
+        return Err(format!("data holds {} bytes; shape {:?} needs {}", data.len(), shape, count * width));
+    }
+    let values: Vec<f32> = if width == 4 {
+        data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    } else {
+        data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect()
+    };
+    ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| e.to_string())
+}
+
+/// Serialises an array as a float32 `.npy` (format 1.0).
+pub fn npy_bytes(shape: &[usize], data: impl Iterator<Item = f32>) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
+    // Pad so that the data starts on a 64-byte boundary, ending the header with a newline.
+    let total = MAGIC.len() + 4 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - total % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + 4 * shape.iter().product::<usize>());
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&[1, 0]);
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    data.for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    out
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a reader never sees a
+/// half-written file and a failure leaves any previous file intact.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let ctx = || format!("writing {}", path.display());
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| Error::InvalidArgument(format!("{} is not a file path", path.display())))?;
+    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(ctx())(e));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let bytes = npy_bytes(&[2, 3], (0..6).map(|i| i as f32 * 0.5));
+        assert_eq!((bytes.len() - 6 * 4) % 64, 0);
+        let a = parse_npy(&bytes).unwrap();
+        assert_eq!(a.shape(), &[2, 3]);
+        assert_eq!(a[[1, 2]], 2.5);
+    }
+
+    #[test]
+    fn rejects_garbage_and_truncation() {
+        assert!(parse_npy(b"hello world").is_err());
+        let bytes = npy_bytes(&[4], [1.0f32, 2.0, 3.0, 4.0].into_iter());
+        assert!(parse_npy(&bytes[..bytes.len() - 1]).unwrap_err().contains("needs"));
+        let int = String::from_utf8_lossy(&bytes).replace("<f4", "<i8");
+        assert!(parse_npy(int.as_bytes()).unwrap_err().contains("not supported"));
+    }
+}

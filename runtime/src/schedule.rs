@@ -1,0 +1,201 @@
+//! Noise schedules: x_t = alpha(t) x0 + sigma(t) eps, discrete (alpha-bar tables) or continuous.
+
+use crate::metadata::ScheduleSpec;
+
+/// One point on the noise axis: the schedule's own time `t` and the signal and noise scales there.
+///
+/// For discrete schedules `t` is the training index (0..T-1); for VP/VE it is continuous in
+/// (0, 1]. The clean end of a trajectory is [`NoiseLevel::CLEAN`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NoiseLevel {
+    pub t: f64,
+    pub alpha: f64,
+    pub sigma: f64,
+}
+
+impl NoiseLevel {
+    /// alpha = 1, sigma = 0: the data itself.
+    pub const CLEAN: NoiseLevel = NoiseLevel { t: -1.0, alpha: 1.0, sigma: 0.0 };
+
+    /// alpha-bar = alpha² for variance-preserving schedules.
+    pub fn alpha_bar(&self) -> f64 {
+        self.alpha * self.alpha
+    }
+
+    /// log(alpha / sigma), half the log signal-to-noise ratio (DPM-Solver's lambda).
+    pub fn lambda(&self) -> f64 {
+        (self.alpha / self.sigma).ln()
+    }
+
+    /// Whether this is the clean end (sigma = 0).
+    pub fn is_clean(&self) -> bool {
+        self.sigma == 0.0
+    }
+}
+
+/// A noise schedule built from a model's [`ScheduleSpec`].
+#[derive(Debug, Clone)]
+pub enum Schedule {
+    /// A table of betas and cumulative products alpha-bar over T training steps.
+    Discrete { betas: Vec<f64>, alphas_cumprod: Vec<f64> },
+    /// Continuous VP SDE with beta(t) = beta_min + t (beta_max - beta_min).
+    Vp { beta_min: f64, beta_max: f64 },
+    /// Continuous VE SDE with sigma(t) = sigma_min (sigma_max / sigma_min)^t.
+    Ve { sigma_min: f64, sigma_max: f64 },
+}
+
+/// The betas of a discrete schedule, exactly as the exporter defines them.
+pub fn discrete_betas(spec: &ScheduleSpec) -> Option<Vec<f64>> {
+    let lin = |a: f64, b: f64, n: usize| -> Vec<f64> {
+        if n == 1 {
+            return vec![a];
+        }
+        (0..n).map(|i| a + (b - a) * i as f64 / (n - 1) as f64).collect()
+    };
+    Some(match *spec {
+        ScheduleSpec::Linear { num_train_timesteps: n, beta_start, beta_end } => lin(beta_start, beta_end, n),
+        ScheduleSpec::Quadratic { num_train_timesteps: n, beta_start, beta_end } => {
+            lin(beta_start.sqrt(), beta_end.sqrt(), n).into_iter().map(|b| b * b).collect()
+        }
+        ScheduleSpec::Sigmoid { num_train_timesteps: n, beta_start, beta_end } => lin(-6.0, 6.0, n)
+            .into_iter()
+            .map(|x| beta_start + (beta_end - beta_start) / (1.0 + (-x).exp()))
+            .collect(),
+        ScheduleSpec::Cosine { num_train_timesteps: n, s, max_beta } => {
+            let f = |u: f64| ((u + s) / (1.0 + s) * std::f64::consts::FRAC_PI_2).cos().powi(2);
+            (0..n)
+                .map(|i| (1.0 - f((i + 1) as f64 / n as f64) / f(i as f64 / n as f64)).min(max_beta))
+                .collect()
+        }
+        ScheduleSpec::Vp { .. } | ScheduleSpec::Ve { .. } => return None,
+    })
+}
+
+impl Schedule {
+    /// Builds the schedule a model's metadata describes.
+    pub fn from_spec(spec: &ScheduleSpec) -> Schedule {
+        match (discrete_betas(spec), spec) {
+            (Some(betas), _) => {
+                let alphas_cumprod = betas
+                    .iter()
+                    .scan(1.0, |acc, b| {
+                        *acc *= 1.0 - b;
+                        Some(*acc)
+                    })
+                    .collect();
+                Schedule::Discrete { betas, alphas_cumprod }
+            }
+            (None, ScheduleSpec::Vp { beta_min, beta_max }) => {
+                Schedule::Vp { beta_min: *beta_min, beta_max: *beta_max }
+            }
+            (None, ScheduleSpec::Ve { sigma_min, sigma_max }) => {
+                Schedule::Ve { sigma_min: *sigma_min, sigma_max: *sigma_max }
+            }
+            (None, _) => unreachable!("discrete_betas covers every discrete kind"),
+        }
+    }
+
+    /// T for discrete schedules, None for continuous ones.
+    pub fn num_train_timesteps(&self) -> Option<usize> {
+        match self {
+            Schedule::Discrete { betas, .. } => Some(betas.len()),
+            _ => None,
+        }
+    }
+
+    /// The noise level at time `t` (a training index for discrete schedules; fractional indices
+    /// interpolate log alpha-bar linearly).
+    pub fn level(&self, t: f64) -> NoiseLevel {
+        match self {
+            Schedule::Discrete { alphas_cumprod, .. } => {
+                let last = (alphas_cumprod.len() - 1) as f64;
+                let tc = t.clamp(0.0, last);
+                let (i, frac) = (tc.floor() as usize, tc - tc.floor());
+                let log_ab = if frac == 0.0 {
+                    alphas_cumprod[i].ln()
+                } else {
+                    (1.0 - frac) * alphas_cumprod[i].ln() + frac * alphas_cumprod[i + 1].ln()
+                };
+                let ab = log_ab.exp();
+                NoiseLevel { t, alpha: ab.sqrt(), sigma: (1.0 - ab).sqrt() }
+            }
+            Schedule::Vp { beta_min, beta_max } => {
+                let log_alpha = -0.25 * t * t * (beta_max - beta_min) - 0.5 * t * beta_min;
+                NoiseLevel { t, alpha: log_alpha.exp(), sigma: (-(2.0 * log_alpha).exp_m1()).sqrt() }
+            }
+            Schedule::Ve { sigma_min, sigma_max } => {
+                NoiseLevel { t, alpha: 1.0, sigma: sigma_min * (sigma_max / sigma_min).powf(t) }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(kind: &str) -> ScheduleSpec {
+        let (a, b, n) = (1e-4, 0.02, 1000);
+        match kind {
+            "linear" => ScheduleSpec::Linear { num_train_timesteps: n, beta_start: a, beta_end: b },
+            "quadratic" => ScheduleSpec::Quadratic { num_train_timesteps: n, beta_start: a, beta_end: b },
+            "sigmoid" => ScheduleSpec::Sigmoid { num_train_timesteps: n, beta_start: a, beta_end: b },
+            _ => ScheduleSpec::Cosine { num_train_timesteps: n, s: 0.008, max_beta: 0.999 },
+        }
+    }
+
+    #[test]
+    fn linear_alpha_bar_matches_closed_form_product() {
+        // alpha_bar_t = prod_{i<=t} (1 - beta_i) with beta_i = a + (b - a) i / (T - 1).
+        let Schedule::Discrete { alphas_cumprod, .. } = Schedule::from_spec(&spec("linear")) else { panic!() };
+        for t in [0usize, 1, 499, 999] {
+            let closed: f64 = (0..=t).map(|i| 1.0 - (1e-4 + (0.02 - 1e-4) * i as f64 / 999.0)).product();
+            assert!((alphas_cumprod[t] - closed).abs() < 1e-12);
+        }
+        // Known figure: alpha_bar at T-1 for the DDPM schedule is about 4.04e-5.
+        assert!((alphas_cumprod[999] - 4.0358e-5).abs() < 1e-8, "{}", alphas_cumprod[999]);
+    }
+
+    #[test]
+    fn cosine_alpha_bar_is_the_cosine_curve() {
+        // Without the beta cap, alpha_bar_t = f(t+1)/f(0) with f(u) = cos²((u/T + s)/(1+s) π/2).
+        let s = Schedule::from_spec(&spec("cosine"));
+        let f = |u: f64| ((u / 1000.0 + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+        for t in [0usize, 100, 500, 900] {
+            let want = f(t as f64 + 1.0) / f(0.0);
+            assert!((s.level(t as f64).alpha_bar() - want).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn quadratic_and_sigmoid_end_points() {
+        let q = discrete_betas(&spec("quadratic")).unwrap();
+        assert!((q[0] - 1e-4).abs() < 1e-15 && (q[999] - 0.02).abs() < 1e-15);
+        let sg = discrete_betas(&spec("sigmoid")).unwrap();
+        let mid = 1e-4 + (0.02 - 1e-4) / (1.0 + (6.0f64 * 1.0 / 999.0).exp());
+        assert!((sg[499] - mid).abs() < 1e-12, "{} vs {mid}", sg[499]);
+        assert!((sg[0] + sg[999] - (1e-4 + 0.02)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn vp_matches_integral_of_beta_and_ve_is_geometric() {
+        let vp = Schedule::Vp { beta_min: 0.1, beta_max: 20.0 };
+        for t in [0.001, 0.3, 1.0] {
+            let l = vp.level(t);
+            // alpha(t) = exp(-1/2 ∫0^t beta(s) ds) and alpha² + sigma² = 1.
+            let integral = 0.1 * t + 0.5 * (20.0 - 0.1) * t * t;
+            assert!((l.alpha - (-0.5 * integral).exp()).abs() < 1e-14);
+            assert!((l.alpha.powi(2) + l.sigma.powi(2) - 1.0).abs() < 1e-14);
+        }
+        let ve = Schedule::Ve { sigma_min: 0.01, sigma_max: 50.0 };
+        assert!((ve.level(0.5).sigma - (0.01f64 * 50.0).sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn fractional_index_interpolates_between_neighbours() {
+        let s = Schedule::from_spec(&spec("linear"));
+        let (a, b, m) = (s.level(10.0), s.level(11.0), s.level(10.5));
+        assert!(m.alpha_bar() < a.alpha_bar() && m.alpha_bar() > b.alpha_bar());
+        assert!((m.alpha_bar() - (a.alpha_bar() * b.alpha_bar()).sqrt()).abs() < 1e-14);
+    }
+}
