@@ -1,0 +1,121 @@
+"""The edgediff CLI end to end on a tiny exported model, and its errors on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import run_cli
+
+
+def test_sample_outputs_and_determinism(edgediff_bin, tiny_models, tmp_path):
+    model = str(tiny_models["linear"])
+    common = ["sample", "--model", model, "--steps", "10", "-n", "5", "-q"]
+    run_cli(edgediff_bin, *common, "--seed", "3", "--out", str(tmp_path / "a.png"))
+    run_cli(edgediff_bin, *common, "--seed", "3", "--out", str(tmp_path / "b.png"))
+    run_cli(edgediff_bin, *common, "--seed", "4", "--out", str(tmp_path / "c.png"))
+    a, b, c = ((tmp_path / f"{k}.png").read_bytes() for k in "abc")
+    assert a.startswith(b"\x89PNG") and a == b and a != c
+
+    run_cli(edgediff_bin, *common, "--seed", "3", "--out", str(tmp_path / "x.npy"))
+    x = np.load(tmp_path / "x.npy")
+    assert x.shape == (5, 1, 8, 8) and x.dtype == np.float32 and np.isfinite(x).all()
+
+    run_cli(edgediff_bin, *common, "--seed", "3", "--out", str(tmp_path / "dir"))
+    assert sorted(p.name for p in (tmp_path / "dir").iterdir()) == [f"{i:06d}.png" for i in range(5)]
+
+
+def test_batching_does_not_change_samples(edgediff_bin, tiny_models, tmp_path):
+    model = str(tiny_models["linear"])
+    for bs in (1, 2, 7):
+        run_cli(edgediff_bin, "sample", "--model", model, "--steps", "5", "-n", "7", "--sampler",
+                "ddim", "--eta", "1", "--batch-size", str(bs), "-q", "--out", str(tmp_path / f"{bs}.npy"))
+    ref = np.load(tmp_path / "7.npy")
+    for bs in (1, 2):
+        np.testing.assert_array_equal(np.load(tmp_path / f"{bs}.npy"), ref)
+
+
+def test_info_json(edgediff_bin, tiny_models):
+    out = run_cli(edgediff_bin, "info", "--model", str(tiny_models["cosine"]), "--json").stdout
+    meta = json.loads(out)
+    assert meta["schedule"]["kind"] == "cosine" and meta["sample_shape"] == [1, 8, 8]
+    assert meta["prediction"] == "epsilon" and meta["time_input"] == "index"
+
+
+def check_error(proc, code: int, *needles: str) -> None:
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--steps", "0"], 2, "--steps must be at least 1"),
+    (["--steps", "1001"], 2, "exceeds the model's 1000 training timesteps"),
+    (["--sampler", "magic"], 2, "unknown sampler 'magic'"),
+    (["--eta", "2"], 2, "outside [0, 1]"),
+    (["-n", "0"], 2, "-n 0 must be in"),
+    (["--spacing", "odd"], 2, "unknown spacing"),
+    (["--class", "3"], 2, "not class-conditional"),
+])
+def test_bad_arguments(edgediff_bin, tiny_models, tmp_path, args, code, needle):
+    out = tmp_path / "never.png"
+    proc = run_cli(edgediff_bin, "sample", "--model", str(tiny_models["linear"]), "--out", str(out),
+                   *args, check=False)
+    check_error(proc, code, needle)
+    assert not out.exists()
+
+
+def test_missing_onnxruntime(edgediff_bin, tiny_models, tmp_path):
+    proc = run_cli(edgediff_bin, "info", "--model", str(tiny_models["linear"]), check=False,
+                   env={"ORT_DYLIB_PATH": str(tmp_path / "nope.so")})
+    check_error(proc, 3, "ONNX Runtime library not found", "tools/fetch-onnxruntime", "nope.so")
+    fake = tmp_path / "libonnxruntime.so"
+    fake.write_bytes(b"not a library")
+    proc = run_cli(edgediff_bin, "info", "--model", str(tiny_models["linear"]), "--ort-lib",
+                   str(fake), check=False)
+    check_error(proc, 3, "ONNX Runtime library not found or not loadable")
+
+
+def test_model_without_metadata_then_fixed(edgediff_bin, tiny_models, tmp_path):
+    proto = onnx.load(str(tiny_models["linear"]))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    proc = run_cli(edgediff_bin, "sample", "--model", str(bare), "--out", str(tmp_path / "x.png"),
+                   check=False)
+    check_error(proc, 3, "has no usable edgediff metadata", "edgediff-export add-metadata")
+
+    from edgediff_export.export import main as export_main
+    export_main(["add-metadata", str(bare), "--sample-shape", "1,8,8"])
+    run_cli(edgediff_bin, "sample", "--model", str(bare), "--steps", "3", "-n", "2", "-q",
+            "--out", str(tmp_path / "x.png"))
+
+
+def test_metadata_disagreeing_with_graph(edgediff_bin, tiny_models, tmp_path):
+    proto = onnx.load(str(tiny_models["linear"]))
+    meta = json.loads(proto.metadata_props[0].value)
+    meta["sample_shape"] = [3, 8, 8]
+    proto.metadata_props[0].value = json.dumps(meta)
+    wrong = tmp_path / "wrong.onnx"
+    onnx.save(proto, str(wrong))
+    proc = run_cli(edgediff_bin, "info", "--model", str(wrong), check=False)
+    check_error(proc, 3, "disagrees with the graph")
+
+
+def test_not_an_onnx_file(edgediff_bin, tmp_path):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00garbage" * 100)
+    proc = run_cli(edgediff_bin, "info", "--model", str(junk), check=False)
+    check_error(proc, 3, "cannot parse it as an ONNX model")
+    proc = run_cli(edgediff_bin, "info", "--model", str(tmp_path / "absent.onnx"), check=False)
+    check_error(proc, 3, "no such file")
+
+
+def test_unwritable_output_leaves_nothing(edgediff_bin, tiny_models, tmp_path):
+    proc = run_cli(edgediff_bin, "sample", "--model", str(tiny_models["linear"]), "--steps", "2",
+                   "-n", "2", "--out", "/dev/full/x.png", check=False)
+    check_error(proc, 4, "writing /dev/full/x.png")
