@@ -5,6 +5,9 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(edgediff_default_model)");
     if model.exists() {
         println!("cargo:rustc-cfg=edgediff_default_model");
-        println!("cargo:rustc-env=EDGEDIFF_DEFAULT_MODEL={}", model.canonicalize().unwrap().display());
+        println!(
+            "cargo:rustc-env=EDGEDIFF_DEFAULT_MODEL={}",
+            model.canonicalize().unwrap().display()
+        );
     }
 }

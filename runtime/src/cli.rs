@@ -13,7 +13,8 @@ use crate::generate::{generate, SampleOptions};
 use crate::model::Model;
 use crate::noise::InjectedNoise;
 use crate::npy::{npy_bytes, read_npy, write_atomic};
-use crate::sampler::SamplerKind;
+use crate::sampler::{SamplerArgs, SamplerKind, SAMPLERS};
+use crate::spacing::Spacing;
 
 /// edgediff: sample from self-describing ONNX diffusion models.
 ///
@@ -30,6 +31,16 @@ pub struct Cli {
 enum Command {
     Sample(SampleCmd),
     Info(InfoCmd),
+    Samplers(SamplersCmd),
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "samplers")]
+/// List the samplers: order, stochastic or not, model calls per step.
+struct SamplersCmd {
+    /// print JSON for programs
+    #[argh(switch)]
+    json: bool,
 }
 
 #[derive(FromArgs, Debug)]
@@ -39,21 +50,27 @@ struct SampleCmd {
     /// the ONNX model (default: the shipped MNIST model)
     #[argh(option)]
     model: Option<PathBuf>,
-    /// sampler: ddpm or ddim (default ddim)
+    /// sampler (default ddim); `edgediff samplers` lists them
     #[argh(option, default = "String::from(\"ddim\")")]
     sampler: String,
     /// number of sampling steps (default 100)
     #[argh(option, default = "100")]
     steps: usize,
-    /// time-step spacing: leading, trailing or linspace (default trailing)
+    /// time-step spacing: leading, trailing, linspace, karras or logsnr (default trailing)
     #[argh(option, default = "String::from(\"trailing\")")]
     spacing: String,
+    /// rho of the karras spacing (default 7)
+    #[argh(option)]
+    rho: Option<f64>,
     /// explicit comma-separated schedule times, most noisy first (overrides --steps/--spacing)
     #[argh(option)]
     timesteps: Option<String>,
-    /// DDIM stochasticity in [0, 1] (default 0: deterministic)
-    #[argh(option, default = "0.0")]
-    eta: f64,
+    /// stochasticity in [0, 1] for ddim (default 0) and euler-a (default 1)
+    #[argh(option)]
+    eta: Option<f64>,
+    /// solver order for lms (1-4), dpm++ (1-3)
+    #[argh(option)]
+    order: Option<usize>,
     /// number of samples (default 16)
     #[argh(option, short = 'n', default = "16")]
     n: usize,
@@ -112,12 +129,18 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Sample(cmd) => sample(cmd),
         Command::Info(cmd) => info(cmd),
+        Command::Samplers(cmd) => {
+            list_samplers(cmd.json);
+            Ok(())
+        }
     }
 }
 
 fn open_model(path: Option<&Path>, ort_lib: Option<&Path>, threads: usize) -> Result<Model> {
     init_onnxruntime(ort_lib)?;
-    let opts = NetworkOptions { intra_threads: threads };
+    let opts = NetworkOptions {
+        intra_threads: threads,
+    };
     match path {
         Some(p) => Model::open_with(p, &opts),
         None => default_model(&opts),
@@ -139,22 +162,30 @@ fn default_model(_opts: &NetworkOptions) -> Result<Model> {
 
 fn parse_timesteps(text: &str) -> Result<Vec<f64>> {
     text.split(',')
-        .map(|s| s.trim().parse::<f64>().map_err(|_| Error::InvalidArgument(format!("--timesteps: '{s}' is not a number"))))
+        .map(|s| {
+            s.trim()
+                .parse::<f64>()
+                .map_err(|_| Error::InvalidArgument(format!("--timesteps: '{s}' is not a number")))
+        })
         .collect()
 }
 
 fn load_injected(init: &Path, steps: Option<&Path>) -> Result<InjectedNoise> {
-    let initial = read_npy(init)?.into_dimensionality::<Ix4>().map_err(|_| Error::BadInput {
-        path: init.into(),
-        detail: "--init-noise must be 4-D [n, C, H, W]".into(),
-    })?;
+    let initial = read_npy(init)?
+        .into_dimensionality::<Ix4>()
+        .map_err(|_| Error::BadInput {
+            path: init.into(),
+            detail: "--init-noise must be 4-D [n, C, H, W]".into(),
+        })?;
     let steps = match steps {
         Some(p) => {
             let a = read_npy(p)?;
-            a.view().into_dimensionality::<Ix5>().map_err(|_| Error::BadInput {
-                path: p.into(),
-                detail: "--step-noise must be 5-D [steps, n, C, H, W]".into(),
-            })?;
+            a.view()
+                .into_dimensionality::<Ix5>()
+                .map_err(|_| Error::BadInput {
+                    path: p.into(),
+                    detail: "--step-noise must be 5-D [steps, n, C, H, W]".into(),
+                })?;
             Some(a)
         }
         None => None,
@@ -176,7 +207,11 @@ impl Bar {
         }
         let secs = self.start.elapsed().as_secs_f64();
         let frac = done as f64 / total as f64;
-        let eta = if done > 0 { secs * (1.0 - frac) / frac } else { 0.0 };
+        let eta = if done > 0 {
+            secs * (1.0 - frac) / frac
+        } else {
+            0.0
+        };
         let filled = (frac * 30.0) as usize;
         eprint!(
             "\r[{}{}] {done}/{total} steps  {:.1} samples/s  ETA {eta:.0}s ",
@@ -191,15 +226,35 @@ impl Bar {
 }
 
 fn sample(cmd: SampleCmd) -> Result<()> {
-    let sampler = SamplerKind::parse(&cmd.sampler, cmd.eta)?;
-    let spacing = cmd.spacing.parse()?;
+    let sampler = SamplerKind::parse(
+        &cmd.sampler,
+        SamplerArgs {
+            eta: cmd.eta,
+            order: cmd.order,
+        },
+    )?;
+    let spacing = match cmd.rho {
+        Some(rho) if cmd.spacing == "karras" => Spacing::Karras { rho },
+        Some(_) => {
+            return Err(Error::InvalidArgument(
+                "--rho applies to --spacing karras".into(),
+            ))
+        }
+        None => cmd.spacing.parse()?,
+    };
     let timesteps = cmd.timesteps.as_deref().map(parse_timesteps).transpose()?;
     let injected = match (&cmd.init_noise, &cmd.step_noise) {
         (Some(init), steps) => Some(load_injected(init, steps.as_deref())?),
-        (None, Some(_)) => return Err(Error::InvalidArgument("--step-noise needs --init-noise".into())),
+        (None, Some(_)) => {
+            return Err(Error::InvalidArgument(
+                "--step-noise needs --init-noise".into(),
+            ))
+        }
         (None, None) => None,
     };
-    let n = injected.as_ref().map_or(cmd.n, |inj| inj.initial.shape()[0]);
+    let n = injected
+        .as_ref()
+        .map_or(cmd.n, |inj| inj.initial.shape()[0]);
     let out_kind = OutKind::of(&cmd.out);
     let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
     let opts = SampleOptions {
@@ -214,8 +269,14 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         clip_x0: cmd.clip_x0,
     };
     let start = Instant::now();
-    let mut bar = Bar { start, active: !cmd.quiet && std::io::stderr().is_terminal(), n };
-    let x = generate(&mut model, &opts, injected.as_ref(), &mut |d, t| bar.update(d, t))?;
+    let mut bar = Bar {
+        start,
+        active: !cmd.quiet && std::io::stderr().is_terminal(),
+        n,
+    };
+    let x = generate(&mut model, &opts, injected.as_ref(), &mut |d, t| {
+        bar.update(d, t)
+    })?;
     let sample_secs = start.elapsed().as_secs_f64();
     let files = write_output(&x, &cmd.out, out_kind, model.metadata().data_range)?;
     log::info!("{} samples in {sample_secs:.2}s", n);
@@ -227,7 +288,12 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         });
         println!("{summary}");
     } else if !cmd.quiet {
-        eprintln!("wrote {} ({} samples, {:.2}s)", cmd.out.display(), n, sample_secs);
+        eprintln!(
+            "wrote {} ({} samples, {:.2}s)",
+            cmd.out.display(),
+            n,
+            sample_secs
+        );
     }
     Ok(())
 }
@@ -241,7 +307,12 @@ enum OutKind {
 
 impl OutKind {
     fn of(path: &Path) -> OutKind {
-        match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             Some("png") => OutKind::Grid,
             Some("npy") => OutKind::Npy,
             _ => OutKind::Folder,
@@ -249,7 +320,12 @@ impl OutKind {
     }
 }
 
-fn write_output(x: &Array4<f32>, out: &Path, kind: OutKind, range: [f64; 2]) -> Result<Vec<PathBuf>> {
+fn write_output(
+    x: &Array4<f32>,
+    out: &Path,
+    kind: OutKind,
+    range: [f64; 2],
+) -> Result<Vec<PathBuf>> {
     match kind {
         OutKind::Grid => {
             write_atomic(out, &crate::image::grid_png(x.view(), range)?)?;
@@ -261,7 +337,8 @@ fn write_output(x: &Array4<f32>, out: &Path, kind: OutKind, range: [f64; 2]) -> 
             Ok(vec![out.into()])
         }
         OutKind::Folder => {
-            std::fs::create_dir_all(out).map_err(Error::io(format!("creating directory {}", out.display())))?;
+            std::fs::create_dir_all(out)
+                .map_err(Error::io(format!("creating directory {}", out.display())))?;
             let mut files = Vec::with_capacity(x.shape()[0]);
             for (i, s) in x.outer_iter().enumerate() {
                 let path = out.join(format!("{i:06}.png"));
@@ -273,11 +350,40 @@ fn write_output(x: &Array4<f32>, out: &Path, kind: OutKind, range: [f64; 2]) -> 
     }
 }
 
+fn list_samplers(json: bool) {
+    if json {
+        let rows: Vec<_> = SAMPLERS
+            .iter()
+            .map(|s| {
+                serde_json::json!({"name": s.name, "order": s.order, "stochastic": s.stochastic,
+                                         "calls_per_step": s.calls_per_step, "summary": s.summary})
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(rows));
+        return;
+    }
+    println!(
+        "{:<13} {:<20} {:<11} {:<24} what",
+        "name", "order", "stochastic", "model calls per step"
+    );
+    for s in SAMPLERS {
+        println!(
+            "{:<13} {:<20} {:<11} {:<24} {}",
+            s.name,
+            s.order,
+            if s.stochastic { "yes" } else { "no" },
+            s.calls_per_step,
+            s.summary
+        );
+    }
+}
+
 fn info(cmd: InfoCmd) -> Result<()> {
     let model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), 1)?;
     let m = model.metadata();
     if cmd.json {
-        let text = serde_json::to_string_pretty(m).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(m).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         println!("{text}");
         return Ok(());
     }
@@ -291,7 +397,12 @@ fn info(cmd: InfoCmd) -> Result<()> {
     println!("schedule:     {:?}", m.schedule);
     println!("sample shape: {:?}", m.sample_shape);
     println!("data range:   {:?}", m.data_range);
-    println!("conditioning: {}", m.conditioning.as_ref().map_or("none".to_string(), |c| format!("{c:?}")));
+    println!(
+        "conditioning: {}",
+        m.conditioning
+            .as_ref()
+            .map_or("none".to_string(), |c| format!("{c:?}"))
+    );
     println!("network:      sample {:?}", model.network.sample_type());
     Ok(())
 }

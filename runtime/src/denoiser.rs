@@ -22,7 +22,12 @@ pub trait Denoiser {
 }
 
 /// Converts a raw network output into (x0, eps).
-pub fn to_x0_eps(pred: Prediction, out: Array4<f32>, x: &Array4<f32>, level: &NoiseLevel) -> Denoised {
+pub fn to_x0_eps(
+    pred: Prediction,
+    out: Array4<f32>,
+    x: &Array4<f32>,
+    level: &NoiseLevel,
+) -> Denoised {
     let (a, s) = (level.alpha as f32, level.sigma as f32);
     match pred {
         Prediction::Epsilon => {
@@ -35,7 +40,9 @@ pub fn to_x0_eps(pred: Prediction, out: Array4<f32>, x: &Array4<f32>, level: &No
             Denoised { x0, eps }
         }
         Prediction::Sample => {
-            let eps = Zip::from(x).and(&out).map_collect(|&x, &x0| (x - a * x0) / s);
+            let eps = Zip::from(x)
+                .and(&out)
+                .map_collect(|&x, &x0| (x - a * x0) / s);
             Denoised { x0: out, eps }
         }
         Prediction::Score => {
@@ -58,8 +65,19 @@ pub struct ModelDenoiser<'m> {
 
 impl<'m> ModelDenoiser<'m> {
     /// Wraps `model`; `class_labels` (one per sample) are passed when the graph takes them.
-    pub fn new(model: &'m mut Model, class_labels: Option<Vec<i64>>, clip_x0: bool, first_sample: usize) -> Self {
-        ModelDenoiser { model, class_labels, clip_x0, first_sample, calls: 0 }
+    pub fn new(
+        model: &'m mut Model,
+        class_labels: Option<Vec<i64>>,
+        clip_x0: bool,
+        first_sample: usize,
+    ) -> Self {
+        ModelDenoiser {
+            model,
+            class_labels,
+            clip_x0,
+            first_sample,
+            calls: 0,
+        }
     }
 
     /// Network evaluations so far.
@@ -77,17 +95,29 @@ impl Denoiser for ModelDenoiser<'_> {
             TimeInput::Sigma => level.sigma,
         };
         let n = x.shape()[0];
-        let out = self.model.network.run(x.view(), &vec![time; n], self.class_labels.as_deref())?;
+        let out = self
+            .model
+            .network
+            .run(x.view(), &vec![time; n], self.class_labels.as_deref())?;
         self.calls += 1;
-        if let Some(bad) = out.outer_iter().position(|s| s.iter().any(|v| !v.is_finite())) {
-            return Err(Error::NonFinite { step: self.calls, time, sample: self.first_sample + bad });
+        if let Some(bad) = out
+            .outer_iter()
+            .position(|s| s.iter().any(|v| !v.is_finite()))
+        {
+            return Err(Error::NonFinite {
+                step: self.calls,
+                time,
+                sample: self.first_sample + bad,
+            });
         }
         let mut d = to_x0_eps(pred, out, x, level);
         if self.clip_x0 {
             let (lo, hi) = (lo as f32, hi as f32);
             d.x0.mapv_inplace(|v| v.clamp(lo, hi));
             let (a, s) = (level.alpha as f32, level.sigma as f32);
-            d.eps = Zip::from(x).and(&d.x0).map_collect(|&x, &x0| (x - a * x0) / s);
+            d.eps = Zip::from(x)
+                .and(&d.x0)
+                .map_collect(|&x, &x0| (x - a * x0) / s);
         }
         Ok(d)
     }
@@ -100,9 +130,17 @@ mod tests {
     #[test]
     fn every_prediction_type_recovers_x0_and_eps() {
         // Build x from known x0, eps at a VP level; feed each parameterisation's exact output.
-        let level = NoiseLevel { t: 0.0, alpha: 0.6, sigma: 0.8 };
-        let x0 = Array4::from_shape_fn((2, 1, 2, 2), |(i, _, j, k)| (i + j) as f32 * 0.3 - k as f32 * 0.2);
-        let eps = Array4::from_shape_fn((2, 1, 2, 2), |(i, _, j, k)| (i * 2 + j) as f32 * 0.5 - k as f32);
+        let level = NoiseLevel {
+            t: 0.0,
+            alpha: 0.6,
+            sigma: 0.8,
+        };
+        let x0 = Array4::from_shape_fn((2, 1, 2, 2), |(i, _, j, k)| {
+            (i + j) as f32 * 0.3 - k as f32 * 0.2
+        });
+        let eps = Array4::from_shape_fn((2, 1, 2, 2), |(i, _, j, k)| {
+            (i * 2 + j) as f32 * 0.5 - k as f32
+        });
         let x = &x0 * 0.6 + &eps * 0.8;
         let outs = [
             (Prediction::Epsilon, eps.clone()),

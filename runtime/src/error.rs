@@ -35,7 +35,11 @@ pub enum Error {
 
     /// The network produced NaN or infinity.
     #[error("the network returned a non-finite value (NaN or Inf) at step {step} (time {time}) for sample {sample}; the model or its inputs are broken")]
-    NonFinite { step: usize, time: f64, sample: usize },
+    NonFinite {
+        step: usize,
+        time: f64,
+        sample: usize,
+    },
 
     /// Reading or writing a file failed.
     #[error("{context}: {source}")]

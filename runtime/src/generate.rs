@@ -7,9 +7,9 @@ use crate::error::{Error, Result};
 use crate::metadata::Conditioning;
 use crate::model::Model;
 use crate::noise::{InjectedNoise, NoiseSource, SeededNoise};
-use crate::sampler::SamplerKind;
+use crate::sampler::{SamplerKind, Trajectory};
 use crate::schedule::Schedule;
-use crate::spacing::{levels, timesteps, Spacing};
+use crate::spacing::{levels, spaced_levels, Spacing};
 
 /// What to generate and how.
 #[derive(Debug, Clone)]
@@ -52,7 +52,7 @@ pub const MAX_SAMPLES: usize = 10_000_000;
 /// Generates `opts.n` samples `[n, C, H, W]` in the model's data range.
 ///
 /// `injected` replaces the seeded noise (initial `[n, C, H, W]`, per-step `[steps, n, C, H, W]`);
-/// `progress(done_calls, total_calls)` is told after each batch step.
+/// `progress(done_steps, total_steps)` is told after each step of each batch.
 ///
 /// ```no_run
 /// use edgediff::{generate, Model, SampleOptions};
@@ -68,26 +68,38 @@ pub fn generate(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Array4<f32>> {
     if opts.n == 0 || opts.n > MAX_SAMPLES {
-        return Err(Error::InvalidArgument(format!("-n {} must be in 1..={MAX_SAMPLES}", opts.n)));
+        return Err(Error::InvalidArgument(format!(
+            "-n {} must be in 1..={MAX_SAMPLES}",
+            opts.n
+        )));
     }
     if opts.batch_size == 0 {
-        return Err(Error::InvalidArgument("--batch-size must be at least 1".into()));
+        return Err(Error::InvalidArgument(
+            "--batch-size must be at least 1".into(),
+        ));
     }
     let meta = model.metadata().clone();
     let labels = match (&meta.conditioning, opts.class_label) {
-        (Some(Conditioning::Class { num_classes, .. }), Some(k)) if k < 0 || k as usize >= *num_classes => {
-            return Err(Error::InvalidArgument(format!("--class {k} is outside 0..{num_classes}")))
+        (Some(Conditioning::Class { num_classes, .. }), Some(k))
+            if k < 0 || k as usize >= *num_classes =>
+        {
+            return Err(Error::InvalidArgument(format!(
+                "--class {k} is outside 0..{num_classes}"
+            )))
         }
         (Some(Conditioning::Class { .. }), Some(k)) => Some(k),
         (Some(Conditioning::Class { null_label, .. }), None) => Some(*null_label),
-        (_, Some(_)) => return Err(Error::InvalidArgument("--class given but the model is not class-conditional".into())),
+        (_, Some(_)) => {
+            return Err(Error::InvalidArgument(
+                "--class given but the model is not class-conditional".into(),
+            ))
+        }
         (_, None) => None,
     };
-    let ts = match &opts.timesteps {
-        Some(ts) => validate_timesteps(model, ts)?,
-        None => timesteps(model.schedule(), opts.spacing, opts.steps)?,
+    let lv = match &opts.timesteps {
+        Some(ts) => levels(model.schedule(), &validate_timesteps(model, ts)?),
+        None => spaced_levels(model.schedule(), opts.spacing, opts.steps)?,
     };
-    let lv = levels(model.schedule(), &ts);
     let [c, h, w] = meta.sample_shape;
     if let Some(inj) = injected {
         if inj.initial.shape() != [opts.n, c, h, w] {
@@ -99,10 +111,15 @@ pub fn generate(
         }
     }
     // x_T ~ N(0, I) on variance-preserving schedules, N(0, sigma_max² I) on VE.
-    let prior_std = if matches!(model.schedule(), Schedule::Ve { .. }) { lv[0].sigma } else { 1.0 };
-    let total_calls = ts.len() * opts.n.div_ceil(opts.batch_size);
+    let prior_std = if matches!(model.schedule(), Schedule::Ve { .. }) {
+        lv[0].sigma
+    } else {
+        1.0
+    };
+    let steps = lv.len() - 1;
+    let total_steps = steps * opts.n.div_ceil(opts.batch_size);
     let mut chunks = Vec::with_capacity(opts.n.div_ceil(opts.batch_size));
-    let mut done_calls = 0;
+    let mut done_steps = 0;
     for first in (0..opts.n).step_by(opts.batch_size) {
         let m = opts.batch_size.min(opts.n - first);
         let mut seeded;
@@ -119,9 +136,16 @@ pub fn generate(
         };
         let x = noise.initial()?.mapv(|v| v * prior_std as f32);
         let mut den = ModelDenoiser::new(model, labels.map(|k| vec![k; m]), opts.clip_x0, first);
-        let base = done_calls;
-        let out = opts.sampler.run(&mut den, x, &lv, noise, &mut |i, _| progress(base + i, total_calls))?;
-        done_calls += ts.len();
+        let base = done_steps;
+        let mut tr = Trajectory {
+            den: &mut den,
+            noise,
+            levels: &lv,
+        };
+        let out = opts
+            .sampler
+            .run(&mut tr, x, &mut |i, _| progress(base + i, total_steps))?;
+        done_steps += steps;
         chunks.push(out);
     }
     let views: Vec<_> = chunks.iter().map(|a| a.view()).collect();
@@ -133,8 +157,15 @@ fn validate_timesteps(model: &Model, ts: &[f64]) -> Result<Vec<f64>> {
     if ts.is_empty() {
         return bad("the list is empty".into());
     }
-    let hi = model.schedule().num_train_timesteps().map_or(1.0, |t| (t - 1) as f64);
-    let lo = if model.schedule().num_train_timesteps().is_some() { 0.0 } else { f64::MIN_POSITIVE };
+    let hi = model
+        .schedule()
+        .num_train_timesteps()
+        .map_or(1.0, |t| (t - 1) as f64);
+    let lo = if model.schedule().num_train_timesteps().is_some() {
+        0.0
+    } else {
+        f64::MIN_POSITIVE
+    };
     if let Some(t) = ts.iter().find(|t| !(lo..=hi).contains(*t)) {
         return bad(format!("{t} is outside [{lo}, {hi}]"));
     }

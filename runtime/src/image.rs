@@ -13,7 +13,9 @@ fn color_type(c: usize) -> Result<png::ColorType> {
     match c {
         1 => Ok(png::ColorType::Grayscale),
         3 => Ok(png::ColorType::Rgb),
-        other => Err(Error::InvalidArgument(format!("PNG output needs 1 or 3 channels, the model has {other}; write .npy instead"))),
+        other => Err(Error::InvalidArgument(format!(
+            "PNG output needs 1 or 3 channels, the model has {other}; write .npy instead"
+        ))),
     }
 }
 
@@ -22,9 +24,13 @@ fn encode(width: usize, height: usize, channels: usize, pixels: &[u8]) -> Result
     let mut enc = png::Encoder::new(&mut out, width as u32, height as u32);
     enc.set_color(color_type(channels)?);
     enc.set_depth(png::BitDepth::Eight);
-    let mut w = enc.write_header().map_err(|e| Error::InvalidArgument(format!("PNG encoder: {e}")))?;
-    w.write_image_data(pixels).map_err(|e| Error::InvalidArgument(format!("PNG encoder: {e}")))?;
-    w.finish().map_err(|e| Error::InvalidArgument(format!("PNG encoder: {e}")))?;
+    let mut w = enc
+        .write_header()
+        .map_err(|e| Error::InvalidArgument(format!("PNG encoder: {e}")))?;
+    w.write_image_data(pixels)
+        .map_err(|e| Error::InvalidArgument(format!("PNG encoder: {e}")))?;
+    w.finish()
+        .map_err(|e| Error::InvalidArgument(format!("PNG encoder: {e}")))?;
     Ok(out)
 }
 
@@ -55,7 +61,8 @@ pub fn grid_png(x: ArrayView4<f32>, range: [f64; 2]) -> Result<Vec<u8>> {
         for i in 0..h {
             for j in 0..w {
                 for k in 0..c {
-                    px[((oy + i) * gw + ox + j) * c + k] = to_u8(img[[k, i, j]], range[0], range[1]);
+                    px[((oy + i) * gw + ox + j) * c + k] =
+                        to_u8(img[[k, i, j]], range[0], range[1]);
                 }
             }
         }

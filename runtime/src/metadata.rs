@@ -7,8 +7,14 @@ pub const METADATA_KEY: &str = "edgediff";
 /// The newest metadata format this runtime reads.
 pub const FORMAT_VERSION: u32 = 1;
 
-const REQUIRED: [&str; 6] =
-    ["format_version", "prediction", "time_input", "schedule", "sample_shape", "data_range"];
+const REQUIRED: [&str; 6] = [
+    "format_version",
+    "prediction",
+    "time_input",
+    "schedule",
+    "sample_shape",
+    "data_range",
+];
 
 /// What the network's output means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,11 +47,23 @@ pub enum TimeInput {
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ScheduleSpec {
     /// Betas evenly spaced from `beta_start` to `beta_end` (Ho et al. 2020).
-    Linear { num_train_timesteps: usize, beta_start: f64, beta_end: f64 },
+    Linear {
+        num_train_timesteps: usize,
+        beta_start: f64,
+        beta_end: f64,
+    },
     /// Square roots of the betas evenly spaced (DDPM code's "quad", diffusers' "scaled_linear").
-    Quadratic { num_train_timesteps: usize, beta_start: f64, beta_end: f64 },
+    Quadratic {
+        num_train_timesteps: usize,
+        beta_start: f64,
+        beta_end: f64,
+    },
     /// Betas along a logistic curve over [-6, 6] (DDPM code's "sigmoid").
-    Sigmoid { num_train_timesteps: usize, beta_start: f64, beta_end: f64 },
+    Sigmoid {
+        num_train_timesteps: usize,
+        beta_start: f64,
+        beta_end: f64,
+    },
     /// Nichol & Dhariwal's cosine alpha-bar schedule with offset `s`, betas capped at `max_beta`.
     Cosine {
         num_train_timesteps: usize,
@@ -113,7 +131,11 @@ impl ModelMetadata {
         let value: serde_json::Value =
             serde_json::from_str(text).map_err(|e| format!("not valid JSON ({e})"))?;
         let obj = value.as_object().ok_or("the record is not a JSON object")?;
-        let missing: Vec<&str> = REQUIRED.iter().copied().filter(|k| !obj.contains_key(*k)).collect();
+        let missing: Vec<&str> = REQUIRED
+            .iter()
+            .copied()
+            .filter(|k| !obj.contains_key(*k))
+            .collect();
         if !missing.is_empty() {
             return Err(format!("missing fields: {}", missing.join(", ")));
         }
@@ -131,49 +153,91 @@ impl ModelMetadata {
             ));
         }
         if self.sample_shape.iter().any(|&d| d == 0 || d > 1 << 16) {
-            return Err(format!("sample_shape {:?} has a zero or absurd dimension", self.sample_shape));
+            return Err(format!(
+                "sample_shape {:?} has a zero or absurd dimension",
+                self.sample_shape
+            ));
         }
         let [lo, hi] = self.data_range;
         if !(lo.is_finite() && hi.is_finite() && lo < hi) {
-            return Err(format!("data_range [{lo}, {hi}] must be finite with min < max"));
+            return Err(format!(
+                "data_range [{lo}, {hi}] must be finite with min < max"
+            ));
         }
         match &self.schedule {
-            ScheduleSpec::Linear { num_train_timesteps: t, beta_start: a, beta_end: b }
-            | ScheduleSpec::Quadratic { num_train_timesteps: t, beta_start: a, beta_end: b }
-            | ScheduleSpec::Sigmoid { num_train_timesteps: t, beta_start: a, beta_end: b } => {
+            ScheduleSpec::Linear {
+                num_train_timesteps: t,
+                beta_start: a,
+                beta_end: b,
+            }
+            | ScheduleSpec::Quadratic {
+                num_train_timesteps: t,
+                beta_start: a,
+                beta_end: b,
+            }
+            | ScheduleSpec::Sigmoid {
+                num_train_timesteps: t,
+                beta_start: a,
+                beta_end: b,
+            } => {
                 check_steps(*t)?;
                 if !(*a > 0.0 && a <= b && *b < 1.0) {
-                    return Err(format!("betas must satisfy 0 < beta_start <= beta_end < 1, got {a}..{b}"));
+                    return Err(format!(
+                        "betas must satisfy 0 < beta_start <= beta_end < 1, got {a}..{b}"
+                    ));
                 }
             }
-            ScheduleSpec::Cosine { num_train_timesteps: t, s, max_beta } => {
+            ScheduleSpec::Cosine {
+                num_train_timesteps: t,
+                s,
+                max_beta,
+            } => {
                 check_steps(*t)?;
                 if !(*s >= 0.0 && *max_beta > 0.0 && *max_beta < 1.0) {
-                    return Err(format!("cosine needs s >= 0 and 0 < max_beta < 1, got s={s}, max_beta={max_beta}"));
+                    return Err(format!(
+                        "cosine needs s >= 0 and 0 < max_beta < 1, got s={s}, max_beta={max_beta}"
+                    ));
                 }
             }
             ScheduleSpec::Vp { beta_min, beta_max } => {
                 if !(*beta_min >= 0.0 && beta_max > beta_min) {
-                    return Err(format!("vp needs 0 <= beta_min < beta_max, got {beta_min}, {beta_max}"));
+                    return Err(format!(
+                        "vp needs 0 <= beta_min < beta_max, got {beta_min}, {beta_max}"
+                    ));
                 }
             }
-            ScheduleSpec::Ve { sigma_min, sigma_max } => {
+            ScheduleSpec::Ve {
+                sigma_min,
+                sigma_max,
+            } => {
                 if !(*sigma_min > 0.0 && sigma_max > sigma_min) {
-                    return Err(format!("ve needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}"));
+                    return Err(format!(
+                        "ve needs 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}"
+                    ));
                 }
             }
         }
-        if let Some(Conditioning::Class { num_classes, null_label }) = &self.conditioning {
+        if let Some(Conditioning::Class {
+            num_classes,
+            null_label,
+        }) = &self.conditioning
+        {
             if *num_classes == 0 || *null_label < 0 {
                 return Err("conditioning.class needs num_classes > 0 and null_label >= 0".into());
             }
         }
-        let discrete = !matches!(self.schedule, ScheduleSpec::Vp { .. } | ScheduleSpec::Ve { .. });
+        let discrete = !matches!(
+            self.schedule,
+            ScheduleSpec::Vp { .. } | ScheduleSpec::Ve { .. }
+        );
         if discrete && self.time_input == TimeInput::Sigma {
             return Err("time_input 'sigma' needs a ve schedule".into());
         }
         if !discrete && self.time_input == TimeInput::Index {
-            return Err("time_input 'index' needs a discrete schedule (linear, cosine, quadratic, sigmoid)".into());
+            return Err(
+                "time_input 'index' needs a discrete schedule (linear, cosine, quadratic, sigmoid)"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -203,13 +267,24 @@ mod tests {
     #[test]
     fn parses_and_fills_defaults() {
         let m = ModelMetadata::from_json(GOOD).unwrap();
-        assert_eq!(m.schedule, ScheduleSpec::Cosine { num_train_timesteps: 1000, s: 0.008, max_beta: 0.999 });
+        assert_eq!(
+            m.schedule,
+            ScheduleSpec::Cosine {
+                num_train_timesteps: 1000,
+                s: 0.008,
+                max_beta: 0.999
+            }
+        );
     }
 
     #[test]
     fn names_missing_fields() {
-        let err = ModelMetadata::from_json(r#"{"format_version":1,"prediction":"epsilon"}"#).unwrap_err();
-        assert_eq!(err, "missing fields: time_input, schedule, sample_shape, data_range");
+        let err =
+            ModelMetadata::from_json(r#"{"format_version":1,"prediction":"epsilon"}"#).unwrap_err();
+        assert_eq!(
+            err,
+            "missing fields: time_input, schedule, sample_shape, data_range"
+        );
     }
 
     #[test]
@@ -219,13 +294,18 @@ mod tests {
             (r#""format_version":1"#, r#""format_version":9"#),
             (r#""sample_shape":[1,8,8]"#, r#""sample_shape":[0,8,8]"#),
             (r#""data_range":[-1,1]"#, r#""data_range":[1,-1]"#),
-            (r#""num_train_timesteps":1000"#, r#""num_train_timesteps":1"#),
+            (
+                r#""num_train_timesteps":1000"#,
+                r#""num_train_timesteps":1"#,
+            ),
             (r#""time_input":"index""#, r#""time_input":"sigma""#),
         ] {
             let bad = GOOD.replace(from, to);
             assert_ne!(bad, GOOD);
             assert!(ModelMetadata::from_json(&bad).is_err(), "accepted {bad}");
         }
-        assert!(ModelMetadata::from_json("not json").unwrap_err().starts_with("not valid JSON"));
+        assert!(ModelMetadata::from_json("not json")
+            .unwrap_err()
+            .starts_with("not valid JSON"));
     }
 }

@@ -32,14 +32,21 @@ impl Model {
     pub fn open_with(path: impl AsRef<Path>, opts: &NetworkOptions) -> Result<Model> {
         let path = path.as_ref();
         if !path.exists() {
-            return Err(Error::ModelFile { path: path.into(), detail: "no such file".into() });
+            return Err(Error::ModelFile {
+                path: path.into(),
+                detail: "no such file".into(),
+            });
         }
         let (network, raw) = Network::open(path, opts)?;
         Model::from_network(network, raw, path)
     }
 
     /// Opens a model from the bytes of an ONNX file held in memory; `label` names it in errors.
-    pub fn from_bytes(bytes: &[u8], label: impl AsRef<Path>, opts: &NetworkOptions) -> Result<Model> {
+    pub fn from_bytes(
+        bytes: &[u8],
+        label: impl AsRef<Path>,
+        opts: &NetworkOptions,
+    ) -> Result<Model> {
         let (network, raw) = Network::from_bytes(bytes, label.as_ref(), opts)?;
         Model::from_network(network, raw, label.as_ref())
     }
@@ -47,11 +54,25 @@ impl Model {
     fn from_network(network: Network, raw: Option<String>, path: &Path) -> Result<Model> {
         let raw = raw.ok_or_else(|| Error::Metadata {
             path: path.into(),
-            detail: format!("the ONNX file has no '{}' metadata entry", crate::metadata::METADATA_KEY),
+            detail: format!(
+                "the ONNX file has no '{}' metadata entry",
+                crate::metadata::METADATA_KEY
+            ),
         })?;
-        let metadata = ModelMetadata::from_json(&raw).map_err(|detail| Error::Metadata { path: path.into(), detail })?;
-        let contract = |detail: String| Error::Contract { path: path.into(), detail };
-        for (i, (&declared, &meta)) in network.declared_shape.iter().zip(&metadata.sample_shape).enumerate() {
+        let metadata = ModelMetadata::from_json(&raw).map_err(|detail| Error::Metadata {
+            path: path.into(),
+            detail,
+        })?;
+        let contract = |detail: String| Error::Contract {
+            path: path.into(),
+            detail,
+        };
+        for (i, (&declared, &meta)) in network
+            .declared_shape
+            .iter()
+            .zip(&metadata.sample_shape)
+            .enumerate()
+        {
             if declared >= 0 && declared as usize != meta {
                 return Err(contract(format!(
                     "metadata sample_shape {:?} disagrees with the graph's sample input {:?} at dimension {}",
@@ -66,11 +87,20 @@ impl Model {
             return Err(contract(format!(
                 "metadata conditioning is {:?} but the graph {} a 'class_labels' input",
                 metadata.conditioning,
-                if network.has_class_labels() { "has" } else { "has no" }
+                if network.has_class_labels() {
+                    "has"
+                } else {
+                    "has no"
+                }
             )));
         }
         let schedule = Schedule::from_spec(&metadata.schedule);
-        Ok(Model { network, metadata, schedule, path: path.into() })
+        Ok(Model {
+            network,
+            metadata,
+            schedule,
+            path: path.into(),
+        })
     }
 
     /// The validated metadata.
@@ -81,6 +111,18 @@ impl Model {
     /// The noise schedule the model was trained with.
     pub fn schedule(&self) -> &Schedule {
         &self.schedule
+    }
+
+    /// One bare network call at time `t` for the whole batch (benchmarks: the cost floor that
+    /// sampling adds to).
+    #[doc(hidden)]
+    pub fn bench_bare_call(
+        &mut self,
+        x: ndarray::ArrayView4<f32>,
+        t: f64,
+    ) -> Result<ndarray::Array4<f32>> {
+        let n = x.shape()[0];
+        self.network.run(x, &vec![t; n], None)
     }
 
     /// The file the model came from.

@@ -65,8 +65,14 @@ impl InjectedNoise {
     /// Restricts the injected arrays to samples `first .. first + n`.
     pub fn rows(&self, first: usize, n: usize) -> InjectedNoise {
         InjectedNoise {
-            initial: self.initial.slice(s![first..first + n, .., .., ..]).to_owned(),
-            steps: self.steps.as_ref().map(|a| a.slice_axis(Axis(1), (first..first + n).into()).to_owned()),
+            initial: self
+                .initial
+                .slice(s![first..first + n, .., .., ..])
+                .to_owned(),
+            steps: self
+                .steps
+                .as_ref()
+                .map(|a| a.slice_axis(Axis(1), (first..first + n).into()).to_owned()),
         }
     }
 }
@@ -77,7 +83,9 @@ impl NoiseSource for InjectedNoise {
     }
     fn step(&mut self, step: usize) -> Result<Array4<f32>> {
         let steps = self.steps.as_ref().ok_or_else(|| {
-            Error::InvalidArgument("this sampler is stochastic: give --step-noise as well as --init-noise".into())
+            Error::InvalidArgument(
+                "this sampler is stochastic: give --step-noise as well as --init-noise".into(),
+            )
         })?;
         if step >= steps.shape()[0] {
             return Err(Error::InvalidArgument(format!(
@@ -86,9 +94,13 @@ impl NoiseSource for InjectedNoise {
                 step
             )));
         }
-        steps.index_axis(Axis(0), step).to_owned().into_dimensionality::<Ix4>().map_err(|_| {
-            Error::InvalidArgument("--step-noise must be shaped [steps, N, C, H, W]".into())
-        })
+        steps
+            .index_axis(Axis(0), step)
+            .to_owned()
+            .into_dimensionality::<Ix4>()
+            .map_err(|_| {
+                Error::InvalidArgument("--step-noise must be shaped [steps, N, C, H, W]".into())
+            })
     }
 }
 
@@ -111,6 +123,9 @@ mod tests {
         let mean = a.iter().map(|&v| v as f64).sum::<f64>() / n;
         let var = a.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
         // 20000 draws: standard errors 0.007 (mean) and 0.01 (variance); 5 sigma bounds.
-        assert!(mean.abs() < 0.035 && (var - 1.0).abs() < 0.05, "mean {mean} var {var}");
+        assert!(
+            mean.abs() < 0.035 && (var - 1.0).abs() < 0.05,
+            "mean {mean} var {var}"
+        );
     }
 }

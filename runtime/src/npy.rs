@@ -13,7 +13,10 @@ const MAGIC: &[u8] = b"\x93NUMPY";
 /// Reads a float32 or float64 C-order array as f32.
 pub fn read_npy(path: &Path) -> Result<ArrayD<f32>> {
     let bytes = std::fs::read(path).map_err(Error::io(format!("reading {}", path.display())))?;
-    parse_npy(&bytes).map_err(|detail| Error::BadInput { path: path.into(), detail })
+    parse_npy(&bytes).map_err(|detail| Error::BadInput {
+        path: path.into(),
+        detail,
+    })
 }
 
 /// Parses `.npy` bytes; the error says what is wrong.
@@ -23,16 +26,29 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<ArrayD<f32>, String> {
     }
     let (header_len, start): (usize, usize) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
         v => return Err(format!("unsupported .npy version {v}")),
     };
     let header = bytes
-        .get(start..start.checked_add(header_len).ok_or("header length overflows")?)
+        .get(
+            start
+                ..start
+                    .checked_add(header_len)
+                    .ok_or("header length overflows")?,
+        )
         .ok_or("truncated header")?;
     let header = std::str::from_utf8(header).map_err(|_| "header is not text")?;
     let field = |key: &str| -> std::result::Result<&str, String> {
-        let at = header.find(&format!("'{key}'")).ok_or(format!("header lacks '{key}'"))?;
-        Ok(header[at + key.len() + 2..].trim_start().trim_start_matches(':').trim_start())
+        let at = header
+            .find(&format!("'{key}'"))
+            .ok_or(format!("header lacks '{key}'"))?;
+        Ok(header[at + key.len() + 2..]
+            .trim_start()
+            .trim_start_matches(':')
+            .trim_start())
     };
     let descr = field("descr")?;
     let width = if descr.starts_with("'<f4'") {
@@ -40,10 +56,15 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<ArrayD<f32>, String> {
     } else if descr.starts_with("'<f8'") {
         8
     } else {
-        return Err(format!("dtype {} is not supported; save as float32 ('<f4')", descr.split(',').next().unwrap_or("")));
+        return Err(format!(
+            "dtype {} is not supported; save as float32 ('<f4')",
+            descr.split(',').next().unwrap_or("")
+        ));
     };
     if field("fortran_order")?.starts_with("True") {
-        return Err("Fortran-order arrays are not supported; save with np.ascontiguousarray".into());
+        return Err(
+            "Fortran-order arrays are not supported; save with np.ascontiguousarray".into(),
+        );
     }
     let shape_text = field("shape")?;
     let shape_text = shape_text.strip_prefix('(').ok_or("malformed shape")?;
@@ -52,17 +73,32 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<ArrayD<f32>, String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| format!("bad dimension '{s}'")))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| format!("bad dimension '{s}'"))
+        })
         .collect::<std::result::Result<_, _>>()?;
-    let count = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or("shape overflows")?;
+    let count = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or("shape overflows")?;
     let data = &bytes[start + header_len..];
     if data.len() != count.checked_mul(width).ok_or("shape overflows")? {
-        return Err(format!("data holds {} bytes; shape {:?} needs {}", data.len(), shape, count * width));
+        return Err(format!(
+            "data holds {} bytes; shape {:?} needs {}",
+            data.len(),
+            shape,
+            count * width
+        ));
     }
     let values: Vec<f32> = if width == 4 {
-        data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+        data.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
     } else {
-        data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32).collect()
+        data.chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+            .collect()
     };
     ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| e.to_string())
 }
@@ -70,7 +106,11 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<ArrayD<f32>, String> {
 /// Serialises an array as a float32 `.npy` (format 1.0).
 pub fn npy_bytes(shape: &[usize], data: impl Iterator<Item = f32>) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let shape_text = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let shape_text = if dims.len() == 1 {
+        format!("({},)", dims[0])
+    } else {
+        format!("({})", dims.join(", "))
+    };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_text}, }}");
     // Pad so that the data starts on a 64-byte boundary, ending the header with a newline.
     let total = MAGIC.len() + 4 + header.len() + 1;
@@ -89,9 +129,18 @@ pub fn npy_bytes(shape: &[usize], data: impl Iterator<Item = f32>) -> Vec<u8> {
 /// half-written file and a failure leaves any previous file intact.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let ctx = || format!("writing {}", path.display());
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| Error::InvalidArgument(format!("{} is not a file path", path.display())))?;
-    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::InvalidArgument(format!("{} is not a file path", path.display())))?;
+    let tmp = dir.join(format!(
+        ".{}.{}.tmp",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -122,7 +171,9 @@ mod tests {
     fn rejects_garbage_and_truncation() {
         assert!(parse_npy(b"hello world").is_err());
         let bytes = npy_bytes(&[4], [1.0f32, 2.0, 3.0, 4.0].into_iter());
-        assert!(parse_npy(&bytes[..bytes.len() - 1]).unwrap_err().contains("needs"));
+        assert!(parse_npy(&bytes[..bytes.len() - 1])
+            .unwrap_err()
+            .contains("needs"));
         let mut int = bytes.clone();
         let at = int.windows(3).position(|w| w == b"<f4").unwrap();
         int[at..at + 3].copy_from_slice(b"<i8");

@@ -15,7 +15,11 @@ pub struct NoiseLevel {
 
 impl NoiseLevel {
     /// alpha = 1, sigma = 0: the data itself.
-    pub const CLEAN: NoiseLevel = NoiseLevel { t: -1.0, alpha: 1.0, sigma: 0.0 };
+    pub const CLEAN: NoiseLevel = NoiseLevel {
+        t: -1.0,
+        alpha: 1.0,
+        sigma: 0.0,
+    };
 
     /// alpha-bar = alpha² for variance-preserving schedules.
     pub fn alpha_bar(&self) -> f64 {
@@ -25,6 +29,21 @@ impl NoiseLevel {
     /// log(alpha / sigma), half the log signal-to-noise ratio (DPM-Solver's lambda).
     pub fn lambda(&self) -> f64 {
         (self.alpha / self.sigma).ln()
+    }
+
+    /// A variance-preserving level from sigma/alpha: alpha = 1/sqrt(1 + sbar²).
+    pub fn from_sbar(t: f64, sbar: f64) -> NoiseLevel {
+        let alpha = 1.0 / (1.0 + sbar * sbar).sqrt();
+        NoiseLevel {
+            t,
+            alpha,
+            sigma: sbar * alpha,
+        }
+    }
+
+    /// sigma / alpha: the noise level of x / alpha, k-diffusion's and EDM's sigma.
+    pub fn sbar(&self) -> f64 {
+        self.sigma / self.alpha
     }
 
     /// Whether this is the clean end (sigma = 0).
@@ -37,11 +56,18 @@ impl NoiseLevel {
 #[derive(Debug, Clone)]
 pub enum Schedule {
     /// A table of betas and cumulative products alpha-bar over T training steps.
-    Discrete { betas: Vec<f64>, alphas_cumprod: Vec<f64> },
+    Discrete {
+        betas: Vec<f64>,
+        alphas_cumprod: Vec<f64>,
+    },
     /// Continuous VP SDE with beta(t) = beta_min + t (beta_max - beta_min).
     Vp { beta_min: f64, beta_max: f64 },
     /// Continuous VE SDE with sigma(t) = sigma_min (sigma_max / sigma_min)^t.
     Ve { sigma_min: f64, sigma_max: f64 },
+}
+
+fn log_sbar(alpha_bar: f64) -> f64 {
+    0.5 * ((1.0 - alpha_bar) / alpha_bar).ln()
 }
 
 /// The betas of a discrete schedule, exactly as the exporter defines them.
@@ -50,21 +76,46 @@ pub fn discrete_betas(spec: &ScheduleSpec) -> Option<Vec<f64>> {
         if n == 1 {
             return vec![a];
         }
-        (0..n).map(|i| a + (b - a) * i as f64 / (n - 1) as f64).collect()
+        (0..n)
+            .map(|i| a + (b - a) * i as f64 / (n - 1) as f64)
+            .collect()
     };
     Some(match *spec {
-        ScheduleSpec::Linear { num_train_timesteps: n, beta_start, beta_end } => lin(beta_start, beta_end, n),
-        ScheduleSpec::Quadratic { num_train_timesteps: n, beta_start, beta_end } => {
-            lin(beta_start.sqrt(), beta_end.sqrt(), n).into_iter().map(|b| b * b).collect()
-        }
-        ScheduleSpec::Sigmoid { num_train_timesteps: n, beta_start, beta_end } => lin(-6.0, 6.0, n)
+        ScheduleSpec::Linear {
+            num_train_timesteps: n,
+            beta_start,
+            beta_end,
+        } => lin(beta_start, beta_end, n),
+        ScheduleSpec::Quadratic {
+            num_train_timesteps: n,
+            beta_start,
+            beta_end,
+        } => lin(beta_start.sqrt(), beta_end.sqrt(), n)
+            .into_iter()
+            .map(|b| b * b)
+            .collect(),
+        ScheduleSpec::Sigmoid {
+            num_train_timesteps: n,
+            beta_start,
+            beta_end,
+        } => lin(-6.0, 6.0, n)
             .into_iter()
             .map(|x| beta_start + (beta_end - beta_start) / (1.0 + (-x).exp()))
             .collect(),
-        ScheduleSpec::Cosine { num_train_timesteps: n, s, max_beta } => {
-            let f = |u: f64| ((u + s) / (1.0 + s) * std::f64::consts::FRAC_PI_2).cos().powi(2);
+        ScheduleSpec::Cosine {
+            num_train_timesteps: n,
+            s,
+            max_beta,
+        } => {
+            let f = |u: f64| {
+                ((u + s) / (1.0 + s) * std::f64::consts::FRAC_PI_2)
+                    .cos()
+                    .powi(2)
+            };
             (0..n)
-                .map(|i| (1.0 - f((i + 1) as f64 / n as f64) / f(i as f64 / n as f64)).min(max_beta))
+                .map(|i| {
+                    (1.0 - f((i + 1) as f64 / n as f64) / f(i as f64 / n as f64)).min(max_beta)
+                })
                 .collect()
         }
         ScheduleSpec::Vp { .. } | ScheduleSpec::Ve { .. } => return None,
@@ -83,16 +134,86 @@ impl Schedule {
                         Some(*acc)
                     })
                     .collect();
-                Schedule::Discrete { betas, alphas_cumprod }
+                Schedule::Discrete {
+                    betas,
+                    alphas_cumprod,
+                }
             }
-            (None, ScheduleSpec::Vp { beta_min, beta_max }) => {
-                Schedule::Vp { beta_min: *beta_min, beta_max: *beta_max }
-            }
-            (None, ScheduleSpec::Ve { sigma_min, sigma_max }) => {
-                Schedule::Ve { sigma_min: *sigma_min, sigma_max: *sigma_max }
-            }
+            (None, ScheduleSpec::Vp { beta_min, beta_max }) => Schedule::Vp {
+                beta_min: *beta_min,
+                beta_max: *beta_max,
+            },
+            (
+                None,
+                ScheduleSpec::Ve {
+                    sigma_min,
+                    sigma_max,
+                },
+            ) => Schedule::Ve {
+                sigma_min: *sigma_min,
+                sigma_max: *sigma_max,
+            },
             (None, _) => unreachable!("discrete_betas covers every discrete kind"),
         }
+    }
+
+    /// The schedule time at which sigma/alpha equals `sbar` (the inverse of [`Schedule::level`]),
+    /// clamped to the schedule's range. Discrete schedules give fractional indices.
+    pub fn t_for_sbar(&self, sbar: f64) -> f64 {
+        match self {
+            Schedule::Discrete { alphas_cumprod, .. } => {
+                let ls = sbar.ln();
+                let table: Vec<f64> = alphas_cumprod.iter().map(|&ab| log_sbar(ab)).collect();
+                if ls <= table[0] {
+                    return 0.0;
+                }
+                let hi = table.partition_point(|&v| v < ls);
+                if hi >= table.len() {
+                    return (table.len() - 1) as f64;
+                }
+                let (a, b) = (table[hi - 1], table[hi]);
+                (hi - 1) as f64 + (ls - a) / (b - a)
+            }
+            Schedule::Vp { beta_min, beta_max } => {
+                // log alpha = -(beta_max - beta_min) t²/4 - beta_min t/2 and alpha² = 1/(1 + sbar²).
+                let c = 0.5 * (sbar * sbar).ln_1p();
+                let a = 0.25 * (beta_max - beta_min);
+                let b = 0.5 * beta_min;
+                if a == 0.0 {
+                    c / b
+                } else {
+                    (-b + (b * b + 4.0 * a * c).sqrt()) / (2.0 * a)
+                }
+            }
+            Schedule::Ve {
+                sigma_min,
+                sigma_max,
+            } => (sbar / sigma_min).ln() / (sigma_max / sigma_min).ln(),
+        }
+    }
+
+    /// The noise level whose sigma/alpha is `sbar`, with alpha and sigma exact for that `sbar`
+    /// (the time is what the network is told).
+    pub fn level_for_sbar(&self, sbar: f64) -> NoiseLevel {
+        let t = self.t_for_sbar(sbar);
+        match self {
+            Schedule::Ve { .. } => NoiseLevel {
+                t,
+                alpha: 1.0,
+                sigma: sbar,
+            },
+            _ => NoiseLevel::from_sbar(t, sbar),
+        }
+    }
+
+    /// The largest and smallest sigma/alpha the schedule reaches (t = T-1 and 0, or 1 and
+    /// [`crate::spacing::CONTINUOUS_T_MIN`]).
+    pub fn sbar_range(&self) -> (f64, f64) {
+        let (hi, lo) = match self.num_train_timesteps() {
+            Some(n) => ((n - 1) as f64, 0.0),
+            None => (1.0, crate::spacing::CONTINUOUS_T_MIN),
+        };
+        (self.level(hi).sbar(), self.level(lo).sbar())
     }
 
     /// T for discrete schedules, None for continuous ones.
@@ -111,21 +232,36 @@ impl Schedule {
                 let last = (alphas_cumprod.len() - 1) as f64;
                 let tc = t.clamp(0.0, last);
                 let (i, frac) = (tc.floor() as usize, tc - tc.floor());
-                let log_ab = if frac == 0.0 {
-                    alphas_cumprod[i].ln()
-                } else {
-                    (1.0 - frac) * alphas_cumprod[i].ln() + frac * alphas_cumprod[i + 1].ln()
-                };
-                let ab = log_ab.exp();
-                NoiseLevel { t, alpha: ab.sqrt(), sigma: (1.0 - ab).sqrt() }
+                if frac == 0.0 {
+                    let ab = alphas_cumprod[i];
+                    return NoiseLevel {
+                        t,
+                        alpha: ab.sqrt(),
+                        sigma: (1.0 - ab).sqrt(),
+                    };
+                }
+                // Between table entries interpolate log(sigma/alpha) linearly, as k-diffusion and
+                // diffusers do, so that `t_for_sbar` is its exact inverse.
+                let ls = (1.0 - frac) * log_sbar(alphas_cumprod[i])
+                    + frac * log_sbar(alphas_cumprod[i + 1]);
+                NoiseLevel::from_sbar(t, ls.exp())
             }
             Schedule::Vp { beta_min, beta_max } => {
                 let log_alpha = -0.25 * t * t * (beta_max - beta_min) - 0.5 * t * beta_min;
-                NoiseLevel { t, alpha: log_alpha.exp(), sigma: (-(2.0 * log_alpha).exp_m1()).sqrt() }
+                NoiseLevel {
+                    t,
+                    alpha: log_alpha.exp(),
+                    sigma: (-(2.0 * log_alpha).exp_m1()).sqrt(),
+                }
             }
-            Schedule::Ve { sigma_min, sigma_max } => {
-                NoiseLevel { t, alpha: 1.0, sigma: sigma_min * (sigma_max / sigma_min).powf(t) }
-            }
+            Schedule::Ve {
+                sigma_min,
+                sigma_max,
+            } => NoiseLevel {
+                t,
+                alpha: 1.0,
+                sigma: sigma_min * (sigma_max / sigma_min).powf(t),
+            },
         }
     }
 }
@@ -137,30 +273,58 @@ mod tests {
     fn spec(kind: &str) -> ScheduleSpec {
         let (a, b, n) = (1e-4, 0.02, 1000);
         match kind {
-            "linear" => ScheduleSpec::Linear { num_train_timesteps: n, beta_start: a, beta_end: b },
-            "quadratic" => ScheduleSpec::Quadratic { num_train_timesteps: n, beta_start: a, beta_end: b },
-            "sigmoid" => ScheduleSpec::Sigmoid { num_train_timesteps: n, beta_start: a, beta_end: b },
-            _ => ScheduleSpec::Cosine { num_train_timesteps: n, s: 0.008, max_beta: 0.999 },
+            "linear" => ScheduleSpec::Linear {
+                num_train_timesteps: n,
+                beta_start: a,
+                beta_end: b,
+            },
+            "quadratic" => ScheduleSpec::Quadratic {
+                num_train_timesteps: n,
+                beta_start: a,
+                beta_end: b,
+            },
+            "sigmoid" => ScheduleSpec::Sigmoid {
+                num_train_timesteps: n,
+                beta_start: a,
+                beta_end: b,
+            },
+            _ => ScheduleSpec::Cosine {
+                num_train_timesteps: n,
+                s: 0.008,
+                max_beta: 0.999,
+            },
         }
     }
 
     #[test]
     fn linear_alpha_bar_matches_closed_form_product() {
         // alpha_bar_t = prod_{i<=t} (1 - beta_i) with beta_i = a + (b - a) i / (T - 1).
-        let Schedule::Discrete { alphas_cumprod, .. } = Schedule::from_spec(&spec("linear")) else { panic!() };
+        let Schedule::Discrete { alphas_cumprod, .. } = Schedule::from_spec(&spec("linear")) else {
+            panic!()
+        };
         for t in [0usize, 1, 499, 999] {
-            let closed: f64 = (0..=t).map(|i| 1.0 - (1e-4 + (0.02 - 1e-4) * i as f64 / 999.0)).product();
+            let closed: f64 = (0..=t)
+                .map(|i| 1.0 - (1e-4 + (0.02 - 1e-4) * i as f64 / 999.0))
+                .product();
             assert!((alphas_cumprod[t] - closed).abs() < 1e-12);
         }
         // Known figure: alpha_bar at T-1 for the DDPM schedule is about 4.04e-5.
-        assert!((alphas_cumprod[999] - 4.0358e-5).abs() < 1e-8, "{}", alphas_cumprod[999]);
+        assert!(
+            (alphas_cumprod[999] - 4.0358e-5).abs() < 1e-8,
+            "{}",
+            alphas_cumprod[999]
+        );
     }
 
     #[test]
     fn cosine_alpha_bar_is_the_cosine_curve() {
         // Without the beta cap, alpha_bar_t = f(t+1)/f(0) with f(u) = cos²((u/T + s)/(1+s) π/2).
         let s = Schedule::from_spec(&spec("cosine"));
-        let f = |u: f64| ((u / 1000.0 + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+        let f = |u: f64| {
+            ((u / 1000.0 + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+                .cos()
+                .powi(2)
+        };
         for t in [0usize, 100, 500, 900] {
             let want = f(t as f64 + 1.0) / f(0.0);
             assert!((s.level(t as f64).alpha_bar() - want).abs() < 1e-12);
@@ -179,7 +343,10 @@ mod tests {
 
     #[test]
     fn vp_matches_integral_of_beta_and_ve_is_geometric() {
-        let vp = Schedule::Vp { beta_min: 0.1, beta_max: 20.0 };
+        let vp = Schedule::Vp {
+            beta_min: 0.1,
+            beta_max: 20.0,
+        };
         for t in [0.001, 0.3, 1.0] {
             let l = vp.level(t);
             // alpha(t) = exp(-1/2 ∫0^t beta(s) ds) and alpha² + sigma² = 1.
@@ -187,15 +354,38 @@ mod tests {
             assert!((l.alpha - (-0.5 * integral).exp()).abs() < 1e-14);
             assert!((l.alpha.powi(2) + l.sigma.powi(2) - 1.0).abs() < 1e-14);
         }
-        let ve = Schedule::Ve { sigma_min: 0.01, sigma_max: 50.0 };
+        let ve = Schedule::Ve {
+            sigma_min: 0.01,
+            sigma_max: 50.0,
+        };
         assert!((ve.level(0.5).sigma - (0.01f64 * 50.0).sqrt()).abs() < 1e-12);
     }
 
     #[test]
-    fn fractional_index_interpolates_between_neighbours() {
+    fn fractional_index_interpolates_log_sbar_and_inverts() {
         let s = Schedule::from_spec(&spec("linear"));
         let (a, b, m) = (s.level(10.0), s.level(11.0), s.level(10.5));
-        assert!(m.alpha_bar() < a.alpha_bar() && m.alpha_bar() > b.alpha_bar());
-        assert!((m.alpha_bar() - (a.alpha_bar() * b.alpha_bar()).sqrt()).abs() < 1e-14);
+        assert!((m.sbar() - (a.sbar() * b.sbar()).sqrt()).abs() < 1e-14);
+        assert!((m.alpha.powi(2) + m.sigma.powi(2) - 1.0).abs() < 1e-14);
+        for t in [0.0, 3.25, 10.5, 500.0, 998.75] {
+            assert!((s.t_for_sbar(s.level(t).sbar()) - t).abs() < 1e-9, "{t}");
+        }
+        for sched in [
+            Schedule::Vp {
+                beta_min: 0.1,
+                beta_max: 20.0,
+            },
+            Schedule::Ve {
+                sigma_min: 0.01,
+                sigma_max: 50.0,
+            },
+        ] {
+            for t in [0.001, 0.2, 0.7, 1.0] {
+                assert!(
+                    (sched.t_for_sbar(sched.level(t).sbar()) - t).abs() < 1e-12,
+                    "{sched:?} {t}"
+                );
+            }
+        }
     }
 }

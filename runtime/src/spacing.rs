@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::schedule::{NoiseLevel, Schedule};
 
 /// How `steps` time points are chosen from the schedule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Spacing {
     /// t = (steps-1-i) * (T / steps), integer ratio: starts below T-1 (DDIM paper, diffusers' default).
     Leading,
@@ -14,6 +14,11 @@ pub enum Spacing {
     Trailing,
     /// t = round(linspace(0, T-1, steps)) reversed.
     Linspace,
+    /// Karras et al. (2022) eq. 5: sigma/alpha evenly spaced in sigma^(1/rho) between the
+    /// schedule's extremes.
+    Karras { rho: f64 },
+    /// Evenly spaced in log-SNR (DPM-Solver's "logSNR" time steps).
+    LogSnr,
 }
 
 impl FromStr for Spacing {
@@ -23,8 +28,10 @@ impl FromStr for Spacing {
             "leading" => Ok(Spacing::Leading),
             "trailing" => Ok(Spacing::Trailing),
             "linspace" => Ok(Spacing::Linspace),
+            "karras" => Ok(Spacing::Karras { rho: 7.0 }),
+            "logsnr" => Ok(Spacing::LogSnr),
             other => Err(Error::InvalidArgument(format!(
-                "unknown spacing '{other}'; expected leading, trailing or linspace"
+                "unknown spacing '{other}'; expected leading, trailing, linspace, karras or logsnr"
             ))),
         }
     }
@@ -40,7 +47,9 @@ pub fn timesteps(schedule: &Schedule, spacing: Spacing, steps: usize) -> Result<
     }
     let Some(t_train) = schedule.num_train_timesteps() else {
         if steps > 100_000 {
-            return Err(Error::InvalidArgument(format!("--steps {steps} is absurd (at most 100000)")));
+            return Err(Error::InvalidArgument(format!(
+                "--steps {steps} is absurd (at most 100000)"
+            )));
         }
         // Continuous time: evenly from 1 down to CONTINUOUS_T_MIN, whatever the spacing name.
         return Ok((0..steps)
@@ -58,10 +67,23 @@ pub fn timesteps(schedule: &Schedule, spacing: Spacing, steps: usize) -> Result<
             let ratio = (t_train / steps) as f64;
             (0..steps).rev().map(|i| i as f64 * ratio).collect()
         }
-        Spacing::Trailing => (0..steps).map(|i| (n - i as f64 * n / s).round_ties_even() - 1.0).collect(),
+        Spacing::Trailing => (0..steps)
+            .map(|i| (n - i as f64 * n / s).round_ties_even() - 1.0)
+            .collect(),
         Spacing::Linspace => (0..steps)
             .rev()
-            .map(|i| if steps == 1 { 0.0 } else { (i as f64 * (n - 1.0) / (s - 1.0)).round_ties_even() })
+            .map(|i| {
+                if steps == 1 {
+                    0.0
+                } else {
+                    (i as f64 * (n - 1.0) / (s - 1.0)).round_ties_even()
+                }
+            })
+            .collect(),
+        Spacing::Karras { .. } | Spacing::LogSnr => spaced_levels(schedule, spacing, steps)?
+            .iter()
+            .take(steps)
+            .map(|l| l.t)
             .collect(),
     };
     Ok(ts)
@@ -69,7 +91,60 @@ pub fn timesteps(schedule: &Schedule, spacing: Spacing, steps: usize) -> Result<
 
 /// The noise levels of `timesteps`, followed by the clean end [`NoiseLevel::CLEAN`].
 pub fn levels(schedule: &Schedule, timesteps: &[f64]) -> Vec<NoiseLevel> {
-    timesteps.iter().map(|&t| schedule.level(t)).chain([NoiseLevel::CLEAN]).collect()
+    timesteps
+        .iter()
+        .map(|&t| schedule.level(t))
+        .chain([NoiseLevel::CLEAN])
+        .collect()
+}
+
+/// The `steps` noise levels a spacing visits, followed by [`NoiseLevel::CLEAN`].
+pub fn spaced_levels(
+    schedule: &Schedule,
+    spacing: Spacing,
+    steps: usize,
+) -> Result<Vec<NoiseLevel>> {
+    let sbars: Vec<f64> = match spacing {
+        Spacing::Leading | Spacing::Trailing | Spacing::Linspace => {
+            return Ok(levels(schedule, &timesteps(schedule, spacing, steps)?))
+        }
+        Spacing::Karras { rho } => {
+            if !(rho > 0.0 && rho.is_finite()) {
+                return Err(Error::InvalidArgument(format!(
+                    "--rho {rho} must be positive"
+                )));
+            }
+            let (hi, lo) = schedule.sbar_range();
+            let (a, b) = (hi.powf(1.0 / rho), lo.powf(1.0 / rho));
+            even(steps)?.map(|u| (a + u * (b - a)).powf(rho)).collect()
+        }
+        Spacing::LogSnr => {
+            let (hi, lo) = schedule.sbar_range();
+            let (a, b) = (hi.ln(), lo.ln());
+            even(steps)?.map(|u| (a + u * (b - a)).exp()).collect()
+        }
+    };
+    Ok(sbars
+        .into_iter()
+        .map(|s| schedule.level_for_sbar(s))
+        .chain([NoiseLevel::CLEAN])
+        .collect())
+}
+
+/// `steps` fractions evenly from 0 to 1 inclusive.
+fn even(steps: usize) -> Result<impl Iterator<Item = f64>> {
+    if steps == 0 || steps > 100_000 {
+        return Err(Error::InvalidArgument(format!(
+            "--steps {steps} must be in 1..=100000"
+        )));
+    }
+    Ok((0..steps).map(move |i| {
+        if steps == 1 {
+            0.0
+        } else {
+            i as f64 / (steps - 1) as f64
+        }
+    }))
 }
 
 #[cfg(test)]
@@ -78,17 +153,51 @@ mod tests {
     use crate::metadata::ScheduleSpec;
 
     fn linear() -> Schedule {
-        Schedule::from_spec(&ScheduleSpec::Linear { num_train_timesteps: 1000, beta_start: 1e-4, beta_end: 0.02 })
+        Schedule::from_spec(&ScheduleSpec::Linear {
+            num_train_timesteps: 1000,
+            beta_start: 1e-4,
+            beta_end: 0.02,
+        })
     }
 
     #[test]
     fn spacings_match_their_definitions() {
         let s = linear();
-        assert_eq!(timesteps(&s, Spacing::Leading, 4).unwrap(), vec![750.0, 500.0, 250.0, 0.0]);
-        assert_eq!(timesteps(&s, Spacing::Trailing, 4).unwrap(), vec![999.0, 749.0, 499.0, 249.0]);
-        assert_eq!(timesteps(&s, Spacing::Linspace, 4).unwrap(), vec![999.0, 666.0, 333.0, 0.0]);
+        assert_eq!(
+            timesteps(&s, Spacing::Leading, 4).unwrap(),
+            vec![750.0, 500.0, 250.0, 0.0]
+        );
+        assert_eq!(
+            timesteps(&s, Spacing::Trailing, 4).unwrap(),
+            vec![999.0, 749.0, 499.0, 249.0]
+        );
+        assert_eq!(
+            timesteps(&s, Spacing::Linspace, 4).unwrap(),
+            vec![999.0, 666.0, 333.0, 0.0]
+        );
         let all = timesteps(&s, Spacing::Trailing, 1000).unwrap();
         assert_eq!(all, (0..1000).rev().map(|t| t as f64).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn karras_and_logsnr_hit_the_schedule_extremes() {
+        let s = linear();
+        let (hi, lo) = s.sbar_range();
+        for spacing in [Spacing::Karras { rho: 7.0 }, Spacing::LogSnr] {
+            let lv = spaced_levels(&s, spacing, 10).unwrap();
+            assert_eq!(lv.len(), 11);
+            assert!(
+                (lv[0].sbar() / hi - 1.0).abs() < 1e-12 && (lv[9].sbar() / lo - 1.0).abs() < 1e-12
+            );
+            assert!((lv[0].t - 999.0).abs() < 1e-9 && lv[9].t.abs() < 1e-9);
+            assert!(lv[10].is_clean());
+        }
+        // Karras: sigma^(1/7) is evenly spaced; log-SNR: log sigma is.
+        let k = spaced_levels(&s, Spacing::Karras { rho: 7.0 }, 5).unwrap();
+        let r: Vec<f64> = k[..5].iter().map(|l| l.sbar().powf(1.0 / 7.0)).collect();
+        assert!(((r[0] - r[1]) - (r[3] - r[4])).abs() < 1e-12);
+        let g = spaced_levels(&s, Spacing::LogSnr, 5).unwrap();
+        assert!(((g[0].lambda() - g[1].lambda()) - (g[3].lambda() - g[4].lambda())).abs() < 1e-12);
     }
 
     #[test]
@@ -100,7 +209,10 @@ mod tests {
 
     #[test]
     fn continuous_times_run_from_one_to_t_min() {
-        let s = Schedule::Vp { beta_min: 0.1, beta_max: 20.0 };
+        let s = Schedule::Vp {
+            beta_min: 0.1,
+            beta_max: 20.0,
+        };
         let ts = timesteps(&s, Spacing::Trailing, 5).unwrap();
         assert_eq!(ts[0], 1.0);
         assert!((ts[4] - CONTINUOUS_T_MIN).abs() < 1e-15);

@@ -6,31 +6,26 @@
 
 use ndarray::Array4;
 
-use super::{combine, posterior_variance, Progress};
-use crate::denoiser::Denoiser;
+use super::{combine, posterior_variance, Progress, Trajectory};
 use crate::error::Result;
-use crate::noise::NoiseSource;
-use crate::schedule::NoiseLevel;
 
 /// Runs DDPM over `levels` (most noisy first, clean last).
 pub fn ddpm(
-    den: &mut dyn Denoiser,
+    tr: &mut Trajectory<'_>,
     mut x: Array4<f32>,
-    levels: &[NoiseLevel],
-    noise: &mut dyn NoiseSource,
     progress: &mut Progress<'_>,
 ) -> Result<Array4<f32>> {
-    let total = levels.len() - 1;
-    for (i, pair) in levels.windows(2).enumerate() {
-        let (cur, next) = (&pair[0], &pair[1]);
-        let d = den.denoise(&x, cur)?;
+    let total = tr.steps();
+    for i in 0..total {
+        let (cur, next) = (&tr.levels[i], &tr.levels[i + 1]);
+        let d = tr.den.denoise(&x, cur)?;
         let a_ts = cur.alpha / next.alpha;
         let s2_ts = cur.sigma.powi(2) - a_ts.powi(2) * next.sigma.powi(2);
         let c_xt = a_ts * next.sigma.powi(2) / cur.sigma.powi(2);
         let c_x0 = next.alpha * s2_ts / cur.sigma.powi(2);
         let var = posterior_variance(cur, next);
         x = if var > 0.0 {
-            let z = noise.step(i)?;
+            let z = tr.noise.step(i)?;
             combine(c_xt, &x, c_x0, &d.x0, var.sqrt(), Some(&z))
         } else {
             combine(c_xt, &x, c_x0, &d.x0, 0.0, None)

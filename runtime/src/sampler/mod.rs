@@ -3,10 +3,15 @@
 
 pub mod ddim;
 pub mod ddpm;
+pub mod dpmpp;
+pub mod euler;
+pub mod euler_ancestral;
+pub mod heun;
+pub mod lms;
+pub mod pndm;
+pub mod unipc;
 
-use std::str::FromStr;
-
-use ndarray::{Array4, Zip};
+use ndarray::Array4;
 
 use crate::denoiser::Denoiser;
 use crate::error::{Error, Result};
@@ -16,6 +21,20 @@ use crate::schedule::NoiseLevel;
 /// Called after each step with (steps done, total steps).
 pub type Progress<'a> = dyn FnMut(usize, usize) + 'a;
 
+/// What a sampler drives: the denoiser, its noise, and the levels to visit (clean last).
+pub struct Trajectory<'a> {
+    pub den: &'a mut dyn Denoiser,
+    pub noise: &'a mut dyn NoiseSource,
+    pub levels: &'a [NoiseLevel],
+}
+
+impl Trajectory<'_> {
+    /// Number of steps (levels minus one).
+    pub fn steps(&self) -> usize {
+        self.levels.len() - 1
+    }
+}
+
 /// Which sampler, with its own parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum SamplerKind {
@@ -23,62 +42,274 @@ pub enum SamplerKind {
     Ddpm,
     /// DDIM (Song et al. 2021) with stochasticity eta in [0, 1]; eta = 0 is deterministic.
     Ddim { eta: f64 },
+    /// Euler on the probability-flow ODE in sigma/alpha (Karras et al. 2022).
+    Euler,
+    /// Heun's second-order method on the probability-flow ODE (Karras et al. 2022).
+    Heun,
+    /// Euler ancestral (k-diffusion), stochasticity eta.
+    EulerAncestral { eta: f64 },
+    /// Linear multistep in sigma/alpha, order 1..=4.
+    Lms { order: usize },
+    /// DPM-Solver++ multistep, ODE (order 1..=3) or SDE (order 1..=2).
+    DpmPlusPlus {
+        order: usize,
+        variant: dpmpp::DpmVariant,
+    },
+    /// PNDM's PLMS (pseudo linear multistep with a Heun-like first step).
+    Pndm,
+    /// UniPC predictor-corrector (bh2, data prediction), predictor order 1..=3.
+    UniPc { order: usize },
+}
+
+/// One line of `edgediff samplers`.
+#[derive(Debug, Clone, Copy)]
+pub struct SamplerInfo {
+    pub name: &'static str,
+    pub order: &'static str,
+    pub stochastic: bool,
+    pub calls_per_step: &'static str,
+    pub summary: &'static str,
+}
+
+/// Every sampler the runtime has, for `edgediff samplers`.
+pub const SAMPLERS: &[SamplerInfo] = &[
+    SamplerInfo {
+        name: "ddpm",
+        order: "1",
+        stochastic: true,
+        calls_per_step: "1",
+        summary: "DDPM ancestral sampling from the true posterior (Ho et al. 2020)",
+    },
+    SamplerInfo {
+        name: "ddim",
+        order: "1",
+        stochastic: false,
+        calls_per_step: "1",
+        summary: "DDIM; --eta in [0, 1] adds DDPM-like noise (Song et al. 2021)",
+    },
+    SamplerInfo {
+        name: "ode-euler",
+        order: "1",
+        stochastic: false,
+        calls_per_step: "1",
+        summary:
+            "Euler on the probability-flow ODE in sigma/alpha (equals DDIM at the same levels)",
+    },
+    SamplerInfo {
+        name: "heun",
+        order: "2",
+        stochastic: false,
+        calls_per_step: "2 (1 on the last step)",
+        summary: "Heun on the probability-flow ODE (Karras et al. 2022, Alg. 1)",
+    },
+    SamplerInfo {
+        name: "euler-a",
+        order: "1",
+        stochastic: true,
+        calls_per_step: "1",
+        summary: "Euler ancestral (k-diffusion); --eta scales the noise",
+    },
+    SamplerInfo {
+        name: "lms",
+        order: "--order (default 4)",
+        stochastic: false,
+        calls_per_step: "1",
+        summary: "linear multistep in sigma/alpha with exact Lagrange integrals",
+    },
+    SamplerInfo {
+        name: "dpm++2m",
+        order: "2",
+        stochastic: false,
+        calls_per_step: "1",
+        summary: "DPM-Solver++ 2M multistep (Lu et al. 2022)",
+    },
+    SamplerInfo {
+        name: "dpm++3m",
+        order: "3",
+        stochastic: false,
+        calls_per_step: "1",
+        summary: "DPM-Solver++ 3M multistep (Lu et al. 2022)",
+    },
+    SamplerInfo {
+        name: "pndm",
+        order: "4 (pseudo)",
+        stochastic: false,
+        calls_per_step: "1 (2 on the first step)",
+        summary: "PNDM's PLMS: Adams-Bashforth on eps through the DDIM transfer (Liu et al. 2022)",
+    },
+    SamplerInfo {
+        name: "unipc",
+        order: "--order (default 2) + 1 with corrector",
+        stochastic: false,
+        calls_per_step: "1",
+        summary: "UniPC: UniP predictor with the UniC corrector, bh2 (Zhao et al. 2023)",
+    },
+    SamplerInfo {
+        name: "dpm++2m-sde",
+        order: "2 (weak)",
+        stochastic: true,
+        calls_per_step: "1",
+        summary: "SDE DPM-Solver++ 2M, midpoint (Lu et al. 2022)",
+    },
+];
+
+/// Sampler parameters given on the command line; each sampler reads the ones it uses.
+#[derive(Debug, Clone, Copy)]
+pub struct SamplerArgs {
+    pub eta: Option<f64>,
+    pub order: Option<usize>,
 }
 
 impl SamplerKind {
-    /// Parses a CLI name; `eta` applies to DDIM.
-    pub fn parse(name: &str, eta: f64) -> Result<SamplerKind> {
-        let kind = SamplerKind::from_str(name)?;
-        if let SamplerKind::Ddim { .. } = kind {
-            if !(0.0..=1.0).contains(&eta) {
-                return Err(Error::InvalidArgument(format!("--eta {eta} is outside [0, 1]")));
+    /// Parses a CLI name with its parameters.
+    pub fn parse(name: &str, args: SamplerArgs) -> Result<SamplerKind> {
+        let eta = |default: f64| -> Result<f64> {
+            let eta = args.eta.unwrap_or(default);
+            if (0.0..=1.0).contains(&eta) {
+                Ok(eta)
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "--eta {eta} is outside [0, 1]"
+                )))
             }
-            return Ok(SamplerKind::Ddim { eta });
-        }
-        Ok(kind)
+        };
+        let order = |default: usize, max: usize| -> Result<usize> {
+            let order = args.order.unwrap_or(default);
+            if (1..=max).contains(&order) {
+                Ok(order)
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "--order {order} is outside 1..={max} for {name}"
+                )))
+            }
+        };
+        use dpmpp::DpmVariant::{Ode, Sde};
+        Ok(match name {
+            "ddpm" => SamplerKind::Ddpm,
+            "ddim" => SamplerKind::Ddim { eta: eta(0.0)? },
+            "ode-euler" => SamplerKind::Euler,
+            "heun" => SamplerKind::Heun,
+            "euler-a" => SamplerKind::EulerAncestral { eta: eta(1.0)? },
+            "lms" => SamplerKind::Lms {
+                order: order(4, 4)?,
+            },
+            "dpm++2m" => SamplerKind::DpmPlusPlus {
+                order: order(2, 3)?,
+                variant: Ode,
+            },
+            "dpm++3m" => SamplerKind::DpmPlusPlus {
+                order: order(3, 3)?,
+                variant: Ode,
+            },
+            "dpm++2m-sde" => SamplerKind::DpmPlusPlus {
+                order: order(2, 2)?,
+                variant: Sde,
+            },
+            "pndm" => SamplerKind::Pndm,
+            "unipc" => SamplerKind::UniPc {
+                order: order(2, 3)?,
+            },
+            other => {
+                let names: Vec<&str> = SAMPLERS.iter().map(|s| s.name).collect();
+                return Err(Error::InvalidArgument(format!(
+                    "unknown sampler '{other}'; expected one of {}",
+                    names.join(", ")
+                )));
+            }
+        })
     }
 
     /// The CLI name.
     pub fn name(&self) -> &'static str {
+        use dpmpp::DpmVariant::{Ode, Sde};
         match self {
             SamplerKind::Ddpm => "ddpm",
             SamplerKind::Ddim { .. } => "ddim",
+            SamplerKind::Euler => "ode-euler",
+            SamplerKind::Heun => "heun",
+            SamplerKind::EulerAncestral { .. } => "euler-a",
+            SamplerKind::Lms { .. } => "lms",
+            SamplerKind::DpmPlusPlus { variant: Sde, .. } => "dpm++2m-sde",
+            SamplerKind::DpmPlusPlus {
+                order: 3,
+                variant: Ode,
+            } => "dpm++3m",
+            SamplerKind::DpmPlusPlus { .. } => "dpm++2m",
+            SamplerKind::UniPc { .. } => "unipc",
+            SamplerKind::Pndm => "pndm",
         }
     }
 
-    /// Runs the sampler from `x` (noise at `levels[0]`) to the last level.
+    /// Network evaluations per sample for a trajectory of `steps` steps.
+    pub fn model_calls(&self, steps: usize) -> usize {
+        match self {
+            SamplerKind::Heun => 2 * steps - 1,
+            SamplerKind::Pndm if steps > 1 => steps + 1,
+            _ => steps,
+        }
+    }
+
+    /// Runs the sampler from `x` (noise at `tr.levels[0]`) to the last level.
     pub fn run(
         &self,
-        den: &mut dyn Denoiser,
+        tr: &mut Trajectory<'_>,
         x: Array4<f32>,
-        levels: &[NoiseLevel],
-        noise: &mut dyn NoiseSource,
         progress: &mut Progress<'_>,
     ) -> Result<Array4<f32>> {
         match *self {
-            SamplerKind::Ddpm => ddpm::ddpm(den, x, levels, noise, progress),
-            SamplerKind::Ddim { eta } => ddim::ddim(den, x, levels, eta, noise, progress),
+            SamplerKind::Ddpm => ddpm::ddpm(tr, x, progress),
+            SamplerKind::Ddim { eta } => ddim::ddim(tr, x, eta, progress),
+            SamplerKind::Euler => euler::euler(tr, x, progress),
+            SamplerKind::Heun => heun::heun(tr, x, progress),
+            SamplerKind::EulerAncestral { eta } => {
+                euler_ancestral::euler_ancestral(tr, x, eta, progress)
+            }
+            SamplerKind::Lms { order } => lms::lms(tr, x, order, progress),
+            SamplerKind::DpmPlusPlus { order, variant } => {
+                dpmpp::dpmpp(tr, x, order, variant, progress)
+            }
+            SamplerKind::UniPc { order } => unipc::unipc(tr, x, order, progress),
+            SamplerKind::Pndm => pndm::pndm(tr, x, progress),
         }
     }
 }
 
-impl FromStr for SamplerKind {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "ddpm" => Ok(SamplerKind::Ddpm),
-            "ddim" => Ok(SamplerKind::Ddim { eta: 0.0 }),
-            other => Err(Error::InvalidArgument(format!("unknown sampler '{other}'; expected ddpm or ddim"))),
-        }
-    }
+/// sum_k c_k a_k elementwise, accumulated in f64: the one update every sampler is made of.
+///
+/// Steps from the top of steep schedules (cosine at t = T-1, alpha ~ 1e-2) multiply O(1)
+/// samples by coefficients in the hundreds that then cancel; f32 products would lose ~1e-5.
+pub(crate) fn lincomb(terms: &[(f64, &Array4<f32>)]) -> Array4<f32> {
+    let shape = terms[0].1.raw_dim();
+    let slices: Vec<(f64, std::borrow::Cow<'_, [f32]>)> = terms
+        .iter()
+        .map(|(c, a)| {
+            debug_assert_eq!(a.raw_dim(), shape);
+            let data = match a.as_slice() {
+                Some(s) => std::borrow::Cow::Borrowed(s),
+                None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+            };
+            (*c, data)
+        })
+        .collect();
+    let len = slices[0].1.len();
+    let out: Vec<f32> = (0..len)
+        .map(|i| slices.iter().map(|(c, s)| c * s[i] as f64).sum::<f64>() as f32)
+        .collect();
+    Array4::from_shape_vec(shape, out).expect("same shape as the inputs")
 }
 
-/// a * x + b * y + c * z elementwise, the one update every sampler here is made of.
-pub(crate) fn combine(a: f64, x: &Array4<f32>, b: f64, y: &Array4<f32>, c: f64, z: Option<&Array4<f32>>) -> Array4<f32> {
-    let (a, b, c) = (a as f32, b as f32, c as f32);
+/// a x + b y (+ c z), accumulated in f64 (see [`lincomb`]).
+pub(crate) fn combine(
+    a: f64,
+    x: &Array4<f32>,
+    b: f64,
+    y: &Array4<f32>,
+    c: f64,
+    z: Option<&Array4<f32>>,
+) -> Array4<f32> {
     match z {
-        Some(z) => Zip::from(x).and(y).and(z).map_collect(|&x, &y, &z| a * x + b * y + c * z),
-        None => Zip::from(x).and(y).map_collect(|&x, &y| a * x + b * y),
+        Some(z) => lincomb(&[(a, x), (b, y), (c, z)]),
+        None => lincomb(&[(a, x), (b, y)]),
     }
 }
 

@@ -1,0 +1,157 @@
+//! UniPC (Zhao et al. 2023), B(h) = e^h - 1 ("bh2"), data prediction: a multistep predictor
+//! UniP of order p and the corrector UniC, which refines each new sample with the model output
+//! already computed there (no extra call). The step to sigma = 0 is first order, and orders
+//! shrink near the end (p <= steps left), as diffusers' `lower_order_final` does.
+
+use std::collections::VecDeque;
+
+use ndarray::Array4;
+
+use super::{lincomb, Progress, Trajectory};
+use crate::error::Result;
+use crate::schedule::NoiseLevel;
+
+/// The phi-function right-hand side b_k and B(h) for an update over hh = -h (data prediction).
+fn b_vector(hh: f64, order: usize) -> (f64, f64, Vec<f64>) {
+    let h_phi_1 = hh.exp_m1();
+    let b_h = hh.exp_m1();
+    let mut h_phi_k = h_phi_1 / hh - 1.0;
+    let mut factorial = 1.0;
+    let mut b = Vec::with_capacity(order);
+    for i in 1..=order {
+        b.push(h_phi_k * factorial / b_h);
+        factorial *= (i + 1) as f64;
+        h_phi_k = h_phi_k / hh - 1.0 / factorial;
+    }
+    (h_phi_1, b_h, b)
+}
+
+/// Solves R rho = b with R[i][j] = rks[j]^i (a Vandermonde system, at most 3x3).
+fn solve_vandermonde(rks: &[f64], b: &[f64]) -> Vec<f64> {
+    let k = rks.len();
+    let mut a: Vec<Vec<f64>> = (0..k)
+        .map(|i| {
+            (0..k)
+                .map(|j| rks[j].powi(i as i32))
+                .chain([b[i]])
+                .collect()
+        })
+        .collect();
+    for col in 0..k {
+        let pivot = (col..k)
+            .max_by(|&p, &q| a[p][col].abs().total_cmp(&a[q][col].abs()))
+            .unwrap_or(col);
+        a.swap(col, pivot);
+        for row in 0..k {
+            if row != col {
+                let f = a[row][col] / a[col][col];
+                for c in col..=k {
+                    a[row][c] -= f * a[col][c];
+                }
+            }
+        }
+    }
+    (0..k).map(|i| a[i][k] / a[i][i]).collect()
+}
+
+/// One UniP / UniC update from level `s0` (sample `x`, data prediction `m0`) to level `t`.
+/// `hist` holds (level, x0) of earlier points, most recent first; `m_t` is the model output at
+/// `t` for the corrector (None for the predictor).
+fn update(
+    x: &Array4<f32>,
+    s0: &NoiseLevel,
+    m0: &Array4<f32>,
+    t: &NoiseLevel,
+    hist: &[(NoiseLevel, &Array4<f32>)],
+    m_t: Option<&Array4<f32>>,
+) -> Array4<f32> {
+    let h = t.lambda() - s0.lambda();
+    let rks: Vec<f64> = hist
+        .iter()
+        .map(|(l, _)| (l.lambda() - s0.lambda()) / h)
+        .collect();
+    let order = hist.len() + 1;
+    let (h_phi_1, b_h, b) = b_vector(-h, order);
+    let scale = t.alpha * b_h;
+    let rhos: Vec<f64> = match m_t {
+        // Predictor: order 2 uses rho = 1/2; order 3 solves the (order-1)-sized system.
+        None if order == 2 => vec![0.5],
+        None => solve_vandermonde(&rks, &b[..order - 1]),
+        // Corrector: order 1 uses rho = 1/2; else the full system including rk = 1 for t.
+        Some(_) if order == 1 => vec![0.5],
+        Some(_) => solve_vandermonde(&rks.iter().copied().chain([1.0]).collect::<Vec<_>>(), &b),
+    };
+    // x_t = (sigma_t/sigma_s0) x - alpha_t h phi_1 m0 - alpha_t B(h) sum_k rho_k D_k,
+    // with D_k = (m_k - m0) / r_k and, for the corrector, D_t = m_t - m0 weighted by rho_last.
+    let mut c_m0 = -t.alpha * h_phi_1;
+    let mut terms: Vec<(f64, &Array4<f32>)> = vec![(t.sigma / s0.sigma, x)];
+    for (k, (_, mk)) in hist.iter().enumerate() {
+        let c = scale * rhos[k] / rks[k];
+        terms.push((-c, mk));
+        c_m0 += c;
+    }
+    if let Some(mt) = m_t {
+        let c = scale * rhos[rhos.len() - 1];
+        terms.push((-c, mt));
+        c_m0 += c;
+    }
+    terms.push((c_m0, m0));
+    lincomb(&terms)
+}
+
+/// Runs UniPC with predictor order `order` (1..=3) and the UniC corrector.
+pub fn unipc(
+    tr: &mut Trajectory<'_>,
+    mut x: Array4<f32>,
+    order: usize,
+    progress: &mut Progress<'_>,
+) -> Result<Array4<f32>> {
+    let n = tr.steps();
+    let lv = tr.levels;
+    // Data predictions, most recent first, with their step index.
+    let mut ms: VecDeque<(usize, Array4<f32>)> = VecDeque::with_capacity(order + 1);
+    let mut last: Option<(Array4<f32>, usize)> = None; // corrected sample and order of the last step
+    for i in 0..n {
+        let m_i = tr.den.denoise(&x, &lv[i])?.x0;
+        if let Some((prev_x, prev_order)) = last.take() {
+            let (j, m0) = (&ms[0].0, &ms[0].1);
+            let hist: Vec<(NoiseLevel, &Array4<f32>)> = ms
+                .iter()
+                .skip(1)
+                .take(prev_order - 1)
+                .map(|(k, m)| (lv[*k], m))
+                .collect();
+            x = update(&prev_x, &lv[*j], m0, &lv[i], &hist, Some(&m_i));
+        }
+        ms.push_front((i, m_i));
+        ms.truncate(order);
+        let this_order = order.min(n - i).min(i + 1);
+        let hist: Vec<(NoiseLevel, &Array4<f32>)> = ms
+            .iter()
+            .skip(1)
+            .take(this_order - 1)
+            .map(|(k, m)| (lv[*k], m))
+            .collect();
+        let next = update(&x, &lv[i], &ms[0].1, &lv[i + 1], &hist, None);
+        last = Some((x, this_order));
+        x = next;
+        progress(i + 1, n);
+    }
+    Ok(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vandermonde_solution_satisfies_the_system() {
+        let rks = [-0.7, -1.9, 1.0];
+        let b = [0.3, -0.2, 0.05];
+        let rho = solve_vandermonde(&rks, &b);
+        for i in 0..3 {
+            let lhs: f64 = (0..3).map(|j| rks[j].powi(i as i32) * rho[j]).sum();
+            assert!((lhs - b[i]).abs() < 1e-12);
+        }
+    }
+}
