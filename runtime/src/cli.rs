@@ -68,9 +68,12 @@ struct SampleCmd {
     /// stochasticity in [0, 1] for ddim (default 0) and euler-a (default 1)
     #[argh(option)]
     eta: Option<f64>,
-    /// solver order for lms (1-4), dpm++ (1-3)
+    /// solver order for lms (1-4), dpm++ and unipc (1-3)
     #[argh(option)]
     order: Option<usize>,
+    /// signal-to-noise ratio of the pc sampler's Langevin corrector (default 0.16)
+    #[argh(option)]
+    snr: Option<f64>,
     /// number of samples (default 16)
     #[argh(option, short = 'n', default = "16")]
     n: usize,
@@ -231,6 +234,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         SamplerArgs {
             eta: cmd.eta,
             order: cmd.order,
+            snr: cmd.snr,
         },
     )?;
     let spacing = match cmd.rho {

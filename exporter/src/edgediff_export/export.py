@@ -24,22 +24,31 @@ from .unet import UNet, UNetConfig
 VERIFY_RTOL = 1e-4
 
 
-def _inputs(model: UNet, n: int, seed: int) -> dict[str, torch.Tensor]:
+def _inputs(model: UNet, n: int, seed: int, timestep_dtype: str = "int64") -> dict[str, torch.Tensor]:
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    if timestep_dtype == "float32":
+        # Fractional indices too: continuous-time samplers evaluate between table entries.
+        t = t.float() + torch.rand(n, generator=g)
     inputs = {
         "sample": torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g),
-        "timestep": torch.randint(0, 1000, (n,), generator=g),
+        "timestep": t,
     }
     if cfg.num_classes is not None:
         inputs["class_labels"] = torch.randint(0, cfg.num_classes + 1, (n,), generator=g)
     return inputs
 
 
-def export_unet(model: UNet, meta: dict, out: Path, opset: int = 17) -> float:
-    """Write `model` to `out` with metadata; return the verified max relative error."""
+def export_unet(model: UNet, meta: dict, out: Path, opset: int = 17,
+                timestep_dtype: str = "int64") -> float:
+    """Write `model` to `out` with metadata; return the verified max relative error.
+
+    timestep_dtype: "int64" (training indices only) or "float32" (fractional indices allowed,
+    so samplers with Karras or log-SNR spacing give the network its exact time).
+    """
     model = model.eval()
-    inputs = _inputs(model, 2, seed=0)
+    inputs = _inputs(model, 2, seed=0, timestep_dtype=timestep_dtype)
     names = list(inputs)
     dynamic = {k: {0: "N"} for k in names} | {"out": {0: "N"}}
     tmp = out.with_suffix(".onnx.tmp")
@@ -50,19 +59,19 @@ def export_unet(model: UNet, meta: dict, out: Path, opset: int = 17) -> float:
     write_metadata(proto, meta)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(tmp))
-    err = verify(model, tmp)
+    err = verify(model, tmp, timestep_dtype=timestep_dtype)
     os.replace(tmp, out)
     return err
 
 
-def verify(model: UNet, path: Path, batch: int = 3) -> float:
+def verify(model: UNet, path: Path, batch: int = 3, timestep_dtype: str = "int64") -> float:
     """onnxruntime vs PyTorch on random inputs; raise beyond VERIFY_RTOL (relative to max |ref|)."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
     for seed in (1, 2):
-        inputs = _inputs(model, batch, seed)
+        inputs = _inputs(model, batch, seed, timestep_dtype)
         with torch.no_grad():
             ref = model(*inputs.values()).numpy()
         got = sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
@@ -91,7 +100,8 @@ def _cmd_checkpoint(a: argparse.Namespace) -> dict:
     model.load_state_dict(ck["ema"] if not a.raw_weights else ck["model"])
     meta = unet_metadata(cfg, ck["schedule"], a.name, a.description or
                          f"DDPM U-Net trained {ck['step']} steps by edgediff-train")
-    return {"out": str(a.out), "max_rel_err": export_unet(model, meta, a.out)}
+    return {"out": str(a.out), "max_rel_err": export_unet(model, meta, a.out,
+                                                          timestep_dtype=a.timestep_dtype)}
 
 
 def _cmd_random(a: argparse.Namespace) -> dict:
@@ -133,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--name", default="mnist-ddpm")
     c.add_argument("--description", default="")
     c.add_argument("--raw-weights", action="store_true", help="export the raw, not the EMA, weights")
+    c.add_argument("--timestep-dtype", choices=["int64", "float32"], default="float32",
+                   help="float32 lets samplers pass fractional indices (default)")
     c.set_defaults(fn=_cmd_checkpoint)
 
     r = sub.add_parser("random", help="export a randomly initialised U-Net")

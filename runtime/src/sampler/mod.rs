@@ -9,6 +9,7 @@ pub mod euler_ancestral;
 pub mod heun;
 pub mod lms;
 pub mod pndm;
+pub mod sde;
 pub mod unipc;
 
 use ndarray::Array4;
@@ -55,6 +56,12 @@ pub enum SamplerKind {
         order: usize,
         variant: dpmpp::DpmVariant,
     },
+    /// Euler–Maruyama on the reverse SDE, final denoise.
+    EulerMaruyama,
+    /// Stochastic Heun (improved Euler) on the reverse SDE.
+    SdeHeun,
+    /// Langevin corrector + Euler–Maruyama predictor with signal-to-noise ratio `snr`.
+    PredictorCorrector { snr: f64 },
     /// PNDM's PLMS (pseudo linear multistep with a Heun-like first step).
     Pndm,
     /// UniPC predictor-corrector (bh2, data prediction), predictor order 1..=3.
@@ -158,6 +165,7 @@ pub const SAMPLERS: &[SamplerInfo] = &[
 pub struct SamplerArgs {
     pub eta: Option<f64>,
     pub order: Option<usize>,
+    pub snr: Option<f64>,
 }
 
 impl SamplerKind {
@@ -206,6 +214,15 @@ impl SamplerKind {
                 variant: Sde,
             },
             "pndm" => SamplerKind::Pndm,
+            "euler-maruyama" => SamplerKind::EulerMaruyama,
+            "sde-heun" => SamplerKind::SdeHeun,
+            "pc" => {
+                let snr = args.snr.unwrap_or(0.16);
+                if !(snr > 0.0 && snr.is_finite()) {
+                    return Err(Error::InvalidArgument(format!("--snr {snr} must be positive")));
+                }
+                SamplerKind::PredictorCorrector { snr }
+            }
             "unipc" => SamplerKind::UniPc {
                 order: order(2, 3)?,
             },
@@ -237,13 +254,17 @@ impl SamplerKind {
             SamplerKind::DpmPlusPlus { .. } => "dpm++2m",
             SamplerKind::UniPc { .. } => "unipc",
             SamplerKind::Pndm => "pndm",
+            SamplerKind::EulerMaruyama => "euler-maruyama",
+            SamplerKind::SdeHeun => "sde-heun",
+            SamplerKind::PredictorCorrector { .. } => "pc",
         }
     }
 
     /// Network evaluations per sample for a trajectory of `steps` steps.
     pub fn model_calls(&self, steps: usize) -> usize {
         match self {
-            SamplerKind::Heun => 2 * steps - 1,
+            SamplerKind::Heun | SamplerKind::SdeHeun => 2 * steps - 1,
+            SamplerKind::PredictorCorrector { .. } => 2 * steps,
             SamplerKind::Pndm if steps > 1 => steps + 1,
             _ => steps,
         }
@@ -270,6 +291,9 @@ impl SamplerKind {
             }
             SamplerKind::UniPc { order } => unipc::unipc(tr, x, order, progress),
             SamplerKind::Pndm => pndm::pndm(tr, x, progress),
+            SamplerKind::EulerMaruyama => sde::euler_maruyama(tr, x, progress),
+            SamplerKind::SdeHeun => sde::sde_heun(tr, x, progress),
+            SamplerKind::PredictorCorrector { snr } => sde::predictor_corrector(tr, x, snr, progress),
         }
     }
 }
