@@ -15,7 +15,7 @@ import torch
 
 from conftest import run_cli
 from edgediff_export.schedules import alphas_cumprod, betas_for
-from test_parity_diffusers import eps_fn, noises, scheduler_config
+from test_parity_diffusers import eps_fn, noises, run_edgediff, scheduler_config
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -35,13 +35,7 @@ def exact_sigmas(sched, schedule: str) -> None:
 
 
 def run_ours(binary, model, tmp, sampler, steps, init, step_noise, *extra, spacing="trailing"):
-    np.save(tmp / "init.npy", init)
-    np.save(tmp / "steps.npy", step_noise)
-    out = tmp / "out.npy"
-    run_cli(binary, "sample", "--model", str(model), "--sampler", sampler, "--steps", str(steps),
-            "--spacing", spacing, "--init-noise", str(tmp / "init.npy"),
-            "--step-noise", str(tmp / "steps.npy"), "--out", str(out), "-q", *extra)
-    return np.load(out)
+    return run_edgediff(binary, model, tmp, sampler, steps, spacing, init, step_noise, *extra)
 
 
 def sigma_space_reference(sched, eps, init, step_noise, monkeypatch, steps_for_noise) -> np.ndarray:

@@ -4,6 +4,7 @@
 
 use ndarray::Array4;
 
+use super::euler::euler_step;
 use super::{combine, Progress, Trajectory};
 use crate::error::Result;
 
@@ -18,7 +19,7 @@ pub fn heun(
         let (cur, next) = (tr.levels[i], tr.levels[i + 1]);
         let h = next.sbar() - cur.sbar();
         let d = tr.den.denoise(&x, &cur)?.eps;
-        let euler = combine(next.alpha / cur.alpha, &x, next.alpha * h, &d, 0.0, None);
+        let euler = euler_step(&x, &d, &cur, &next);
         x = if next.is_clean() {
             euler
         } else {

@@ -23,20 +23,25 @@ fn drift(x: &Array4<f32>, eps: &Array4<f32>, at: &NoiseLevel, f_dt: f64, g2_dt: 
     combine(f_dt, x, g2_dt / at.sigma, eps, 0.0, None)
 }
 
+/// One Euler–Maruyama step from level `i` with noise stream index `noise_index`, or the final
+/// denoise when the next level is clean.
+fn em_step(tr: &mut Trajectory<'_>, x: &Array4<f32>, i: usize, noise_index: usize) -> Result<Array4<f32>> {
+    let (cur, next) = (tr.levels[i], tr.levels[i + 1]);
+    let d = tr.den.denoise(x, &cur)?;
+    if next.is_clean() {
+        return Ok(d.x0);
+    }
+    let (f_dt, g2_dt) = coefficients(&cur, &next);
+    let z = tr.noise.step(noise_index)?;
+    let dr = drift(x, &d.eps, &cur, f_dt, g2_dt);
+    Ok(lincomb(&[(1.0, x), (1.0, &dr), ((-g2_dt).max(0.0).sqrt(), &z)]))
+}
+
 /// Euler–Maruyama on the reverse SDE.
 pub fn euler_maruyama(tr: &mut Trajectory<'_>, mut x: Array4<f32>, progress: &mut Progress<'_>) -> Result<Array4<f32>> {
     let n = tr.steps();
     for i in 0..n {
-        let (cur, next) = (tr.levels[i], tr.levels[i + 1]);
-        let d = tr.den.denoise(&x, &cur)?;
-        x = if next.is_clean() {
-            d.x0
-        } else {
-            let (f_dt, g2_dt) = coefficients(&cur, &next);
-            let z = tr.noise.step(i)?;
-            let dr = drift(&x, &d.eps, &cur, f_dt, g2_dt);
-            lincomb(&[(1.0, &x), (1.0, &dr), ((-g2_dt).max(0.0).sqrt(), &z)])
-        };
+        x = em_step(tr, &x, i, i)?;
         progress(i + 1, n);
     }
     Ok(x)
@@ -88,17 +93,8 @@ pub fn predictor_corrector(tr: &mut Trajectory<'_>, mut x: Array4<f32>, snr: f64
             let (a, b) = ((-step / cur.sigma) as f32, ((2.0 * step).sqrt()) as f32);
             o.iter_mut().zip(e.iter()).zip(zz.iter()).for_each(|((o, e), z)| *o += a * e + b * z);
         }
-        x = out;
         // Predictor: reverse-diffusion (Euler–Maruyama) step, or the final denoise.
-        let d = tr.den.denoise(&x, &cur)?;
-        x = if next.is_clean() {
-            d.x0
-        } else {
-            let (f_dt, g2_dt) = coefficients(&cur, &next);
-            let z = tr.noise.step(2 * i + 1)?;
-            let dr = drift(&x, &d.eps, &cur, f_dt, g2_dt);
-            lincomb(&[(1.0, &x), (1.0, &dr), ((-g2_dt).max(0.0).sqrt(), &z)])
-        };
+        x = em_step(tr, &out, i, 2 * i + 1)?;
         progress(i + 1, n);
     }
     Ok(x)
