@@ -101,3 +101,15 @@ def test_stochastic_samplers_reproduce_the_mixture(edgediff_bin, oracle, oracle6
         assert abs(rel.mean() - 1) < 0.15 and np.all(np.abs(rel - 1) < 0.3), (j, rel)
         print(f"moments {sampler} component {j}: weight {weights[j]:.3f} (true {mix.weights[j]}), "
               f"variance ratio {rel.mean():.3f}")
+
+
+def test_adaptive_ode_error_follows_its_tolerance(edgediff_bin, oracle, reference, tmp_path):
+    errors = []
+    for tol in ("1e-3", "1e-4", "1e-5"):
+        x = sample(edgediff_bin, oracle, tmp_path, "ode-adaptive", 50, 256, 0, "--rtol", tol, "--atol", tol)
+        errors.append(float(np.sqrt(((x - reference) ** 2).mean())))
+    print(f"ode-adaptive RMSE at tolerances 1e-3, 1e-4, 1e-5: {['%.2e' % e for e in errors]}")
+    # Local error control keeps the global error within a small multiple of the tolerance
+    # (measured ~2-4x here); each tenfold tightening must cut it by at least 4x.
+    assert errors[0] < 1e-2 and errors[1] < 1e-3 and errors[2] < 1e-4, errors
+    assert errors[1] < errors[0] / 4 and errors[2] < errors[1] / 4, errors

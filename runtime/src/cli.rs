@@ -74,6 +74,12 @@ struct SampleCmd {
     /// signal-to-noise ratio of the pc sampler's Langevin corrector (default 0.16)
     #[argh(option)]
     snr: Option<f64>,
+    /// relative tolerance of ode-adaptive (default 1e-3)
+    #[argh(option)]
+    rtol: Option<f64>,
+    /// absolute tolerance of ode-adaptive (default 1e-3)
+    #[argh(option)]
+    atol: Option<f64>,
     /// number of samples (default 16)
     #[argh(option, short = 'n', default = "16")]
     n: usize,
@@ -235,6 +241,8 @@ fn sample(cmd: SampleCmd) -> Result<()> {
             eta: cmd.eta,
             order: cmd.order,
             snr: cmd.snr,
+            rtol: cmd.rtol,
+            atol: cmd.atol,
         },
     )?;
     let spacing = match cmd.rho {

@@ -117,6 +117,8 @@ pub fn generate(
         1.0
     };
     let steps = lv.len() - 1;
+    let schedule = model.schedule().clone();
+    let level_at_sbar = move |s: f64| schedule.level_for_sbar(s);
     let total_steps = steps * opts.n.div_ceil(opts.batch_size);
     let mut chunks = Vec::with_capacity(opts.n.div_ceil(opts.batch_size));
     let mut done_steps = 0;
@@ -141,6 +143,7 @@ pub fn generate(
             den: &mut den,
             noise,
             levels: &lv,
+            level_at_sbar: &level_at_sbar,
         };
         let out = opts
             .sampler

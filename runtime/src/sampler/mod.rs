@@ -8,6 +8,7 @@ pub mod euler;
 pub mod euler_ancestral;
 pub mod heun;
 pub mod lms;
+pub mod ode_adaptive;
 pub mod pndm;
 pub mod sde;
 pub mod unipc;
@@ -27,6 +28,8 @@ pub struct Trajectory<'a> {
     pub den: &'a mut dyn Denoiser,
     pub noise: &'a mut dyn NoiseSource,
     pub levels: &'a [NoiseLevel],
+    /// The schedule's level at any sigma/alpha, for solvers that choose their own steps.
+    pub level_at_sbar: &'a dyn Fn(f64) -> NoiseLevel,
 }
 
 impl Trajectory<'_> {
@@ -62,6 +65,8 @@ pub enum SamplerKind {
     SdeHeun,
     /// Langevin corrector + Euler–Maruyama predictor with signal-to-noise ratio `snr`.
     PredictorCorrector { snr: f64 },
+    /// Bogacki–Shampine 3(2) with error control on the probability-flow ODE.
+    OdeAdaptive { tol: ode_adaptive::Tolerance },
     /// PNDM's PLMS (pseudo linear multistep with a Heun-like first step).
     Pndm,
     /// UniPC predictor-corrector (bh2, data prediction), predictor order 1..=3.
@@ -166,6 +171,8 @@ pub struct SamplerArgs {
     pub eta: Option<f64>,
     pub order: Option<usize>,
     pub snr: Option<f64>,
+    pub rtol: Option<f64>,
+    pub atol: Option<f64>,
 }
 
 impl SamplerKind {
@@ -214,6 +221,13 @@ impl SamplerKind {
                 variant: Sde,
             },
             "pndm" => SamplerKind::Pndm,
+            "ode-adaptive" => {
+                let (rtol, atol) = (args.rtol.unwrap_or(1e-3), args.atol.unwrap_or(1e-3));
+                if !(rtol > 0.0 && atol > 0.0 && rtol.is_finite() && atol.is_finite()) {
+                    return Err(Error::InvalidArgument(format!("--rtol {rtol} and --atol {atol} must be positive")));
+                }
+                SamplerKind::OdeAdaptive { tol: ode_adaptive::Tolerance { rtol, atol, max_steps: 10_000 } }
+            }
             "euler-maruyama" => SamplerKind::EulerMaruyama,
             "sde-heun" => SamplerKind::SdeHeun,
             "pc" => {
@@ -254,6 +268,7 @@ impl SamplerKind {
             SamplerKind::DpmPlusPlus { .. } => "dpm++2m",
             SamplerKind::UniPc { .. } => "unipc",
             SamplerKind::Pndm => "pndm",
+            SamplerKind::OdeAdaptive { .. } => "ode-adaptive",
             SamplerKind::EulerMaruyama => "euler-maruyama",
             SamplerKind::SdeHeun => "sde-heun",
             SamplerKind::PredictorCorrector { .. } => "pc",
@@ -291,6 +306,11 @@ impl SamplerKind {
             }
             SamplerKind::UniPc { order } => unipc::unipc(tr, x, order, progress),
             SamplerKind::Pndm => pndm::pndm(tr, x, progress),
+            SamplerKind::OdeAdaptive { tol } => {
+                let (x, accepted, rejected) = ode_adaptive::ode_adaptive(tr, x, tol, progress)?;
+                log::info!("ode-adaptive: {accepted} accepted and {rejected} rejected steps");
+                Ok(x)
+            }
             SamplerKind::EulerMaruyama => sde::euler_maruyama(tr, x, progress),
             SamplerKind::SdeHeun => sde::sde_heun(tr, x, progress),
             SamplerKind::PredictorCorrector { snr } => sde::predictor_corrector(tr, x, snr, progress),
