@@ -119,3 +119,15 @@ def test_unwritable_output_leaves_nothing(edgediff_bin, tiny_models, tmp_path):
     proc = run_cli(edgediff_bin, "sample", "--model", str(tiny_models["linear"]), "--steps", "2",
                    "-n", "2", "--out", "/dev/full/x.png", check=False)
     check_error(proc, 4, "writing /dev/full/x.png")
+
+
+def test_samplers_listing_names_every_sampler_and_each_runs(edgediff_bin, tiny_models, tmp_path):
+    rows = json.loads(run_cli(edgediff_bin, "samplers", "--json").stdout)
+    names = [r["name"] for r in rows]
+    assert len(names) == len(set(names)) >= 15
+    for name in names:
+        out = tmp_path / f"{name}.npy"
+        run_cli(edgediff_bin, "sample", "--model", str(tiny_models["linear"]), "--sampler", name,
+                "--steps", "4", "-n", "2", "-q", "--out", str(out))
+        x = np.load(out)
+        assert x.shape == (2, 1, 8, 8) and np.isfinite(x).all(), name

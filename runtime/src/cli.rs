@@ -374,18 +374,23 @@ fn list_samplers(json: bool) {
         println!("{}", serde_json::Value::Array(rows));
         return;
     }
+    let w = |f: fn(&crate::sampler::SamplerInfo) -> usize, head: &str| {
+        SAMPLERS.iter().map(f).max().unwrap_or(0).max(head.len())
+    };
+    let (wn, wo, wc) = (
+        w(|s| s.name.len(), "name"),
+        w(|s| s.order.len(), "order"),
+        w(|s| s.calls_per_step.len(), "model calls per step"),
+    );
     println!(
-        "{:<13} {:<20} {:<11} {:<24} what",
+        "{:<wn$}  {:<wo$}  {:<10}  {:<wc$}  what",
         "name", "order", "stochastic", "model calls per step"
     );
     for s in SAMPLERS {
+        let stochastic = if s.stochastic { "yes" } else { "no" };
         println!(
-            "{:<13} {:<20} {:<11} {:<24} {}",
-            s.name,
-            s.order,
-            if s.stochastic { "yes" } else { "no" },
-            s.calls_per_step,
-            s.summary
+            "{:<wn$}  {:<wo$}  {:<10}  {:<wc$}  {}",
+            s.name, s.order, stochastic, s.calls_per_step, s.summary
         );
     }
 }

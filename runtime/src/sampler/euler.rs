@@ -9,8 +9,20 @@ use crate::error::Result;
 use crate::schedule::NoiseLevel;
 
 /// x_next = alpha_next (x / alpha + (sbar_next - sbar) eps): one Euler step in xbar.
-pub(crate) fn euler_step(x: &Array4<f32>, eps: &Array4<f32>, cur: &NoiseLevel, next: &NoiseLevel) -> Array4<f32> {
-    super::combine(next.alpha / cur.alpha, x, next.alpha * (next.sbar() - cur.sbar()), eps, 0.0, None)
+pub(crate) fn euler_step(
+    x: &Array4<f32>,
+    eps: &Array4<f32>,
+    cur: &NoiseLevel,
+    next: &NoiseLevel,
+) -> Array4<f32> {
+    super::combine(
+        next.alpha / cur.alpha,
+        x,
+        next.alpha * (next.sbar() - cur.sbar()),
+        eps,
+        0.0,
+        None,
+    )
 }
 
 /// Runs Euler over the trajectory's levels.

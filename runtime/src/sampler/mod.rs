@@ -142,6 +142,10 @@ pub const SAMPLERS: &[SamplerInfo] = &[
         calls_per_step: "1",
         summary: "DPM-Solver++ 3M multistep (Lu et al. 2022)",
     },
+    SamplerInfo { name: "ode-adaptive", order: "3 (embedded 2)", stochastic: false, calls_per_step: "3 per accepted step (FSAL); --rtol/--atol choose the steps", summary: "Bogacki-Shampine 3(2) with error control in log sigma; --spacing is ignored" },
+    SamplerInfo { name: "euler-maruyama", order: "1 (weak), 0.5 (strong)", stochastic: true, calls_per_step: "1", summary: "Euler-Maruyama on the reverse SDE, VP or VE, final denoise (Song et al. 2021)" },
+    SamplerInfo { name: "sde-heun", order: "1 (strong, additive noise)", stochastic: true, calls_per_step: "2 (1 on the last step)", summary: "stochastic Heun on the reverse SDE, same noise for both stages" },
+    SamplerInfo { name: "pc", order: "1", stochastic: true, calls_per_step: "2", summary: "predictor-corrector: Langevin corrector (--snr, default 0.16) + reverse-diffusion predictor" },
     SamplerInfo {
         name: "pndm",
         order: "4 (pseudo)",
@@ -151,7 +155,7 @@ pub const SAMPLERS: &[SamplerInfo] = &[
     },
     SamplerInfo {
         name: "unipc",
-        order: "--order (default 2) + 1 with corrector",
+        order: "--order (default 2), +1 by UniC",
         stochastic: false,
         calls_per_step: "1",
         summary: "UniPC: UniP predictor with the UniC corrector, bh2 (Zhao et al. 2023)",
@@ -224,16 +228,26 @@ impl SamplerKind {
             "ode-adaptive" => {
                 let (rtol, atol) = (args.rtol.unwrap_or(1e-3), args.atol.unwrap_or(1e-3));
                 if !(rtol > 0.0 && atol > 0.0 && rtol.is_finite() && atol.is_finite()) {
-                    return Err(Error::InvalidArgument(format!("--rtol {rtol} and --atol {atol} must be positive")));
+                    return Err(Error::InvalidArgument(format!(
+                        "--rtol {rtol} and --atol {atol} must be positive"
+                    )));
                 }
-                SamplerKind::OdeAdaptive { tol: ode_adaptive::Tolerance { rtol, atol, max_steps: 10_000 } }
+                SamplerKind::OdeAdaptive {
+                    tol: ode_adaptive::Tolerance {
+                        rtol,
+                        atol,
+                        max_steps: 10_000,
+                    },
+                }
             }
             "euler-maruyama" => SamplerKind::EulerMaruyama,
             "sde-heun" => SamplerKind::SdeHeun,
             "pc" => {
                 let snr = args.snr.unwrap_or(0.16);
                 if !(snr > 0.0 && snr.is_finite()) {
-                    return Err(Error::InvalidArgument(format!("--snr {snr} must be positive")));
+                    return Err(Error::InvalidArgument(format!(
+                        "--snr {snr} must be positive"
+                    )));
                 }
                 SamplerKind::PredictorCorrector { snr }
             }
@@ -313,7 +327,9 @@ impl SamplerKind {
             }
             SamplerKind::EulerMaruyama => sde::euler_maruyama(tr, x, progress),
             SamplerKind::SdeHeun => sde::sde_heun(tr, x, progress),
-            SamplerKind::PredictorCorrector { snr } => sde::predictor_corrector(tr, x, snr, progress),
+            SamplerKind::PredictorCorrector { snr } => {
+                sde::predictor_corrector(tr, x, snr, progress)
+            }
         }
     }
 }

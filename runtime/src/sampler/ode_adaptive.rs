@@ -21,7 +21,12 @@ pub struct Tolerance {
 }
 
 /// Runs the adaptive solver; returns the sample and the numbers of accepted and rejected steps.
-pub fn ode_adaptive(tr: &mut Trajectory<'_>, x: Array4<f32>, tol: Tolerance, progress: &mut Progress<'_>) -> Result<(Array4<f32>, usize, usize)> {
+pub fn ode_adaptive(
+    tr: &mut Trajectory<'_>,
+    x: Array4<f32>,
+    tol: Tolerance,
+    progress: &mut Progress<'_>,
+) -> Result<(Array4<f32>, usize, usize)> {
     let n = tr.steps();
     let (first, last) = (tr.levels[0], tr.levels[n.saturating_sub(1)]);
     let (u0, u1) = (first.sbar().ln(), last.sbar().ln());
@@ -49,14 +54,33 @@ pub fn ode_adaptive(tr: &mut Trajectory<'_>, x: Array4<f32>, tol: Tolerance, pro
         }
         let k2 = eval(tr, u + 0.5 * h, &lincomb(&[(1.0, &xbar), (0.5 * h, &k1)]))?;
         let k3 = eval(tr, u + 0.75 * h, &lincomb(&[(1.0, &xbar), (0.75 * h, &k2)]))?;
-        let new = lincomb(&[(1.0, &xbar), (2.0 / 9.0 * h, &k1), (h / 3.0, &k2), (4.0 / 9.0 * h, &k3)]);
+        let new = lincomb(&[
+            (1.0, &xbar),
+            (2.0 / 9.0 * h, &k1),
+            (h / 3.0, &k2),
+            (4.0 / 9.0 * h, &k3),
+        ]);
         let k4 = eval(tr, u + h, &new)?;
         // Embedded second-order solution's difference from the third-order one.
-        let err = lincomb(&[(-5.0 / 72.0 * h, &k1), (1.0 / 12.0 * h, &k2), (1.0 / 9.0 * h, &k3), (-1.0 / 8.0 * h, &k4)]);
+        let err = lincomb(&[
+            (-5.0 / 72.0 * h, &k1),
+            (1.0 / 12.0 * h, &k2),
+            (1.0 / 9.0 * h, &k3),
+            (-1.0 / 8.0 * h, &k4),
+        ]);
         let mut norm = 0.0f64;
-        for ((e, a), b) in err.outer_iter().zip(xbar.outer_iter()).zip(new.outer_iter()) {
-            let s: f64 = e.iter().zip(a.iter()).zip(b.iter())
-                .map(|((e, a), b)| (*e as f64 / (tol.atol + tol.rtol * (a.abs().max(b.abs()) as f64))).powi(2))
+        for ((e, a), b) in err
+            .outer_iter()
+            .zip(xbar.outer_iter())
+            .zip(new.outer_iter())
+        {
+            let s: f64 = e
+                .iter()
+                .zip(a.iter())
+                .zip(b.iter())
+                .map(|((e, a), b)| {
+                    (*e as f64 / (tol.atol + tol.rtol * (a.abs().max(b.abs()) as f64))).powi(2)
+                })
                 .sum();
             norm = norm.max((s / e.len() as f64).sqrt());
         }

@@ -15,17 +15,31 @@ use crate::schedule::NoiseLevel;
 /// (f dt, g² dt) for the step a -> b.
 fn coefficients(a: &NoiseLevel, b: &NoiseLevel) -> (f64, f64) {
     let f_dt = (b.alpha / a.alpha).ln();
-    (f_dt, b.sigma.powi(2) - a.sigma.powi(2) - 2.0 * f_dt * a.sigma.powi(2))
+    (
+        f_dt,
+        b.sigma.powi(2) - a.sigma.powi(2) - 2.0 * f_dt * a.sigma.powi(2),
+    )
 }
 
 /// Drift times dt of the reverse SDE at (x, eps) evaluated at `at` over the step a -> b.
-fn drift(x: &Array4<f32>, eps: &Array4<f32>, at: &NoiseLevel, f_dt: f64, g2_dt: f64) -> Array4<f32> {
+fn drift(
+    x: &Array4<f32>,
+    eps: &Array4<f32>,
+    at: &NoiseLevel,
+    f_dt: f64,
+    g2_dt: f64,
+) -> Array4<f32> {
     combine(f_dt, x, g2_dt / at.sigma, eps, 0.0, None)
 }
 
 /// One Euler–Maruyama step from level `i` with noise stream index `noise_index`, or the final
 /// denoise when the next level is clean.
-fn em_step(tr: &mut Trajectory<'_>, x: &Array4<f32>, i: usize, noise_index: usize) -> Result<Array4<f32>> {
+fn em_step(
+    tr: &mut Trajectory<'_>,
+    x: &Array4<f32>,
+    i: usize,
+    noise_index: usize,
+) -> Result<Array4<f32>> {
     let (cur, next) = (tr.levels[i], tr.levels[i + 1]);
     let d = tr.den.denoise(x, &cur)?;
     if next.is_clean() {
@@ -34,11 +48,19 @@ fn em_step(tr: &mut Trajectory<'_>, x: &Array4<f32>, i: usize, noise_index: usiz
     let (f_dt, g2_dt) = coefficients(&cur, &next);
     let z = tr.noise.step(noise_index)?;
     let dr = drift(x, &d.eps, &cur, f_dt, g2_dt);
-    Ok(lincomb(&[(1.0, x), (1.0, &dr), ((-g2_dt).max(0.0).sqrt(), &z)]))
+    Ok(lincomb(&[
+        (1.0, x),
+        (1.0, &dr),
+        ((-g2_dt).max(0.0).sqrt(), &z),
+    ]))
 }
 
 /// Euler–Maruyama on the reverse SDE.
-pub fn euler_maruyama(tr: &mut Trajectory<'_>, mut x: Array4<f32>, progress: &mut Progress<'_>) -> Result<Array4<f32>> {
+pub fn euler_maruyama(
+    tr: &mut Trajectory<'_>,
+    mut x: Array4<f32>,
+    progress: &mut Progress<'_>,
+) -> Result<Array4<f32>> {
     let n = tr.steps();
     for i in 0..n {
         x = em_step(tr, &x, i, i)?;
@@ -50,7 +72,11 @@ pub fn euler_maruyama(tr: &mut Trajectory<'_>, mut x: Array4<f32>, progress: &mu
 /// Stochastic Heun (improved Euler) on the reverse SDE: an Euler–Maruyama predictor, then the
 /// drift averaged over both ends with the same noise increment (the noise is additive, so this
 /// keeps strong order 1 and gains accuracy in the drift). Two calls per step, one on the last.
-pub fn sde_heun(tr: &mut Trajectory<'_>, mut x: Array4<f32>, progress: &mut Progress<'_>) -> Result<Array4<f32>> {
+pub fn sde_heun(
+    tr: &mut Trajectory<'_>,
+    mut x: Array4<f32>,
+    progress: &mut Progress<'_>,
+) -> Result<Array4<f32>> {
     let n = tr.steps();
     for i in 0..n {
         let (cur, next) = (tr.levels[i], tr.levels[i + 1]);
@@ -76,22 +102,38 @@ pub fn sde_heun(tr: &mut Trajectory<'_>, mut x: Array4<f32>, progress: &mut Prog
 /// corrector step with signal-to-noise ratio `snr`, then the Euler–Maruyama predictor.
 /// Step size 2 r (snr |z| / |score|)² per sample, with r = (alpha_a / alpha_b)² (1 - beta on
 /// a VP grid, 1 on VE). Two calls per step, one on the last (corrector, then denoise).
-pub fn predictor_corrector(tr: &mut Trajectory<'_>, mut x: Array4<f32>, snr: f64, progress: &mut Progress<'_>) -> Result<Array4<f32>> {
+pub fn predictor_corrector(
+    tr: &mut Trajectory<'_>,
+    mut x: Array4<f32>,
+    snr: f64,
+    progress: &mut Progress<'_>,
+) -> Result<Array4<f32>> {
     let n = tr.steps();
     for i in 0..n {
         let (cur, next) = (tr.levels[i], tr.levels[i + 1]);
         // Corrector: Langevin dynamics at the current level.
         let eps = tr.den.denoise(&x, &cur)?.eps;
         let z = tr.noise.step(2 * i)?;
-        let r = if next.is_clean() { 1.0 } else { (cur.alpha / next.alpha).powi(2).min(1.0) };
+        let r = if next.is_clean() {
+            1.0
+        } else {
+            (cur.alpha / next.alpha).powi(2).min(1.0)
+        };
         let mut out = x.clone();
-        for ((mut o, e), zz) in out.outer_iter_mut().zip(eps.outer_iter()).zip(z.outer_iter()) {
+        for ((mut o, e), zz) in out
+            .outer_iter_mut()
+            .zip(eps.outer_iter())
+            .zip(z.outer_iter())
+        {
             // score = -eps / sigma
             let score_norm = e.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt() / cur.sigma;
             let z_norm = zz.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
             let step = 2.0 * r * (snr * z_norm / score_norm.max(1e-12)).powi(2);
             let (a, b) = ((-step / cur.sigma) as f32, ((2.0 * step).sqrt()) as f32);
-            o.iter_mut().zip(e.iter()).zip(zz.iter()).for_each(|((o, e), z)| *o += a * e + b * z);
+            o.iter_mut()
+                .zip(e.iter())
+                .zip(zz.iter())
+                .for_each(|((o, e), z)| *o += a * e + b * z);
         }
         // Predictor: reverse-diffusion (Euler–Maruyama) step, or the final denoise.
         x = em_step(tr, &out, i, 2 * i + 1)?;
