@@ -131,3 +131,14 @@ def test_samplers_listing_names_every_sampler_and_each_runs(edgediff_bin, tiny_m
                 "--steps", "4", "-n", "2", "-q", "--out", str(out))
         x = np.load(out)
         assert x.shape == (2, 1, 8, 8) and np.isfinite(x).all(), name
+
+
+def test_explicit_timesteps_equal_the_spacing_they_spell(edgediff_bin, tiny_models, tmp_path):
+    model = str(tiny_models["linear"])
+    common = ["sample", "--model", model, "-n", "3", "-q", "--seed", "5"]
+    run_cli(edgediff_bin, *common, "--steps", "4", "--spacing", "trailing", "--out", str(tmp_path / "a.npy"))
+    run_cli(edgediff_bin, *common, "--timesteps", "999,749,499,249", "--out", str(tmp_path / "b.npy"))
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+    for bad, needle in [("999,999,10", "strictly decrease"), ("1000,10", "outside"), ("9,x", "not a number")]:
+        proc = run_cli(edgediff_bin, *common, "--timesteps", bad, "--out", str(tmp_path / "c.npy"), check=False)
+        check_error(proc, 2, needle)
