@@ -2,7 +2,7 @@
 //! takes `sample`/`timestep`(/`class_labels`) and returns one tensor shaped like `sample`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use half::f16;
 use ndarray::{Array1, Array4, ArrayView4, Ix4};
@@ -14,7 +14,6 @@ use crate::error::{Error, Result, ORT_VERSION};
 /// The process-wide ONNX Runtime: which library was loaded (or why none could be).
 static ORT_ENV: OnceLock<std::result::Result<(PathBuf, ort::environment::Environment), String>> =
     OnceLock::new();
-static ORT_INIT_LOCK: Mutex<()> = Mutex::new(());
 
 /// Where the ONNX Runtime library is looked for, in order, when no path is given.
 pub fn ort_library_candidates() -> Vec<PathBuf> {
@@ -42,7 +41,6 @@ pub fn ort_library_candidates() -> Vec<PathBuf> {
 /// of [`ort_library_candidates`] that exists. Later calls return the first outcome; a later call
 /// naming a different library than the one loaded is an error (one runtime per process).
 pub fn init_onnxruntime(explicit: Option<&Path>) -> Result<PathBuf> {
-    let _guard = ORT_INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let outcome = ORT_ENV.get_or_init(|| load(explicit));
     match outcome {
         Ok((path, _)) => {
