@@ -34,6 +34,20 @@ def exact_sigmas(sched, schedule: str) -> None:
         sched.alpha_t = 1.0 / torch.sqrt(1.0 + sched.sigmas**2)
 
 
+def unclipped_config(schedule: str) -> dict:
+    """scheduler_config without the clip keys, which the sigma-space and multistep schedulers lack."""
+    return {k: v for k, v in scheduler_config(schedule, False).items() if not k.startswith("clip")}
+
+
+def drive_vp(sched, eps, init: np.ndarray, **step_kwargs) -> np.ndarray:
+    """Run a variance-preserving diffusers scheduler; step_kwargs(i) gives extra step arguments."""
+    x = torch.from_numpy(init).double()
+    for i, t in enumerate(sched.timesteps):
+        extra = step_kwargs["extra"](i) if "extra" in step_kwargs else {}
+        x = sched.step(eps(x, t).double(), t, x, **extra).prev_sample
+    return x.numpy()
+
+
 def run_ours(binary, model, tmp, sampler, steps, init, step_noise, *extra, spacing="trailing"):
     return run_edgediff(binary, model, tmp, sampler, steps, spacing, init, step_noise, *extra)
 
@@ -75,8 +89,7 @@ def test_sigma_space_samplers_match_diffusers(edgediff_bin, tiny_models, tmp_pat
     init, step_noise = noises(steps, seed=steps + 7)
     got = run_ours(edgediff_bin, tiny_models[schedule], tmp_path, sampler, steps, init, step_noise,
                    *extra, spacing=spacing)
-    sched = getattr(diffusers, cls)(**{k: v for k, v in scheduler_config(schedule, False).items()
-                                       if not k.startswith("clip")},
+    sched = getattr(diffusers, cls)(**unclipped_config(schedule),
                                     timestep_spacing=spacing, steps_offset=0, **kwargs)
     sched.set_timesteps(steps)
     exact_sigmas(sched, schedule)
@@ -98,16 +111,13 @@ def test_dpm_solver_pp_matches_diffusers(edgediff_bin, tiny_models, tmp_path, sc
     init, step_noise = noises(steps, seed=steps + 11)
     got = run_ours(edgediff_bin, tiny_models[schedule], tmp_path, sampler, steps, init, step_noise)
     sched = diffusers.DPMSolverMultistepScheduler(
-        **{k: v for k, v in scheduler_config(schedule, False).items() if not k.startswith("clip")},
+        **unclipped_config(schedule),
         solver_order=order, algorithm_type=algorithm, timestep_spacing="trailing")
     sched.set_timesteps(steps)
     exact_sigmas(sched, schedule)
-    eps = eps_fn(tiny_models[schedule])
-    x = torch.from_numpy(init).double()
-    for i, t in enumerate(sched.timesteps):
-        x = sched.step(eps(x, t).double(), t, x,
-                       variance_noise=torch.from_numpy(step_noise[i]).double()).prev_sample
-    err = float(np.abs(got - x.numpy()).max())
+    ref = drive_vp(sched, eps_fn(tiny_models[schedule]), init,
+                   extra=lambda i: {"variance_noise": torch.from_numpy(step_noise[i]).double()})
+    err = float(np.abs(got - ref).max())
     print(f"parity {sampler} {schedule} {steps} steps max abs difference {err:.2e}")
     assert err <= TOL, f"max abs difference {err:.2e}"
 
@@ -119,15 +129,11 @@ def test_unipc_matches_diffusers(edgediff_bin, tiny_models, tmp_path, schedule, 
     got = run_ours(edgediff_bin, tiny_models[schedule], tmp_path, "unipc", steps, init, step_noise,
                    "--order", str(order))
     sched = diffusers.UniPCMultistepScheduler(
-        **{k: v for k, v in scheduler_config(schedule, False).items() if not k.startswith("clip")},
+        **unclipped_config(schedule),
         solver_order=order, timestep_spacing="trailing")
     sched.set_timesteps(steps)
     exact_sigmas(sched, schedule)
-    eps = eps_fn(tiny_models[schedule])
-    x = torch.from_numpy(init).double()
-    for t in sched.timesteps:
-        x = sched.step(eps(x, t).double(), t, x).prev_sample
-    err = float(np.abs(got - x.numpy()).max())
+    err = float(np.abs(got - drive_vp(sched, eps_fn(tiny_models[schedule]), init)).max())
     print(f"parity unipc order {order} {schedule} {steps} steps max abs difference {err:.2e}")
     assert err <= TOL, f"max abs difference {err:.2e}"
 
@@ -144,14 +150,10 @@ def test_pndm_plms_matches_diffusers(edgediff_bin, tiny_models, tmp_path, schedu
             "--out", str(tmp_path / "out.npy"), "-q")
     got = np.load(tmp_path / "out.npy")
     sched = in_float64(diffusers.PNDMScheduler(
-        **{k: v for k, v in scheduler_config(schedule, False).items() if not k.startswith("clip")},
+        **unclipped_config(schedule),
         skip_prk_steps=True, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading"),
         schedule)
     sched.set_timesteps(steps)
-    eps = eps_fn(tiny_models[schedule])
-    x = torch.from_numpy(init).double()
-    for t in sched.timesteps:
-        x = sched.step(eps(x, t).double(), t, x).prev_sample
-    err = float(np.abs(got - x.numpy()).max())
+    err = float(np.abs(got - drive_vp(sched, eps_fn(tiny_models[schedule]), init)).max())
     print(f"parity pndm {schedule} {steps} steps max abs difference {err:.2e}")
     assert err <= TOL, f"max abs difference {err:.2e}"
