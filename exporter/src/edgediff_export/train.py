@@ -60,26 +60,29 @@ def save_atomic(obj: object, path: Path) -> None:
 
 
 def train(out_dir: Path, cfg: TrainConfig, ucfg: UNetConfig, checkpoint_every: int,
-          time_budget_min: float | None, threads: int | None) -> Path:
+          time_budget_min: float | None, threads: int | None, device: str = "cpu") -> Path:
     if threads:
         torch.set_num_threads(threads)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pt"
     log_path = out_dir / "loss.csv"
 
     x_all, y_all = load_mnist("trainval")
-    x_all, y_all = torch.from_numpy(x_all), torch.from_numpy(y_all)
+    x_all, y_all = torch.from_numpy(x_all).to(dev), torch.from_numpy(y_all).to(dev)
     abar = torch.from_numpy(alphas_cumprod(betas_for(
-        cfg.schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end))).float()
+        cfg.schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end))).float().to(dev)
 
     torch.manual_seed(cfg.seed)
-    model = UNet(ucfg)
-    ema = UNet(ucfg)
+    model = UNet(ucfg).to(dev)
+    ema = UNet(ucfg).to(dev)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     start, elapsed = 0, 0.0
     if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = torch.load(ckpt_path, weights_only=False, map_location=dev)
         if ck["unet_config"] != ucfg.to_dict() or ck["train_config"] != cfg.__dict__:
             raise SystemExit(f"{ckpt_path} was made with other settings; use another --out-dir "
                              f"or the same settings (stored: {ck['train_config']})")
@@ -90,9 +93,14 @@ def train(out_dir: Path, cfg: TrainConfig, ucfg: UNetConfig, checkpoint_every: i
         print(f"resuming from step {start} ({elapsed / 60:.1f} min trained)")
     print(f"U-Net: {count_parameters(model):,} parameters; training steps {start}..{cfg.steps}")
 
+    def cpu(state: dict) -> dict:
+        # Checkpoints always hold CPU tensors, so a GPU run resumes (and exports) on any machine.
+        return {k: (cpu(v) if isinstance(v, dict) else v.cpu() if torch.is_tensor(v) else v)
+                for k, v in state.items()}
+
     def checkpoint(step: int) -> None:
-        save_atomic({"model": model.state_dict(), "ema": ema.state_dict(),
-                     "opt": opt.state_dict(), "step": step, "elapsed_s": elapsed,
+        save_atomic({"model": cpu(model.state_dict()), "ema": cpu(ema.state_dict()),
+                     "opt": cpu(opt.state_dict()), "step": step, "elapsed_s": elapsed,
                      "unet_config": ucfg.to_dict(), "train_config": cfg.__dict__,
                      "schedule": schedule_metadata(cfg.schedule, cfg.num_train_timesteps,
                                                    cfg.beta_start, cfg.beta_end)}, ckpt_path)
@@ -112,17 +120,21 @@ def train(out_dir: Path, cfg: TrainConfig, ucfg: UNetConfig, checkpoint_every: i
     t0 = time.time() - elapsed
     run_start = elapsed
     model.train()
+    ema_params, model_params = list(ema.parameters()), list(model.parameters())
     for step in bar:
+        # Draws come from a CPU generator on every device, so a step's batch, t and noise do
+        # not depend on where training runs.
         g = step_generator(cfg.seed, step)
         idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=g)
-        x0 = x_all[idx]
         t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=g)
-        eps = torch.randn(x0.shape, generator=g)
+        eps = torch.randn((cfg.batch_size, *x_all.shape[1:]), generator=g).to(dev)
+        x0 = x_all[idx.to(dev)]
+        t = t.to(dev)
         labels = None
         if ucfg.num_classes is not None:
-            labels = y_all[idx].clone()
+            labels = y_all[idx.to(dev)].clone()
             drop = torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout
-            labels[drop] = ucfg.num_classes
+            labels[drop.to(dev)] = ucfg.num_classes
         a = abar[t][:, None, None, None]
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         loss = F.mse_loss(model(xt, t, labels), eps)
@@ -134,8 +146,7 @@ def train(out_dir: Path, cfg: TrainConfig, ucfg: UNetConfig, checkpoint_every: i
         opt.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+            torch._foreach_lerp_(ema_params, model_params, 1 - decay)
         elapsed = time.time() - t0
         with log_path.open("a", newline="") as f:
             f.write(f"{step},{loss.item():.6f},{lr_at(step, cfg):.3e},{elapsed:.1f}\n")
@@ -173,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--time-budget-min", type=float, default=None,
                    help="stop (with a checkpoint) after this many minutes of training in total")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda, cuda:1)")
     a = p.parse_args(argv)
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
                       ema_decay=a.ema_decay, seed=a.seed, schedule=a.schedule,
@@ -182,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
                       num_res_blocks=a.num_res_blocks,
                       attention_resolutions=tuple(int(r) for r in a.attention_resolutions.split(",") if r),
                       num_classes=a.num_classes)
-    path = train(a.out_dir, cfg, ucfg, a.checkpoint_every, a.time_budget_min, a.threads)
+    path = train(a.out_dir, cfg, ucfg, a.checkpoint_every, a.time_budget_min, a.threads, a.device)
     print(json.dumps({"checkpoint": str(path)}))
 
 
