@@ -15,10 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def edgediff_bin() -> Path:
-    path = Path(os.environ.get("EDGEDIFF_BIN", ROOT / "target" / "debug" / "edgediff"))
-    if not path.exists():
-        subprocess.run(["cargo", "build", "--quiet"], cwd=ROOT, check=True)
-    return path
+    if "EDGEDIFF_BIN" in os.environ:
+        return Path(os.environ["EDGEDIFF_BIN"])
+    # Always build: a stale binary from before a change would test the old code.
+    subprocess.run(["cargo", "build", "--quiet"], cwd=ROOT, check=True)
+    return ROOT / "target" / "debug" / "edgediff"
 
 
 def run_cli(binary: Path, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:

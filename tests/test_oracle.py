@@ -63,6 +63,9 @@ def fitted_order(errors: list[float]) -> float:
     ("dpm++3m", [], 2, 0.3),
     ("unipc", ["--order", "2"], 2, 0.3),
     ("lms", ["--order", "2"], 2, 0.4),
+    # Singlestep DPM-Solver has no warm-up: every step but the final denoise is full order.
+    ("dpm-solver", ["--order", "2"], 2, 0.3),
+    ("dpm-solver", ["--order", "3"], 3, 0.4),
 ])
 def test_deterministic_solvers_converge_at_their_order(edgediff_bin, oracle, reference, tmp_path,
                                                       sampler, extra, order, margin):

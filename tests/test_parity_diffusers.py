@@ -110,6 +110,36 @@ def test_ddim_matches_diffusers(edgediff_bin, tiny_models, tmp_path, schedule, s
     assert err <= TOL, f"max abs difference {err:.2e}"
 
 
+@pytest.mark.parametrize("ratio,max_value", [(0.9, 1.5), (0.995, 3.0)])
+def test_dynamic_thresholding_matches_diffusers(edgediff_bin, tiny_models, tmp_path, ratio, max_value):
+    # Imagen's dynamic thresholding as diffusers implements it (per-sample quantile of |x0|,
+    # clamped to [1, sample_max_value]); the tiny random network's x0 leaves [-1, 1] widely,
+    # so the threshold is active at most steps.
+    steps = 20
+    init, step_noise = noises(steps, seed=7)
+    got = run_edgediff(edgediff_bin, tiny_models["linear"], tmp_path, "ddim", steps, "trailing",
+                       init, step_noise, "--dynamic-threshold", str(ratio),
+                       "--threshold-max", str(max_value))
+    eps = eps_fn(tiny_models["linear"])
+
+    def reference(thresholding: bool) -> np.ndarray:
+        sched = in_float64(diffusers.DDIMScheduler(
+            **scheduler_config("linear", False), set_alpha_to_one=True, steps_offset=0,
+            timestep_spacing="trailing", thresholding=thresholding,
+            dynamic_thresholding_ratio=ratio, sample_max_value=max_value), "linear")
+        sched.set_timesteps(steps)
+        x = torch.from_numpy(init).double()
+        for t in sched.timesteps:
+            x = sched.step(eps(x, t).double(), t, x, eta=0.0, use_clipped_model_output=True).prev_sample
+        return x.numpy()
+
+    err = float(np.abs(got - reference(True)).max())
+    effect = float(np.abs(got - reference(False)).max())
+    print(f"parity max abs difference {err:.2e} (thresholding changed the result by {effect:.2e})")
+    assert err <= TOL, f"max abs difference {err:.2e}"
+    assert effect > 100 * TOL, "the threshold never acted; the test would prove nothing"
+
+
 @pytest.mark.parametrize("schedule,steps,spacing,clip", [
     ("linear", 1000, "leading", False), ("cosine", 100, "leading", False),
     ("linear", 50, "trailing", True), ("sigmoid", 40, "leading", False),

@@ -53,11 +53,63 @@ pub fn to_x0_eps(
     }
 }
 
+/// What to do with x0 predictions outside the model's data range.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum X0Clip {
+    /// Leave them.
+    #[default]
+    None,
+    /// Clamp to the data range (static thresholding).
+    Range,
+    /// Imagen's dynamic thresholding (Saharia et al. 2022): per sample, s = the `percentile`
+    /// quantile of |x0| in range units, clamped to [1, `max`]; x0 is clamped to [-s, s] and
+    /// divided by s. Saturated pixels are pulled inwards instead of piling up at the edge.
+    Dynamic { percentile: f64, max: f64 },
+}
+
+impl X0Clip {
+    /// Applies the clipping to a batch of x0 predictions with data range [lo, hi].
+    pub fn apply(&self, x0: &mut Array4<f32>, [lo, hi]: [f64; 2]) {
+        match *self {
+            X0Clip::None => {}
+            X0Clip::Range => {
+                let (lo, hi) = (lo as f32, hi as f32);
+                x0.mapv_inplace(|v| v.clamp(lo, hi));
+            }
+            X0Clip::Dynamic { percentile, max } => {
+                // In range units: z = (x0 - centre) / half-width, so the range is [-1, 1].
+                let (c, r) = ((hi + lo) / 2.0, (hi - lo) / 2.0);
+                for mut sample in x0.outer_iter_mut() {
+                    let mut mags: Vec<f64> =
+                        sample.iter().map(|&v| ((v as f64 - c) / r).abs()).collect();
+                    let s = quantile(&mut mags, percentile).clamp(1.0, max.max(1.0));
+                    sample.mapv_inplace(|v| {
+                        let z = ((v as f64 - c) / r).clamp(-s, s) / s;
+                        (c + r * z) as f32
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// The q-quantile with linear interpolation between order statistics (numpy's and torch's
+/// default), so thresholds match the Python implementations.
+fn quantile(values: &mut [f64], q: f64) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let pos = q * (values.len() - 1) as f64;
+    let (i, frac) = (pos.floor() as usize, pos - pos.floor());
+    match values.get(i + 1) {
+        Some(&next) => values[i] + frac * (next - values[i]),
+        None => values[i],
+    }
+}
+
 /// The ONNX model as a denoiser, with optional x0 clipping to the data range.
 pub struct ModelDenoiser<'m> {
     model: &'m mut Model,
     class_labels: Option<Vec<i64>>,
-    clip_x0: bool,
+    clip: X0Clip,
     /// Global index of the batch's first sample, for error messages.
     first_sample: usize,
     calls: usize,
@@ -68,13 +120,13 @@ impl<'m> ModelDenoiser<'m> {
     pub fn new(
         model: &'m mut Model,
         class_labels: Option<Vec<i64>>,
-        clip_x0: bool,
+        clip: X0Clip,
         first_sample: usize,
     ) -> Self {
         ModelDenoiser {
             model,
             class_labels,
-            clip_x0,
+            clip,
             first_sample,
             calls: 0,
         }
@@ -111,9 +163,8 @@ impl Denoiser for ModelDenoiser<'_> {
             });
         }
         let mut d = to_x0_eps(pred, out, x, level);
-        if self.clip_x0 {
-            let (lo, hi) = (lo as f32, hi as f32);
-            d.x0.mapv_inplace(|v| v.clamp(lo, hi));
+        if self.clip != X0Clip::None {
+            self.clip.apply(&mut d.x0, [lo, hi]);
             let (a, s) = (level.alpha as f32, level.sigma as f32);
             d.eps = Zip::from(x)
                 .and(&d.x0)
@@ -126,6 +177,28 @@ impl Denoiser for ModelDenoiser<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dynamic_threshold_rescales_by_the_quantile() {
+        // Range [0, 2] (centre 1, half-width 1); one sample of 0..=100 scaled so |z| = k/50.
+        let mut x0 = Array4::from_shape_fn((1, 1, 1, 101), |(_, _, _, k)| 1.0 + k as f32 / 50.0);
+        // The 0.9 quantile of |z| = 0, 0.02, ..., 2 is 1.8 exactly.
+        X0Clip::Dynamic {
+            percentile: 0.9,
+            max: f64::INFINITY,
+        }
+        .apply(&mut x0, [0.0, 2.0]);
+        assert!((x0[[0, 0, 0, 100]] - 2.0).abs() < 1e-6); // clamped to 1.8, divided by 1.8
+        assert!((x0[[0, 0, 0, 45]] - (1.0 + 0.9 / 1.8)).abs() < 1e-6);
+        // With max = 1 it is plain clipping.
+        let mut y = Array4::from_shape_fn((1, 1, 1, 3), |(_, _, _, k)| k as f32 * 1.5 - 1.0);
+        X0Clip::Dynamic {
+            percentile: 0.5,
+            max: 1.0,
+        }
+        .apply(&mut y, [-1.0, 1.0]);
+        assert_eq!(y.as_slice().unwrap(), &[-1.0, 0.5, 1.0]);
+    }
 
     #[test]
     fn every_prediction_type_recovers_x0_and_eps() {

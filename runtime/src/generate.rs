@@ -2,13 +2,13 @@
 
 use ndarray::{concatenate, Array4, Axis};
 
-use crate::denoiser::ModelDenoiser;
+use crate::denoiser::{ModelDenoiser, X0Clip};
 use crate::error::{Error, Result};
-use crate::metadata::Conditioning;
+use crate::metadata::{Conditioning, ModelMetadata};
 use crate::model::Model;
 use crate::noise::{InjectedNoise, NoiseSource, SeededNoise};
 use crate::sampler::{SamplerKind, Trajectory};
-use crate::schedule::Schedule;
+use crate::schedule::{NoiseLevel, Schedule};
 use crate::spacing::{levels, spaced_levels, Spacing};
 
 /// What to generate and how.
@@ -26,8 +26,8 @@ pub struct SampleOptions {
     pub seed: u64,
     /// Class for class-conditional models; None samples unconditionally (the null label).
     pub class_label: Option<i64>,
-    /// Clip x0 predictions to the model's data range at every step.
-    pub clip_x0: bool,
+    /// Clipping or dynamic thresholding of x0 predictions at every step.
+    pub x0_clip: X0Clip,
 }
 
 impl Default for SampleOptions {
@@ -41,7 +41,7 @@ impl Default for SampleOptions {
             batch_size: 64,
             seed: 0,
             class_label: None,
-            clip_x0: false,
+            x0_clip: X0Clip::None,
         }
     }
 }
@@ -79,23 +79,7 @@ pub fn generate(
         ));
     }
     let meta = model.metadata().clone();
-    let labels = match (&meta.conditioning, opts.class_label) {
-        (Some(Conditioning::Class { num_classes, .. }), Some(k))
-            if k < 0 || k as usize >= *num_classes =>
-        {
-            return Err(Error::InvalidArgument(format!(
-                "--class {k} is outside 0..{num_classes}"
-            )))
-        }
-        (Some(Conditioning::Class { .. }), Some(k)) => Some(k),
-        (Some(Conditioning::Class { null_label, .. }), None) => Some(*null_label),
-        (_, Some(_)) => {
-            return Err(Error::InvalidArgument(
-                "--class given but the model is not class-conditional".into(),
-            ))
-        }
-        (_, None) => None,
-    };
+    let labels = class_label_for(&meta, opts.class_label)?;
     let lv = match &opts.timesteps {
         Some(ts) => levels(model.schedule(), &validate_timesteps(model, ts)?),
         None => spaced_levels(model.schedule(), opts.spacing, opts.steps)?,
@@ -110,12 +94,7 @@ pub fn generate(
             )));
         }
     }
-    // x_T ~ N(0, I) on variance-preserving schedules, N(0, sigma_max² I) on VE.
-    let prior_std = if matches!(model.schedule(), Schedule::Ve { .. }) {
-        lv[0].sigma
-    } else {
-        1.0
-    };
+    let prior_std = prior_std(model.schedule(), &lv);
     let steps = lv.len() - 1;
     let schedule = model.schedule().clone();
     let level_at_sbar = move |s: f64| schedule.level_for_sbar(s);
@@ -137,7 +116,7 @@ pub fn generate(
             }
         };
         let x = noise.initial()?.mapv(|v| v * prior_std as f32);
-        let mut den = ModelDenoiser::new(model, labels.map(|k| vec![k; m]), opts.clip_x0, first);
+        let mut den = ModelDenoiser::new(model, labels.map(|k| vec![k; m]), opts.x0_clip, first);
         let base = done_steps;
         let mut tr = Trajectory {
             den: &mut den,
@@ -153,6 +132,36 @@ pub fn generate(
     }
     let views: Vec<_> = chunks.iter().map(|a| a.view()).collect();
     concatenate(Axis(0), &views).map_err(|e| Error::InvalidArgument(e.to_string()))
+}
+
+/// The label each network call gets: `class` checked against the model, the null label when
+/// a class-conditional model samples unconditionally, None for unconditional models.
+pub(crate) fn class_label_for(meta: &ModelMetadata, class: Option<i64>) -> Result<Option<i64>> {
+    match (&meta.conditioning, class) {
+        (Some(Conditioning::Class { num_classes, .. }), Some(k))
+            if k < 0 || k as usize >= *num_classes =>
+        {
+            Err(Error::InvalidArgument(format!(
+                "--class {k} is outside 0..{num_classes}"
+            )))
+        }
+        (Some(Conditioning::Class { .. }), Some(k)) => Ok(Some(k)),
+        (Some(Conditioning::Class { null_label, .. }), None) => Ok(Some(*null_label)),
+        (_, Some(_)) => Err(Error::InvalidArgument(
+            "--class given but the model is not class-conditional".into(),
+        )),
+        (_, None) => Ok(None),
+    }
+}
+
+/// Standard deviation of x_T: 1 on variance-preserving schedules, sigma_max on VE, so noise
+/// files hold unit-variance noise for every schedule.
+pub(crate) fn prior_std(schedule: &Schedule, levels: &[NoiseLevel]) -> f64 {
+    if matches!(schedule, Schedule::Ve { .. }) {
+        levels[0].sigma
+    } else {
+        1.0
+    }
 }
 
 fn validate_timesteps(model: &Model, ts: &[f64]) -> Result<Vec<f64>> {

@@ -16,6 +16,7 @@
 pub mod backend;
 pub mod cli;
 pub mod denoiser;
+pub mod edit;
 pub mod error;
 pub mod generate;
 pub mod image;
@@ -28,6 +29,8 @@ pub mod schedule;
 pub mod spacing;
 
 pub use backend::init_onnxruntime;
+pub use denoiser::X0Clip;
+pub use edit::{invert, slerp};
 pub use error::{Error, Result};
 pub use generate::{generate, SampleOptions};
 pub use model::Model;

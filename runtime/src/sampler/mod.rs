@@ -3,6 +3,7 @@
 
 pub mod ddim;
 pub mod ddpm;
+pub mod dpm_solver;
 pub mod dpmpp;
 pub mod euler;
 pub mod euler_ancestral;
@@ -54,6 +55,8 @@ pub enum SamplerKind {
     EulerAncestral { eta: f64 },
     /// Linear multistep in sigma/alpha, order 1..=4.
     Lms { order: usize },
+    /// DPM-Solver singlestep (noise prediction), order 1..=3.
+    DpmSolver { order: usize },
     /// DPM-Solver++ multistep, ODE (order 1..=3) or SDE (order 1..=2).
     DpmPlusPlus {
         order: usize,
@@ -127,6 +130,13 @@ pub const SAMPLERS: &[SamplerInfo] = &[
         stochastic: false,
         calls_per_step: "1",
         summary: "linear multistep in sigma/alpha with exact Lagrange integrals",
+    },
+    SamplerInfo {
+        name: "dpm-solver",
+        order: "--order (default 3)",
+        stochastic: false,
+        calls_per_step: "1 per level (a step of order k spans k levels)",
+        summary: "DPM-Solver singlestep, noise prediction (Lu et al. 2022a)",
     },
     SamplerInfo {
         name: "dpm++2m",
@@ -212,6 +222,9 @@ impl SamplerKind {
             "lms" => SamplerKind::Lms {
                 order: order(4, 4)?,
             },
+            "dpm-solver" => SamplerKind::DpmSolver {
+                order: order(3, 3)?,
+            },
             "dpm++2m" => SamplerKind::DpmPlusPlus {
                 order: order(2, 3)?,
                 variant: Ode,
@@ -274,6 +287,7 @@ impl SamplerKind {
             SamplerKind::Heun => "heun",
             SamplerKind::EulerAncestral { .. } => "euler-a",
             SamplerKind::Lms { .. } => "lms",
+            SamplerKind::DpmSolver { .. } => "dpm-solver",
             SamplerKind::DpmPlusPlus { variant: Sde, .. } => "dpm++2m-sde",
             SamplerKind::DpmPlusPlus {
                 order: 3,
@@ -286,6 +300,20 @@ impl SamplerKind {
             SamplerKind::EulerMaruyama => "euler-maruyama",
             SamplerKind::SdeHeun => "sde-heun",
             SamplerKind::PredictorCorrector { .. } => "pc",
+        }
+    }
+
+    /// Whether the sampler draws fresh noise during sampling (so one initial noise does not
+    /// fix its output).
+    pub fn is_stochastic(&self) -> bool {
+        match *self {
+            SamplerKind::Ddim { eta } | SamplerKind::EulerAncestral { eta } => eta > 0.0,
+            SamplerKind::DpmPlusPlus { variant, .. } => variant == dpmpp::DpmVariant::Sde,
+            SamplerKind::Ddpm
+            | SamplerKind::EulerMaruyama
+            | SamplerKind::SdeHeun
+            | SamplerKind::PredictorCorrector { .. } => true,
+            _ => false,
         }
     }
 
@@ -315,6 +343,7 @@ impl SamplerKind {
                 euler_ancestral::euler_ancestral(tr, x, eta, progress)
             }
             SamplerKind::Lms { order } => lms::lms(tr, x, order, progress),
+            SamplerKind::DpmSolver { order } => dpm_solver::dpm_solver(tr, x, order, progress),
             SamplerKind::DpmPlusPlus { order, variant } => {
                 dpmpp::dpmpp(tr, x, order, variant, progress)
             }

@@ -8,6 +8,7 @@ use argh::FromArgs;
 use ndarray::{Array4, Ix4, Ix5};
 
 use crate::backend::{init_onnxruntime, NetworkOptions};
+use crate::denoiser::X0Clip;
 use crate::error::{Error, Result};
 use crate::generate::{generate, SampleOptions};
 use crate::model::Model;
@@ -15,6 +16,8 @@ use crate::noise::InjectedNoise;
 use crate::npy::{npy_bytes, read_npy, write_atomic};
 use crate::sampler::{SamplerArgs, SamplerKind, SAMPLERS};
 use crate::spacing::Spacing;
+
+mod edit;
 
 /// edgediff: sample from self-describing ONNX diffusion models.
 ///
@@ -30,6 +33,8 @@ pub struct Cli {
 #[argh(subcommand)]
 enum Command {
     Sample(SampleCmd),
+    Invert(edit::InvertCmd),
+    Interpolate(edit::InterpolateCmd),
     Info(InfoCmd),
     Samplers(SamplersCmd),
 }
@@ -95,6 +100,12 @@ struct SampleCmd {
     /// clip x0 predictions to the model's data range at every step
     #[argh(switch)]
     clip_x0: bool,
+    /// dynamic thresholding (Imagen) at this quantile of |x0|, e.g. 0.995
+    #[argh(option)]
+    dynamic_threshold: Option<f64>,
+    /// upper bound of the dynamic threshold in data-range units (default: none)
+    #[argh(option)]
+    threshold_max: Option<f64>,
     /// initial noise as float32 .npy [n, C, H, W] instead of the seeded noise
     #[argh(option)]
     init_noise: Option<PathBuf>,
@@ -137,6 +148,8 @@ struct InfoCmd {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Sample(cmd) => sample(cmd),
+        Command::Invert(cmd) => edit::invert(cmd),
+        Command::Interpolate(cmd) => edit::interpolate(cmd),
         Command::Info(cmd) => info(cmd),
         Command::Samplers(cmd) => {
             list_samplers(cmd.json);
@@ -278,7 +291,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         batch_size: cmd.batch_size,
         seed: cmd.seed,
         class_label: cmd.class,
-        clip_x0: cmd.clip_x0,
+        x0_clip: x0_clip(cmd.clip_x0, cmd.dynamic_threshold, cmd.threshold_max)?,
     };
     let start = Instant::now();
     let mut bar = Bar {
@@ -290,7 +303,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         bar.update(d, t)
     })?;
     let sample_secs = start.elapsed().as_secs_f64();
-    let files = write_output(&x, &cmd.out, out_kind, model.metadata().data_range)?;
+    let files = write_output(&x, &cmd.out, out_kind, model.metadata().data_range, None)?;
     log::info!("{} samples in {sample_secs:.2}s", n);
     if cmd.json {
         let summary = serde_json::json!({
@@ -308,6 +321,28 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn x0_clip(clip: bool, percentile: Option<f64>, max: Option<f64>) -> Result<X0Clip> {
+    match (clip, percentile, max) {
+        (true, Some(_), _) => Err(Error::InvalidArgument(
+            "--clip-x0 and --dynamic-threshold exclude each other".into(),
+        )),
+        (_, None, Some(_)) => Err(Error::InvalidArgument(
+            "--threshold-max applies to --dynamic-threshold".into(),
+        )),
+        (true, None, None) => Ok(X0Clip::Range),
+        (false, None, None) => Ok(X0Clip::None),
+        (false, Some(p), max) => {
+            let max = max.unwrap_or(f64::INFINITY);
+            if !(p > 0.0 && p <= 1.0) || !(max >= 1.0) {
+                return Err(Error::InvalidArgument(format!(
+                    "--dynamic-threshold {p} must be in (0, 1] and --threshold-max {max} at least 1"
+                )));
+            }
+            Ok(X0Clip::Dynamic { percentile: p, max })
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -337,10 +372,11 @@ fn write_output(
     out: &Path,
     kind: OutKind,
     range: [f64; 2],
+    cols: Option<usize>,
 ) -> Result<Vec<PathBuf>> {
     match kind {
         OutKind::Grid => {
-            write_atomic(out, &crate::image::grid_png(x.view(), range)?)?;
+            write_atomic(out, &crate::image::grid_png(x.view(), range, cols)?)?;
             Ok(vec![out.into()])
         }
         OutKind::Npy => {

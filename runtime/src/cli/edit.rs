@@ -1,0 +1,336 @@
+//! `edgediff invert` and `edgediff interpolate`: the editing uses of deterministic sampling.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use argh::FromArgs;
+use ndarray::{s, Array4, Axis, Ix4};
+
+use super::{open_model, write_output, Bar, OutKind};
+use crate::error::{Error, Result};
+use crate::generate::{generate, SampleOptions};
+use crate::noise::{InjectedNoise, NoiseSource, SeededNoise};
+use crate::npy::{npy_bytes, read_npy, write_atomic};
+use crate::sampler::{SamplerArgs, SamplerKind};
+use crate::spacing::Spacing;
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "invert")]
+/// Invert images to the noise that DDIM decodes back to them (DDIM inversion), and report the
+/// round-trip reconstruction error. `sample --init-noise OUT --sampler ddim` with the same
+/// --steps and --spacing decodes the noise again.
+pub(super) struct InvertCmd {
+    /// the ONNX model (default: the shipped MNIST model)
+    #[argh(option)]
+    model: Option<PathBuf>,
+    /// input: a PNG (one sample; repeat for more) or one float32 .npy [n, C, H, W] in the
+    /// model's data range
+    #[argh(option)]
+    image: Vec<PathBuf>,
+    /// ODE steps each way (default 50)
+    #[argh(option, default = "50")]
+    steps: usize,
+    /// time-step spacing: leading, trailing, linspace, karras or logsnr (default trailing)
+    #[argh(option, default = "String::from(\"trailing\")")]
+    spacing: String,
+    /// class label for class-conditional models (default: unconditional)
+    #[argh(option)]
+    class: Option<i64>,
+    /// samples per network call (default 64)
+    #[argh(option, default = "64")]
+    batch_size: usize,
+    /// where to write the noise, float32 .npy [n, C, H, W] (default noise.npy)
+    #[argh(option, short = 'o', default = "PathBuf::from(\"noise.npy\")")]
+    out: PathBuf,
+    /// also write the reconstruction decoded from the noise (.png grid, .npy or a folder)
+    #[argh(option)]
+    reconstruction: Option<PathBuf>,
+    /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
+    #[argh(option)]
+    ort_lib: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads (default 0: its own choice)
+    #[argh(option, default = "0")]
+    threads: usize,
+    /// no progress bar
+    #[argh(switch, short = 'q')]
+    quiet: bool,
+    /// print a JSON summary on stdout
+    #[argh(switch)]
+    json: bool,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "interpolate")]
+/// Decode a spherical interpolation between two noises into a strip of frames. Noises come
+/// from .npy files (e.g. written by `invert`) or from seeds, as `sample` draws them.
+pub(super) struct InterpolateCmd {
+    /// the ONNX model (default: the shipped MNIST model)
+    #[argh(option)]
+    model: Option<PathBuf>,
+    /// first noise: a float32 .npy [n, C, H, W] (sample --from-index of it)
+    #[argh(option)]
+    from: Option<PathBuf>,
+    /// second noise, like --from
+    #[argh(option)]
+    to: Option<PathBuf>,
+    /// which sample of --from (default 0)
+    #[argh(option, default = "0")]
+    from_index: usize,
+    /// which sample of --to (default 0)
+    #[argh(option, default = "0")]
+    to_index: usize,
+    /// seed of the first noise when --from is not given (default 0)
+    #[argh(option, default = "0")]
+    seed_a: u64,
+    /// seed of the second noise when --to is not given (default 1)
+    #[argh(option, default = "1")]
+    seed_b: u64,
+    /// frames including both ends (default 8)
+    #[argh(option, default = "8")]
+    frames: usize,
+    /// a deterministic sampler (default ddim)
+    #[argh(option, default = "String::from(\"ddim\")")]
+    sampler: String,
+    /// solver order for samplers that take one
+    #[argh(option)]
+    order: Option<usize>,
+    /// sampling steps (default 50)
+    #[argh(option, default = "50")]
+    steps: usize,
+    /// time-step spacing (default trailing)
+    #[argh(option, default = "String::from(\"trailing\")")]
+    spacing: String,
+    /// class label for class-conditional models
+    #[argh(option)]
+    class: Option<i64>,
+    /// output: a .png strip, a .npy array, or a directory of PNGs (default interpolation.png)
+    #[argh(option, short = 'o', default = "PathBuf::from(\"interpolation.png\")")]
+    out: PathBuf,
+    /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
+    #[argh(option)]
+    ort_lib: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads (default 0: its own choice)
+    #[argh(option, default = "0")]
+    threads: usize,
+    /// no progress bar
+    #[argh(switch, short = 'q')]
+    quiet: bool,
+    /// print a JSON summary on stdout
+    #[argh(switch)]
+    json: bool,
+}
+
+fn bar(quiet: bool, n: usize) -> Bar {
+    Bar {
+        start: Instant::now(),
+        active: !quiet && std::io::stderr().is_terminal(),
+        n,
+    }
+}
+
+/// Reads the images given to `invert` into `[n, C, H, W]`.
+fn load_images(paths: &[PathBuf], shape: [usize; 3], range: [f64; 2]) -> Result<Array4<f32>> {
+    let is_npy = |p: &PathBuf| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
+    match paths {
+        [] => Err(Error::InvalidArgument(
+            "give --image (a PNG, repeatable, or one .npy)".into(),
+        )),
+        [p] if is_npy(p) => {
+            read_npy(p)?
+                .into_dimensionality::<Ix4>()
+                .map_err(|_| Error::BadInput {
+                    path: p.clone(),
+                    detail: "images must be 4-D [n, C, H, W]".into(),
+                })
+        }
+        _ if paths.iter().any(is_npy) => Err(Error::InvalidArgument(
+            "give either PNG files or a single .npy to --image".into(),
+        )),
+        _ => {
+            let mut out = Array4::zeros((paths.len(), shape[0], shape[1], shape[2]));
+            for (i, p) in paths.iter().enumerate() {
+                let bytes =
+                    std::fs::read(p).map_err(Error::io(format!("reading {}", p.display())))?;
+                let img =
+                    crate::image::read_png(&bytes, shape, range).map_err(|e| Error::BadInput {
+                        path: p.clone(),
+                        detail: e.to_string(),
+                    })?;
+                out.index_axis_mut(Axis(0), i).assign(&img);
+            }
+            Ok(out)
+        }
+    }
+}
+
+pub(super) fn invert(cmd: InvertCmd) -> Result<()> {
+    let spacing: Spacing = cmd.spacing.parse()?;
+    let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
+    let meta = model.metadata().clone();
+    let images = load_images(&cmd.image, meta.sample_shape, meta.data_range)?;
+    let n = images.shape()[0];
+    let start = Instant::now();
+    let mut b = bar(cmd.quiet, n);
+    let noise = crate::edit::invert(
+        &mut model,
+        &images,
+        cmd.steps,
+        spacing,
+        cmd.batch_size,
+        cmd.class,
+        &mut |d, t| b.update(d, t),
+    )?;
+    let invert_secs = start.elapsed().as_secs_f64();
+    write_atomic(&cmd.out, &npy_bytes(noise.shape(), noise.iter().copied()))?;
+    let opts = SampleOptions {
+        sampler: SamplerKind::Ddim { eta: 0.0 },
+        steps: cmd.steps,
+        spacing,
+        n,
+        batch_size: cmd.batch_size,
+        class_label: cmd.class,
+        ..Default::default()
+    };
+    let injected = InjectedNoise {
+        initial: noise,
+        steps: None,
+    };
+    let mut b = bar(cmd.quiet, n);
+    let recon = generate(&mut model, &opts, Some(&injected), &mut |d, t| {
+        b.update(d, t)
+    })?;
+    if let Some(path) = &cmd.reconstruction {
+        write_output(&recon, path, OutKind::of(path), meta.data_range, None)?;
+    }
+    // Round-trip error per sample, in data units; PSNR against the range's width.
+    let rmse: Vec<f64> = images
+        .outer_iter()
+        .zip(recon.outer_iter())
+        .map(|(a, b)| {
+            let se: f64 = a
+                .iter()
+                .zip(b)
+                .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+                .sum();
+            (se / a.len() as f64).sqrt()
+        })
+        .collect();
+    let max_abs = images
+        .iter()
+        .zip(recon.iter())
+        .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
+    let mean_rmse = rmse.iter().sum::<f64>() / n as f64;
+    let width = meta.data_range[1] - meta.data_range[0];
+    let psnr = 20.0 * (width / mean_rmse.max(1e-300)).log10();
+    if cmd.json {
+        let summary = serde_json::json!({
+            "out": cmd.out, "n": n, "steps": cmd.steps, "spacing": cmd.spacing,
+            "reconstruction_rmse": rmse, "mean_rmse": mean_rmse, "max_abs_error": max_abs,
+            "psnr_db": psnr, "invert_seconds": invert_secs,
+            "seconds": start.elapsed().as_secs_f64(),
+        });
+        println!("{summary}");
+    } else if !cmd.quiet {
+        eprintln!(
+            "wrote {} ({n} noises, {} steps); round trip: mean RMSE {mean_rmse:.3e}, max |error| {max_abs:.3e}, PSNR {psnr:.1} dB",
+            cmd.out.display(),
+            cmd.steps
+        );
+    }
+    Ok(())
+}
+
+/// Sample `index` of a noise file, `[1, C, H, W]`.
+fn noise_from(path: &Path, index: usize, shape: [usize; 3]) -> Result<Array4<f32>> {
+    let bad = |detail: String| Error::BadInput {
+        path: path.into(),
+        detail,
+    };
+    let a = read_npy(path)?
+        .into_dimensionality::<Ix4>()
+        .map_err(|_| bad("a noise file must be 4-D [n, C, H, W]".into()))?;
+    if a.shape()[1..] != shape {
+        return Err(bad(format!(
+            "noise has shape {:?}; the model takes [n, {}, {}, {}]",
+            a.shape(),
+            shape[0],
+            shape[1],
+            shape[2]
+        )));
+    }
+    if index >= a.shape()[0] {
+        return Err(bad(format!(
+            "index {index} is out of range: the file holds {} samples",
+            a.shape()[0]
+        )));
+    }
+    Ok(a.slice(s![index..index + 1, .., .., ..]).to_owned())
+}
+
+pub(super) fn interpolate(cmd: InterpolateCmd) -> Result<()> {
+    let sampler = SamplerKind::parse(
+        &cmd.sampler,
+        SamplerArgs {
+            eta: None,
+            order: cmd.order,
+            snr: None,
+            rtol: None,
+            atol: None,
+        },
+    )?;
+    if sampler.is_stochastic() {
+        return Err(Error::InvalidArgument(format!(
+            "--sampler {} is stochastic, so the noise does not fix the image; use a deterministic one (ddim, heun, dpm++2m, unipc, ...)",
+            sampler.name()
+        )));
+    }
+    let spacing: Spacing = cmd.spacing.parse()?;
+    let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
+    let meta = model.metadata().clone();
+    let shape = meta.sample_shape;
+    let end = |path: &Option<PathBuf>, index: usize, seed: u64| -> Result<Array4<f32>> {
+        match path {
+            Some(p) => noise_from(p, index, shape),
+            None => SeededNoise::new(seed, 0, 1, shape).initial(),
+        }
+    };
+    let a = end(&cmd.from, cmd.from_index, cmd.seed_a)?;
+    let b = end(&cmd.to, cmd.to_index, cmd.seed_b)?;
+    let frames = crate::edit::slerp_frames(&a, &b, cmd.frames)?;
+    let opts = SampleOptions {
+        sampler,
+        steps: cmd.steps,
+        spacing,
+        n: cmd.frames,
+        batch_size: cmd.frames,
+        class_label: cmd.class,
+        ..Default::default()
+    };
+    let injected = InjectedNoise {
+        initial: frames,
+        steps: None,
+    };
+    let start = Instant::now();
+    let mut bar = bar(cmd.quiet, cmd.frames);
+    let x = generate(&mut model, &opts, Some(&injected), &mut |d, t| {
+        bar.update(d, t)
+    })?;
+    let files = write_output(
+        &x,
+        &cmd.out,
+        OutKind::of(&cmd.out),
+        meta.data_range,
+        Some(cmd.frames),
+    )?;
+    if cmd.json {
+        let summary = serde_json::json!({
+            "out": cmd.out, "files": files, "frames": cmd.frames, "sampler": sampler.name(),
+            "steps": cmd.steps, "seconds": start.elapsed().as_secs_f64(),
+        });
+        println!("{summary}");
+    } else if !cmd.quiet {
+        eprintln!("wrote {} ({} frames)", cmd.out.display(), cmd.frames);
+    }
+    Ok(())
+}
