@@ -9,6 +9,7 @@ Stochastic samplers: 4000 samples must reproduce the mixture's weights, means an
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,44 @@ def test_adaptive_ode_error_follows_its_tolerance(edgediff_bin, oracle, referenc
     # (measured ~2-4x here); each tenfold tightening must cut it by at least 4x.
     assert errors[0] < 1e-2 and errors[1] < 1e-3 and errors[2] < 1e-4, errors
     assert errors[1] < errors[0] / 4 and errors[2] < errors[1] / 4, errors
+
+
+def test_per_sample_adaptive_controller(edgediff_bin, oracle, reference, tmp_path):
+    # Error follows the tolerance, as for ode-adaptive, with each sample on its own steps.
+    errors, steps = [], []
+    for tol in ("1e-3", "1e-4"):
+        out = tmp_path / f"adaptive-{tol}.npy"
+        proc = run_cli(edgediff_bin, "sample", "--model", str(oracle), "--sampler", "adaptive",
+                       "--spacing", "logsnr", "-n", "256", "--batch-size", "256", "--rtol", tol,
+                       "--atol", tol, "-q", "--json", "--out", str(out))
+        x = np.load(out).reshape(256, -1).astype(np.float64)
+        errors.append(float(np.sqrt(((x - reference) ** 2).mean())))
+        steps.append(np.array(json.loads(proc.stdout)["steps_per_sample"]))
+    print(f"adaptive RMSE at 1e-3, 1e-4: {['%.2e' % e for e in errors]}; steps per sample "
+          f"{steps[0].min()}..{steps[0].max()} and {steps[1].min()}..{steps[1].max()}")
+    assert errors[0] < 1e-2 and errors[1] < 1e-3 and errors[1] < errors[0] / 4, errors
+    assert len(steps[0]) == 256 and steps[1].mean() > steps[0].mean()
+    # Samples differ in difficulty, so a per-sample controller gives them different step counts.
+    assert steps[0].max() > steps[0].min()
+    # Each sample is on its own: its result does not depend on the batch it ran in.
+    one = tmp_path / "adaptive-b1.npy"
+    run_cli(edgediff_bin, "sample", "--model", str(oracle), "--sampler", "adaptive", "--spacing", "logsnr",
+            "-n", "8", "--batch-size", "1", "--rtol", "1e-3", "--atol", "1e-3", "-q", "--out", str(one))
+    batched = np.load(tmp_path / "adaptive-1e-3.npy")[:8]
+    np.testing.assert_allclose(np.load(one), batched, atol=1e-5)
+
+
+def test_adaptive_step_bounds(edgediff_bin, oracle, tmp_path):
+    # min = max = 6 pins every sample to exactly 6 steps of span/6, whatever the tolerance.
+    proc = run_cli(edgediff_bin, "sample", "--model", str(oracle), "--sampler", "adaptive", "-n", "16",
+                   "--rtol", "1e-9", "--atol", "1e-9", "--min-steps", "6", "--max-steps", "6", "-q",
+                   "--json", "--out", str(tmp_path / "x.npy"))
+    assert json.loads(proc.stdout)["steps_per_sample"] == [6] * 16
+    # A loose tolerance with min-steps 12 still takes at least 12.
+    proc = run_cli(edgediff_bin, "sample", "--model", str(oracle), "--sampler", "adaptive", "-n", "16",
+                   "--rtol", "1", "--atol", "1", "--min-steps", "12", "-q", "--json",
+                   "--out", str(tmp_path / "y.npy"))
+    assert min(json.loads(proc.stdout)["steps_per_sample"]) >= 12
+    bad = run_cli(edgediff_bin, "sample", "--model", str(oracle), "--sampler", "adaptive",
+                  "--min-steps", "9", "--max-steps", "3", "--out", str(tmp_path / "z.npy"), check=False)
+    assert bad.returncode == 2 and "--min-steps" in bad.stderr

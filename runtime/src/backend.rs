@@ -311,7 +311,7 @@ impl Network {
             )),
             TimeType::F16 => inputs.push((
                 "timestep".into(),
-                Tensor::from_array(t.mapv(|v| f16::from_f64(v)))
+                Tensor::from_array(t.mapv(f16::from_f64))
                     .map_err(Error::ort("timestep tensor"))?
                     .into(),
             )),

@@ -1,7 +1,7 @@
 //! The model adapter: turns whatever the network predicts into (x0, eps) at a noise level.
 //! Samplers only ever see [`Denoiser`].
 
-use ndarray::{Array4, Zip};
+use ndarray::{s, Array4, Axis, Zip};
 
 use crate::error::{Error, Result};
 use crate::metadata::{Prediction, TimeInput};
@@ -18,7 +18,18 @@ pub struct Denoised {
 /// D(x, t): what every sampler calls.
 pub trait Denoiser {
     /// Predicts x0 and eps for the batch `x` at noise level `level` (never the clean level).
-    fn denoise(&mut self, x: &Array4<f32>, level: &NoiseLevel) -> Result<Denoised>;
+    fn denoise(&mut self, x: &Array4<f32>, level: &NoiseLevel) -> Result<Denoised> {
+        self.denoise_rows(x, &[], &vec![*level; x.shape()[0]])
+    }
+
+    /// Predicts x0 and eps for rows `rows` of the batch (all rows when empty), row j of `x`
+    /// at its own level `levels[j]`: for solvers whose samples keep their own time.
+    fn denoise_rows(
+        &mut self,
+        x: &Array4<f32>,
+        rows: &[usize],
+        levels: &[NoiseLevel],
+    ) -> Result<Denoised>;
 }
 
 /// Converts a raw network output into (x0, eps).
@@ -139,18 +150,32 @@ impl<'m> ModelDenoiser<'m> {
 }
 
 impl Denoiser for ModelDenoiser<'_> {
-    fn denoise(&mut self, x: &Array4<f32>, level: &NoiseLevel) -> Result<Denoised> {
+    fn denoise_rows(
+        &mut self,
+        x: &Array4<f32>,
+        rows: &[usize],
+        levels: &[NoiseLevel],
+    ) -> Result<Denoised> {
         let meta = self.model.metadata();
-        let (pred, [lo, hi]) = (meta.prediction, meta.data_range);
-        let time = match meta.time_input {
-            TimeInput::Index | TimeInput::Continuous => level.t,
-            TimeInput::Sigma => level.sigma,
-        };
-        let n = x.shape()[0];
+        let (pred, range) = (meta.prediction, meta.data_range);
+        let times: Vec<f64> = levels
+            .iter()
+            .map(|l| match meta.time_input {
+                TimeInput::Index | TimeInput::Continuous => l.t,
+                TimeInput::Sigma => l.sigma,
+            })
+            .collect();
+        let labels: Option<Vec<i64>> = self.class_labels.as_ref().map(|all| {
+            if rows.is_empty() {
+                all.clone()
+            } else {
+                rows.iter().map(|&r| all[r]).collect()
+            }
+        });
         let out = self
             .model
             .network
-            .run(x.view(), &vec![time; n], self.class_labels.as_deref())?;
+            .run(x.view(), &times, labels.as_deref())?;
         self.calls += 1;
         if let Some(bad) = out
             .outer_iter()
@@ -158,17 +183,36 @@ impl Denoiser for ModelDenoiser<'_> {
         {
             return Err(Error::NonFinite {
                 step: self.calls,
-                time,
-                sample: self.first_sample + bad,
+                time: times[bad],
+                sample: self.first_sample + rows.get(bad).copied().unwrap_or(bad),
             });
         }
-        let mut d = to_x0_eps(pred, out, x, level);
+        let uniform = levels.windows(2).all(|w| w[0] == w[1]);
+        let mut d = if uniform {
+            to_x0_eps(pred, out, x, &levels[0])
+        } else {
+            let mut d = Denoised {
+                x0: Array4::zeros(x.raw_dim()),
+                eps: Array4::zeros(x.raw_dim()),
+            };
+            for (j, level) in levels.iter().enumerate() {
+                let one = |a: &Array4<f32>| a.slice(s![j..j + 1, .., .., ..]).to_owned();
+                let dj = to_x0_eps(pred, one(&out), &one(x), level);
+                d.x0.slice_mut(s![j..j + 1, .., .., ..]).assign(&dj.x0);
+                d.eps.slice_mut(s![j..j + 1, .., .., ..]).assign(&dj.eps);
+            }
+            d
+        };
         if self.clip != X0Clip::None {
-            self.clip.apply(&mut d.x0, [lo, hi]);
-            let (a, s) = (level.alpha as f32, level.sigma as f32);
-            d.eps = Zip::from(x)
-                .and(&d.x0)
-                .map_collect(|&x, &x0| (x - a * x0) / s);
+            self.clip.apply(&mut d.x0, range);
+            for (j, level) in levels.iter().enumerate() {
+                let (a, s) = (level.alpha as f32, level.sigma as f32);
+                let mut e = d.eps.index_axis_mut(Axis(0), j);
+                Zip::from(&mut e)
+                    .and(x.index_axis(Axis(0), j))
+                    .and(d.x0.index_axis(Axis(0), j))
+                    .for_each(|e, &x, &x0| *e = (x - a * x0) / s);
+            }
         }
         Ok(d)
     }

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::metadata::{Conditioning, ModelMetadata};
 use crate::model::Model;
 use crate::noise::{InjectedNoise, NoiseSource, SeededNoise};
+use crate::sampler::ode_adaptive::StepCount;
 use crate::sampler::{SamplerKind, Trajectory};
 use crate::schedule::{NoiseLevel, Schedule};
 use crate::spacing::{levels, spaced_levels, Spacing};
@@ -67,6 +68,25 @@ pub fn generate(
     injected: Option<&InjectedNoise>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Array4<f32>> {
+    generate_with_report(model, opts, injected, progress).map(|(x, _)| x)
+}
+
+/// What a generation run did besides its samples.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Network calls, counting one per batch evaluated.
+    pub network_calls: usize,
+    /// Steps each sample took, for the samplers that choose their own steps.
+    pub step_counts: Option<Vec<StepCount>>,
+}
+
+/// [`generate`], also returning the [`Report`].
+pub fn generate_with_report(
+    model: &mut Model,
+    opts: &SampleOptions,
+    injected: Option<&InjectedNoise>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Array4<f32>, Report)> {
     if opts.n == 0 || opts.n > MAX_SAMPLES {
         return Err(Error::InvalidArgument(format!(
             "-n {} must be in 1..={MAX_SAMPLES}",
@@ -101,6 +121,7 @@ pub fn generate(
     let total_steps = steps * opts.n.div_ceil(opts.batch_size);
     let mut chunks = Vec::with_capacity(opts.n.div_ceil(opts.batch_size));
     let mut done_steps = 0;
+    let mut report = Report::default();
     for first in (0..opts.n).step_by(opts.batch_size) {
         let m = opts.batch_size.min(opts.n - first);
         let mut seeded;
@@ -123,15 +144,24 @@ pub fn generate(
             noise,
             levels: &lv,
             level_at_sbar: &level_at_sbar,
+            step_counts: None,
         };
         let out = opts
             .sampler
             .run(&mut tr, x, &mut |i, _| progress(base + i, total_steps))?;
+        if let Some(counts) = tr.step_counts.take() {
+            report
+                .step_counts
+                .get_or_insert_with(Vec::new)
+                .extend(counts);
+        }
+        report.network_calls += den.calls();
         done_steps += steps;
         chunks.push(out);
     }
     let views: Vec<_> = chunks.iter().map(|a| a.view()).collect();
-    concatenate(Axis(0), &views).map_err(|e| Error::InvalidArgument(e.to_string()))
+    let x = concatenate(Axis(0), &views).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    Ok((x, report))
 }
 
 /// The label each network call gets: `class` checked against the model, the null label when

@@ -32,7 +32,7 @@ pub use backend::init_onnxruntime;
 pub use denoiser::X0Clip;
 pub use edit::{invert, slerp};
 pub use error::{Error, Result};
-pub use generate::{generate, SampleOptions};
+pub use generate::{generate, generate_with_report, Report, SampleOptions};
 pub use model::Model;
 pub use sampler::SamplerKind;
 pub use spacing::Spacing;

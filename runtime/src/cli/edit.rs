@@ -277,6 +277,8 @@ pub(super) fn interpolate(cmd: InterpolateCmd) -> Result<()> {
             snr: None,
             rtol: None,
             atol: None,
+            min_steps: None,
+            max_steps: None,
         },
     )?;
     if sampler.is_stochastic() {

@@ -10,7 +10,7 @@ use ndarray::{Array4, Ix4, Ix5};
 use crate::backend::{init_onnxruntime, NetworkOptions};
 use crate::denoiser::X0Clip;
 use crate::error::{Error, Result};
-use crate::generate::{generate, SampleOptions};
+use crate::generate::{generate_with_report, SampleOptions};
 use crate::model::Model;
 use crate::noise::InjectedNoise;
 use crate::npy::{npy_bytes, read_npy, write_atomic};
@@ -82,9 +82,15 @@ struct SampleCmd {
     /// relative tolerance of ode-adaptive (default 1e-3)
     #[argh(option)]
     rtol: Option<f64>,
-    /// absolute tolerance of ode-adaptive (default 1e-3)
+    /// absolute tolerance of ode-adaptive and adaptive (default 1e-3)
     #[argh(option)]
     atol: Option<f64>,
+    /// fewest steps a sample of the adaptive sampler takes (default 2)
+    #[argh(option)]
+    min_steps: Option<usize>,
+    /// most steps a sample of the adaptive sampler takes (default 500)
+    #[argh(option)]
+    max_steps: Option<usize>,
     /// number of samples (default 16)
     #[argh(option, short = 'n', default = "16")]
     n: usize,
@@ -256,6 +262,8 @@ fn sample(cmd: SampleCmd) -> Result<()> {
             snr: cmd.snr,
             rtol: cmd.rtol,
             atol: cmd.atol,
+            min_steps: cmd.min_steps,
+            max_steps: cmd.max_steps,
         },
     )?;
     let spacing = match cmd.rho {
@@ -299,7 +307,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         active: !cmd.quiet && std::io::stderr().is_terminal(),
         n,
     };
-    let x = generate(&mut model, &opts, injected.as_ref(), &mut |d, t| {
+    let (x, report) = generate_with_report(&mut model, &opts, injected.as_ref(), &mut |d, t| {
         bar.update(d, t)
     })?;
     let sample_secs = start.elapsed().as_secs_f64();
@@ -309,7 +317,9 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         let summary = serde_json::json!({
             "out": cmd.out, "files": files, "n": n, "sampler": sampler.name(),
             "steps": opts.timesteps.as_ref().map_or(opts.steps, Vec::len),
-            "seconds": sample_secs, "model": model.path(),
+            "seconds": sample_secs, "model": model.path(), "network_calls": report.network_calls,
+            "steps_per_sample": report.step_counts.as_ref().map(|c| c.iter().map(|c| c.accepted).collect::<Vec<_>>()),
+            "rejected_per_sample": report.step_counts.as_ref().map(|c| c.iter().map(|c| c.rejected).collect::<Vec<_>>()),
         });
         println!("{summary}");
     } else if !cmd.quiet {
@@ -335,7 +345,8 @@ fn x0_clip(clip: bool, percentile: Option<f64>, max: Option<f64>) -> Result<X0Cl
         (false, None, None) => Ok(X0Clip::None),
         (false, Some(p), max) => {
             let max = max.unwrap_or(f64::INFINITY);
-            if !(p > 0.0 && p <= 1.0) || !(max >= 1.0) {
+            let valid = p > 0.0 && p <= 1.0 && max >= 1.0; // false for NaN too
+            if !valid {
                 return Err(Error::InvalidArgument(format!(
                     "--dynamic-threshold {p} must be in (0, 1] and --threshold-max {max} at least 1"
                 )));

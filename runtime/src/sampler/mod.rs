@@ -31,6 +31,8 @@ pub struct Trajectory<'a> {
     pub levels: &'a [NoiseLevel],
     /// The schedule's level at any sigma/alpha, for solvers that choose their own steps.
     pub level_at_sbar: &'a dyn Fn(f64) -> NoiseLevel,
+    /// Steps each sample took, set by the solvers that choose their own steps.
+    pub step_counts: Option<Vec<ode_adaptive::StepCount>>,
 }
 
 impl Trajectory<'_> {
@@ -68,7 +70,8 @@ pub enum SamplerKind {
     SdeHeun,
     /// Langevin corrector + Euler–Maruyama predictor with signal-to-noise ratio `snr`.
     PredictorCorrector { snr: f64 },
-    /// Bogacki–Shampine 3(2) with error control on the probability-flow ODE.
+    /// Bogacki–Shampine 3(2) with error control on the probability-flow ODE: one step size
+    /// for the batch (`ode-adaptive`) or one per sample (`adaptive`).
     OdeAdaptive { tol: ode_adaptive::Tolerance },
     /// PNDM's PLMS (pseudo linear multistep with a Heun-like first step).
     Pndm,
@@ -153,6 +156,7 @@ pub const SAMPLERS: &[SamplerInfo] = &[
         summary: "DPM-Solver++ 3M multistep (Lu et al. 2022)",
     },
     SamplerInfo { name: "ode-adaptive", order: "3 (embedded 2)", stochastic: false, calls_per_step: "3 per accepted step (FSAL); --rtol/--atol choose the steps", summary: "Bogacki-Shampine 3(2) with error control in log sigma; --spacing is ignored" },
+    SamplerInfo { name: "adaptive", order: "3 (embedded 2)", stochastic: false, calls_per_step: "3 per accepted step, per sample; --min-steps/--max-steps bound them", summary: "per-sample step-size control on the probability-flow ODE; reports each sample's steps" },
     SamplerInfo { name: "euler-maruyama", order: "1 (weak), 0.5 (strong)", stochastic: true, calls_per_step: "1", summary: "Euler-Maruyama on the reverse SDE, VP or VE, final denoise (Song et al. 2021)" },
     SamplerInfo { name: "sde-heun", order: "1 (strong, additive noise)", stochastic: true, calls_per_step: "2 (1 on the last step)", summary: "stochastic Heun on the reverse SDE, same noise for both stages" },
     SamplerInfo { name: "pc", order: "1", stochastic: true, calls_per_step: "2", summary: "predictor-corrector: Langevin corrector (--snr, default 0.16) + reverse-diffusion predictor" },
@@ -187,6 +191,8 @@ pub struct SamplerArgs {
     pub snr: Option<f64>,
     pub rtol: Option<f64>,
     pub atol: Option<f64>,
+    pub min_steps: Option<usize>,
+    pub max_steps: Option<usize>,
 }
 
 impl SamplerKind {
@@ -238,18 +244,35 @@ impl SamplerKind {
                 variant: Sde,
             },
             "pndm" => SamplerKind::Pndm,
-            "ode-adaptive" => {
+            "ode-adaptive" | "adaptive" => {
+                let per_sample = name == "adaptive";
                 let (rtol, atol) = (args.rtol.unwrap_or(1e-3), args.atol.unwrap_or(1e-3));
                 if !(rtol > 0.0 && atol > 0.0 && rtol.is_finite() && atol.is_finite()) {
                     return Err(Error::InvalidArgument(format!(
                         "--rtol {rtol} and --atol {atol} must be positive"
                     )));
                 }
+                let (min_steps, max_steps) = if per_sample {
+                    (args.min_steps.unwrap_or(2), args.max_steps.unwrap_or(500))
+                } else if args.min_steps.is_some() || args.max_steps.is_some() {
+                    return Err(Error::InvalidArgument(
+                        "--min-steps/--max-steps apply to the adaptive sampler".into(),
+                    ));
+                } else {
+                    (1, 10_000)
+                };
+                if min_steps == 0 || max_steps < min_steps {
+                    return Err(Error::InvalidArgument(format!(
+                        "--min-steps {min_steps} and --max-steps {max_steps} need 1 <= min <= max"
+                    )));
+                }
                 SamplerKind::OdeAdaptive {
                     tol: ode_adaptive::Tolerance {
                         rtol,
                         atol,
-                        max_steps: 10_000,
+                        min_steps,
+                        max_steps,
+                        per_sample,
                     },
                 }
             }
@@ -296,6 +319,7 @@ impl SamplerKind {
             SamplerKind::DpmPlusPlus { .. } => "dpm++2m",
             SamplerKind::UniPc { .. } => "unipc",
             SamplerKind::Pndm => "pndm",
+            SamplerKind::OdeAdaptive { tol } if tol.per_sample => "adaptive",
             SamplerKind::OdeAdaptive { .. } => "ode-adaptive",
             SamplerKind::EulerMaruyama => "euler-maruyama",
             SamplerKind::SdeHeun => "sde-heun",
@@ -350,8 +374,16 @@ impl SamplerKind {
             SamplerKind::UniPc { order } => unipc::unipc(tr, x, order, progress),
             SamplerKind::Pndm => pndm::pndm(tr, x, progress),
             SamplerKind::OdeAdaptive { tol } => {
-                let (x, accepted, rejected) = ode_adaptive::ode_adaptive(tr, x, tol, progress)?;
-                log::info!("ode-adaptive: {accepted} accepted and {rejected} rejected steps");
+                let (x, counts) = ode_adaptive::ode_adaptive(tr, x, tol, progress)?;
+                let acc: Vec<usize> = counts.iter().map(|c| c.accepted).collect();
+                log::info!(
+                    "{}: {}..{} accepted steps per sample, {} rejected in all",
+                    self.name(),
+                    acc.iter().min().unwrap_or(&0),
+                    acc.iter().max().unwrap_or(&0),
+                    counts.iter().map(|c| c.rejected).sum::<usize>()
+                );
+                tr.step_counts = Some(counts);
                 Ok(x)
             }
             SamplerKind::EulerMaruyama => sde::euler_maruyama(tr, x, progress),
