@@ -142,3 +142,52 @@ def test_explicit_timesteps_equal_the_spacing_they_spell(edgediff_bin, tiny_mode
     for bad, needle in [("999,999,10", "strictly decrease"), ("1000,10", "outside"), ("9,x", "not a number")]:
         proc = run_cli(edgediff_bin, *common, "--timesteps", bad, "--out", str(tmp_path / "c.npy"), check=False)
         check_error(proc, 2, needle)
+
+
+def test_resume_folder_rewrites_only_missing_samples(edgediff_bin, tiny_models, tmp_path):
+    model = str(tiny_models["linear"])
+    out = tmp_path / "imgs"
+    args = ["sample", "--model", model, "-n", "10", "--batch-size", "3", "--steps", "5", "--seed", "2", "-q"]
+    run_cli(edgediff_bin, *args, "--out", str(out))
+    originals = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    assert len(originals) == 10
+    for name in ("000004.png", "000007.png", "000008.png"):
+        (out / name).unlink()
+    (out / "000001.png").write_bytes(b"kept as is: resume trusts files that exist")
+    proc = run_cli(edgediff_bin, *args, "--out", str(out), "--resume", "--json")
+    summary = json.loads(proc.stdout)
+    assert summary["resumed_samples"] == 7 and len(summary["files"]) == 10
+    for name, data in originals.items():
+        if name != "000001.png":
+            assert (out / name).read_bytes() == data, name
+    assert (out / "000001.png").read_bytes().startswith(b"kept")
+
+
+def test_resume_npy_after_a_crash_gives_the_uninterrupted_file(edgediff_bin, tiny_models, tmp_path):
+    model = str(tiny_models["linear"])
+    args = ["sample", "--model", model, "-n", "9", "--batch-size", "4", "--steps", "5", "-q"]
+    full = tmp_path / "full.npy"
+    run_cli(edgediff_bin, *args, "--out", str(full))
+    data = full.read_bytes()
+    # What a run killed during its second batch leaves: the header, batch one, part of batch two.
+    sample_bytes = 4 * 64
+    header = len(data) - 9 * sample_bytes
+    out = tmp_path / "x.npy"
+    (tmp_path / ".x.npy.partial").write_bytes(data[: header + 5 * sample_bytes + 100])
+    proc = run_cli(edgediff_bin, *args, "--out", str(out), "--resume", "--json")
+    assert json.loads(proc.stdout)["resumed_samples"] == 5
+    assert out.read_bytes() == data
+    assert not (tmp_path / ".x.npy.partial").exists()
+    # A resume with another -n is refused rather than mixing runs.
+    (tmp_path / ".y.npy.partial").write_bytes(data[: header + 2 * sample_bytes])
+    bad = run_cli(edgediff_bin, *args[:4], "10", *args[5:], "--out", str(tmp_path / "y.npy"), "--resume",
+                  check=False)
+    assert bad.returncode == 2 and "remove it" in bad.stderr
+
+
+def test_bad_options_create_no_output(edgediff_bin, tiny_models, tmp_path):
+    for out in (tmp_path / "d", tmp_path / "x.npy"):
+        proc = run_cli(edgediff_bin, "sample", "--model", str(tiny_models["linear"]), "--steps", "0",
+                       "--out", str(out), check=False)
+        assert proc.returncode == 2
+    assert list(tmp_path.iterdir()) == []

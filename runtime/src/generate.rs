@@ -87,6 +87,111 @@ pub fn generate_with_report(
     injected: Option<&InjectedNoise>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Array4<f32>, Report)> {
+    let mut chunks = Vec::with_capacity(opts.n.div_ceil(opts.batch_size.max(1)));
+    let report = generate_chunks(
+        model,
+        opts,
+        injected,
+        &[0..opts.n],
+        progress,
+        &mut |_, x| {
+            chunks.push(x);
+            Ok(())
+        },
+    )?;
+    let views: Vec<_> = chunks.iter().map(|a| a.view()).collect();
+    let x = concatenate(Axis(0), &views).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    Ok((x, report))
+}
+
+/// Generates the samples whose indices lie in `ranges` (each within 0..n), in batches of at
+/// most `opts.batch_size`, handing each batch to `sink(first index, samples)` as soon as it is
+/// done: memory stays bounded by one batch, and a failure loses at most the batch in flight.
+/// Sample i is the same whatever the batch size or the ranges (its noise is its own stream).
+pub fn generate_chunks(
+    model: &mut Model,
+    opts: &SampleOptions,
+    injected: Option<&InjectedNoise>,
+    ranges: &[std::ops::Range<usize>],
+    progress: &mut dyn FnMut(usize, usize),
+    sink: &mut dyn FnMut(usize, Array4<f32>) -> Result<()>,
+) -> Result<Report> {
+    if let Some(r) = ranges.iter().find(|r| r.end > opts.n) {
+        return Err(Error::InvalidArgument(format!(
+            "sample range {r:?} is outside 0..{}",
+            opts.n
+        )));
+    }
+    let (labels, lv) = prepare(model, opts, injected)?;
+    let meta = model.metadata().clone();
+    let prior_std = prior_std(model.schedule(), &lv);
+    let steps = lv.len() - 1;
+    let schedule = model.schedule().clone();
+    let level_at_sbar = move |s: f64| schedule.level_for_sbar(s);
+    let batches: Vec<(usize, usize)> = ranges
+        .iter()
+        .flat_map(|r| {
+            r.clone()
+                .step_by(opts.batch_size)
+                .map(move |first| (first, opts.batch_size.min(r.end - first)))
+        })
+        .collect();
+    let total_steps = steps * batches.len();
+    let mut report = Report::default();
+    for (b, &(first, m)) in batches.iter().enumerate() {
+        let mut seeded;
+        let mut rows;
+        let noise: &mut dyn NoiseSource = match injected {
+            Some(inj) => {
+                rows = inj.rows(first, m);
+                &mut rows
+            }
+            None => {
+                seeded = SeededNoise::new(opts.seed, first, m, meta.sample_shape);
+                &mut seeded
+            }
+        };
+        let x = noise.initial()?.mapv(|v| v * prior_std as f32);
+        let mut den = ModelDenoiser::new(model, labels.map(|k| vec![k; m]), opts.x0_clip, first);
+        let base = b * steps;
+        let mut tr = Trajectory {
+            den: &mut den,
+            noise,
+            levels: &lv,
+            level_at_sbar: &level_at_sbar,
+            step_counts: None,
+        };
+        let out = opts
+            .sampler
+            .run(&mut tr, x, &mut |i, _| progress(base + i, total_steps))?;
+        if let Some(counts) = tr.step_counts.take() {
+            report
+                .step_counts
+                .get_or_insert_with(Vec::new)
+                .extend(counts);
+        }
+        report.network_calls += den.calls();
+        sink(first, out)?;
+    }
+    Ok(report)
+}
+
+/// Checks `opts` (and injected noise) against the model without running it: what
+/// [`generate_chunks`] would refuse, refused before any output is created.
+pub fn check_options(
+    model: &Model,
+    opts: &SampleOptions,
+    injected: Option<&InjectedNoise>,
+) -> Result<()> {
+    prepare(model, opts, injected).map(|_| ())
+}
+
+/// The validated class label and the levels to visit.
+fn prepare(
+    model: &Model,
+    opts: &SampleOptions,
+    injected: Option<&InjectedNoise>,
+) -> Result<(Option<i64>, Vec<NoiseLevel>)> {
     if opts.n == 0 || opts.n > MAX_SAMPLES {
         return Err(Error::InvalidArgument(format!(
             "-n {} must be in 1..={MAX_SAMPLES}",
@@ -114,54 +219,7 @@ pub fn generate_with_report(
             )));
         }
     }
-    let prior_std = prior_std(model.schedule(), &lv);
-    let steps = lv.len() - 1;
-    let schedule = model.schedule().clone();
-    let level_at_sbar = move |s: f64| schedule.level_for_sbar(s);
-    let total_steps = steps * opts.n.div_ceil(opts.batch_size);
-    let mut chunks = Vec::with_capacity(opts.n.div_ceil(opts.batch_size));
-    let mut done_steps = 0;
-    let mut report = Report::default();
-    for first in (0..opts.n).step_by(opts.batch_size) {
-        let m = opts.batch_size.min(opts.n - first);
-        let mut seeded;
-        let mut rows;
-        let noise: &mut dyn NoiseSource = match injected {
-            Some(inj) => {
-                rows = inj.rows(first, m);
-                &mut rows
-            }
-            None => {
-                seeded = SeededNoise::new(opts.seed, first, m, meta.sample_shape);
-                &mut seeded
-            }
-        };
-        let x = noise.initial()?.mapv(|v| v * prior_std as f32);
-        let mut den = ModelDenoiser::new(model, labels.map(|k| vec![k; m]), opts.x0_clip, first);
-        let base = done_steps;
-        let mut tr = Trajectory {
-            den: &mut den,
-            noise,
-            levels: &lv,
-            level_at_sbar: &level_at_sbar,
-            step_counts: None,
-        };
-        let out = opts
-            .sampler
-            .run(&mut tr, x, &mut |i, _| progress(base + i, total_steps))?;
-        if let Some(counts) = tr.step_counts.take() {
-            report
-                .step_counts
-                .get_or_insert_with(Vec::new)
-                .extend(counts);
-        }
-        report.network_calls += den.calls();
-        done_steps += steps;
-        chunks.push(out);
-    }
-    let views: Vec<_> = chunks.iter().map(|a| a.view()).collect();
-    let x = concatenate(Axis(0), &views).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-    Ok((x, report))
+    Ok((labels, lv))
 }
 
 /// The label each network call gets: `class` checked against the model, the null label when

@@ -24,6 +24,7 @@ pub mod metadata;
 pub mod model;
 pub mod noise;
 pub mod npy;
+pub mod output;
 pub mod sampler;
 pub mod schedule;
 pub mod spacing;

@@ -21,6 +21,31 @@ pub fn read_npy(path: &Path) -> Result<ArrayD<f32>> {
 
 /// Parses `.npy` bytes; the error says what is wrong.
 pub fn parse_npy(bytes: &[u8]) -> std::result::Result<ArrayD<f32>, String> {
+    let (shape, width, offset) = parse_npy_header(bytes)?;
+    let count: usize = shape.iter().product();
+    let data = &bytes[offset..];
+    if data.len() != count * width {
+        return Err(format!(
+            "data holds {} bytes; shape {:?} needs {}",
+            data.len(),
+            shape,
+            count * width
+        ));
+    }
+    let values: Vec<f32> = if width == 4 {
+        data.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    } else {
+        data.chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+            .collect()
+    };
+    ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| e.to_string())
+}
+
+/// Parses a `.npy` header: (shape, bytes per element, offset of the data).
+pub fn parse_npy_header(bytes: &[u8]) -> std::result::Result<(Vec<usize>, usize, usize), String> {
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err("not a .npy file (bad magic)".into());
     }
@@ -82,25 +107,8 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<ArrayD<f32>, String> {
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or("shape overflows")?;
-    let data = &bytes[start + header_len..];
-    if data.len() != count.checked_mul(width).ok_or("shape overflows")? {
-        return Err(format!(
-            "data holds {} bytes; shape {:?} needs {}",
-            data.len(),
-            shape,
-            count * width
-        ));
-    }
-    let values: Vec<f32> = if width == 4 {
-        data.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect()
-    } else {
-        data.chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-            .collect()
-    };
-    ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| e.to_string())
+    count.checked_mul(width).ok_or("shape overflows")?;
+    Ok((shape, width, start + header_len))
 }
 
 /// Serialises an array as a float32 `.npy` (format 1.0).

@@ -7,7 +7,7 @@ use std::time::Instant;
 use argh::FromArgs;
 use ndarray::{s, Array4, Axis, Ix4};
 
-use super::{open_model, write_output, Bar, OutKind};
+use super::{open_model, write_all, Bar};
 use crate::error::{Error, Result};
 use crate::generate::{generate, SampleOptions};
 use crate::noise::{InjectedNoise, NoiseSource, SeededNoise};
@@ -201,7 +201,7 @@ pub(super) fn invert(cmd: InvertCmd) -> Result<()> {
         b.update(d, t)
     })?;
     if let Some(path) = &cmd.reconstruction {
-        write_output(&recon, path, OutKind::of(path), meta.data_range, None)?;
+        write_all(&recon, path, meta.data_range, None)?;
     }
     // Round-trip error per sample, in data units; PSNR against the range's width.
     let rmse: Vec<f64> = images
@@ -318,13 +318,7 @@ pub(super) fn interpolate(cmd: InterpolateCmd) -> Result<()> {
     let x = generate(&mut model, &opts, Some(&injected), &mut |d, t| {
         bar.update(d, t)
     })?;
-    let files = write_output(
-        &x,
-        &cmd.out,
-        OutKind::of(&cmd.out),
-        meta.data_range,
-        Some(cmd.frames),
-    )?;
+    let files = write_all(&x, &cmd.out, meta.data_range, Some(cmd.frames))?;
     if cmd.json {
         let summary = serde_json::json!({
             "out": cmd.out, "files": files, "frames": cmd.frames, "sampler": sampler.name(),

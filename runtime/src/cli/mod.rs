@@ -5,15 +5,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use argh::FromArgs;
-use ndarray::{Array4, Ix4, Ix5};
+use ndarray::{Ix4, Ix5};
 
 use crate::backend::{init_onnxruntime, NetworkOptions};
 use crate::denoiser::X0Clip;
 use crate::error::{Error, Result};
-use crate::generate::{generate_with_report, SampleOptions};
+use crate::generate::{check_options, generate_chunks, SampleOptions};
 use crate::model::Model;
 use crate::noise::InjectedNoise;
-use crate::npy::{npy_bytes, read_npy, write_atomic};
+use crate::npy::read_npy;
+use crate::output::{write_all, Output};
 use crate::sampler::{SamplerArgs, SamplerKind, SAMPLERS};
 use crate::spacing::Spacing;
 
@@ -121,6 +122,9 @@ struct SampleCmd {
     /// output: a .png grid, a .npy array, or a directory for one PNG per sample (default samples.png)
     #[argh(option, short = 'o', default = "PathBuf::from(\"samples.png\")")]
     out: PathBuf,
+    /// continue an interrupted run into the same folder or .npy: samples already written are kept
+    #[argh(switch)]
+    resume: bool,
     /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
     #[argh(option)]
     ort_lib: Option<PathBuf>,
@@ -288,7 +292,6 @@ fn sample(cmd: SampleCmd) -> Result<()> {
     let n = injected
         .as_ref()
         .map_or(cmd.n, |inj| inj.initial.shape()[0]);
-    let out_kind = OutKind::of(&cmd.out);
     let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
     let opts = SampleOptions {
         sampler,
@@ -307,17 +310,38 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         active: !cmd.quiet && std::io::stderr().is_terminal(),
         n,
     };
-    let (x, report) = generate_with_report(&mut model, &opts, injected.as_ref(), &mut |d, t| {
-        bar.update(d, t)
-    })?;
+    // Refuse bad options before anything is created at the output path.
+    check_options(&model, &opts, injected.as_ref())?;
+    let meta = model.metadata().clone();
+    let (mut output, todo) = Output::create(
+        &cmd.out,
+        n,
+        meta.sample_shape,
+        meta.data_range,
+        cmd.resume,
+        None,
+    )?;
+    let skipped = n - todo.iter().map(|r| r.len()).sum::<usize>();
+    if skipped > 0 {
+        log::info!("--resume: {skipped} of {n} samples already written");
+    }
+    let report = generate_chunks(
+        &mut model,
+        &opts,
+        injected.as_ref(),
+        &todo,
+        &mut |d, t| bar.update(d, t),
+        &mut |first, x| output.write(first, x),
+    )?;
     let sample_secs = start.elapsed().as_secs_f64();
-    let files = write_output(&x, &cmd.out, out_kind, model.metadata().data_range, None)?;
+    let files = output.finish()?;
     log::info!("{} samples in {sample_secs:.2}s", n);
     if cmd.json {
         let summary = serde_json::json!({
             "out": cmd.out, "files": files, "n": n, "sampler": sampler.name(),
             "steps": opts.timesteps.as_ref().map_or(opts.steps, Vec::len),
             "seconds": sample_secs, "model": model.path(), "network_calls": report.network_calls,
+            "resumed_samples": skipped,
             "steps_per_sample": report.step_counts.as_ref().map(|c| c.iter().map(|c| c.accepted).collect::<Vec<_>>()),
             "rejected_per_sample": report.step_counts.as_ref().map(|c| c.iter().map(|c| c.rejected).collect::<Vec<_>>()),
         });
@@ -352,59 +376,6 @@ fn x0_clip(clip: bool, percentile: Option<f64>, max: Option<f64>) -> Result<X0Cl
                 )));
             }
             Ok(X0Clip::Dynamic { percentile: p, max })
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum OutKind {
-    Grid,
-    Npy,
-    Folder,
-}
-
-impl OutKind {
-    fn of(path: &Path) -> OutKind {
-        match path
-            .extension()
-            .and_then(|e| e.to_str())
-            .map(str::to_ascii_lowercase)
-            .as_deref()
-        {
-            Some("png") => OutKind::Grid,
-            Some("npy") => OutKind::Npy,
-            _ => OutKind::Folder,
-        }
-    }
-}
-
-fn write_output(
-    x: &Array4<f32>,
-    out: &Path,
-    kind: OutKind,
-    range: [f64; 2],
-    cols: Option<usize>,
-) -> Result<Vec<PathBuf>> {
-    match kind {
-        OutKind::Grid => {
-            write_atomic(out, &crate::image::grid_png(x.view(), range, cols)?)?;
-            Ok(vec![out.into()])
-        }
-        OutKind::Npy => {
-            let std = x.as_standard_layout();
-            write_atomic(out, &npy_bytes(x.shape(), std.iter().copied()))?;
-            Ok(vec![out.into()])
-        }
-        OutKind::Folder => {
-            std::fs::create_dir_all(out)
-                .map_err(Error::io(format!("creating directory {}", out.display())))?;
-            let mut files = Vec::with_capacity(x.shape()[0]);
-            for (i, s) in x.outer_iter().enumerate() {
-                let path = out.join(format!("{i:06}.png"));
-                write_atomic(&path, &crate::image::sample_png(s, range)?)?;
-                files.push(path);
-            }
-            Ok(files)
         }
     }
 }
