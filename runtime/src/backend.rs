@@ -131,11 +131,89 @@ enum TimeType {
 pub struct NetworkOptions {
     /// Intra-op threads; 0 lets ONNX Runtime choose.
     pub intra_threads: usize,
+    /// Where the network runs.
+    pub provider: Provider,
+    /// Run on the CPU (with a warning) when `provider` cannot be registered, instead of failing.
+    pub fallback_cpu: bool,
+    /// Read the file into memory instead of mapping it (see [`Network::open`]).
+    pub read_into_memory: bool,
+}
+
+/// An ONNX Runtime execution provider.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum Provider {
+    #[default]
+    Cpu,
+    /// NVIDIA CUDA (needs the `cuda` cargo feature and ONNX Runtime's CUDA build).
+    Cuda { device_id: i32 },
+    /// NVIDIA TensorRT (needs the `tensorrt` cargo feature); engines are cached in
+    /// `engine_cache` when given, and built with fp16 kernels when `fp16`.
+    TensorRt {
+        device_id: i32,
+        engine_cache: Option<PathBuf>,
+        fp16: bool,
+    },
+}
+
+impl Provider {
+    /// The CLI name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Provider::Cpu => "cpu",
+            Provider::Cuda { .. } => "cuda",
+            Provider::TensorRt { .. } => "tensorrt",
+        }
+    }
+
+    /// The provider to register, or why this build cannot.
+    fn dispatch(&self) -> std::result::Result<Option<ort::ep::ExecutionProviderDispatch>, String> {
+        match self {
+            Provider::Cpu => Ok(None),
+            #[cfg(feature = "cuda")]
+            Provider::Cuda { device_id } => Ok(Some(
+                ort::ep::CUDA::default()
+                    .with_device_id(*device_id)
+                    .build()
+                    .error_on_failure(),
+            )),
+            #[cfg(feature = "tensorrt")]
+            Provider::TensorRt {
+                device_id,
+                engine_cache,
+                fp16,
+            } => {
+                let mut ep = ort::ep::TensorRT::default()
+                    .with_device_id(*device_id)
+                    .with_fp16(*fp16);
+                if let Some(dir) = engine_cache {
+                    ep = ep
+                        .with_engine_cache(true)
+                        .with_engine_cache_path(dir.display());
+                }
+                Ok(Some(ep.build().error_on_failure()))
+            }
+            #[allow(unreachable_patterns)]
+            other => Err(format!(
+                "this build of edgediff has no {} support; rebuild with `cargo build --release --features {}`",
+                other.name(),
+                other.name()
+            )),
+        }
+    }
+}
+
+/// The model bytes a session was built from, kept alive as long as the session when ONNX
+/// Runtime uses them in place (ORT-format files, mapped).
+enum ModelBytes {
+    None,
+    Mapped(#[allow(dead_code)] memmap2::Mmap),
 }
 
 /// An opened ONNX network obeying the model contract.
 pub struct Network {
+    // Declared before `_bytes` so the session is dropped first.
     session: Session,
+    _bytes: ModelBytes,
     sample_type: SampleType,
     time_type: TimeType,
     has_class_labels: bool,
@@ -162,12 +240,29 @@ fn tensor_info(ty: &ValueType) -> Option<(TensorElementType, Vec<i64>)> {
 
 impl Network {
     /// Opens `path` and returns the network with its raw `edgediff` metadata string, if any.
+    ///
+    /// The file is memory-mapped, not read: pages come from the page cache on demand. An
+    /// ORT-format file (`.ort`, written by `edgediff-export ort`) is then used in place, its
+    /// weights included (zero copy, so its pages are shared by every process that maps it);
+    /// an `.onnx` file is parsed from the mapping into ONNX Runtime's own buffers.
     pub fn open(path: &Path, opts: &NetworkOptions) -> Result<(Network, Option<String>)> {
-        let bytes = std::fs::read(path).map_err(|e| Error::ModelFile {
+        let model_file = |detail: String| Error::ModelFile {
             path: path.into(),
-            detail: e.to_string(),
-        })?;
-        Network::from_bytes(&bytes, path, opts)
+            detail,
+        };
+        if opts.read_into_memory {
+            let bytes = std::fs::read(path).map_err(|e| model_file(e.to_string()))?;
+            return Network::build(&bytes, ModelBytes::None, false, path, opts);
+        }
+        let file = std::fs::File::open(path).map_err(|e| model_file(e.to_string()))?;
+        // SAFETY: the mapping is read-only and lives as long as the session; a file truncated
+        // underneath a running process is the one hazard, as for any mapped executable.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| model_file(e.to_string()))?;
+        let ort_format = map.get(4..8) == Some(b"ORTM");
+        let (mut net, raw) = Network::build(&map, ModelBytes::None, ort_format, path, opts)?;
+        // Moving the Mmap does not move the mapped pages the session may point into.
+        net._bytes = ModelBytes::Mapped(map);
+        Ok((net, raw))
     }
 
     /// Opens a network from the bytes of an ONNX file; `path` only labels errors.
@@ -176,6 +271,13 @@ impl Network {
         path: &Path,
         opts: &NetworkOptions,
     ) -> Result<(Network, Option<String>)> {
+        Network::build(bytes, ModelBytes::None, false, path, opts)
+    }
+
+    fn builder(
+        opts: &NetworkOptions,
+        in_place: bool,
+    ) -> Result<ort::session::builder::SessionBuilder> {
         let env = environment()?;
         let mut builder = Session::builder(env).map_err(Error::ort("creating a session"))?;
         if opts.intra_threads > 0 {
@@ -183,6 +285,57 @@ impl Network {
                 .with_intra_threads(opts.intra_threads)
                 .map_err(|e| Error::ort("setting threads")(e.into()))?;
         }
+        if in_place {
+            for key in [
+                "session.use_ort_model_bytes_directly",
+                "session.use_ort_model_bytes_for_initializers",
+            ] {
+                builder = builder
+                    .with_config_entry(key, "1")
+                    .map_err(|e| Error::ort("enabling zero-copy loading")(e.into()))?;
+            }
+        }
+        Ok(builder)
+    }
+
+    fn build(
+        bytes: &[u8],
+        keep: ModelBytes,
+        in_place: bool,
+        path: &Path,
+        opts: &NetworkOptions,
+    ) -> Result<(Network, Option<String>)> {
+        let fallback = |why: String| -> Result<ort::session::builder::SessionBuilder> {
+            if !opts.fallback_cpu {
+                return Err(Error::Provider {
+                    provider: opts.provider.name(),
+                    detail: why,
+                });
+            }
+            log::warn!(
+                "{} provider unavailable ({why}); running on the CPU as --fallback cpu allows",
+                opts.provider.name()
+            );
+            Network::builder(opts, in_place)
+        };
+        let builder = Network::builder(opts, in_place)?;
+        let mut builder = match opts.provider.dispatch() {
+            Ok(None) => builder,
+            Ok(Some(ep)) => match builder.with_execution_providers([ep]) {
+                Ok(b) => b,
+                Err(e) => {
+                    let lib = match ORT_ENV.get() {
+                        Some(Ok((path, _))) => path.display().to_string(),
+                        _ => "the loaded one".into(),
+                    };
+                    fallback(format!(
+                        "{e} The ONNX Runtime library ({lib}) must be a GPU build: the onnxruntime-gpu wheel's libonnxruntime.so with libonnxruntime_providers_{}.so beside it, and CUDA 13/cuDNN 9 (and TensorRT for tensorrt) on the library path; give it with --ort-lib.",
+                        opts.provider.name()
+                    ))?
+                }
+            },
+            Err(why) => fallback(why)?,
+        };
         let session = builder
             .commit_from_memory(bytes)
             .map_err(|e| Error::ModelFile {
@@ -247,6 +400,7 @@ impl Network {
         let declared_shape = sshape[1..].to_vec();
         let net = Network {
             session,
+            _bytes: keep,
             sample_type,
             time_type,
             has_class_labels,

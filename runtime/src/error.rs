@@ -9,6 +9,13 @@ pub enum Error {
     #[error("ONNX Runtime library not found or not loadable: {detail}\n  fix: run `tools/fetch-onnxruntime` (puts libonnxruntime.so.{ORT_VERSION} into .ort/), or point --ort-lib / ORT_DYLIB_PATH at a libonnxruntime.so of version 1.2x or newer")]
     OrtLibrary { detail: String },
 
+    /// An execution provider could not be registered.
+    #[error("the {provider} execution provider is unavailable: {detail} (or pass --fallback cpu to run on the CPU instead)")]
+    Provider {
+        provider: &'static str,
+        detail: String,
+    },
+
     /// ONNX Runtime refused a model or failed while running it.
     #[error("ONNX Runtime: {context}: {source}")]
     Ort {
@@ -76,6 +83,7 @@ impl Error {
         match self {
             Error::InvalidArgument(_) => 2,
             Error::OrtLibrary { .. }
+            | Error::Provider { .. }
             | Error::Ort { .. }
             | Error::ModelFile { .. }
             | Error::Metadata { .. }

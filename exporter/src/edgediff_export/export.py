@@ -4,6 +4,9 @@ Subcommands:
   checkpoint CKPT --out M.onnx   export the EMA weights of an `edgediff-train` checkpoint
   random --out M.onnx            export a randomly initialised U-Net (tests, benchmarks)
   add-metadata M.onnx ...        attach edgediff metadata to an ONNX file made elsewhere
+  fp16 M.onnx --out M16.onnx     write a float16 copy (half the size; checked against fp32)
+  ort M.onnx --out M.ort         write an ORT-format copy, which the runtime uses in place
+                                 from a memory-mapped file (zero-copy weights)
 """
 
 from __future__ import annotations
@@ -93,6 +96,25 @@ def unet_metadata(cfg: UNetConfig, schedule: dict, name: str, description: str) 
                          conditioning=conditioning, extra={"unet": cfg.to_dict()})
 
 
+def _finish(a: argparse.Namespace, result: dict) -> dict:
+    """Apply --precision fp16 to a freshly exported file."""
+    if getattr(a, "precision", "fp32") == "fp16":
+        from .precision import write_fp16
+        result["fp16_max_rel_diff"] = write_fp16(a.out, a.out)
+    return result
+
+
+def _cmd_fp16(a: argparse.Namespace) -> dict:
+    from .precision import write_fp16
+    return {"out": str(a.out), "fp16_max_rel_diff": write_fp16(a.model, a.out)}
+
+
+def _cmd_ort(a: argparse.Namespace) -> dict:
+    from .precision import write_ort_format
+    write_ort_format(a.model, a.out)
+    return {"out": str(a.out)}
+
+
 def _cmd_checkpoint(a: argparse.Namespace) -> dict:
     ck = torch.load(a.checkpoint, weights_only=False, map_location="cpu")
     cfg = UNetConfig.from_dict(ck["unet_config"])
@@ -100,8 +122,8 @@ def _cmd_checkpoint(a: argparse.Namespace) -> dict:
     model.load_state_dict(ck["ema"] if not a.raw_weights else ck["model"])
     meta = unet_metadata(cfg, ck["schedule"], a.name, a.description or
                          f"DDPM U-Net trained {ck['step']} steps by edgediff-train")
-    return {"out": str(a.out), "max_rel_err": export_unet(model, meta, a.out,
-                                                          timestep_dtype=a.timestep_dtype)}
+    return _finish(a, {"out": str(a.out), "max_rel_err": export_unet(
+        model, meta, a.out, timestep_dtype=a.timestep_dtype)})
 
 
 def _cmd_random(a: argparse.Namespace) -> dict:
@@ -114,7 +136,7 @@ def _cmd_random(a: argparse.Namespace) -> dict:
     model = UNet(cfg)
     meta = unet_metadata(cfg, schedule_metadata(a.schedule, a.num_train_timesteps),
                          a.name, "randomly initialised U-Net (tests)")
-    return {"out": str(a.out), "max_rel_err": export_unet(model, meta, a.out)}
+    return _finish(a, {"out": str(a.out), "max_rel_err": export_unet(model, meta, a.out)})
 
 
 def _cmd_add_metadata(a: argparse.Namespace) -> dict:
@@ -145,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--raw-weights", action="store_true", help="export the raw, not the EMA, weights")
     c.add_argument("--timestep-dtype", choices=["int64", "float32"], default="float32",
                    help="float32 lets samplers pass fractional indices (default)")
+    c.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="fp16 writes float16 weights and sample tensors (time embedding and norms stay fp32)")
     c.set_defaults(fn=_cmd_checkpoint)
 
     r = sub.add_parser("random", help="export a randomly initialised U-Net")
@@ -161,7 +185,19 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--schedule", default="linear", choices=["linear", "cosine", "quadratic", "sigmoid"])
     r.add_argument("--num-train-timesteps", type=int, default=1000)
     r.add_argument("--name", default="tiny-random-unet")
+    r.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="fp16 writes float16 weights and sample tensors (time embedding and norms stay fp32)")
     r.set_defaults(fn=_cmd_random)
+
+    f = sub.add_parser("fp16", help="write a float16 copy of an edgediff model")
+    f.add_argument("model", type=Path)
+    f.add_argument("--out", type=Path, required=True)
+    f.set_defaults(fn=_cmd_fp16)
+
+    o = sub.add_parser("ort", help="write an ORT-format copy for zero-copy memory-mapped loading")
+    o.add_argument("model", type=Path)
+    o.add_argument("--out", type=Path, required=True)
+    o.set_defaults(fn=_cmd_ort)
 
     m = sub.add_parser("add-metadata", help="attach edgediff metadata to an existing ONNX file")
     m.add_argument("model", type=Path)

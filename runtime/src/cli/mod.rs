@@ -7,7 +7,7 @@ use std::time::Instant;
 use argh::FromArgs;
 use ndarray::{Ix4, Ix5};
 
-use crate::backend::{init_onnxruntime, NetworkOptions};
+use crate::backend::{init_onnxruntime, NetworkOptions, Provider};
 use crate::denoiser::X0Clip;
 use crate::error::{Error, Result};
 use crate::generate::{check_options, generate_chunks, SampleOptions};
@@ -131,6 +131,24 @@ struct SampleCmd {
     /// ONNX Runtime intra-op threads (default 0: its own choice)
     #[argh(option, default = "0")]
     threads: usize,
+    /// execution provider: cpu (default), cuda or tensorrt (GPU builds: --features cuda/tensorrt)
+    #[argh(option, default = "String::from(\"cpu\")")]
+    provider: String,
+    /// GPU device id for cuda/tensorrt (default 0)
+    #[argh(option, default = "0")]
+    device_id: i32,
+    /// directory for cached TensorRT engines (reused across runs)
+    #[argh(option)]
+    trt_cache: Option<PathBuf>,
+    /// let TensorRT build fp16 engines
+    #[argh(switch)]
+    trt_fp16: bool,
+    /// cpu: run on the CPU, with a warning, when the provider cannot be registered
+    #[argh(option)]
+    fallback: Option<String>,
+    /// read the model file into memory instead of memory-mapping it
+    #[argh(switch)]
+    no_mmap: bool,
     /// no progress bar
     #[argh(switch, short = 'q')]
     quiet: bool,
@@ -169,13 +187,22 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn open_model(path: Option<&Path>, ort_lib: Option<&Path>, threads: usize) -> Result<Model> {
-    init_onnxruntime(ort_lib)?;
     let opts = NetworkOptions {
         intra_threads: threads,
+        ..Default::default()
     };
+    open_model_with(path, ort_lib, &opts)
+}
+
+fn open_model_with(
+    path: Option<&Path>,
+    ort_lib: Option<&Path>,
+    opts: &NetworkOptions,
+) -> Result<Model> {
+    init_onnxruntime(ort_lib)?;
     match path {
-        Some(p) => Model::open_with(p, &opts),
-        None => default_model(&opts),
+        Some(p) => Model::open_with(p, opts),
+        None => default_model(opts),
     }
 }
 
@@ -292,7 +319,8 @@ fn sample(cmd: SampleCmd) -> Result<()> {
     let n = injected
         .as_ref()
         .map_or(cmd.n, |inj| inj.initial.shape()[0]);
-    let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
+    let net_opts = network_options(&cmd)?;
+    let mut model = open_model_with(cmd.model.as_deref(), cmd.ort_lib.as_deref(), &net_opts)?;
     let opts = SampleOptions {
         sampler,
         steps: cmd.steps,
@@ -341,7 +369,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
             "out": cmd.out, "files": files, "n": n, "sampler": sampler.name(),
             "steps": opts.timesteps.as_ref().map_or(opts.steps, Vec::len),
             "seconds": sample_secs, "model": model.path(), "network_calls": report.network_calls,
-            "resumed_samples": skipped,
+            "resumed_samples": skipped, "provider": net_opts.provider.name(),
             "steps_per_sample": report.step_counts.as_ref().map(|c| c.iter().map(|c| c.accepted).collect::<Vec<_>>()),
             "rejected_per_sample": report.step_counts.as_ref().map(|c| c.iter().map(|c| c.rejected).collect::<Vec<_>>()),
         });
@@ -355,6 +383,45 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn network_options(cmd: &SampleCmd) -> Result<NetworkOptions> {
+    let provider = match cmd.provider.as_str() {
+        "cpu" => Provider::Cpu,
+        "cuda" => Provider::Cuda {
+            device_id: cmd.device_id,
+        },
+        "tensorrt" => Provider::TensorRt {
+            device_id: cmd.device_id,
+            engine_cache: cmd.trt_cache.clone(),
+            fp16: cmd.trt_fp16,
+        },
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "unknown --provider '{other}'; expected cpu, cuda or tensorrt"
+            )))
+        }
+    };
+    if (cmd.trt_cache.is_some() || cmd.trt_fp16) && cmd.provider != "tensorrt" {
+        return Err(Error::InvalidArgument(
+            "--trt-cache and --trt-fp16 apply to --provider tensorrt".into(),
+        ));
+    }
+    let fallback_cpu = match cmd.fallback.as_deref() {
+        None => false,
+        Some("cpu") => true,
+        Some(other) => {
+            return Err(Error::InvalidArgument(format!(
+                "--fallback {other}: the only fallback is cpu"
+            )))
+        }
+    };
+    Ok(NetworkOptions {
+        intra_threads: cmd.threads,
+        provider,
+        fallback_cpu,
+        read_into_memory: cmd.no_mmap,
+    })
 }
 
 fn x0_clip(clip: bool, percentile: Option<f64>, max: Option<f64>) -> Result<X0Clip> {
