@@ -81,6 +81,7 @@ pub struct Report {
 }
 
 /// [`generate`], also returning the [`Report`].
+#[allow(clippy::single_range_in_vec_init)] // one range of samples: all of them
 pub fn generate_with_report(
     model: &mut Model,
     opts: &SampleOptions,

@@ -5,6 +5,9 @@
 //! a hidden `.NAME.partial` file that a resumed run truncates to its whole samples and extends,
 //! and is renamed to its name only when complete.
 
+// A list of one range is the common case of a list of ranges, not a mistake.
+#![allow(clippy::single_range_in_vec_init)]
+
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::ops::Range;

@@ -32,6 +32,7 @@ pub struct Cli {
 
 #[derive(FromArgs, Debug)]
 #[argh(subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 enum Command {
     Sample(SampleCmd),
     Invert(edit::InvertCmd),
@@ -164,6 +165,9 @@ struct InfoCmd {
     /// the ONNX model (default: the shipped MNIST model)
     #[argh(option)]
     model: Option<PathBuf>,
+    /// read the model file into memory instead of memory-mapping it
+    #[argh(switch)]
+    no_mmap: bool,
     /// print JSON for programs
     #[argh(switch)]
     json: bool,
@@ -481,7 +485,12 @@ fn list_samplers(json: bool) {
 }
 
 fn info(cmd: InfoCmd) -> Result<()> {
-    let model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), 1)?;
+    let opts = NetworkOptions {
+        intra_threads: 1,
+        read_into_memory: cmd.no_mmap,
+        ..Default::default()
+    };
+    let model = open_model_with(cmd.model.as_deref(), cmd.ort_lib.as_deref(), &opts)?;
     let m = model.metadata();
     if cmd.json {
         let text =
