@@ -20,6 +20,7 @@ pub mod edit;
 pub mod error;
 pub mod generate;
 pub mod image;
+pub mod inpaint;
 pub mod metadata;
 pub mod model;
 pub mod noise;

@@ -35,6 +35,20 @@ impl SeededNoise {
         SeededNoise { rngs, shape }
     }
 
+    /// Draws for the batch rows `rows` only (all when empty), advancing just their streams.
+    pub(crate) fn draw_rows(&mut self, rows: &[usize]) -> Array4<f32> {
+        if rows.is_empty() {
+            return self.draw();
+        }
+        let [c, h, w] = self.shape;
+        let mut out = Array4::<f32>::zeros((rows.len(), c, h, w));
+        for (mut row, &r) in out.outer_iter_mut().zip(rows) {
+            let rng = &mut self.rngs[r];
+            row.iter_mut().for_each(|v| *v = rng.sample(StandardNormal));
+        }
+        out
+    }
+
     fn draw(&mut self) -> Array4<f32> {
         let [c, h, w] = self.shape;
         let mut out = Array4::<f32>::zeros((self.rngs.len(), c, h, w));

@@ -37,6 +37,7 @@ enum Command {
     Sample(SampleCmd),
     Invert(edit::InvertCmd),
     Interpolate(edit::InterpolateCmd),
+    Inpaint(edit::InpaintCmd),
     Info(InfoCmd),
     Samplers(SamplersCmd),
 }
@@ -182,6 +183,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sample(cmd) => sample(cmd),
         Command::Invert(cmd) => edit::invert(cmd),
         Command::Interpolate(cmd) => edit::interpolate(cmd),
+        Command::Inpaint(cmd) => edit::inpaint(cmd),
         Command::Info(cmd) => info(cmd),
         Command::Samplers(cmd) => {
             list_samplers(cmd.json);

@@ -341,6 +341,11 @@ impl SamplerKind {
         }
     }
 
+    /// Whether the sampler chooses its own steps (ignoring the level grid between its ends).
+    pub fn is_adaptive(&self) -> bool {
+        matches!(self, SamplerKind::OdeAdaptive { .. })
+    }
+
     /// Network evaluations per sample for a trajectory of `steps` steps.
     pub fn model_calls(&self, steps: usize) -> usize {
         match self {
