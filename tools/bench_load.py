@@ -11,23 +11,14 @@ and the peak RSS the kernel reports (wait4).
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def run(cmd: list[str]) -> tuple[float, float]:
-    start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()}")
-    return time.time() - start, usage.ru_maxrss / 1024
+sys.path.insert(0, str(ROOT / "tools"))
+from bench_memory import peak_rss_mb  # noqa: E402
 
 
 def main() -> None:
@@ -49,9 +40,9 @@ def main() -> None:
     for name in ("big.onnx", "big.ort"):
         path = tmp / name
         for mode, extra in (("mapped", []), ("read", ["--no-mmap"])):
-            runs = [run([a.binary, "info", "--model", str(path), *extra]) for _ in range(a.reps)]
-            print(f"| {name} | {path.stat().st_size / 1e6:.1f} | {mode} | {min(r[0] for r in runs):.3f} | "
-                  f"{min(r[1] for r in runs):.0f} |", flush=True)
+            runs = [peak_rss_mb([a.binary, "info", "--model", str(path), *extra]) for _ in range(a.reps)]
+            print(f"| {name} | {path.stat().st_size / 1e6:.1f} | {mode} | {min(r[1] for r in runs):.3f} | "
+                  f"{min(r[0] for r in runs):.0f} |", flush=True)
 
 
 if __name__ == "__main__":
