@@ -124,6 +124,7 @@ pub struct ModelDenoiser<'m> {
     /// Global index of the batch's first sample, for error messages.
     first_sample: usize,
     calls: usize,
+    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl<'m> ModelDenoiser<'m> {
@@ -140,7 +141,17 @@ impl<'m> ModelDenoiser<'m> {
             clip,
             first_sample,
             calls: 0,
+            cancel: None,
         }
+    }
+
+    /// Stops with [`Error::Cancelled`] before the next network call once `flag` is set.
+    pub fn with_cancel(
+        mut self,
+        flag: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    ) -> Self {
+        self.cancel = flag;
+        self
     }
 
     /// Network evaluations so far.
@@ -156,6 +167,11 @@ impl Denoiser for ModelDenoiser<'_> {
         rows: &[usize],
         levels: &[NoiseLevel],
     ) -> Result<Denoised> {
+        if let Some(flag) = &self.cancel {
+            if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(Error::Cancelled);
+            }
+        }
         let meta = self.model.metadata();
         let (pred, range) = (meta.prediction, meta.data_range);
         let times: Vec<f64> = levels

@@ -16,6 +16,10 @@ pub enum Error {
         detail: String,
     },
 
+    /// The caller asked to stop (a progress callback of the C API).
+    #[error("cancelled by the caller")]
+    Cancelled,
+
     /// ONNX Runtime refused a model or failed while running it.
     #[error("ONNX Runtime: {context}: {source}")]
     Ort {
@@ -90,6 +94,7 @@ impl Error {
             | Error::Contract { .. } => 3,
             Error::Io { .. } | Error::BadInput { .. } => 4,
             Error::NonFinite { .. } => 5,
+            Error::Cancelled => 6,
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct SampleOptions {
     pub class_label: Option<i64>,
     /// Clipping or dynamic thresholding of x0 predictions at every step.
     pub x0_clip: X0Clip,
+    /// When set, the run stops with [`Error::Cancelled`] before its next network call.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for SampleOptions {
@@ -43,6 +45,7 @@ impl Default for SampleOptions {
             seed: 0,
             class_label: None,
             x0_clip: X0Clip::None,
+            cancel: None,
         }
     }
 }
@@ -153,7 +156,8 @@ pub fn generate_chunks(
             }
         };
         let x = noise.initial()?.mapv(|v| v * prior_std as f32);
-        let mut den = ModelDenoiser::new(model, labels.map(|k| vec![k; m]), opts.x0_clip, first);
+        let mut den = ModelDenoiser::new(model, labels.map(|k| vec![k; m]), opts.x0_clip, first)
+            .with_cancel(opts.cancel.clone());
         let base = b * steps;
         let mut tr = Trajectory {
             den: &mut den,

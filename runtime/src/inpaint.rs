@@ -157,7 +157,8 @@ pub fn inpaint(
         let (known, keep_b) = (images.slice(rows).to_owned(), keep.slice(rows).to_owned());
         let mut noise = SeededNoise::new(opts.seed, first, m, meta.sample_shape);
         let mut den = Pinned {
-            inner: ModelDenoiser::new(model, label.map(|k| vec![k; m]), opts.x0_clip, first),
+            inner: ModelDenoiser::new(model, label.map(|k| vec![k; m]), opts.x0_clip, first)
+                .with_cancel(opts.cancel.clone()),
             known: &known,
             keep: &keep_b,
             noise: SeededNoise::new(

@@ -14,6 +14,7 @@
 //! ```
 
 pub mod backend;
+pub mod capi;
 pub mod cli;
 pub mod denoiser;
 pub mod edit;

@@ -41,6 +41,22 @@ impl Model {
         Model::from_network(network, raw, path)
     }
 
+    /// Opens the default MNIST model embedded at build time from `models/mnist-ddpm.onnx`.
+    pub fn open_default(opts: &NetworkOptions) -> Result<Model> {
+        #[cfg(edgediff_default_model)]
+        {
+            static BYTES: &[u8] = include_bytes!(env!("EDGEDIFF_DEFAULT_MODEL"));
+            Model::from_bytes(BYTES, "<embedded models/mnist-ddpm.onnx>", opts)
+        }
+        #[cfg(not(edgediff_default_model))]
+        {
+            let _ = opts;
+            Err(Error::InvalidArgument(
+                "this build has no embedded default model (models/mnist-ddpm.onnx was absent at build time); give a model path".into(),
+            ))
+        }
+    }
+
     /// Opens a model from the bytes of an ONNX file held in memory; `label` names it in errors.
     pub fn from_bytes(
         bytes: &[u8],

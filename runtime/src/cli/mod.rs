@@ -208,21 +208,8 @@ fn open_model_with(
     init_onnxruntime(ort_lib)?;
     match path {
         Some(p) => Model::open_with(p, opts),
-        None => default_model(opts),
+        None => Model::open_default(opts),
     }
-}
-
-#[cfg(edgediff_default_model)]
-fn default_model(opts: &NetworkOptions) -> Result<Model> {
-    static BYTES: &[u8] = include_bytes!(env!("EDGEDIFF_DEFAULT_MODEL"));
-    Model::from_bytes(BYTES, "<embedded models/mnist-ddpm.onnx>", opts)
-}
-
-#[cfg(not(edgediff_default_model))]
-fn default_model(_opts: &NetworkOptions) -> Result<Model> {
-    Err(Error::InvalidArgument(
-        "this build has no embedded default model (models/mnist-ddpm.onnx was absent at build time); pass --model".into(),
-    ))
 }
 
 fn parse_timesteps(text: &str) -> Result<Vec<f64>> {
@@ -337,6 +324,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         seed: cmd.seed,
         class_label: cmd.class,
         x0_clip: x0_clip(cmd.clip_x0, cmd.dynamic_threshold, cmd.threshold_max)?,
+        cancel: None,
     };
     let start = Instant::now();
     let mut bar = Bar {
