@@ -60,6 +60,9 @@ def check_error(proc, code: int, *needles: str) -> None:
     (["-n", "0"], 2, "-n 0 must be in"),
     (["--spacing", "odd"], 2, "unknown spacing"),
     (["--class", "3"], 2, "not class-conditional"),
+    (["--guidance", "3"], 2, "not class-conditional"),
+    (["--dynamic-threshold", "1.5"], 2, "--dynamic-threshold"),
+    (["--sampler", "adaptive", "--min-steps", "0"], 2, "--min-steps"),
 ])
 def test_bad_arguments(edgediff_bin, tiny_models, tmp_path, args, code, needle):
     out = tmp_path / "never.png"

@@ -76,7 +76,8 @@ int edgediff_request_new(edgediff_request **out);
 void edgediff_request_free(edgediff_request *req);
 
 /* Sets a parameter from text: "sampler", "spacing", "steps", "n", "batch_size", "seed",
- * "order", "eta", "class" (negative: unconditional); the names and values of the CLI. */
+ * "order", "eta", "guidance", "class" (negative: unconditional); the names and values of the
+ * CLI ("guidance" is classifier-free guidance with "class" on class-conditional models). */
 int edgediff_request_set(edgediff_request *req, const char *key, const char *value);
 
 /* Sets the progress callback (NULL: none). */

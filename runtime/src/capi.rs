@@ -105,6 +105,7 @@ pub struct EdgediffRequest {
     n: usize,
     batch_size: usize,
     class: Option<i64>,
+    guidance: Option<f64>,
     progress: EdgediffProgress,
     user: *mut c_void,
 }
@@ -131,6 +132,7 @@ impl EdgediffRequest {
             batch_size: self.batch_size,
             seed: self.seed,
             class_label: self.class,
+            guidance: self.guidance,
             ..Default::default()
         })
     }
@@ -343,6 +345,7 @@ pub unsafe extern "C" fn edgediff_request_new(out: *mut *mut EdgediffRequest) ->
             n: 16,
             batch_size: 64,
             class: None,
+            guidance: None,
             progress: None,
             user: std::ptr::null_mut(),
         }));
@@ -366,7 +369,8 @@ unsafe fn req_mut<'a>(r: *mut EdgediffRequest) -> Result<&'a mut EdgediffRequest
 }
 
 /// Sets a request parameter by name: "sampler", "spacing" (text), "steps", "n", "batch_size",
-/// "seed", "order" (integers), "eta" (number), "class" (integer; negative: unconditional).
+/// "seed", "order" (integers), "eta", "guidance" (numbers), "class" (integer; negative:
+/// unconditional).
 /// The value is given as text, e.g. `edgediff_request_set(req, "steps", "50")`.
 ///
 /// # Safety
@@ -424,6 +428,14 @@ pub unsafe extern "C" fn edgediff_request_set(
                 )
             }
             "class" => r.class = Some(int(value)?).filter(|&k| k >= 0),
+            "guidance" => {
+                r.guidance = Some(
+                    value
+                        .trim()
+                        .parse()
+                        .map_err(|_| arg(&format!("guidance: '{value}' is not a number")))?,
+                )
+            }
             other => return Err(arg(&format!("unknown request parameter '{other}'"))),
         }
         Ok(())

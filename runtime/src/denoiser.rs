@@ -125,6 +125,8 @@ pub struct ModelDenoiser<'m> {
     first_sample: usize,
     calls: usize,
     cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Classifier-free guidance: (scale w, the null label).
+    guidance: Option<(f64, i64)>,
 }
 
 impl<'m> ModelDenoiser<'m> {
@@ -142,7 +144,17 @@ impl<'m> ModelDenoiser<'m> {
             first_sample,
             calls: 0,
             cancel: None,
+            guidance: None,
         }
+    }
+
+    /// Classifier-free guidance (Ho & Salimans 2022): each call evaluates the batch with its
+    /// class labels and with `null_label` (one network call on a doubled batch) and returns
+    /// out_null + w (out_class - out_null); w = 1 is plain conditional sampling. The combination
+    /// is taken on the raw output, which is affine in eps for every prediction type.
+    pub fn with_guidance(mut self, guidance: Option<(f64, i64)>) -> Self {
+        self.guidance = guidance;
+        self
     }
 
     /// Stops with [`Error::Cancelled`] before the next network call once `flag` is set.
@@ -188,10 +200,32 @@ impl Denoiser for ModelDenoiser<'_> {
                 rows.iter().map(|&r| all[r]).collect()
             }
         });
-        let out = self
-            .model
-            .network
-            .run(x.view(), &times, labels.as_deref())?;
+        let out = match (self.guidance, &labels) {
+            (Some((w, null)), Some(labels)) => {
+                let n = x.shape()[0];
+                let both = ndarray::concatenate(Axis(0), &[x.view(), x.view()])
+                    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                let times2: Vec<f64> = times.iter().chain(&times).copied().collect();
+                let labels2: Vec<i64> = labels
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(null, n))
+                    .collect();
+                let out = self
+                    .model
+                    .network
+                    .run(both.view(), &times2, Some(&labels2))?;
+                let (cond, uncond) = out.view().split_at(Axis(0), n);
+                let w = w as f32;
+                Zip::from(&uncond)
+                    .and(&cond)
+                    .map_collect(|&u, &c| u + w * (c - u))
+            }
+            _ => self
+                .model
+                .network
+                .run(x.view(), &times, labels.as_deref())?,
+        };
         self.calls += 1;
         if let Some(bad) = out
             .outer_iter()

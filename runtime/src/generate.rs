@@ -29,6 +29,9 @@ pub struct SampleOptions {
     pub class_label: Option<i64>,
     /// Clipping or dynamic thresholding of x0 predictions at every step.
     pub x0_clip: X0Clip,
+    /// Classifier-free guidance scale for class-conditional models with `class_label` (1 is
+    /// plain conditional sampling; each step then evaluates the network on a doubled batch).
+    pub guidance: Option<f64>,
     /// When set, the run stops with [`Error::Cancelled`] before its next network call.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
@@ -45,6 +48,7 @@ impl Default for SampleOptions {
             seed: 0,
             class_label: None,
             x0_clip: X0Clip::None,
+            guidance: None,
             cancel: None,
         }
     }
@@ -157,7 +161,8 @@ pub fn generate_chunks(
         };
         let x = noise.initial()?.mapv(|v| v * prior_std as f32);
         let mut den = ModelDenoiser::new(model, labels.map(|k| vec![k; m]), opts.x0_clip, first)
-            .with_cancel(opts.cancel.clone());
+            .with_cancel(opts.cancel.clone())
+            .with_guidance(guidance_for(&meta, opts)?);
         let base = b * steps;
         let mut tr = Trajectory {
             den: &mut den,
@@ -224,6 +229,7 @@ fn prepare(
             )));
         }
     }
+    guidance_for(&meta, opts)?;
     Ok((labels, lv))
 }
 
@@ -244,6 +250,30 @@ pub(crate) fn class_label_for(meta: &ModelMetadata, class: Option<i64>) -> Resul
             "--class given but the model is not class-conditional".into(),
         )),
         (_, None) => Ok(None),
+    }
+}
+
+/// The (scale, null label) of classifier-free guidance, checked against the model.
+pub(crate) fn guidance_for(
+    meta: &ModelMetadata,
+    opts: &SampleOptions,
+) -> Result<Option<(f64, i64)>> {
+    let Some(w) = opts.guidance else {
+        return Ok(None);
+    };
+    if !w.is_finite() || w < 0.0 {
+        return Err(Error::InvalidArgument(format!(
+            "--guidance {w} must be a finite number >= 0"
+        )));
+    }
+    match (&meta.conditioning, opts.class_label) {
+        (Some(Conditioning::Class { null_label, .. }), Some(_)) => Ok(Some((w, *null_label))),
+        (Some(Conditioning::Class { .. }), None) => Err(Error::InvalidArgument(
+            "--guidance needs --class K (guidance steers towards a class)".into(),
+        )),
+        _ => Err(Error::InvalidArgument(
+            "--guidance given but the model is not class-conditional (it has no null label to guide from)".into(),
+        )),
     }
 }
 

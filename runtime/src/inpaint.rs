@@ -9,7 +9,9 @@ use ndarray::{s, Array4, Axis, Zip};
 
 use crate::denoiser::{Denoised, Denoiser, ModelDenoiser};
 use crate::error::{Error, Result};
-use crate::generate::{check_options, class_label_for, prior_std, Report, SampleOptions};
+use crate::generate::{
+    check_options, class_label_for, guidance_for, prior_std, Report, SampleOptions,
+};
 use crate::model::Model;
 use crate::noise::{NoiseSource, SeededNoise};
 use crate::sampler::Trajectory;
@@ -134,6 +136,7 @@ pub fn inpaint(
         }
     });
     let label = class_label_for(&meta, opts.class_label)?;
+    let guidance = guidance_for(&meta, &opts)?;
     let lv = match &opts.timesteps {
         Some(ts) => levels(model.schedule(), ts),
         None => spaced_levels(model.schedule(), opts.spacing, opts.steps)?,
@@ -158,7 +161,8 @@ pub fn inpaint(
         let mut noise = SeededNoise::new(opts.seed, first, m, meta.sample_shape);
         let mut den = Pinned {
             inner: ModelDenoiser::new(model, label.map(|k| vec![k; m]), opts.x0_clip, first)
-                .with_cancel(opts.cancel.clone()),
+                .with_cancel(opts.cancel.clone())
+                .with_guidance(guidance),
             known: &known,
             keep: &keep_b,
             noise: SeededNoise::new(

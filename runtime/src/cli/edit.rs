@@ -374,6 +374,9 @@ pub(super) struct InpaintCmd {
     /// class label for class-conditional models
     #[argh(option)]
     class: Option<i64>,
+    /// classifier-free guidance scale with --class
+    #[argh(option)]
+    guidance: Option<f64>,
     /// samples per network call (default 64)
     #[argh(option, default = "64")]
     batch_size: usize,
@@ -453,6 +456,7 @@ pub(super) fn inpaint(cmd: InpaintCmd) -> Result<()> {
         batch_size: cmd.batch_size,
         seed: cmd.seed,
         class_label: cmd.class,
+        guidance: cmd.guidance,
         ..Default::default()
     };
     let start = Instant::now();

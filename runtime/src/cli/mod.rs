@@ -106,6 +106,9 @@ struct SampleCmd {
     /// class label for class-conditional models
     #[argh(option)]
     class: Option<i64>,
+    /// classifier-free guidance scale with --class (1: plain conditional; e.g. 3)
+    #[argh(option)]
+    guidance: Option<f64>,
     /// clip x0 predictions to the model's data range at every step
     #[argh(switch)]
     clip_x0: bool,
@@ -324,6 +327,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         seed: cmd.seed,
         class_label: cmd.class,
         x0_clip: x0_clip(cmd.clip_x0, cmd.dynamic_threshold, cmd.threshold_max)?,
+        guidance: cmd.guidance,
         cancel: None,
     };
     let start = Instant::now();
