@@ -142,6 +142,17 @@ impl ModelMetadata {
         let meta: ModelMetadata =
             serde_json::from_value(value).map_err(|e| format!("malformed field: {e}"))?;
         meta.validate()?;
+        // A discrete schedule whose alpha_bar underflows to 0 has infinite noise: no sampler
+        // can start from it (found by the fuzzer as a crash in the time lookup).
+        if let Some(betas) = crate::schedule::discrete_betas(&meta.schedule) {
+            let last: f64 = betas.iter().map(|b| 1.0 - b).product();
+            if !(last > 1e-300) {
+                return Err(format!(
+                    "the schedule's alpha_bar reaches {last:e} (its betas are too large for {} steps)",
+                    betas.len()
+                ));
+            }
+        }
         Ok(meta)
     }
 

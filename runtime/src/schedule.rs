@@ -164,10 +164,13 @@ impl Schedule {
             Schedule::Discrete { alphas_cumprod, .. } => {
                 let ls = sbar.ln();
                 let table: Vec<f64> = alphas_cumprod.iter().map(|&ab| log_sbar(ab)).collect();
-                if ls <= table[0] {
+                if ls.is_nan() || ls <= table[0] {
                     return 0.0;
                 }
                 let hi = table.partition_point(|&v| v < ls);
+                if hi == 0 {
+                    return 0.0;
+                }
                 if hi >= table.len() {
                     return (table.len() - 1) as f64;
                 }
