@@ -6,7 +6,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No ONNX Runtime shared library could be found or loaded.
-    #[error("ONNX Runtime library not found or not loadable: {detail}\n  fix: run `tools/fetch-onnxruntime` (puts libonnxruntime.so.{ORT_VERSION} into .ort/), or point --ort-lib / ORT_DYLIB_PATH at a libonnxruntime.so of version 1.2x or newer")]
+    #[error("ONNX Runtime library not found or not loadable: {detail}\n  fix: run `tools/fetch-onnxruntime` (puts libonnxruntime.so.{ORT_VERSION} into .ort/), or point --ort-lib / ORT_DYLIB_PATH at a libonnxruntime.so of version 1.31 or newer (API 31)")]
     OrtLibrary { detail: String },
 
     /// An execution provider could not be registered.

@@ -54,6 +54,9 @@ impl Default for SampleOptions {
     }
 }
 
+/// Largest batch array (`batch_size x C x H x W` floats) a run may ask for.
+pub const MAX_BATCH_BYTES: usize = 2 << 30;
+
 /// Upper bound on `n` in one call; larger jobs go through the chunked file writers.
 pub const MAX_SAMPLES: usize = 10_000_000;
 
@@ -214,6 +217,18 @@ fn prepare(
         ));
     }
     let meta = model.metadata().clone();
+    // Samplers keep a few batch-sized arrays (multistep histories up to ~6); refuse batches
+    // whose single array would already pass 2 GiB rather than die in the allocator.
+    let sample_bytes = 4 * meta.sample_shape.iter().product::<usize>();
+    let batch_bytes = opts.batch_size.min(opts.n).saturating_mul(sample_bytes);
+    if batch_bytes > MAX_BATCH_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "--batch-size {} needs {:.1} GiB per batch array (several are live at once); use at most {}",
+            opts.batch_size.min(opts.n),
+            batch_bytes as f64 / (1u64 << 30) as f64,
+            MAX_BATCH_BYTES / sample_bytes
+        )));
+    }
     let labels = class_label_for(&meta, opts.class_label)?;
     let lv = match &opts.timesteps {
         Some(ts) => levels(model.schedule(), &validate_timesteps(model, ts)?),

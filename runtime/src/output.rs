@@ -214,7 +214,10 @@ impl Output {
                     f.write_all(&bytes)?;
                     f.sync_data()
                 })()
-                .map_err(io(format!("writing {}", partial.display())))?;
+                .map_err(io(format!(
+                    "writing {} (the samples before this batch are kept there; fix the cause and rerun with --resume)",
+                    partial.display()
+                )))?;
             }
         }
         Ok(())

@@ -1,0 +1,164 @@
+"""Every row of docs/errors.md, run: each bad input gives its exit code and its exact message,
+and leaves nothing at the output path. The table is generated from these runs
+(`EDGEDIFF_WRITE_ERRORS_DOC=1 tools/test tests/test_errors.py` rewrites it); the test fails
+when the document and the program disagree. Paths in messages appear as $TMP and $REPO.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import ROOT, run_cli
+
+DOC = ROOT / "docs" / "errors.md"
+C_STATUS = {2: "EDGEDIFF_ERR_ARGUMENT", 3: "EDGEDIFF_ERR_MODEL", 4: "EDGEDIFF_ERR_IO",
+            5: "EDGEDIFF_ERR_NONFINITE"}
+
+
+def _strip_metadata(src: Path, dst: Path) -> None:
+    proto = onnx.load(str(src))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(dst))
+
+
+def _set_metadata(src: Path, dst: Path, edit) -> None:
+    proto = onnx.load(str(src))
+    for p in proto.metadata_props:
+        if p.key == "edgediff":
+            p.value = edit(p.value)
+    onnx.save(proto, str(dst))
+
+
+def _rename_input(src: Path, dst: Path) -> None:
+    proto = onnx.load(str(src))
+    old = proto.graph.input[1].name
+    proto.graph.input[1].name = "time"
+    for node in proto.graph.node:
+        node.input[:] = ["time" if i == old else i for i in node.input]
+    onnx.save(proto, str(dst))
+
+
+def do(*steps):
+    """Runs the setup steps (evaluated as arguments) and returns the last: the CLI arguments."""
+    return steps[-1]
+
+
+# (id, case, setup(tmp, tiny) -> extra CLI args, expected exit code)
+def cases():
+    return [
+        ("not-onnx", "the model file is not ONNX",
+         lambda t, m: do((t / "m.onnx").write_text("hello"), ["--model", str(t / "m.onnx")]), 3),
+        ("truncated", "a truncated ONNX file",
+         lambda t, m: do((t / "m.onnx").write_bytes(m.read_bytes()[:3000]), ["--model", str(t / "m.onnx")]), 3),
+        ("no-metadata", "an ONNX model without edgediff metadata",
+         lambda t, m: do(_strip_metadata(m, t / "m.onnx"), ["--model", str(t / "m.onnx")]), 3),
+        ("bad-metadata", "malformed edgediff metadata (not JSON)",
+         lambda t, m: do(_set_metadata(m, t / "m.onnx", lambda v: v[:40]), ["--model", str(t / "m.onnx")]), 3),
+        ("missing-field", "metadata missing a field",
+         lambda t, m: do(_set_metadata(m, t / "m.onnx", lambda v: v.replace('"prediction"', '"predictionx"')),
+                         ["--model", str(t / "m.onnx")]), 3),
+        ("shape-mismatch", "metadata shape disagrees with the graph",
+         lambda t, m: do(_set_metadata(m, t / "m.onnx", lambda v: re.sub(r'"sample_shape": \[[^\]]*\]',
+                                                                         '"sample_shape": [1, 16, 16]', v)),
+                         ["--model", str(t / "m.onnx")]), 3),
+        ("missing-input", "the graph lacks the timestep input",
+         lambda t, m: do(_rename_input(m, t / "m.onnx"), ["--model", str(t / "m.onnx")]), 3),
+        ("unknown-sampler", "unknown sampler", lambda t, m: ["--model", str(m), "--sampler", "magic"], 2),
+        ("unknown-spacing", "unknown spacing", lambda t, m: ["--model", str(m), "--spacing", "odd"], 2),
+        ("steps-0", "zero steps", lambda t, m: ["--model", str(m), "--steps", "0"], 2),
+        ("steps-too-many", "more steps than the schedule has", lambda t, m: ["--model", str(m), "--steps", "1001"], 2),
+        ("n-0", "zero samples", lambda t, m: ["--model", str(m), "-n", "0"], 2),
+        ("huge-batch", "a batch too large for memory",
+         lambda t, m: ["--model", str(m), "-n", "10000000", "--batch-size", "100000000"], 2),
+        ("class-unconditional", "a class for an unconditional model", lambda t, m: ["--model", str(m), "--class", "3"], 2),
+        ("guidance-unconditional", "guidance on an unconditional model",
+         lambda t, m: ["--model", str(m), "--guidance", "3"], 2),
+        ("bad-eta", "eta outside [0, 1]", lambda t, m: ["--model", str(m), "--eta", "2"], 2),
+        ("init-noise-shape", "initial noise of the wrong shape",
+         lambda t, m: do(np.save(t / "z.npy", np.zeros((2, 1, 4, 4), np.float32)),
+                         ["--model", str(m), "--init-noise", str(t / "z.npy")]), 2),
+        ("npy-garbage", "an initial-noise file that is not .npy",
+         lambda t, m: do((t / "z.npy").write_text("x"), ["--model", str(m), "--init-noise", str(t / "z.npy")]), 4),
+        ("provider", "a GPU provider this build or library lacks", lambda t, m: ["--model", str(m), "--provider", "cuda"], 3),
+        ("no-ort", "no ONNX Runtime library at the path given",
+         lambda t, m: ["--model", str(m), "--ort-lib", str(t / "libonnxruntime.so")], 3),
+        ("not-ort", "a library that is not ONNX Runtime",
+         lambda t, m: ["--model", str(m), "--ort-lib", _libm()], 3),
+        ("unwritable", "an output location that cannot be written",
+         lambda t, m: ["--model", str(m), "--out", "/proc/edgediff-test/x.npy"], 4),
+        ("disk-full", "the disk fills up while writing (a 16 KiB file-size limit)",
+         lambda t, m: ["--model", str(m), "-n", "64", "--ULIMIT"], 4),
+    ]
+
+
+def _libm() -> str:
+    for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6"):
+        if Path(p).exists():
+            return p
+    pytest.skip("no libm.so.6 found")
+
+
+def run_case(binary: Path, tiny: Path, tmp: Path, setup) -> tuple[int, str, Path]:
+    tmp.mkdir(parents=True, exist_ok=True)
+    args = setup(tmp, tiny)
+    out = tmp / "out.npy"
+    if "--out" not in args:
+        args = [*args, "--out", str(out)]
+    if "--steps" not in args:
+        args = [*args, "--steps", "2"]
+    if "--ULIMIT" in args:
+        args.remove("--ULIMIT")
+        import subprocess
+        cmd = " ".join(f"'{a}'" for a in [str(binary), "sample", *args])
+        proc = subprocess.run(["bash", "-c", f"trap '' XFSZ; ulimit -f 16; exec {cmd}"],
+                              capture_output=True, text=True)
+    else:
+        proc = run_cli(binary, "sample", *args, check=False)
+    lines = proc.stderr.strip().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith("edgediff: error:")), len(lines))
+    message = " / ".join(line.strip() for line in lines[start:])
+    message = message.replace(str(tmp), "$TMP").replace(str(ROOT), "$REPO").replace(str(tiny), "$MODEL")
+    return proc.returncode, message, out
+
+
+def table(rows: list[tuple[str, str, int, str]]) -> str:
+    head = ["# Errors: what bad input gives", "",
+            "Every row is run by `tests/test_errors.py` (which also rewrites this table with",
+            "`EDGEDIFF_WRITE_ERRORS_DOC=1`): the CLI's exit code, the C library's status for the same",
+            "failure, and the exact message (paths shortened to $TMP, $REPO, $MODEL). In every case",
+            "nothing is left at the output path (a failed `.npy` write keeps its hidden `.NAME.partial`",
+            "with the samples already written, for `--resume`). Further faults are tested in `tests/test_faults.py`",
+            "(NaN from the network: exit 5 naming the step and sample, finished chunks kept; SIGKILL",
+            "then `--resume`: the uninterrupted bytes; two processes on one directory) and",
+            "`tests/c/capi_check.c` (NULL handles, small buffers, invalid UTF-8, cancellation).", "",
+            "| case | id | exit | C status | message |", "|---|---|---|---|---|"]
+    body = [f"| {case} | `{cid}` | {code} | {C_STATUS.get(code, '-')} | {msg.replace('|', '/')} |"
+            for cid, case, code, msg in rows]
+    return "\n".join(head + body) + "\n"
+
+
+def test_errors_table(edgediff_bin, tiny_models, tmp_path):
+    rows = []
+    for cid, case, setup, code in cases():
+        got, message, out = run_case(edgediff_bin, tiny_models["linear"], tmp_path / cid, setup)
+        assert got == code, (cid, got, message)
+        assert message.startswith("edgediff: error:"), (cid, message)
+        assert not out.exists(), cid
+        # Only a failed .npy write keeps its partial file, on purpose, for --resume.
+        left = [p for p in out.parent.glob(".*") if p.is_file()]
+        assert not left or (cid == "disk-full" and left[0].name == ".out.npy.partial"), (cid, left)
+        rows.append((cid, case, code, message))
+    text = table(rows)
+    if os.environ.get("EDGEDIFF_WRITE_ERRORS_DOC"):
+        DOC.parent.mkdir(exist_ok=True)
+        DOC.write_text(text)
+    assert DOC.exists() and DOC.read_text() == text, \
+        "docs/errors.md differs from what the program says; rerun with EDGEDIFF_WRITE_ERRORS_DOC=1"
