@@ -69,6 +69,10 @@ def cases():
          lambda t, m: do(_set_metadata(m, t / "m.onnx", lambda v: re.sub(r'"sample_shape": \[[^\]]*\]',
                                                                          '"sample_shape": [1, 16, 16]', v)),
                          ["--model", str(t / "m.onnx")]), 3),
+        ("output-shape", "the network's output is not shaped like its input",
+         lambda t, m: _half_size(t), 3),
+        ("sample-dtype", "the graph's sample input is not float",
+         lambda t, m: _int_sample(t), 3),
         ("missing-input", "the graph lacks the timestep input",
          lambda t, m: do(_rename_input(m, t / "m.onnx"), ["--model", str(t / "m.onnx")]), 3),
         ("unknown-sampler", "unknown sampler", lambda t, m: ["--model", str(m), "--sampler", "magic"], 2),
@@ -79,6 +83,8 @@ def cases():
         ("huge-batch", "a batch too large for memory",
          lambda t, m: ["--model", str(m), "-n", "10000000", "--batch-size", "100000000"], 2),
         ("class-unconditional", "a class for an unconditional model", lambda t, m: ["--model", str(m), "--class", "3"], 2),
+        ("class-range", "a class label out of range", lambda t, m: _conditional(t), 2),
+        ("inpaint-mask", "an inpainting mask of the wrong size", lambda t, m: _inpaint_bad_mask(t, m), 2),
         ("guidance-unconditional", "guidance on an unconditional model",
          lambda t, m: ["--model", str(m), "--guidance", "3"], 2),
         ("bad-eta", "eta outside [0, 1]", lambda t, m: ["--model", str(m), "--eta", "2"], 2),
@@ -99,6 +105,54 @@ def cases():
     ]
 
 
+def _torch_model(dst: Path, module, sample_dtype=None) -> None:
+    """An edgediff-described ONNX model of `module` with an 8x8 one-channel sample."""
+    import torch
+    from edgediff_export.metadata import make_metadata, write_metadata
+    from edgediff_export.schedules import schedule_metadata
+    x = torch.randn(2, 1, 8, 8) if sample_dtype is None else torch.zeros(2, 1, 8, 8, dtype=sample_dtype)
+    torch.onnx.export(module, (x, torch.tensor([1, 2])), str(dst), input_names=["sample", "timestep"],
+                      output_names=["out"], dynamic_axes={"sample": {0: "N"}, "timestep": {0: "N"}, "out": {0: "N"}},
+                      opset_version=17, dynamo=False)
+    proto = onnx.load(str(dst))
+    write_metadata(proto, make_metadata(name="bad", description="", prediction="epsilon", time_input="index",
+                                        schedule=schedule_metadata("linear"), sample_shape=[1, 8, 8]))
+    onnx.save(proto, str(dst))
+
+
+def _half_size(t: Path) -> list[str]:
+    import torch
+
+    class Half(torch.nn.Module):
+        def forward(self, sample, timestep):
+            return torch.nn.functional.avg_pool2d(sample, 2) + 0 * timestep.float().sum()
+    _torch_model(t / "m.onnx", Half())
+    return ["--model", str(t / "m.onnx")]
+
+
+def _int_sample(t: Path) -> list[str]:
+    import torch
+
+    class Int(torch.nn.Module):
+        def forward(self, sample, timestep):
+            return sample * 2 + timestep.sum().to(sample.dtype)
+    _torch_model(t / "m.onnx", Int(), sample_dtype=torch.int32)
+    return ["--model", str(t / "m.onnx")]
+
+
+def _conditional(t: Path) -> list[str]:
+    import subprocess
+    subprocess.run([sys.executable, "-m", "edgediff_export.export", "random", "--out", str(t / "m.onnx"),
+                    "--num-classes", "3"], check=True, capture_output=True)
+    return ["--model", str(t / "m.onnx"), "--class", "7"]
+
+
+def _inpaint_bad_mask(t: Path, m: Path) -> list[str]:
+    np.save(t / "img.npy", np.zeros((2, 1, 8, 8), np.float32))
+    np.save(t / "mask.npy", np.ones((2, 1, 5, 5), np.float32))
+    return ["inpaint", "--model", str(m), "--image", str(t / "img.npy"), "--mask", str(t / "mask.npy")]
+
+
 def _libm() -> str:
     for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6"):
         if Path(p).exists():
@@ -109,19 +163,20 @@ def _libm() -> str:
 def run_case(binary: Path, tiny: Path, tmp: Path, setup) -> tuple[int, str, Path]:
     tmp.mkdir(parents=True, exist_ok=True)
     args = setup(tmp, tiny)
+    command = args.pop(0) if args[0] in ("inpaint", "invert", "interpolate") else "sample"
     out = tmp / "out.npy"
     if "--out" not in args:
         args = [*args, "--out", str(out)]
-    if "--steps" not in args:
+    if "--steps" not in args and command != "invert":
         args = [*args, "--steps", "2"]
     if "--ULIMIT" in args:
         args.remove("--ULIMIT")
         import subprocess
-        cmd = " ".join(f"'{a}'" for a in [str(binary), "sample", *args])
+        cmd = " ".join(f"'{a}'" for a in [str(binary), command, *args])
         proc = subprocess.run(["bash", "-c", f"trap '' XFSZ; ulimit -f 16; exec {cmd}"],
                               capture_output=True, text=True)
     else:
-        proc = run_cli(binary, "sample", *args, check=False)
+        proc = run_cli(binary, command, *args, check=False)
     lines = proc.stderr.strip().splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith("edgediff: error:")), len(lines))
     message = " / ".join(line.strip() for line in lines[start:])

@@ -12,7 +12,10 @@
  *
  * Threads: a model handle may be shared by threads; runs on one handle are serialised by its
  * lock (open one handle per thread to run in parallel). A request belongs to one thread at a
- * time. Freeing a handle while another thread uses it is undefined, as for free().
+ * time. Handles are checked against the live ones: a freed handle passed again is
+ * EDGEDIFF_ERR_ARGUMENT and a second free does nothing (unless a newer handle of the same kind
+ * got the same address). Freeing a handle while another thread is inside a call with it is
+ * undefined, as for free().
  */
 #ifndef EDGEDIFF_H
 #define EDGEDIFF_H

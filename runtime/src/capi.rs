@@ -5,6 +5,7 @@
 #![allow(clippy::single_range_in_vec_init)] // one range of samples: all of them
 
 use std::cell::RefCell;
+use std::collections::BTreeSet;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
@@ -29,6 +30,16 @@ pub const EDGEDIFF_ERR_IO: c_int = 4;
 pub const EDGEDIFF_ERR_NONFINITE: c_int = 5;
 pub const EDGEDIFF_ERR_CANCELLED: c_int = 6;
 pub const EDGEDIFF_ERR_PANIC: c_int = 7;
+
+/// Addresses of the live handles. Every call checks its handles here, so a freed (or never
+/// opened) handle is an argument error instead of a use after free, and a double free does
+/// nothing; only an address reused by a newer handle of the same kind goes undetected.
+static LIVE_MODELS: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
+static LIVE_REQUESTS: Mutex<BTreeSet<usize>> = Mutex::new(BTreeSet::new());
+
+fn live(set: &Mutex<BTreeSet<usize>>) -> std::sync::MutexGuard<'_, BTreeSet<usize>> {
+    set.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
@@ -222,9 +233,11 @@ pub unsafe extern "C" fn edgediff_model_open(
         } else {
             Model::open_with(text(path, "path")?, &opts)?
         };
-        *out = Box::into_raw(Box::new(EdgediffModel {
+        let p = Box::into_raw(Box::new(EdgediffModel {
             model: Mutex::new(model),
         }));
+        live(&LIVE_MODELS).insert(p as usize);
+        *out = p;
         Ok(())
     })
 }
@@ -248,9 +261,11 @@ pub unsafe extern "C" fn edgediff_model_open_memory(
         crate::backend::init_onnxruntime(None)?;
         let bytes = std::slice::from_raw_parts(data, len);
         let model = Model::from_bytes(bytes, "<memory>", &NetworkOptions::default())?;
-        *out = Box::into_raw(Box::new(EdgediffModel {
+        let p = Box::into_raw(Box::new(EdgediffModel {
             model: Mutex::new(model),
         }));
+        live(&LIVE_MODELS).insert(p as usize);
+        *out = p;
         Ok(())
     })
 }
@@ -261,13 +276,19 @@ pub unsafe extern "C" fn edgediff_model_open_memory(
 /// `model` is NULL or a handle from `edgediff_model_open*` not freed before.
 #[no_mangle]
 pub unsafe extern "C" fn edgediff_model_free(model: *mut EdgediffModel) {
-    if !model.is_null() {
+    if !model.is_null() && live(&LIVE_MODELS).remove(&(model as usize)) {
         let _ = catch_unwind(AssertUnwindSafe(|| drop(Box::from_raw(model))));
     }
 }
 
 unsafe fn model_ref<'a>(m: *const EdgediffModel) -> Result<&'a EdgediffModel, Error> {
-    m.as_ref().ok_or_else(|| arg("model is NULL"))
+    if m.is_null() {
+        return Err(arg("model is NULL"));
+    }
+    if !live(&LIVE_MODELS).contains(&(m as usize)) {
+        return Err(arg("model is not a live handle (freed, or never opened)"));
+    }
+    Ok(&*m)
 }
 
 fn lock(m: &EdgediffModel) -> std::sync::MutexGuard<'_, Model> {
@@ -335,7 +356,7 @@ pub unsafe extern "C" fn edgediff_request_new(out: *mut *mut EdgediffRequest) ->
         if out.is_null() {
             return Err(arg("out is NULL"));
         }
-        *out = Box::into_raw(Box::new(EdgediffRequest {
+        let p = Box::into_raw(Box::new(EdgediffRequest {
             sampler: "ddim".into(),
             steps: 100,
             spacing: Spacing::Trailing,
@@ -349,6 +370,8 @@ pub unsafe extern "C" fn edgediff_request_new(out: *mut *mut EdgediffRequest) ->
             progress: None,
             user: std::ptr::null_mut(),
         }));
+        live(&LIVE_REQUESTS).insert(p as usize);
+        *out = p;
         Ok(())
     })
 }
@@ -359,13 +382,31 @@ pub unsafe extern "C" fn edgediff_request_new(out: *mut *mut EdgediffRequest) ->
 /// `req` is NULL or a handle from `edgediff_request_new` not freed before.
 #[no_mangle]
 pub unsafe extern "C" fn edgediff_request_free(req: *mut EdgediffRequest) {
-    if !req.is_null() {
+    if !req.is_null() && live(&LIVE_REQUESTS).remove(&(req as usize)) {
         let _ = catch_unwind(AssertUnwindSafe(|| drop(Box::from_raw(req))));
     }
 }
 
+fn check_request(r: *const EdgediffRequest) -> Result<(), Error> {
+    if r.is_null() {
+        return Err(arg("request is NULL"));
+    }
+    if !live(&LIVE_REQUESTS).contains(&(r as usize)) {
+        return Err(arg(
+            "request is not a live handle (freed, or never created)",
+        ));
+    }
+    Ok(())
+}
+
 unsafe fn req_mut<'a>(r: *mut EdgediffRequest) -> Result<&'a mut EdgediffRequest, Error> {
-    r.as_mut().ok_or_else(|| arg("request is NULL"))
+    check_request(r)?;
+    Ok(&mut *r)
+}
+
+unsafe fn req_ref<'a>(r: *const EdgediffRequest) -> Result<&'a EdgediffRequest, Error> {
+    check_request(r)?;
+    Ok(&*r)
 }
 
 /// Sets a request parameter by name: "sampler", "spacing" (text), "steps", "n", "batch_size",
@@ -475,7 +516,7 @@ pub unsafe extern "C" fn edgediff_sample(
 ) -> c_int {
     guard(|| {
         let m = model_ref(model)?;
-        let r = req.as_ref().ok_or_else(|| arg("request is NULL"))?;
+        let r = req_ref(req)?;
         if out.is_null() {
             return Err(arg("out is NULL"));
         }
@@ -526,7 +567,7 @@ pub unsafe extern "C" fn edgediff_sample_to_file(
 ) -> c_int {
     guard(|| {
         let m = model_ref(model)?;
-        let r = req.as_ref().ok_or_else(|| arg("request is NULL"))?;
+        let r = req_ref(req)?;
         let path = PathBuf::from(text(path, "path")?);
         let mut model = lock(m);
         let cancel = Arc::new(AtomicBool::new(false));
@@ -539,14 +580,18 @@ pub unsafe extern "C" fn edgediff_sample_to_file(
         let (mut output, todo) =
             Output::create(&path, r.n, meta.sample_shape, meta.data_range, false, None)?;
         let mut progress = r.progress(&cancel);
-        generate_chunks(
+        let run = generate_chunks(
             &mut model,
             &opts,
             None,
             &todo,
             &mut progress,
             &mut |first, x| output.write(first, x),
-        )?;
+        );
+        if let Err(e) = run {
+            output.abandon();
+            return Err(e);
+        }
         output.finish()?;
         Ok(())
     })
@@ -572,7 +617,7 @@ pub unsafe extern "C" fn edgediff_inpaint(
 ) -> c_int {
     guard(|| {
         let m = model_ref(model)?;
-        let r = req.as_ref().ok_or_else(|| arg("request is NULL"))?;
+        let r = req_ref(req)?;
         if images.is_null() || masks.is_null() || out.is_null() {
             return Err(arg("images, masks or out is NULL"));
         }

@@ -115,8 +115,13 @@ pub fn inpaint(
         || (masks.shape()[1] != 1 && masks.shape()[1] != c)
     {
         return Err(Error::InvalidArgument(format!(
-            "the mask has shape {:?}; it must match the images [{n}, {c} or 1, {h}, {w}]",
-            masks.shape()
+            "the mask has shape {:?}; it must match the images: [{n}, 1{}, {h}, {w}]",
+            masks.shape(),
+            if c > 1 {
+                format!(" or {c}")
+            } else {
+                String::new()
+            }
         )));
     }
     let opts = SampleOptions { n, ..opts.clone() };

@@ -55,6 +55,8 @@ pub struct Output {
     grid_cols: Option<usize>,
     grid: Vec<Array4<f32>>,
     npy: Option<(File, PathBuf)>,
+    /// Samples in the .npy partial (resumed ones included).
+    npy_samples: usize,
 }
 
 fn io(ctx: String) -> impl FnOnce(std::io::Error) -> Error {
@@ -94,6 +96,7 @@ impl Output {
             grid_cols,
             grid: Vec::new(),
             npy: None,
+            npy_samples: 0,
         };
         let todo =
             match kind {
@@ -190,6 +193,7 @@ impl Output {
         })()
         .map_err(io(ctx))?;
         self.npy = Some((f, partial));
+        self.npy_samples = done as usize;
         Ok(if done as usize >= self.n {
             Vec::new()
         } else {
@@ -218,9 +222,21 @@ impl Output {
                     "writing {} (the samples before this batch are kept there; fix the cause and rerun with --resume)",
                     partial.display()
                 )))?;
+                self.npy_samples += x.shape()[0];
             }
         }
         Ok(())
+    }
+
+    /// Gives up after a failed run: a `.npy` partial that holds no sample is removed (there is
+    /// nothing to resume); one with samples stays for `--resume`.
+    pub fn abandon(self) {
+        if let Some((f, partial)) = self.npy {
+            drop(f);
+            if self.npy_samples == 0 {
+                let _ = std::fs::remove_file(partial);
+            }
+        }
     }
 
     /// Completes the output; returns the files it consists of.

@@ -87,6 +87,17 @@ int main(int argc, char **argv) {
     EXPECT(r1 == 0 && r2 == 0, "threads ran");
     EXPECT(memcmp(a, one, len * sizeof(float)) == 0 && memcmp(b, one, len * sizeof(float)) == 0, "threads match the lone run");
 
+    /* Freed handles: detected, and a second free does nothing. */
+    edgediff_request *gone = request("1");
+    edgediff_request_free(gone);
+    EXPECT(edgediff_request_set(gone, "n", "2") == EDGEDIFF_ERR_ARGUMENT && strstr(edgediff_last_error(), "not a live"), "freed request");
+    edgediff_request_free(gone);
+    edgediff_model *dead = NULL;
+    EXPECT(edgediff_model_open(argv[1], NULL, 0, 0, &dead) == EDGEDIFF_OK, "second model");
+    edgediff_model_free(dead);
+    EXPECT(edgediff_model_sample_shape(dead, shape) == EDGEDIFF_ERR_ARGUMENT, "freed model");
+    edgediff_model_free(dead);
+
     free(one); free(a); free(b);
     edgediff_model_free(model);
     edgediff_model_free(NULL);

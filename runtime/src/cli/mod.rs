@@ -351,14 +351,20 @@ fn sample(cmd: SampleCmd) -> Result<()> {
     if skipped > 0 {
         log::info!("--resume: {skipped} of {n} samples already written");
     }
-    let report = generate_chunks(
+    let report = match generate_chunks(
         &mut model,
         &opts,
         injected.as_ref(),
         &todo,
         &mut |d, t| bar.update(d, t),
         &mut |first, x| output.write(first, x),
-    )?;
+    ) {
+        Ok(r) => r,
+        Err(e) => {
+            output.abandon();
+            return Err(e);
+        }
+    };
     let sample_secs = start.elapsed().as_secs_f64();
     let files = output.finish()?;
     log::info!("{} samples in {sample_secs:.2}s", n);
