@@ -194,3 +194,25 @@ def test_bad_options_create_no_output(edgediff_bin, tiny_models, tmp_path):
                        "--out", str(out), check=False)
         assert proc.returncode == 2
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "quadratic", "sigmoid", "vp", "ve"])
+def test_schedule_table_matches_closed_forms(edgediff_bin, tmp_path, kind):
+    out = tmp_path / "s.csv"
+    run_cli(edgediff_bin, "schedule", "--kind", kind, "--steps", "1000", "--out", str(out))
+    rows = np.loadtxt(out, delimiter=",", skiprows=1)
+    t, beta, ab, level, logsnr = rows.T
+    if kind in ("vp", "ve"):
+        if kind == "vp":  # alpha_bar = exp(-int beta) for beta(t) = 0.1 + 19.9 t
+            want = np.exp(-(0.1 * t + 0.5 * 19.9 * t * t))
+            np.testing.assert_allclose(ab, want, rtol=1e-9)
+            np.testing.assert_allclose(beta, 0.1 + 19.9 * t, rtol=1e-12)
+        else:
+            np.testing.assert_allclose(level, 0.01 * 5000.0 ** t, rtol=1e-9)
+            np.testing.assert_allclose(logsnr, -2 * np.log(level), rtol=1e-9)
+    else:
+        from edgediff_export.schedules import alphas_cumprod, betas_for
+        np.testing.assert_allclose(beta, betas_for(kind), rtol=1e-9)
+        np.testing.assert_allclose(ab, alphas_cumprod(betas_for(kind)), rtol=1e-9)
+        np.testing.assert_allclose(level, np.sqrt(1 - ab), rtol=1e-9)
+        np.testing.assert_allclose(logsnr, np.log(ab / (1 - ab)), rtol=1e-9)
