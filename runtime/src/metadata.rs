@@ -146,7 +146,7 @@ impl ModelMetadata {
         // can start from it (found by the fuzzer as a crash in the time lookup).
         if let Some(betas) = crate::schedule::discrete_betas(&meta.schedule) {
             let last: f64 = betas.iter().map(|b| 1.0 - b).product();
-            if !(last > 1e-300) {
+            if last.is_nan() || last <= 1e-300 {
                 return Err(format!(
                     "the schedule's alpha_bar reaches {last:e} (its betas are too large for {} steps)",
                     betas.len()
