@@ -41,6 +41,13 @@ fn live(set: &Mutex<BTreeSet<usize>>) -> std::sync::MutexGuard<'_, BTreeSet<usiz
     set.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Boxes `value` into a live handle of the kind `set` tracks.
+fn register<T>(set: &Mutex<BTreeSet<usize>>, value: T) -> *mut T {
+    let p = Box::into_raw(Box::new(value));
+    live(set).insert(p as usize);
+    p
+}
+
 thread_local! {
     static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
 }
@@ -128,11 +135,7 @@ impl EdgediffRequest {
             SamplerArgs {
                 eta: self.eta,
                 order: self.order,
-                snr: None,
-                rtol: None,
-                atol: None,
-                min_steps: None,
-                max_steps: None,
+                ..Default::default()
             },
         )?;
         Ok(SampleOptions {
@@ -233,11 +236,12 @@ pub unsafe extern "C" fn edgediff_model_open(
         } else {
             Model::open_with(text(path, "path")?, &opts)?
         };
-        let p = Box::into_raw(Box::new(EdgediffModel {
-            model: Mutex::new(model),
-        }));
-        live(&LIVE_MODELS).insert(p as usize);
-        *out = p;
+        *out = register(
+            &LIVE_MODELS,
+            EdgediffModel {
+                model: Mutex::new(model),
+            },
+        );
         Ok(())
     })
 }
@@ -261,11 +265,12 @@ pub unsafe extern "C" fn edgediff_model_open_memory(
         crate::backend::init_onnxruntime(None)?;
         let bytes = std::slice::from_raw_parts(data, len);
         let model = Model::from_bytes(bytes, "<memory>", &NetworkOptions::default())?;
-        let p = Box::into_raw(Box::new(EdgediffModel {
-            model: Mutex::new(model),
-        }));
-        live(&LIVE_MODELS).insert(p as usize);
-        *out = p;
+        *out = register(
+            &LIVE_MODELS,
+            EdgediffModel {
+                model: Mutex::new(model),
+            },
+        );
         Ok(())
     })
 }
@@ -356,22 +361,23 @@ pub unsafe extern "C" fn edgediff_request_new(out: *mut *mut EdgediffRequest) ->
         if out.is_null() {
             return Err(arg("out is NULL"));
         }
-        let p = Box::into_raw(Box::new(EdgediffRequest {
-            sampler: "ddim".into(),
-            steps: 100,
-            spacing: Spacing::Trailing,
-            eta: None,
-            order: None,
-            seed: 0,
-            n: 16,
-            batch_size: 64,
-            class: None,
-            guidance: None,
-            progress: None,
-            user: std::ptr::null_mut(),
-        }));
-        live(&LIVE_REQUESTS).insert(p as usize);
-        *out = p;
+        *out = register(
+            &LIVE_REQUESTS,
+            EdgediffRequest {
+                sampler: "ddim".into(),
+                steps: 100,
+                spacing: Spacing::Trailing,
+                eta: None,
+                order: None,
+                seed: 0,
+                n: 16,
+                batch_size: 64,
+                class: None,
+                guidance: None,
+                progress: None,
+                user: std::ptr::null_mut(),
+            },
+        );
         Ok(())
     })
 }
@@ -435,18 +441,7 @@ pub unsafe extern "C" fn edgediff_request_set(
         };
         match key {
             "sampler" => {
-                SamplerKind::parse(
-                    value,
-                    SamplerArgs {
-                        eta: None,
-                        order: None,
-                        snr: None,
-                        rtol: None,
-                        atol: None,
-                        min_steps: None,
-                        max_steps: None,
-                    },
-                )?;
+                SamplerKind::parse(value, SamplerArgs::default())?;
                 r.sampler = value.into();
             }
             "spacing" => r.spacing = value.parse()?,

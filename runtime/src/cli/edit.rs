@@ -272,13 +272,8 @@ pub(super) fn interpolate(cmd: InterpolateCmd) -> Result<()> {
     let sampler = SamplerKind::parse(
         &cmd.sampler,
         SamplerArgs {
-            eta: None,
             order: cmd.order,
-            snr: None,
-            rtol: None,
-            atol: None,
-            min_steps: None,
-            max_steps: None,
+            ..Default::default()
         },
     )?;
     if sampler.is_stochastic() {
@@ -434,11 +429,7 @@ pub(super) fn inpaint(cmd: InpaintCmd) -> Result<()> {
         SamplerArgs {
             eta: cmd.eta,
             order: cmd.order,
-            snr: None,
-            rtol: None,
-            atol: None,
-            min_steps: None,
-            max_steps: None,
+            ..Default::default()
         },
     )?;
     let spacing: Spacing = cmd.spacing.parse()?;

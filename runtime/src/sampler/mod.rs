@@ -183,8 +183,9 @@ pub const SAMPLERS: &[SamplerInfo] = &[
     },
 ];
 
-/// Sampler parameters given on the command line; each sampler reads the ones it uses.
-#[derive(Debug, Clone, Copy)]
+/// Sampler parameters given on the command line; each sampler reads the ones it uses (None:
+/// the sampler's default).
+#[derive(Debug, Clone, Copy, Default)]
 pub struct SamplerArgs {
     pub eta: Option<f64>,
     pub order: Option<usize>,
