@@ -16,9 +16,9 @@ use ndarray::Array4;
 
 use crate::backend::{NetworkOptions, Provider};
 use crate::error::Error;
-use crate::generate::{check_options, generate_chunks, SampleOptions};
+use crate::generate::{generate_chunks, SampleOptions};
 use crate::model::Model;
-use crate::output::Output;
+use crate::output::generate_to_path;
 use crate::sampler::{SamplerArgs, SamplerKind};
 use crate::spacing::Spacing;
 
@@ -149,6 +149,16 @@ impl EdgediffRequest {
             guidance: self.guidance,
             ..Default::default()
         })
+    }
+
+    /// The options of a run, with the flag its progress callback sets to cancel it.
+    fn run_options(&self) -> Result<(SampleOptions, Arc<AtomicBool>), Error> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        let opts = SampleOptions {
+            cancel: Some(cancel.clone()),
+            ..self.options()?
+        };
+        Ok((opts, cancel))
     }
 
     /// A progress closure calling the C callback; a non-zero answer sets `cancel`.
@@ -431,13 +441,15 @@ pub unsafe extern "C" fn edgediff_request_set(
     guard(|| {
         let r = req_mut(req)?;
         let (key, value) = (text(key, "key")?, text(value, "value")?);
-        let int = |v: &str| -> Result<i64, Error> {
+        // One parser for every number; the message names the key and the kind expected.
+        fn num<T: std::str::FromStr>(key: &str, v: &str, kind: &str) -> Result<T, Error> {
             v.trim()
                 .parse()
-                .map_err(|_| arg(&format!("{key}: '{v}' is not an integer")))
-        };
+                .map_err(|_| arg(&format!("{key}: '{v}' is not {kind}")))
+        }
         let size = |v: &str| -> Result<usize, Error> {
-            usize::try_from(int(v)?).map_err(|_| arg(&format!("{key}: '{v}' must not be negative")))
+            usize::try_from(num::<i64>(key, v, "an integer")?)
+                .map_err(|_| arg(&format!("{key}: '{v}' must not be negative")))
         };
         match key {
             "sampler" => {
@@ -448,30 +460,11 @@ pub unsafe extern "C" fn edgediff_request_set(
             "steps" => r.steps = size(value)?,
             "n" => r.n = size(value)?,
             "batch_size" => r.batch_size = size(value)?,
-            "seed" => {
-                r.seed = value
-                    .trim()
-                    .parse()
-                    .map_err(|_| arg(&format!("seed: '{value}' is not an unsigned integer")))?
-            }
+            "seed" => r.seed = num(key, value, "an unsigned integer")?,
             "order" => r.order = Some(size(value)?),
-            "eta" => {
-                r.eta = Some(
-                    value
-                        .trim()
-                        .parse()
-                        .map_err(|_| arg(&format!("eta: '{value}' is not a number")))?,
-                )
-            }
-            "class" => r.class = Some(int(value)?).filter(|&k| k >= 0),
-            "guidance" => {
-                r.guidance = Some(
-                    value
-                        .trim()
-                        .parse()
-                        .map_err(|_| arg(&format!("guidance: '{value}' is not a number")))?,
-                )
-            }
+            "eta" => r.eta = Some(num(key, value, "a number")?),
+            "class" => r.class = Some(num::<i64>(key, value, "an integer")?).filter(|&k| k >= 0),
+            "guidance" => r.guidance = Some(num(key, value, "a number")?),
             other => return Err(arg(&format!("unknown request parameter '{other}'"))),
         }
         Ok(())
@@ -524,11 +517,7 @@ pub unsafe extern "C" fn edgediff_sample(
                 r.n
             )));
         }
-        let cancel = Arc::new(AtomicBool::new(false));
-        let opts = SampleOptions {
-            cancel: Some(cancel.clone()),
-            ..r.options()?
-        };
+        let (opts, cancel) = r.run_options()?;
         let dst = std::slice::from_raw_parts_mut(out, need);
         let per = c * h * w;
         let mut progress = r.progress(&cancel);
@@ -565,29 +554,9 @@ pub unsafe extern "C" fn edgediff_sample_to_file(
         let r = req_ref(req)?;
         let path = PathBuf::from(text(path, "path")?);
         let mut model = lock(m);
-        let cancel = Arc::new(AtomicBool::new(false));
-        let opts = SampleOptions {
-            cancel: Some(cancel.clone()),
-            ..r.options()?
-        };
-        check_options(&model, &opts, None)?;
-        let meta = model.metadata().clone();
-        let (mut output, todo) =
-            Output::create(&path, r.n, meta.sample_shape, meta.data_range, false, None)?;
+        let (opts, cancel) = r.run_options()?;
         let mut progress = r.progress(&cancel);
-        let run = generate_chunks(
-            &mut model,
-            &opts,
-            None,
-            &todo,
-            &mut progress,
-            &mut |first, x| output.write(first, x),
-        );
-        if let Err(e) = run {
-            output.abandon();
-            return Err(e);
-        }
-        output.finish()?;
+        generate_to_path(&mut model, &opts, None, &path, false, &mut progress)?;
         Ok(())
     })
 }
@@ -634,11 +603,7 @@ pub unsafe extern "C" fn edgediff_inpaint(
             std::slice::from_raw_parts(masks, n * h * w).to_vec(),
         )
         .map_err(|e| arg(&e.to_string()))?;
-        let cancel = Arc::new(AtomicBool::new(false));
-        let opts = SampleOptions {
-            cancel: Some(cancel.clone()),
-            ..r.options()?
-        };
+        let (opts, cancel) = r.run_options()?;
         let mut progress = r.progress(&cancel);
         let (x, _) = crate::inpaint::inpaint(
             &mut model,

@@ -199,8 +199,9 @@ pub fn check_options(
     prepare(model, opts, injected).map(|_| ())
 }
 
-/// The validated class label and the levels to visit.
-fn prepare(
+/// Validates `opts` against the model; returns the class label each call gets and the levels
+/// to visit.
+pub(crate) fn prepare(
     model: &Model,
     opts: &SampleOptions,
     injected: Option<&InjectedNoise>,

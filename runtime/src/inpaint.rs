@@ -9,14 +9,11 @@ use ndarray::{s, Array4, Axis, Zip};
 
 use crate::denoiser::{Denoised, Denoiser, ModelDenoiser};
 use crate::error::{Error, Result};
-use crate::generate::{
-    check_options, class_label_for, guidance_for, prior_std, Report, SampleOptions,
-};
+use crate::generate::{guidance_for, prepare, prior_std, Report, SampleOptions};
 use crate::model::Model;
 use crate::noise::{NoiseSource, SeededNoise};
 use crate::sampler::Trajectory;
 use crate::schedule::NoiseLevel;
-use crate::spacing::{levels, spaced_levels};
 
 /// RePaint resampling: every `jumps` steps, go back up and redo them `resample` more times
 /// (`jumps` 0: no resampling).
@@ -125,7 +122,7 @@ pub fn inpaint(
         )));
     }
     let opts = SampleOptions { n, ..opts.clone() };
-    check_options(model, &opts, None)?;
+    let (label, lv) = prepare(model, &opts, None)?;
     if resampling.jumps > 0 && opts.sampler.is_adaptive() {
         return Err(Error::InvalidArgument(
             "--jumps needs a sampler with a level grid; the adaptive samplers choose their own"
@@ -140,12 +137,7 @@ pub fn inpaint(
             1.0
         }
     });
-    let label = class_label_for(&meta, opts.class_label)?;
     let guidance = guidance_for(&meta, &opts)?;
-    let lv = match &opts.timesteps {
-        Some(ts) => levels(model.schedule(), ts),
-        None => spaced_levels(model.schedule(), opts.spacing, opts.steps)?,
-    };
     let steps = lv.len() - 1;
     let prior = prior_std(model.schedule(), &lv) as f32;
     let schedule = model.schedule().clone();

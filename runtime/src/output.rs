@@ -265,6 +265,58 @@ impl Output {
     }
 }
 
+/// What [`generate_to_path`] did.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub files: Vec<PathBuf>,
+    /// Samples found already written (with `resume`) and not generated again.
+    pub resumed: usize,
+    pub report: crate::generate::Report,
+}
+
+/// Generates `opts.n` samples into `path` as `edgediff sample --out` does: options are checked
+/// before anything is created there, batches are written as they finish, and a run that fails
+/// leaves only what `--resume` can continue from.
+pub fn generate_to_path(
+    model: &mut crate::model::Model,
+    opts: &crate::generate::SampleOptions,
+    injected: Option<&crate::noise::InjectedNoise>,
+    path: &Path,
+    resume: bool,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Written> {
+    crate::generate::check_options(model, opts, injected)?;
+    let meta = model.metadata().clone();
+    let (mut output, todo) = Output::create(
+        path,
+        opts.n,
+        meta.sample_shape,
+        meta.data_range,
+        resume,
+        None,
+    )?;
+    let resumed = opts.n - todo.iter().map(|r| r.len()).sum::<usize>();
+    let run = crate::generate::generate_chunks(
+        model,
+        opts,
+        injected,
+        &todo,
+        progress,
+        &mut |first, x| output.write(first, x),
+    );
+    match run {
+        Ok(report) => Ok(Written {
+            files: output.finish()?,
+            resumed,
+            report,
+        }),
+        Err(e) => {
+            output.abandon();
+            Err(e)
+        }
+    }
+}
+
 /// Writes all of `x` at once (for outputs small enough to hold: reconstructions, strips).
 pub fn write_all(
     x: &Array4<f32>,

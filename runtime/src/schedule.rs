@@ -59,6 +59,8 @@ pub enum Schedule {
     Discrete {
         betas: Vec<f64>,
         alphas_cumprod: Vec<f64>,
+        /// log(sigma/alpha) per index, increasing: the table every time lookup searches.
+        log_sbar: Vec<f64>,
     },
     /// Continuous VP SDE with beta(t) = beta_min + t (beta_max - beta_min).
     Vp { beta_min: f64, beta_max: f64 },
@@ -127,16 +129,18 @@ impl Schedule {
     pub fn from_spec(spec: &ScheduleSpec) -> Schedule {
         match (discrete_betas(spec), spec) {
             (Some(betas), _) => {
-                let alphas_cumprod = betas
+                let alphas_cumprod: Vec<f64> = betas
                     .iter()
                     .scan(1.0, |acc, b| {
                         *acc *= 1.0 - b;
                         Some(*acc)
                     })
                     .collect();
+                let log_sbar = alphas_cumprod.iter().map(|&ab| log_sbar(ab)).collect();
                 Schedule::Discrete {
                     betas,
                     alphas_cumprod,
+                    log_sbar,
                 }
             }
             (None, ScheduleSpec::Vp { beta_min, beta_max }) => Schedule::Vp {
@@ -161,9 +165,10 @@ impl Schedule {
     /// clamped to the schedule's range. Discrete schedules give fractional indices.
     pub fn t_for_sbar(&self, sbar: f64) -> f64 {
         match self {
-            Schedule::Discrete { alphas_cumprod, .. } => {
+            Schedule::Discrete {
+                log_sbar: table, ..
+            } => {
                 let ls = sbar.ln();
-                let table: Vec<f64> = alphas_cumprod.iter().map(|&ab| log_sbar(ab)).collect();
                 if ls.is_nan() || ls <= table[0] {
                     return 0.0;
                 }
@@ -231,7 +236,11 @@ impl Schedule {
     /// interpolate log alpha-bar linearly).
     pub fn level(&self, t: f64) -> NoiseLevel {
         match self {
-            Schedule::Discrete { alphas_cumprod, .. } => {
+            Schedule::Discrete {
+                alphas_cumprod,
+                log_sbar: table,
+                ..
+            } => {
                 let last = (alphas_cumprod.len() - 1) as f64;
                 let tc = t.clamp(0.0, last);
                 let (i, frac) = (tc.floor() as usize, tc - tc.floor());
@@ -245,8 +254,7 @@ impl Schedule {
                 }
                 // Between table entries interpolate log(sigma/alpha) linearly, as k-diffusion and
                 // diffusers do, so that `t_for_sbar` is its exact inverse.
-                let ls = (1.0 - frac) * log_sbar(alphas_cumprod[i])
-                    + frac * log_sbar(alphas_cumprod[i + 1]);
+                let ls = (1.0 - frac) * table[i] + frac * table[i + 1];
                 NoiseLevel::from_sbar(t, ls.exp())
             }
             Schedule::Vp { beta_min, beta_max } => {

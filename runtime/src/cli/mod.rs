@@ -10,11 +10,11 @@ use ndarray::{Ix4, Ix5};
 use crate::backend::{init_onnxruntime, NetworkOptions, Provider};
 use crate::denoiser::X0Clip;
 use crate::error::{Error, Result};
-use crate::generate::{check_options, generate_chunks, SampleOptions};
+use crate::generate::SampleOptions;
 use crate::model::Model;
 use crate::noise::InjectedNoise;
 use crate::npy::read_npy;
-use crate::output::{write_all, Output};
+use crate::output::{generate_to_path, write_all};
 use crate::sampler::{SamplerArgs, SamplerKind, SAMPLERS};
 use crate::spacing::Spacing;
 
@@ -339,37 +339,19 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         active: !cmd.quiet && std::io::stderr().is_terminal(),
         n,
     };
-    // Refuse bad options before anything is created at the output path.
-    check_options(&model, &opts, injected.as_ref())?;
-    let meta = model.metadata().clone();
-    let (mut output, todo) = Output::create(
-        &cmd.out,
-        n,
-        meta.sample_shape,
-        meta.data_range,
-        cmd.resume,
-        None,
-    )?;
-    let skipped = n - todo.iter().map(|r| r.len()).sum::<usize>();
-    if skipped > 0 {
-        log::info!("--resume: {skipped} of {n} samples already written");
-    }
-    let report = match generate_chunks(
+    let written = generate_to_path(
         &mut model,
         &opts,
         injected.as_ref(),
-        &todo,
+        &cmd.out,
+        cmd.resume,
         &mut |d, t| bar.update(d, t),
-        &mut |first, x| output.write(first, x),
-    ) {
-        Ok(r) => r,
-        Err(e) => {
-            output.abandon();
-            return Err(e);
-        }
-    };
+    )?;
     let sample_secs = start.elapsed().as_secs_f64();
-    let files = output.finish()?;
+    let (files, report, skipped) = (written.files, written.report, written.resumed);
+    if skipped > 0 {
+        log::info!("--resume: {skipped} of {n} samples were already written");
+    }
     log::info!("{} samples in {sample_secs:.2}s", n);
     if cmd.json {
         let summary = serde_json::json!({

@@ -80,6 +80,7 @@ fn rows(kind: &str, steps: usize) -> Result<Vec<Row>> {
         Schedule::Discrete {
             betas,
             alphas_cumprod,
+            ..
         } => betas
             .iter()
             .zip(alphas_cumprod)
