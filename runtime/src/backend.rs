@@ -298,6 +298,25 @@ impl Network {
         Ok(builder)
     }
 
+    /// A CPU session for an auxiliary ONNX model outside the model contract (the classifier
+    /// that judges samples), read into memory; `path` labels errors.
+    pub(crate) fn plain_session(path: &Path, intra_threads: usize) -> Result<Session> {
+        let bytes = std::fs::read(path).map_err(|e| Error::ModelFile {
+            path: path.into(),
+            detail: e.to_string(),
+        })?;
+        let opts = NetworkOptions {
+            intra_threads,
+            ..Default::default()
+        };
+        Network::builder(&opts, false)?
+            .commit_from_memory(&bytes)
+            .map_err(|e| Error::ModelFile {
+                path: path.into(),
+                detail: format!("ONNX Runtime cannot parse it as an ONNX model ({e})"),
+            })
+    }
+
     fn build(
         bytes: &[u8],
         keep: ModelBytes,

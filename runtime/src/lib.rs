@@ -15,10 +15,12 @@
 
 pub mod backend;
 pub mod capi;
+pub mod classifier;
 pub mod cli;
 pub mod denoiser;
 pub mod edit;
 pub mod error;
+pub mod fid;
 pub mod generate;
 pub mod image;
 pub mod inpaint;

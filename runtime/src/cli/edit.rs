@@ -1,6 +1,5 @@
 //! `edgediff invert` and `edgediff interpolate`: the editing uses of deterministic sampling.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -121,14 +120,6 @@ pub(super) struct InterpolateCmd {
     json: bool,
 }
 
-fn bar(quiet: bool, n: usize) -> Bar {
-    Bar {
-        start: Instant::now(),
-        active: !quiet && std::io::stderr().is_terminal(),
-        n,
-    }
-}
-
 /// Reads the images given to `invert` into `[n, C, H, W]`.
 fn load_images(paths: &[PathBuf], shape: [usize; 3], range: [f64; 2]) -> Result<Array4<f32>> {
     let is_npy = |p: &PathBuf| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
@@ -171,7 +162,7 @@ pub(super) fn invert(cmd: InvertCmd) -> Result<()> {
     let images = load_images(&cmd.image, meta.sample_shape, meta.data_range)?;
     let n = images.shape()[0];
     let start = Instant::now();
-    let mut b = bar(cmd.quiet, n);
+    let mut b = Bar::new(cmd.quiet, n);
     let noise = crate::edit::invert(
         &mut model,
         &images,
@@ -196,7 +187,7 @@ pub(super) fn invert(cmd: InvertCmd) -> Result<()> {
         initial: noise,
         steps: None,
     };
-    let mut b = bar(cmd.quiet, n);
+    let mut b = Bar::new(cmd.quiet, n);
     let recon = generate(&mut model, &opts, Some(&injected), &mut |d, t| {
         b.update(d, t)
     })?;
@@ -309,7 +300,7 @@ pub(super) fn interpolate(cmd: InterpolateCmd) -> Result<()> {
         steps: None,
     };
     let start = Instant::now();
-    let mut bar = bar(cmd.quiet, cmd.frames);
+    let mut bar = Bar::new(cmd.quiet, cmd.frames);
     let x = generate(&mut model, &opts, Some(&injected), &mut |d, t| {
         bar.update(d, t)
     })?;
@@ -451,7 +442,7 @@ pub(super) fn inpaint(cmd: InpaintCmd) -> Result<()> {
         ..Default::default()
     };
     let start = Instant::now();
-    let mut b = bar(cmd.quiet, n);
+    let mut b = Bar::new(cmd.quiet, n);
     let (x, report) = crate::inpaint::inpaint(
         &mut model,
         &opts,

@@ -18,6 +18,7 @@ use crate::output::{generate_to_path, write_all};
 use crate::sampler::{SamplerArgs, SamplerKind, SAMPLERS};
 use crate::spacing::Spacing;
 
+mod compare;
 mod edit;
 mod schedule;
 
@@ -40,6 +41,7 @@ enum Command {
     Interpolate(edit::InterpolateCmd),
     Inpaint(edit::InpaintCmd),
     Schedule(schedule::ScheduleCmd),
+    Compare(compare::CompareCmd),
     Info(InfoCmd),
     Samplers(SamplersCmd),
 }
@@ -190,6 +192,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Interpolate(cmd) => edit::interpolate(cmd),
         Command::Inpaint(cmd) => edit::inpaint(cmd),
         Command::Schedule(cmd) => schedule::schedule(cmd),
+        Command::Compare(cmd) => compare::compare(cmd),
         Command::Info(cmd) => info(cmd),
         Command::Samplers(cmd) => {
             list_samplers(cmd.json);
@@ -259,6 +262,15 @@ struct Bar {
 }
 
 impl Bar {
+    /// A bar for `n` samples, shown only when not `quiet` and stderr is a terminal.
+    fn new(quiet: bool, n: usize) -> Bar {
+        Bar {
+            start: Instant::now(),
+            active: !quiet && std::io::stderr().is_terminal(),
+            n,
+        }
+    }
+
     fn update(&mut self, done: usize, total: usize) {
         if !self.active || total == 0 {
             return;
@@ -334,11 +346,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         cancel: None,
     };
     let start = Instant::now();
-    let mut bar = Bar {
-        start,
-        active: !cmd.quiet && std::io::stderr().is_terminal(),
-        n,
-    };
+    let mut bar = Bar::new(cmd.quiet, n);
     let written = generate_to_path(
         &mut model,
         &opts,

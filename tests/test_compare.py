@@ -1,0 +1,122 @@
+"""`edgediff compare` and the quality metrics behind it (domain FID, Inception FID).
+
+The metrics are checked on tiny inputs: identical sets give ~0, a shifted set gives more, and
+the runtime's Fréchet distance (Jacobi eigensolver in Rust) agrees with an independent numpy
+computation (LAPACK eigh) on the same classifier features.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from conftest import ROOT, run_cli
+
+sys.path.insert(0, str(ROOT / "tools"))
+import fid_inception  # noqa: E402
+
+CLASSIFIER = ROOT / "models" / "mnist-classifier.onnx"
+
+
+def compare(binary: Path, out: Path, *extra: str) -> list[dict]:
+    run_cli(binary, "compare", "--samplers", "ddim,ddpm", "--steps", "3,2", "-n", "6",
+            "--batch-size", "4", "-o", str(out), "-q", *extra)
+    return json.loads((out / "results.json").read_text())
+
+
+def classifier_features(x: np.ndarray) -> np.ndarray:
+    s = ort.InferenceSession(str(CLASSIFIER), providers=["CPUExecutionProvider"])
+    return s.run(["features"], {"image": x.astype(np.float32)})[0].astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from edgediff_export.data import load_mnist
+
+    path = tmp_path_factory.mktemp("ref") / "ref.npy"
+    np.save(path, load_mnist("test")[0][:64])
+    return path
+
+
+def test_cells_share_noise_and_record_calls(edgediff_bin, tmp_path, reference):
+    rows = compare(edgediff_bin, tmp_path / "c", "--classifier", str(CLASSIFIER), "--reference", str(reference))
+    cells = {(r["sampler"], r["steps"]): r for r in rows}
+    assert set(cells) == {("ddim", 3), ("ddpm", 3), ("ddim", 2), ("ddpm", 2)}
+    assert all(r["model_calls"] == r["steps"] for r in rows)
+    # Same starting noise as `sample` with the same seed: the ddim cell is that run, byte for byte.
+    run_cli(edgediff_bin, "sample", "--sampler", "ddim", "--steps", "2", "-n", "6", "-q",
+            "-o", str(tmp_path / "s.npy"))
+    assert np.array_equal(np.load(cells[("ddim", 2)]["samples"]), np.load(tmp_path / "s.npy"))
+    with open(tmp_path / "c" / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4 and all(float(r["domain_fid"]) > 0 for r in table)
+    assert all(Path(r["grid"]).stat().st_size > 0 for r in table)
+    assert all(0 <= r["domain"]["confident"] <= 1 and len(r["domain"]["class_shares"]) == 10 for r in rows)
+
+
+def test_rerun_reuses_cells_and_domain_fid_is_zero_for_identical_sets(edgediff_bin, tmp_path, reference):
+    first = compare(edgediff_bin, tmp_path / "c", "--classifier", str(CLASSIFIER), "--reference", str(reference))
+    cell = next(r for r in first if (r["sampler"], r["steps"]) == ("ddim", 3))
+    samples = np.load(cell["samples"])
+    # The same command with the cell's own samples as reference: its cells are reused (same
+    # timing record), and that cell's FID against itself is ~0.
+    again = compare(edgediff_bin, tmp_path / "c", "--classifier", str(CLASSIFIER), "--reference", cell["samples"])
+    same = next(r for r in again if (r["sampler"], r["steps"]) == ("ddim", 3))
+    assert same["seconds"] == cell["seconds"]
+    assert abs(same["domain"]["fid"]) < 1e-6
+    # A shifted reference set is far.
+    np.save(tmp_path / "shifted.npy", np.clip(samples + 0.5, -1, 1).astype(np.float32))
+    shifted = compare(edgediff_bin, tmp_path / "c", "--classifier", str(CLASSIFIER), "--reference",
+                      str(tmp_path / "shifted.npy"))
+    far = next(r for r in shifted if (r["sampler"], r["steps"]) == ("ddim", 3))
+    assert far["domain"]["fid"] > 1.0
+
+
+def test_runtime_fid_matches_numpy(edgediff_bin, tmp_path, reference):
+    rows = compare(edgediff_bin, tmp_path / "c", "--classifier", str(CLASSIFIER), "--reference", str(reference))
+    ref = classifier_features(np.load(reference))
+    for r in rows:
+        f = classifier_features(np.load(r["samples"]))
+        want = fid_inception.frechet_distance(*fid_inception.gaussian_stats(f), *fid_inception.gaussian_stats(ref))
+        # float32 features, float64 statistics, two different eigensolvers: 1e-6 relative.
+        assert r["domain"]["fid"] == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+def test_numpy_frechet_closed_form():
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
+    da, db = np.array([4.0, 1.0, 0.0, 2.0]), np.array([1.0, 9.0, 1.0, 0.5])
+    a, b = q @ np.diag(da) @ q.T, q @ np.diag(db) @ q.T
+    mu_a, mu_b = np.zeros(4), np.array([1.0, 0, 0, 2.0])
+    want = 5.0 + ((np.sqrt(da) - np.sqrt(db)) ** 2).sum()
+    assert fid_inception.frechet_distance(mu_a, a, mu_b, b) == pytest.approx(want, rel=1e-10)
+
+
+def test_legacy_bilinear_resize():
+    import torch
+
+    # TF1 resize_bilinear (align_corners=False): output i samples input i * in/out, edge held.
+    x = torch.tensor([[[[0.0, 10.0, 20.0]]]])
+    y = fid_inception._legacy_bilinear_axis(x, 6, 3)
+    assert y.flatten().tolist() == pytest.approx([0, 5, 10, 15, 20, 20])
+    imgs = np.stack([np.full((1, 28, 28), -1.0), np.full((1, 28, 28), 1.0)]).astype(np.float32)
+    z = fid_inception.to_inception_input(imgs)
+    assert z.shape == (2, 3, 299, 299)
+    assert float(z[0].max()) == -1.0 and float(z[1].min()) == 255 / 128 - 1
+
+
+def test_inception_fid_zero_for_identical_and_larger_for_shifted(reference):
+    model = fid_inception.load_inception()
+    x = np.load(reference)[:6]
+    f = fid_inception.features(model, x)
+    assert f.shape == (6, 2048)
+    stats = fid_inception.gaussian_stats(f)
+    assert abs(fid_inception.frechet_distance(*stats, *stats)) < 1e-6
+    g = fid_inception.features(model, np.clip(x + 0.5, -1, 1))
+    assert fid_inception.frechet_distance(*fid_inception.gaussian_stats(g), *stats) > 1.0
