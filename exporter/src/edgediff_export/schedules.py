@@ -76,7 +76,10 @@ def continuous_alpha_sigma(spec: dict, t: torch.Tensor) -> tuple[torch.Tensor, t
     """
     if spec["kind"] == "vp":
         log_alpha = -0.25 * t * t * (spec["beta_max"] - spec["beta_min"]) - 0.5 * t * spec["beta_min"]
-        return torch.exp(log_alpha), torch.sqrt(-torch.expm1(2.0 * log_alpha))
+        # sigma² = 1 - alpha² = -expm1(-I) with I = -2 log alpha, written as tanh(I/2)(1 + e^-I)
+        # (an exact identity) because ONNX has no expm1 and 1 - exp(-I) loses digits at small t.
+        integral = -2.0 * log_alpha
+        return torch.exp(log_alpha), torch.sqrt(torch.tanh(0.5 * integral) * (1.0 + torch.exp(-integral)))
     if spec["kind"] == "ve":
         smin, smax = spec["sigma_min"], spec["sigma_max"]
         return torch.ones_like(t), smin * torch.exp(t * math.log(smax / smin))
