@@ -144,9 +144,24 @@ def test_trained_continuous_model_exports_and_samples(edgediff_bin, tmp_path: Pa
     stored = read_metadata(model)
     for key in ("prediction", "time_input", "schedule", "sample_shape", "data_range"):
         assert meta[key] == stored[key], key
+    half = tmp_path / "m16.onnx"  # the float16 copy's checks use the continuous time range
+    assert export.main(["fp16", str(model), "--out", str(half)]) is None and half.exists()
     for sampler in ("ddim", "euler-maruyama", "dpm++2m"):
         out = tmp_path / f"{sampler}.npy"
         run_cli(edgediff_bin, "sample", "--model", str(model), "--sampler", sampler, "--steps",
                 "8", "-n", "3", "-q", "--out", str(out))
         samples = np.load(out)
         assert samples.shape == (3, 1, 8, 8) and np.isfinite(samples).all(), sampler
+
+
+def test_bad_training_options_exit_with_their_codes(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    base = ["--out-dir", str(tmp_path / "never"), "--steps", "1"]
+    with pytest.raises(SystemExit) as e:
+        train.main([*base, "--schedule", "linear", "--objective", "dsm"])
+    assert e.value.code == 2 and "use --schedule vp or ve" in capsys.readouterr().err
+    monkeypatch.setenv("EDGEDIFF_FASHION_MNIST", str(tmp_path / "absent"))
+    with pytest.raises(SystemExit) as e:
+        train.main([*base, "--dataset", "fashion-mnist"])
+    assert e.value.code == 4 and "dataset-fashion-mnist" in capsys.readouterr().err
+    assert not (tmp_path / "never" / "checkpoint.pt").exists()

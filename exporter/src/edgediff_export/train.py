@@ -260,10 +260,15 @@ def main(argv: list[str] | None = None) -> None:
                       num_classes=a.num_classes)
     try:
         check_combination(cfg.objective, cfg.prediction, cfg.schedule)
+    except ValueError as e:
+        p.error(str(e))  # exit 2, as for any invalid argument
+    try:
         path = train(a.out_dir, cfg, ucfg, a.checkpoint_every, a.time_budget_min, a.threads,
                      a.device)
-    except (ValueError, FileNotFoundError) as e:
-        p.error(str(e))
+    except FileNotFoundError as e:
+        # Missing data is an I/O error (exit 4, the runtime's code for it), not a usage error.
+        print(f"edgediff-train: error: {e}", file=sys.stderr)
+        raise SystemExit(4) from None
     print(json.dumps({"checkpoint": str(path)}))
 
 
