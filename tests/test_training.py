@@ -165,3 +165,19 @@ def test_bad_training_options_exit_with_their_codes(tmp_path: Path,
         train.main([*base, "--dataset", "fashion-mnist"])
     assert e.value.code == 4 and "dataset-fashion-mnist" in capsys.readouterr().err
     assert not (tmp_path / "never" / "checkpoint.pt").exists()
+
+
+def test_loss_log_plots(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    x, y = bars(16)
+    train.train(tmp_path / "run", config("min-snr", "v", "vp", steps=3), TINY, 100, None, 1,
+                data=(x, y))
+    out = tmp_path / "loss.png"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "plot_loss.py"),
+                    str(tmp_path / "run" / "loss.csv"), "--out", str(out), "--window", "2"],
+                   check=True, capture_output=True)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

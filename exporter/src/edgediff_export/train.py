@@ -95,7 +95,7 @@ def _log_rows(log_path: Path, start: int) -> list[dict]:
         return []
     with log_path.open() as f:
         rows = [r for r in csv.DictReader(f) if int(r["step"]) < start]
-    for r in rows:  # logs written before the samples_per_s column called seconds elapsed_s
+    for r in rows:  # older logs: elapsed_s (now seconds) and no samples_per_s
         if "elapsed_s" in r:
             r["seconds"] = r.pop("elapsed_s")
         r.setdefault("samples_per_s", "")
