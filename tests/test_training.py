@@ -5,7 +5,7 @@ and samples from.
 "Loss falls" is judged on a fixed evaluation batch (all 64 images, fixed t and noise drawn once
 from a seeded generator), so the comparison has no sampling noise: the objective's loss there
 with the raw weights after 30 steps must be at most 0.8 of its value at initialisation. On this
-tiny data the measured ratios are 0.1-0.67 (elbo on a discrete schedule is the slowest, its
+tiny data the measured ratios are 0.06-0.59 (elbo on a discrete schedule is the slowest, its
 weight is dominated by the t = 0 decoder term); an objective with a wrong target or weight sign
 does not fall at all.
 """
