@@ -21,7 +21,8 @@ import onnx
 import torch
 
 from .metadata import make_metadata, write_metadata
-from .schedules import schedule_metadata
+from .network import build_network, is_continuous
+from .schedules import T_MIN, schedule_metadata
 from .unet import UNet, UNetConfig
 
 VERIFY_RTOL = 1e-4
@@ -31,7 +32,10 @@ def _inputs(model: UNet, n: int, seed: int, timestep_dtype: str = "int64") -> di
     cfg = model.cfg
     g = torch.Generator().manual_seed(seed)
     t = torch.randint(0, 1000, (n,), generator=g)
-    if timestep_dtype == "float32":
+    if is_continuous(model):
+        # Continuous models are verified on the times the runtime passes them.
+        t = T_MIN + (1.0 - T_MIN) * torch.rand(n, generator=g)
+    elif timestep_dtype == "float32":
         # Fractional indices too: continuous-time samplers evaluate between table entries.
         t = t.float() + torch.rand(n, generator=g)
     inputs = {
@@ -86,12 +90,13 @@ def verify(model: UNet, path: Path, batch: int = 3, timestep_dtype: str = "int64
     return worst
 
 
-def unet_metadata(cfg: UNetConfig, schedule: dict, name: str, description: str) -> dict:
+def unet_metadata(cfg: UNetConfig, schedule: dict, name: str, description: str,
+                  prediction: str = "epsilon", time_input: str = "index") -> dict:
     conditioning = None
     if cfg.num_classes is not None:
         conditioning = {"type": "class", "num_classes": cfg.num_classes, "null_label": cfg.num_classes}
-    return make_metadata(name=name, description=description, prediction="epsilon",
-                         time_input="index", schedule=schedule,
+    return make_metadata(name=name, description=description, prediction=prediction,
+                         time_input=time_input, schedule=schedule,
                          sample_shape=[cfg.in_channels, cfg.image_size, cfg.image_size],
                          conditioning=conditioning, extra={"unet": cfg.to_dict()})
 
@@ -118,10 +123,16 @@ def _cmd_ort(a: argparse.Namespace) -> dict:
 def _cmd_checkpoint(a: argparse.Namespace) -> dict:
     ck = torch.load(a.checkpoint, weights_only=False, map_location="cpu")
     cfg = UNetConfig.from_dict(ck["unet_config"])
-    model = UNet(cfg)
+    # Checkpoints from before the objectives were added are eps-prediction index models.
+    prediction = ck.get("prediction", "epsilon")
+    train_cfg = ck.get("train_config", {})
+    model = build_network(cfg, ck["schedule"], train_cfg.get("prediction", "eps"))
     model.load_state_dict(ck["ema"] if not a.raw_weights else ck["model"])
+    objective = train_cfg.get("objective", "simple")
     meta = unet_metadata(cfg, ck["schedule"], a.name, a.description or
-                         f"DDPM U-Net trained {ck['step']} steps by edgediff-train")
+                         f"U-Net trained {ck['step']} steps by edgediff-train "
+                         f"({objective} objective, {prediction} prediction)",
+                         prediction=prediction, time_input=ck.get("time_input", "index"))
     return _finish(a, {"out": str(a.out), "max_rel_err": export_unet(
         model, meta, a.out, timestep_dtype=a.timestep_dtype)})
 

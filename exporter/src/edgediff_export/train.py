@@ -1,4 +1,9 @@
-"""`edgediff-train`: train the DDPM noise-prediction U-Net on MNIST with exact resume.
+"""`edgediff-train`: train a diffusion U-Net on MNIST or Fashion-MNIST with exact resume.
+
+Objectives (weightings), prediction targets and schedules are in `objectives.py` and
+`schedules.py`: eps/v/x0/score targets, simple/vlb/sgm/snr/min-snr/elbo/dsm weightings, discrete
+(linear, cosine, quadratic, sigmoid) or continuous (vp, ve) schedules. The checkpoint records
+them, so `edgediff-export checkpoint` writes the metadata the runtime needs to sample the model.
 
 Every random draw of step k comes from a generator seeded by (seed, k), so a run stopped at any
 checkpoint and resumed is bit-for-bit the run that never stopped (same batches, same t, same
@@ -12,17 +17,21 @@ import csv
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch.nn import functional as F
+from torch import nn
 
-from .data import load_mnist
-from .schedules import alphas_cumprod, betas_for, schedule_metadata
-from .unet import UNet, UNetConfig, count_parameters
+from .data import load_dataset
+from .network import build_network
+from .objectives import OBJECTIVES, PREDICTIONS, Levels, check_combination, noisy, per_sample_loss
+from .schedules import CONTINUOUS_KINDS, KINDS, LevelSampler, schedule_metadata
+from .unet import UNetConfig, count_parameters
+
+LOG_FIELDS = ["step", "loss", "lr", "samples_per_s", "seconds"]
 
 
 @dataclass
@@ -40,6 +49,19 @@ class TrainConfig:
     beta_end: float = 0.02
     label_dropout: float = 0.1
     grad_clip: float = 1.0
+    dataset: str = "mnist"
+    objective: str = "simple"
+    prediction: str = "eps"
+    gamma: float | None = None  # None: objectives.DEFAULT_GAMMA
+
+    def schedule_record(self) -> dict:
+        return schedule_metadata(self.schedule, self.num_train_timesteps, self.beta_start,
+                                 self.beta_end)
+
+    def same_run(self, stored: dict) -> bool:
+        """Whether a checkpoint's config is this one; fields added since it was written take
+        their defaults (which reproduce the older behaviour)."""
+        return {**TrainConfig().__dict__, **stored} == self.__dict__
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -59,8 +81,33 @@ def save_atomic(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def train_step_loss(model: nn.Module, cfg: TrainConfig, x0: torch.Tensor, eps: torch.Tensor,
+                    t: torch.Tensor, lv: Levels, sampler: LevelSampler,
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The objective's batch loss: the mean of the per-sample weighted losses."""
+    out = model(noisy(x0, eps, lv), sampler.net_time(t), labels)
+    return per_sample_loss(cfg.objective, cfg.prediction, x0, eps, lv, out, cfg.gamma).mean()
+
+
+def _log_rows(log_path: Path, start: int) -> list[dict]:
+    """Rows of an earlier run's log before `start` (the checkpoint), in today's columns."""
+    if not log_path.exists():
+        return []
+    with log_path.open() as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) < start]
+    for r in rows:  # older logs: elapsed_s (now seconds) and no samples_per_s
+        if "elapsed_s" in r:
+            r["seconds"] = r.pop("elapsed_s")
+        r.setdefault("samples_per_s", "")
+    return rows
+
+
 def train(out_dir: Path, cfg: TrainConfig, ucfg: UNetConfig, checkpoint_every: int,
-          time_budget_min: float | None, threads: int | None, device: str = "cpu") -> Path:
+          time_budget_min: float | None, threads: int | None, device: str = "cpu",
+          data: tuple[torch.Tensor, torch.Tensor] | None = None) -> Path:
+    """Train (or resume) into out_dir; `data` (images [N, C, H, W] in [-1, 1], labels [N])
+    replaces the named dataset, for tests on tiny data."""
+    check_combination(cfg.objective, cfg.prediction, cfg.schedule)
     if threads:
         torch.set_num_threads(threads)
     dev = torch.device(device)
@@ -70,20 +117,26 @@ def train(out_dir: Path, cfg: TrainConfig, ucfg: UNetConfig, checkpoint_every: i
     ckpt_path = out_dir / "checkpoint.pt"
     log_path = out_dir / "loss.csv"
 
-    x_all, y_all = load_mnist("trainval")
-    x_all, y_all = torch.from_numpy(x_all).to(dev), torch.from_numpy(y_all).to(dev)
-    abar = torch.from_numpy(alphas_cumprod(betas_for(
-        cfg.schedule, cfg.num_train_timesteps, cfg.beta_start, cfg.beta_end))).float().to(dev)
+    if data is None:
+        x_np, y_np = load_dataset(cfg.dataset, "trainval")
+        data = torch.from_numpy(x_np), torch.from_numpy(y_np)
+    x_all, y_all = data[0].to(dev), data[1].to(dev)
+    if tuple(x_all.shape[1:]) != (ucfg.in_channels, ucfg.image_size, ucfg.image_size):
+        raise ValueError(f"the data's images are {tuple(x_all.shape[1:])}, the U-Net expects "
+                         f"{(ucfg.in_channels, ucfg.image_size, ucfg.image_size)}")
+    schedule = cfg.schedule_record()
+    sampler = LevelSampler(schedule, dev)
 
     torch.manual_seed(cfg.seed)
-    model = UNet(ucfg).to(dev)
-    ema = UNet(ucfg).to(dev)
+    model = build_network(ucfg, schedule, cfg.prediction).to(dev)
+    ema = build_network(ucfg, schedule, cfg.prediction).to(dev)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     start, elapsed = 0, 0.0
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False, map_location=dev)
-        if ck["unet_config"] != ucfg.to_dict() or ck["train_config"] != cfg.__dict__:
+        stored_u = UNetConfig.from_dict(ck["unet_config"]).to_dict()
+        if stored_u != ucfg.to_dict() or not cfg.same_run(ck["train_config"]):
             raise SystemExit(f"{ckpt_path} was made with other settings; use another --out-dir "
                              f"or the same settings (stored: {ck['train_config']})")
         model.load_state_dict(ck["model"])
@@ -91,7 +144,8 @@ def train(out_dir: Path, cfg: TrainConfig, ucfg: UNetConfig, checkpoint_every: i
         opt.load_state_dict(ck["opt"])
         start, elapsed = ck["step"], ck["elapsed_s"]
         print(f"resuming from step {start} ({elapsed / 60:.1f} min trained)")
-    print(f"U-Net: {count_parameters(model):,} parameters; training steps {start}..{cfg.steps}")
+    print(f"U-Net: {count_parameters(model):,} parameters; {cfg.objective} objective, "
+          f"{cfg.prediction} target, {cfg.schedule} schedule; training steps {start}..{cfg.steps}")
 
     def cpu(state: dict) -> dict:
         # Checkpoints always hold CPU tensors, so a GPU run resumes (and exports) on any machine.
@@ -102,23 +156,23 @@ def train(out_dir: Path, cfg: TrainConfig, ucfg: UNetConfig, checkpoint_every: i
         save_atomic({"model": cpu(model.state_dict()), "ema": cpu(ema.state_dict()),
                      "opt": cpu(opt.state_dict()), "step": step, "elapsed_s": elapsed,
                      "unet_config": ucfg.to_dict(), "train_config": cfg.__dict__,
-                     "schedule": schedule_metadata(cfg.schedule, cfg.num_train_timesteps,
-                                                   cfg.beta_start, cfg.beta_end)}, ckpt_path)
+                     "schedule": schedule, "prediction": PREDICTIONS[cfg.prediction],
+                     "time_input": "continuous" if sampler.continuous else "index"}, ckpt_path)
 
     # Keep the log consistent with the checkpoint: drop rows written after it.
-    rows = []
-    if log_path.exists():
-        with log_path.open() as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) < start]
+    rows = _log_rows(log_path, start)
     with log_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["step", "loss", "lr", "elapsed_s"])
+        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
         w.writeheader()
         w.writerows(rows)
 
     from tqdm import tqdm
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, dynamic_ncols=True)
+    # The bar goes to stderr and only to a terminal: logs of batch runs stay readable.
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, dynamic_ncols=True,
+               disable=not sys.stderr.isatty())
     t0 = time.time() - elapsed
     run_start = elapsed
+    loss_ema = None
     model.train()
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
     for step in bar:
@@ -126,7 +180,7 @@ def train(out_dir: Path, cfg: TrainConfig, ucfg: UNetConfig, checkpoint_every: i
         # not depend on where training runs.
         g = step_generator(cfg.seed, step)
         idx = torch.randint(0, x_all.shape[0], (cfg.batch_size,), generator=g)
-        t = torch.randint(0, cfg.num_train_timesteps, (cfg.batch_size,), generator=g)
+        t = sampler.draw(cfg.batch_size, g)
         eps = torch.randn((cfg.batch_size, *x_all.shape[1:]), generator=g).to(dev)
         x0 = x_all[idx.to(dev)]
         t = t.to(dev)
@@ -135,11 +189,10 @@ def train(out_dir: Path, cfg: TrainConfig, ucfg: UNetConfig, checkpoint_every: i
             labels = y_all[idx.to(dev)].clone()
             drop = torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout
             labels[drop.to(dev)] = ucfg.num_classes
-        a = abar[t][:, None, None, None]
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        loss = F.mse_loss(model(xt, t, labels), eps)
+        loss = train_step_loss(model, cfg, x0, eps, t, sampler.levels(t), sampler, labels)
+        lr = lr_at(step, cfg)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -148,11 +201,13 @@ def train(out_dir: Path, cfg: TrainConfig, ucfg: UNetConfig, checkpoint_every: i
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, model_params, 1 - decay)
         elapsed = time.time() - t0
-        with log_path.open("a", newline="") as f:
-            f.write(f"{step},{loss.item():.6f},{lr_at(step, cfg):.3e},{elapsed:.1f}\n")
+        value = loss.item()
         run_s = max(1e-9, elapsed - run_start)
-        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr_at(step, cfg):.1e}",
-                        img_s=f"{(step + 1 - start) * cfg.batch_size / run_s:.0f}")
+        rate = (step + 1 - start) * cfg.batch_size / run_s
+        with log_path.open("a", newline="") as f:
+            f.write(f"{step},{value:.6f},{lr:.3e},{rate:.1f},{elapsed:.1f}\n")
+        loss_ema = value if loss_ema is None else 0.98 * loss_ema + 0.02 * value
+        bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{lr:.1e}", samples_s=f"{rate:.0f}")
         done = step + 1
         over_budget = time_budget_min is not None and elapsed > time_budget_min * 60
         if done % checkpoint_every == 0 or done == cfg.steps or over_budget:
@@ -172,7 +227,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=TrainConfig.warmup)
     p.add_argument("--ema-decay", type=float, default=TrainConfig.ema_decay)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--schedule", default="linear", choices=["linear", "cosine", "quadratic", "sigmoid"])
+    p.add_argument("--schedule", default="linear", choices=[*KINDS, *CONTINUOUS_KINDS],
+                   help="discrete (index time input) or continuous vp/ve (t in [0, 1])")
+    p.add_argument("--objective", default="simple", choices=list(OBJECTIVES),
+                   help="loss weighting (see edgediff_export/objectives.py)")
+    p.add_argument("--prediction", default="eps", choices=list(PREDICTIONS),
+                   help="what the network predicts: eps, v, x0 or score (score: vp/ve only)")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="exponent of the snr weighting (default 1) / cap of min-snr (default 5)")
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion-mnist"])
     p.add_argument("--base-channels", type=int, default=32)
     p.add_argument("--channel-mult", default="1,2,4")
     p.add_argument("--num-res-blocks", type=int, default=1)
@@ -188,13 +251,24 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, lr=a.lr, warmup=a.warmup,
                       ema_decay=a.ema_decay, seed=a.seed, schedule=a.schedule,
-                      label_dropout=a.label_dropout)
+                      label_dropout=a.label_dropout, dataset=a.dataset, objective=a.objective,
+                      prediction=a.prediction, gamma=a.gamma)
     ucfg = UNetConfig(base_channels=a.base_channels,
                       channel_mult=tuple(int(c) for c in a.channel_mult.split(",")),
                       num_res_blocks=a.num_res_blocks,
                       attention_resolutions=tuple(int(r) for r in a.attention_resolutions.split(",") if r),
                       num_classes=a.num_classes)
-    path = train(a.out_dir, cfg, ucfg, a.checkpoint_every, a.time_budget_min, a.threads, a.device)
+    try:
+        check_combination(cfg.objective, cfg.prediction, cfg.schedule)
+    except ValueError as e:
+        p.error(str(e))  # exit 2, as for any invalid argument
+    try:
+        path = train(a.out_dir, cfg, ucfg, a.checkpoint_every, a.time_budget_min, a.threads,
+                     a.device)
+    except FileNotFoundError as e:
+        # Missing data is an I/O error (exit 4, the runtime's code for it), not a usage error.
+        print(f"edgediff-train: error: {e}", file=sys.stderr)
+        raise SystemExit(4) from None
     print(json.dumps({"checkpoint": str(path)}))
 
 
