@@ -65,7 +65,8 @@ class DiffusersImportError(ValueError):
 @dataclass
 class Layout:
     unet_dir: Path
-    scheduler_config: Path
+    # Where a pipeline keeps its scheduler: used when --scheduler is not given.
+    default_scheduler: Path
 
 
 def _read_json(path: Path) -> dict:
@@ -78,18 +79,8 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _scheduler_file(path: Path) -> Path:
-    """A scheduler config given as a file, a scheduler folder or a pipeline folder."""
-    for candidate in (path, path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"):
-        if candidate.is_file():
-            return candidate
-    raise DiffusersImportError(
-        f"no scheduler config at {path}: pass --scheduler with a scheduler_config.json file or "
-        "the folder holding it (a pipeline's scheduler/ folder)")
-
-
-def locate(unet: Path, scheduler: Path | None) -> Layout:
-    """Find the U-Net folder and scheduler config of a pipeline folder or a bare U-Net folder."""
+def locate(unet: Path) -> Layout:
+    """Find the U-Net folder of a pipeline folder or a bare U-Net folder."""
     if not unet.is_dir():
         raise DiffusersImportError(f"--unet {unet} is not a folder")
     if (unet / "model_index.json").is_file():
@@ -97,24 +88,32 @@ def locate(unet: Path, scheduler: Path | None) -> Layout:
         entry = index.get("unet")
         if isinstance(entry, list) and len(entry) == 2 and entry[1] != "UNet2DModel":
             raise DiffusersImportError(_unsupported_class(entry[1]))
-        unet_dir = unet / "unet"
-        default_scheduler = unet / "scheduler"
+        layout = Layout(unet / "unet", unet / "scheduler")
     elif (unet / "config.json").is_file():
-        unet_dir = unet
         # A pipeline's unet/ folder given directly: its scheduler/ is the sibling.
-        default_scheduler = unet.parent / "scheduler"
+        layout = Layout(unet, unet.parent / "scheduler")
     else:
         raise DiffusersImportError(
             f"{unet} holds neither model_index.json (a diffusers pipeline folder) nor config.json "
             "(a UNet2DModel folder); pass the folder that save_pretrained wrote")
-    if not (unet_dir / "config.json").is_file():
-        raise DiffusersImportError(f"{unet_dir} has no config.json; the pipeline folder is incomplete")
-    if scheduler is not None:
-        return Layout(unet_dir, _scheduler_file(scheduler))
-    if (default_scheduler / "scheduler_config.json").is_file():
-        return Layout(unet_dir, default_scheduler / "scheduler_config.json")
+    if not (layout.unet_dir / "config.json").is_file():
+        raise DiffusersImportError(f"{layout.unet_dir} has no config.json; the pipeline folder is incomplete")
+    return layout
+
+
+def scheduler_config_path(layout: Layout, given: Path | None) -> Path:
+    """--scheduler as a file, a scheduler folder or a pipeline folder; else the pipeline's own."""
+    if given is not None:
+        for candidate in (given, given / "scheduler_config.json", given / "scheduler" / "scheduler_config.json"):
+            if candidate.is_file():
+                return candidate
+        raise DiffusersImportError(
+            f"no scheduler config at {given}: pass --scheduler with a scheduler_config.json file or "
+            "the folder holding it (a pipeline's scheduler/ folder)")
+    if (layout.default_scheduler / "scheduler_config.json").is_file():
+        return layout.default_scheduler / "scheduler_config.json"
     raise DiffusersImportError(
-        f"no scheduler config found for {unet} (looked for {default_scheduler}/scheduler_config.json); "
+        f"no scheduler config found (looked for {layout.default_scheduler}/scheduler_config.json); "
         "pass --scheduler with the scheduler_config.json of the noise scheduler the model was trained with")
 
 
@@ -339,10 +338,10 @@ def export(model: torch.nn.Module, cfg: dict, meta: dict, out: Path, T: int, ops
 def import_folder(unet: Path, scheduler: Path | None, out: Path, name: str | None = None,
                   description: str = "", null_class: str | None = None) -> dict:
     """Export the diffusers model at `unet` to `out`; return what was written and checked."""
-    layout = locate(unet, scheduler)
+    layout = locate(unet)
     cfg = _read_json(layout.unet_dir / "config.json")
     check_unet_config(cfg)
-    sc = _read_json(layout.scheduler_config)
+    sc = _read_json(scheduler_config_path(layout, scheduler))
     schedule = schedule_from_config(sc)
     prediction = prediction_from_config(sc)
     conditioning = conditioning_from_config(cfg, null_class)
