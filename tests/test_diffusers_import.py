@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -35,9 +36,9 @@ TOL = 1e-4
 N, STEPS = 3, 10
 
 
-def tiny_unet(seed: int, channels: int = 1, num_class_embeds: int | None = None):
+def tiny_unet(seed: int, channels: int = 1, num_class_embeds: int | None = None, **kw):
     torch.manual_seed(seed)
-    return diffusers.UNet2DModel(
+    return diffusers.UNet2DModel(**kw,
         sample_size=8, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
         down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         layers_per_block=1, norm_num_groups=4, attention_head_dim=8, num_class_embeds=num_class_embeds)
@@ -126,15 +127,19 @@ def test_ddim_pipeline_folder_epsilon_matches_ddim_pipeline(edgediff_bin, tmp_pa
 
 def test_ddpm_scaled_linear_with_step_noise_matches_ddpm_pipeline(edgediff_bin, tmp_path, monkeypatch):
     # scaled_linear (Stable Diffusion's betas) maps to the runtime's quadratic kind; DDPM draws
-    # fresh noise each step, injected into diffusers so both sides use the same.
+    # fresh noise each step, injected into diffusers so both sides use the same. A learned
+    # time embedding (a table of T rows) makes the timestep input int64.
     scheduler = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
                                         beta_end=0.012, clip_sample=True)
-    pipe = diffusers.DDPMPipeline(unet=tiny_unet(1), scheduler=scheduler)
+    unet = tiny_unet(1, time_embedding_type="learned", num_train_timesteps=1000)
+    pipe = diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
     pipe.save_pretrained(tmp_path / "pipe")
     result = export_cli("--unet", tmp_path / "pipe", "--out", tmp_path / "m.onnx")
     assert result["schedule"] == {"kind": "quadratic", "num_train_timesteps": 1000,
                                   "beta_start": 0.00085, "beta_end": 0.012}
     assert "clip_sample: pass --clip-x0" in result["hints"]
+    timestep = onnx.load(str(tmp_path / "m.onnx")).graph.input[1]
+    assert timestep.name == "timestep" and timestep.type.tensor_type.elem_type == onnx.TensorProto.INT64
 
     init, step_noise = noises(2, (1, 8, 8))
     got = sample_runtime(edgediff_bin, tmp_path / "m.onnx", tmp_path, "ddpm", "leading",
@@ -176,6 +181,17 @@ def test_bare_unet_folder_v_prediction_cosine_class_guidance(edgediff_bin, tmp_p
     err = float(np.abs(got - x.numpy()).max())
     print(f"guided v-prediction parity: max abs difference {err:.2e} (|x| up to {np.abs(got).max():.1f})")
     assert err <= TOL
+
+    # The float16 copy (what --precision fp16 writes; diffusers' attention has casts the plain
+    # converter breaks): the same bound as tests/test_edge.py, mean |diff| < 0.05 for fp16's
+    # 2^-11 rounding per operation, and it must differ at all (it really ran in fp16).
+    from edgediff_export.precision import write_fp16
+    write_fp16(tmp_path / "m.onnx", tmp_path / "m16.onnx")
+    half = sample_runtime(edgediff_bin, tmp_path / "m16.onnx", tmp_path, "ddim", "trailing", init,
+                          step_noise, "--class", str(k), "--guidance", str(w))
+    diff = np.abs(half - x.numpy())
+    print(f"fp16 copy: samples mean |diff| {diff.mean():.1e}, max {diff.max():.1e}")
+    assert 0 < diff.mean() < 0.05
 
 
 @pytest.mark.parametrize("beta_schedule", list(di.BETA_SCHEDULES))
