@@ -215,6 +215,17 @@ def test_trained_betas_without_closed_form_is_refused():
         di.schedule_from_config({"trained_betas": betas.tolist(), "num_train_timesteps": 100})
 
 
+def test_class_conditioning_mapping():
+    # 'last': the last embedding is the unconditional label; 'none': all are classes and the
+    # contract's null label lies past the table (a run without --class fails in the network).
+    cfg = {"num_class_embeds": 5}
+    assert di.conditioning_from_config(cfg, "last") == {"type": "class", "num_classes": 4, "null_label": 4}
+    assert di.conditioning_from_config(cfg, "none") == {"type": "class", "num_classes": 5, "null_label": 5}
+    assert di.conditioning_from_config({}, None) is None
+    with pytest.raises(di.DiffusersImportError, match="no num_class_embeds"):
+        di.conditioning_from_config({}, "last")
+
+
 def _config_only(folder: Path, config: dict) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config))

@@ -358,8 +358,12 @@ def import_folder(unet: Path, scheduler: Path | None, out: Path, name: str | Non
         conditioning=conditioning,
         extra={"diffusers": {"unet": cfg, "scheduler": {k: v for k, v in sc.items() if k != "trained_betas"}}})
     check = export(model, cfg, meta, out, T)
+    hints = sampling_hints(sc)
+    if null_class == "none":
+        hints.append(f"no null label: always pass --class K (0..{cfg['num_class_embeds'] - 1}); "
+                     "--guidance needs a model trained with a null label")
     return {"out": str(out), **check, "prediction": prediction, "schedule": schedule,
-            "conditioning": conditioning, "hints": sampling_hints(sc)}
+            "conditioning": conditioning, "hints": hints}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
