@@ -23,7 +23,8 @@ than the model (clip_sample, timestep_spacing, steps_offset, set_alpha_to_one, t
 are kept under `extra.diffusers.scheduler` and returned as `hints`, the `edgediff sample`
 flags that reproduce them (e.g. `--clip-x0`).
 
-The timestep input is float32 (time_input index, fractional indices allowed) for sinusoidal
+The data range is [-1, 1], the convention of diffusers' pipelines (they map x / 2 + 0.5 to
+images). The timestep input is float32 (time_input index, fractional indices allowed) for sinusoidal
 ("positional") time embeddings and int64 for "learned" ones (a lookup table of T rows).
 """
 
@@ -270,8 +271,11 @@ class DiffusersWrapper(torch.nn.Module):
 
 
 def load_unet(unet_dir: Path) -> torch.nn.Module:
-    from diffusers import UNet2DModel
-
+    try:
+        from diffusers import UNet2DModel
+    except ImportError as e:
+        raise DiffusersImportError("importing diffusers models needs the diffusers package: "
+                                   "pip install -e 'exporter[diffusers]'") from e
     try:
         # low_cpu_mem_usage=False: the plain load path, without asking for `accelerate`.
         return UNet2DModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False).float().eval()
