@@ -166,6 +166,11 @@ def _cmd_add_metadata(a: argparse.Namespace) -> dict:
     return {"out": str(out), "metadata": meta}
 
 
+def _cmd_diffusers(a: argparse.Namespace) -> dict:
+    from .diffusers_import import run
+    return _finish(a, run(a))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="edgediff-export", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -225,6 +230,11 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--name", default="model")
     m.add_argument("--description", default="")
     m.set_defaults(fn=_cmd_add_metadata)
+
+    d = sub.add_parser("diffusers", help="import a diffusers UNet2DModel folder (needs diffusers)")
+    from .diffusers_import import add_arguments
+    add_arguments(d)
+    d.set_defaults(fn=_cmd_diffusers)
 
     a = p.parse_args(argv)
     print(json.dumps(a.fn(a)))

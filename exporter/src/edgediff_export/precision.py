@@ -32,10 +32,18 @@ def _time_embedding_nodes(graph: onnx.GraphProto, time_input: str) -> list[str]:
     return names
 
 
+def _casts_to_float(graph: onnx.GraphProto) -> list[str]:
+    """Cast nodes to float32, which the converter leaves casting to float32 while it declares
+    their outputs float16 (an invalid graph). diffusers' attention has them (the 1/sqrt(head_dim)
+    scale computed from the shape). Blocked, they stay float32 and get a cast to float16 after."""
+    return [n.name for n in graph.node if n.op_type == "Cast"
+            and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)]
+
+
 def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     from onnxconverter_common import float16
 
-    blocked = _time_embedding_nodes(proto.graph, "timestep")
+    blocked = _time_embedding_nodes(proto.graph, "timestep") + _casts_to_float(proto.graph)
     ops = list(float16.DEFAULT_OP_BLOCK_LIST) + ["InstanceNormalization", "GroupNormalization",
                                                    "LayerNormalization"]
     import warnings
