@@ -44,8 +44,14 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_cells_share_noise_and_record_calls(edgediff_bin, tmp_path, reference):
-    rows = compare(edgediff_bin, tmp_path / "c", "--classifier", str(CLASSIFIER), "--reference", str(reference))
+@pytest.fixture(scope="module")
+def first(edgediff_bin, reference, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("compare") / "c"
+    return out, compare(edgediff_bin, out, "--classifier", str(CLASSIFIER), "--reference", str(reference))
+
+
+def test_cells_share_noise_and_record_calls(edgediff_bin, tmp_path, first):
+    out, rows = first
     cells = {(r["sampler"], r["steps"]): r for r in rows}
     assert set(cells) == {("ddim", 3), ("ddpm", 3), ("ddim", 2), ("ddpm", 2)}
     assert all(r["model_calls"] == r["steps"] for r in rows)
@@ -53,39 +59,37 @@ def test_cells_share_noise_and_record_calls(edgediff_bin, tmp_path, reference):
     run_cli(edgediff_bin, "sample", "--sampler", "ddim", "--steps", "2", "-n", "6", "-q",
             "-o", str(tmp_path / "s.npy"))
     assert np.array_equal(np.load(cells[("ddim", 2)]["samples"]), np.load(tmp_path / "s.npy"))
-    with open(tmp_path / "c" / "results.csv") as f:
+    with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 4 and all(float(r["domain_fid"]) > 0 for r in table)
     assert all(Path(r["grid"]).stat().st_size > 0 for r in table)
     assert all(0 <= r["domain"]["confident"] <= 1 and len(r["domain"]["class_shares"]) == 10 for r in rows)
 
 
-def test_rerun_reuses_cells_and_domain_fid_is_zero_for_identical_sets(edgediff_bin, tmp_path, reference):
-    first = compare(edgediff_bin, tmp_path / "c", "--classifier", str(CLASSIFIER), "--reference", str(reference))
-    cell = next(r for r in first if (r["sampler"], r["steps"]) == ("ddim", 3))
+def test_runtime_fid_matches_numpy(first, reference):
+    ref = classifier_features(np.load(reference))
+    for r in first[1]:
+        f = classifier_features(np.load(r["samples"]))
+        want = fid_inception.frechet_distance(*fid_inception.gaussian_stats(f), *fid_inception.gaussian_stats(ref))
+        # float32 features, float64 statistics, two different eigensolvers: 1e-6 relative.
+        assert r["domain"]["fid"] == pytest.approx(want, rel=1e-6, abs=1e-6)
+
+
+def test_rerun_reuses_cells_and_domain_fid_is_zero_for_identical_sets(edgediff_bin, first, tmp_path):
+    out, rows = first
+    cell = next(r for r in rows if (r["sampler"], r["steps"]) == ("ddim", 3))
     samples = np.load(cell["samples"])
     # The same command with the cell's own samples as reference: its cells are reused (same
     # timing record), and that cell's FID against itself is ~0.
-    again = compare(edgediff_bin, tmp_path / "c", "--classifier", str(CLASSIFIER), "--reference", cell["samples"])
+    again = compare(edgediff_bin, out, "--classifier", str(CLASSIFIER), "--reference", cell["samples"])
     same = next(r for r in again if (r["sampler"], r["steps"]) == ("ddim", 3))
     assert same["seconds"] == cell["seconds"]
     assert abs(same["domain"]["fid"]) < 1e-6
     # A shifted reference set is far.
     np.save(tmp_path / "shifted.npy", np.clip(samples + 0.5, -1, 1).astype(np.float32))
-    shifted = compare(edgediff_bin, tmp_path / "c", "--classifier", str(CLASSIFIER), "--reference",
-                      str(tmp_path / "shifted.npy"))
+    shifted = compare(edgediff_bin, out, "--classifier", str(CLASSIFIER), "--reference", str(tmp_path / "shifted.npy"))
     far = next(r for r in shifted if (r["sampler"], r["steps"]) == ("ddim", 3))
     assert far["domain"]["fid"] > 1.0
-
-
-def test_runtime_fid_matches_numpy(edgediff_bin, tmp_path, reference):
-    rows = compare(edgediff_bin, tmp_path / "c", "--classifier", str(CLASSIFIER), "--reference", str(reference))
-    ref = classifier_features(np.load(reference))
-    for r in rows:
-        f = classifier_features(np.load(r["samples"]))
-        want = fid_inception.frechet_distance(*fid_inception.gaussian_stats(f), *fid_inception.gaussian_stats(ref))
-        # float32 features, float64 statistics, two different eigensolvers: 1e-6 relative.
-        assert r["domain"]["fid"] == pytest.approx(want, rel=1e-6, abs=1e-6)
 
 
 def test_numpy_frechet_closed_form():

@@ -199,7 +199,7 @@ mod tests {
     #[test]
     fn scores_count_confidence_and_balance() {
         let judged = Judged {
-            probs: array![[0.95, 0.05], [0.6, 0.4], [0.1, 0.9], [0.2, 0.8]],
+            probs: array![[0.95, 0.05], [0.6, 0.4], [0.08, 0.92], [0.2, 0.8]],
             features: array![[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]],
         };
         let reference = GaussianStats::of(judged.features.view());
