@@ -19,6 +19,7 @@ pub mod cli;
 pub mod denoiser;
 pub mod edit;
 pub mod error;
+pub mod gaussian;
 pub mod generate;
 pub mod image;
 pub mod inpaint;
