@@ -18,6 +18,7 @@ pub mod capi;
 pub mod cli;
 pub mod denoiser;
 pub mod edit;
+pub mod elbo;
 pub mod error;
 pub mod gaussian;
 pub mod generate;
