@@ -106,7 +106,8 @@ int edgediff_inpaint(const edgediff_model *model, const edgediff_request *req,
 typedef struct edgediff_elbo_result {
     double bits_per_dim;      /* the negative ELBO L_T + sum L_{t-1} + L_0 */
     double standard_error;    /* over images and draws (NaN for one image) */
-    double mc_standard_error; /* the timestep draws' part (0 with all timesteps, NaN with one draw) */
+    double mc_standard_error; /* the random draws' part (timesteps, noise; with timesteps_per_image
+                               * 0 only the decoder's 4 draws of x_1) */
     double prior;             /* L_T */
     double kl;                /* sum of the KL terms L_1 .. L_{T-1} */
     double reconstruction;    /* L_0, the discretized decoder */

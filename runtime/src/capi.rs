@@ -628,7 +628,8 @@ pub struct EdgediffElboResult {
     pub bits_per_dim: f64,
     /// Its standard error over images and draws (NaN for one image).
     pub standard_error: f64,
-    /// The part due to the timestep draws alone (0 with all timesteps, NaN with one draw).
+    /// The part due to the random draws alone (timesteps and noise; with all timesteps only
+    /// the decoder's).
     pub mc_standard_error: f64,
     /// L_T.
     pub prior: f64,

@@ -31,7 +31,12 @@
 //!   error as the one of the best linear denoiser for data of variance v (SNR v / (1 + SNR v)
 //!   per dimension, v = ((hi - lo)/2)²), p(t) ∝ |Δ log SNR_t| SNR_t v / (1 + SNR_t v) tracks
 //!   the terms to within a slowly varying factor: about 0.3 bits/dim per draw on the shipped
-//!   model, 200 times less variance than uniform draws.
+//!   model, 200 times less variance than uniform draws. A model whose eps error does not
+//!   vanish at low SNR (an untrained one) has terms ∝ |Δ log SNR| there, which that p
+//!   undersamples by 1/SNR: rare draws with huge weights, and a sample variance that
+//!   understates the error. So 5% of p is uniform in log SNR (∝ |Δ log SNR_t|), which bounds
+//!   every weight by 20 times the eps error's (defensive importance sampling; it costs 2% in
+//!   standard deviation on the shipped model).
 //!
 //! Timesteps and noise come from the image's own seeded stream ([`SeededNoise`]), so results
 //! do not depend on the batch size. Nats become bits per dimension by dividing by D ln 2.
@@ -178,7 +183,8 @@ pub enum TimestepSampling {
 pub enum Proposal {
     /// Uniform on {2..T}.
     Uniform,
-    /// ∝ |Δ log SNR_t| SNR_t v / (1 + SNR_t v): importance sampling.
+    /// 0.95 × (∝ |Δ log SNR_t| SNR_t v / (1 + SNR_t v)) + 0.05 × (∝ |Δ log SNR_t|):
+    /// importance sampling with a defensive share.
     #[default]
     Importance,
 }
@@ -187,22 +193,34 @@ impl Proposal {
     /// The probabilities of schedule indices j = 1..T-1 (Ho's t = 2..T), summing to one.
     pub fn probabilities(self, alphas_cumprod: &[f64], data_range: [f64; 2]) -> Vec<f64> {
         let m = alphas_cumprod.len() - 1;
-        let weights: Vec<f64> = match self {
-            Proposal::Uniform => vec![1.0; m],
+        let normalised = |w: Vec<f64>| {
+            let total: f64 = w.iter().sum();
+            w.into_iter().map(|w| w / total).collect::<Vec<f64>>()
+        };
+        match self {
+            Proposal::Uniform => vec![1.0 / m as f64; m],
             Proposal::Importance => {
                 let v = (0.5 * (data_range[1] - data_range[0])).powi(2);
                 let log_snr = |ab: f64| (ab / (1.0 - ab)).ln();
-                (1..=m)
-                    .map(|j| {
-                        let (a, b) = (alphas_cumprod[j - 1], alphas_cumprod[j]);
-                        let snr_v = b / (1.0 - b) * v;
-                        (log_snr(a) - log_snr(b)).abs() * snr_v / (1.0 + snr_v)
-                    })
+                let dls: Vec<f64> = (1..=m)
+                    .map(|j| (log_snr(alphas_cumprod[j - 1]) - log_snr(alphas_cumprod[j])).abs())
+                    .collect();
+                let tracking = normalised(
+                    (1..=m)
+                        .map(|j| {
+                            let snr_v = alphas_cumprod[j] / (1.0 - alphas_cumprod[j]) * v;
+                            dls[j - 1] * snr_v / (1.0 + snr_v)
+                        })
+                        .collect(),
+                );
+                let defensive = normalised(dls);
+                tracking
+                    .iter()
+                    .zip(&defensive)
+                    .map(|(a, b)| (1.0 - DEFENSIVE_SHARE) * a + DEFENSIVE_SHARE * b)
                     .collect()
             }
-        };
-        let total: f64 = weights.iter().sum();
-        weights.iter().map(|w| w / total).collect()
+        }
     }
 }
 
@@ -221,6 +239,8 @@ pub struct ElboOptions {
     pub pixel_scale: Option<PixelScale>,
     /// Bins of t for the breakdown of the KL sum.
     pub bins: usize,
+    /// Noise draws of x_1 that L_0 is averaged over (its variance needs two or more).
+    pub decoder_draws: usize,
     /// When set, the run stops with [`Error::Cancelled`] before its next network call.
     pub cancel: Option<Arc<AtomicBool>>,
 }
@@ -235,10 +255,17 @@ impl Default for ElboOptions {
             variance: ReverseVariance::Small,
             pixel_scale: None,
             bins: 10,
+            decoder_draws: DEFAULT_DECODER_DRAWS,
             cancel: None,
         }
     }
 }
+
+/// The share of the importance proposal that is uniform in log SNR.
+const DEFENSIVE_SHARE: f64 = 0.05;
+
+/// The CLI's and C API's default number of x_1 draws for L_0.
+pub const DEFAULT_DECODER_DRAWS: usize = 4;
 
 /// The CLI's and C API's default K.
 pub const DEFAULT_TIMESTEPS_PER_IMAGE: usize = 100;
@@ -250,10 +277,13 @@ pub struct ImageElbo {
     pub prior: f64,
     /// Σ_{t=2..T} L_{t-1}: exact with all timesteps, else the Monte Carlo estimate.
     pub kl: f64,
-    /// The variance of `kl` from the timestep draws: 0 with all timesteps, None with one draw.
+    /// The variance of `kl` from its draws (timesteps and their noise): 0 with all timesteps
+    /// (whose one noise draw per t it does not count), None with one draw.
     pub kl_variance: Option<f64>,
-    /// L_0.
+    /// L_0, the mean over the decoder's noise draws of x_1.
     pub reconstruction: f64,
+    /// The variance of `reconstruction` from those draws; None with one draw.
+    pub reconstruction_variance: Option<f64>,
     /// `kl` split by the report's t bins (they sum to `kl`).
     pub kl_bins: Vec<f64>,
 }
@@ -290,8 +320,10 @@ pub struct ElboSummary {
     /// Standard error of `bits_per_dim` over images and draws (the spread of the per-image
     /// estimates / √N): how well it estimates the data distribution's mean. None for one image.
     pub standard_error: Option<f64>,
-    /// The part of the error due to the timestep draws alone, for these very images: 0 with
-    /// all timesteps, None with one draw per image.
+    /// The part of the error due to the random draws alone (timesteps and noise of the KL
+    /// terms, the decoder's x_1 noise), for these very images: what separates two runs with
+    /// different seeds. With all timesteps it counts the decoder's draws only; None when a part
+    /// had one draw per image.
     pub mc_standard_error: Option<f64>,
     pub prior: f64,
     pub kl: f64,
@@ -332,7 +364,7 @@ impl ElboReport {
         let mc_standard_error = self
             .images
             .iter()
-            .map(|e| e.kl_variance)
+            .map(|e| Some(e.kl_variance? + e.reconstruction_variance?))
             .sum::<Option<f64>>()
             .map(|v| self.to_bits_per_dim(v.sqrt()) / n);
         ElboSummary {
@@ -391,7 +423,8 @@ struct Draws {
     mean: f64,
     m2: f64,
     bins: Vec<f64>,
-    reconstruction: f64,
+    /// The decoder's draws: count, mean, Welford sum of squares.
+    decoder: (usize, f64, f64),
 }
 
 impl Draws {
@@ -401,6 +434,14 @@ impl Draws {
         self.mean += d / self.count as f64;
         self.m2 += d * (kl - self.mean);
         self.bins[bin] += kl;
+    }
+
+    fn add_decoder(&mut self, nll: f64) {
+        let (count, mean, m2) = &mut self.decoder;
+        *count += 1;
+        let d = nll - *mean;
+        *mean += d / *count as f64;
+        *m2 += d * (nll - *mean);
     }
 }
 
@@ -474,10 +515,15 @@ pub fn elbo(
         }
         TimestepSampling::Draws(k) => k,
     };
+    if opts.decoder_draws == 0 {
+        return Err(Error::InvalidArgument(
+            "--decoder-draws must be at least 1".into(),
+        ));
+    }
     if let Some(z) = &noise {
-        if opts.timesteps != TimestepSampling::All {
+        if opts.timesteps != TimestepSampling::All || opts.decoder_draws != 1 {
             return Err(Error::InvalidArgument(
-                "--noise applies to --all-timesteps".into(),
+                "--noise applies to --all-timesteps with --decoder-draws 1".into(),
             ));
         }
         if z.shape() != [n, t_count, c, h, w] {
@@ -530,7 +576,7 @@ pub fn elbo(
             mean: 0.0,
             m2: 0.0,
             bins: vec![0.0; opts.bins],
-            reconstruction: 0.0,
+            decoder: (0, 0.0, 0.0),
         };
         n
     ];
@@ -538,7 +584,7 @@ pub fn elbo(
     let mut den = ModelDenoiser::new(model, label.map(|k| vec![k; n]), X0Clip::None, 0)
         .with_cancel(opts.cancel.clone());
     let x0_of = |i: usize, d: usize| scale.value(levels[i * dims + d], range);
-    let total_jobs = n * (1 + draws_per_image);
+    let total_jobs = n * (opts.decoder_draws + draws_per_image);
     let mut done = 0;
     let mut pending: Vec<(usize, usize)> = Vec::with_capacity(opts.batch_size);
     let mut run = |jobs: &[(usize, usize)],
@@ -578,7 +624,7 @@ pub fn elbo(
                 .map(|(&x, &e)| (x as f64 - s * e as f64) / a)
                 .collect::<Vec<f64>>();
             if j == 0 {
-                draws[i].reconstruction = -x0_hat
+                let nll = -x0_hat
                     .iter()
                     .enumerate()
                     .map(|(d, &m)| {
@@ -587,6 +633,7 @@ pub fn elbo(
                         discretized_gaussian_log_prob(x0_of(i, d), m, decoder_std, half_width, bin)
                     })
                     .sum::<f64>();
+                draws[i].add_decoder(nll);
             } else {
                 let st = terms[j];
                 let kl = x0_hat
@@ -611,7 +658,7 @@ pub fn elbo(
                 .map(|u| 1 + cdf.partition_point(|&c| c <= u).min(t_count - 2))
                 .collect(),
         };
-        for j in std::iter::once(0).chain(js) {
+        for j in std::iter::repeat_n(0, opts.decoder_draws).chain(js) {
             pending.push((i, j));
             if pending.len() == opts.batch_size {
                 run(&pending, &mut streams, &mut draws, &mut den)?;
@@ -641,7 +688,9 @@ pub fn elbo(
                 TimestepSampling::Draws(k) if k > 1 => Some(dr.m2 / (k - 1) as f64 / k as f64),
                 TimestepSampling::Draws(_) => None,
             },
-            reconstruction: dr.reconstruction,
+            reconstruction: dr.decoder.1,
+            reconstruction_variance: (dr.decoder.0 > 1)
+                .then(|| dr.decoder.2 / (dr.decoder.0 - 1) as f64 / dr.decoder.0 as f64),
             kl_bins: dr.bins.iter().map(|b| b * scale_kl).collect(),
         })
         .collect();
@@ -680,6 +729,38 @@ mod tests {
             msg.contains("image 0") && msg.contains("flat pixel 2"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn proposals_are_distributions_with_bounded_weights() {
+        let spec = crate::metadata::ScheduleSpec::Linear {
+            num_train_timesteps: 1000,
+            beta_start: 1e-4,
+            beta_end: 0.02,
+        };
+        let Schedule::Discrete { alphas_cumprod, .. } = Schedule::from_spec(&spec) else {
+            panic!()
+        };
+        let uniform = Proposal::Uniform.probabilities(&alphas_cumprod, [-1.0, 1.0]);
+        let imp = Proposal::Importance.probabilities(&alphas_cumprod, [-1.0, 1.0]);
+        for p in [&uniform, &imp] {
+            assert_eq!(p.len(), 999);
+            assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+            assert!(p.iter().all(|&q| q > 0.0));
+        }
+        // Terms proportional to |Δ log SNR| (an eps error that never vanishes) get weights at
+        // most 1/0.05 times their log-SNR-uniform ones.
+        let ls: Vec<f64> = alphas_cumprod
+            .iter()
+            .map(|a| (a / (1.0 - a)).ln())
+            .collect();
+        let total = ls[0] - ls[999];
+        for j in 1..1000 {
+            let uniform_in_log_snr = (ls[j - 1] - ls[j]) / total;
+            assert!(uniform_in_log_snr / imp[j - 1] <= 20.0 + 1e-9);
+        }
+        // Importance puts more mass on t = 2 than uniform draws (the largest term there).
+        assert!(imp[0] > 20.0 * uniform[0]);
     }
 
     #[test]

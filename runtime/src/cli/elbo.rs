@@ -10,7 +10,7 @@ use ndarray::{s, Array4, ArrayD, Ix5};
 use super::{open_model, Bar};
 use crate::elbo::{
     elbo as compute_elbo, ElboOptions, ElboReport, PixelScale, Proposal, ReverseVariance,
-    TimestepSampling, DEFAULT_TIMESTEPS_PER_IMAGE,
+    TimestepSampling, DEFAULT_DECODER_DRAWS, DEFAULT_TIMESTEPS_PER_IMAGE,
 };
 use crate::error::{Error, Result};
 use crate::npy::{read_npy, read_npy_u8_or_float, NpyArray};
@@ -55,10 +55,14 @@ pub(super) struct ElboCmd {
     /// detected for float data
     #[argh(option)]
     pixel_scale: Option<u32>,
+    /// noise draws of x_1 that L_0 is averaged over (default 4)
+    #[argh(option, default = "DEFAULT_DECODER_DRAWS")]
+    decoder_draws: usize,
     /// bins of t for the breakdown of the KL sum (default 10)
     #[argh(option, default = "10")]
     bins: usize,
     /// for tests: float32 .npy [N, T, C, H, W] of the noise making x_t, with --all-timesteps
+    /// and --decoder-draws 1
     #[argh(option, hidden_help)]
     noise: Option<PathBuf>,
     /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
@@ -179,6 +183,7 @@ pub(super) fn elbo(cmd: ElboCmd) -> Result<()> {
         variance,
         pixel_scale: scale,
         bins: cmd.bins,
+        decoder_draws: cmd.decoder_draws,
         cancel: None,
     };
     let n = images.shape()[0];
@@ -243,7 +248,7 @@ fn print_table(report: &ElboReport, model: &Path, seconds: f64) {
         report.images.len()
     );
     println!(
-        "negative ELBO  {:.4} bits/dim  (standard error {}; of that, timestep draws {})",
+        "negative ELBO  {:.4} bits/dim  (standard error {}; of that, from the random draws {})",
         s.bits_per_dim,
         opt(s.standard_error),
         opt(s.mc_standard_error)
@@ -297,7 +302,7 @@ fn json(report: &ElboReport, cmd: &ElboCmd, model: &Path, seconds: f64) -> serde
         },
         "seed": cmd.seed,
         "pixel_scale": match report.pixel_scale { PixelScale::By255 => 255, PixelScale::By256 => 256 },
-        "variance": cmd.variance,
+        "variance": cmd.variance, "decoder_draws": cmd.decoder_draws,
         "bits_per_dim": s.bits_per_dim, "standard_error": s.standard_error,
         "mc_standard_error": s.mc_standard_error,
         "prior_bits_per_dim": s.prior, "kl_bits_per_dim": s.kl,
