@@ -135,7 +135,7 @@ impl PixelScale {
         if PixelScale::By256.levels(images, range).is_ok() {
             return Ok(PixelScale::By256);
         }
-        let (i, x) = by255.err().expect("checked above");
+        let (i, x) = by255.expect_err("checked above");
         Err(off_grid(images.shape(), i, x, range, None))
     }
 }

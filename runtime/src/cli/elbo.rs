@@ -193,13 +193,10 @@ pub(super) fn elbo(cmd: ElboCmd) -> Result<()> {
         active: !cmd.quiet && std::io::stderr().is_terminal(),
         n,
     };
-    let noise = match noise {
-        Some(z) => Some(
-            z.slice(s![..n.min(z.shape()[0]), .., .., .., ..])
-                .to_owned(),
-        ),
-        None => None,
-    };
+    let noise = noise.map(|z| {
+        z.slice(s![..n.min(z.shape()[0]), .., .., .., ..])
+            .to_owned()
+    });
     let report = compute_elbo(
         &mut model,
         images.view(),
