@@ -93,6 +93,13 @@ def cases():
                          ["--model", str(m), "--init-noise", str(t / "z.npy")]), 2),
         ("npy-garbage", "an initial-noise file that is not .npy",
          lambda t, m: do((t / "z.npy").write_text("x"), ["--model", str(m), "--init-noise", str(t / "z.npy")]), 4),
+        ("elbo-shape", "ELBO images of the wrong shape for the model",
+         lambda t, m: do(np.save(t / "x.npy", np.zeros((2, 1, 5, 5), np.float32)),
+                         ["elbo", "--model", str(m), "--data", str(t / "x.npy")]), 2),
+        ("elbo-off-grid", "ELBO float images off the 256-level grid",
+         lambda t, m: do(np.save(t / "x.npy", np.full((2, 1, 8, 8), 0.3, np.float32)),
+                         ["elbo", "--model", str(m), "--data", str(t / "x.npy")]), 2),
+        ("elbo-continuous", "the ELBO of a continuous-time (VP) model", lambda t, m: _elbo_continuous(t), 2),
         ("provider", "a GPU provider this build or library lacks", lambda t, m: ["--model", str(m), "--provider", "cuda"], 3),
         ("no-ort", "no ONNX Runtime library at the path given",
          lambda t, m: ["--model", str(m), "--ort-lib", str(t / "libonnxruntime.so")], 3),
@@ -153,6 +160,13 @@ def _inpaint_bad_mask(t: Path, m: Path) -> list[str]:
     return ["inpaint", "--model", str(m), "--image", str(t / "img.npy"), "--mask", str(t / "mask.npy")]
 
 
+def _elbo_continuous(t: Path) -> list[str]:
+    from edgediff_export.oracle import export_oracle
+    export_oracle(t / "vp.onnx", "vp", shape=(1, 8, 8))
+    np.save(t / "x.npy", np.full((2, 1, 8, 8), -1.0, np.float32))
+    return ["elbo", "--model", str(t / "vp.onnx"), "--data", str(t / "x.npy")]
+
+
 def _libm() -> str:
     for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6"):
         if Path(p).exists():
@@ -163,11 +177,11 @@ def _libm() -> str:
 def run_case(binary: Path, tiny: Path, tmp: Path, setup) -> tuple[int, str, Path]:
     tmp.mkdir(parents=True, exist_ok=True)
     args = setup(tmp, tiny)
-    command = args.pop(0) if args[0] in ("inpaint", "invert", "interpolate") else "sample"
+    command = args.pop(0) if args[0] in ("inpaint", "invert", "interpolate", "elbo") else "sample"
     out = tmp / "out.npy"
-    if "--out" not in args:
+    if "--out" not in args and command != "elbo":  # elbo writes nothing but stdout
         args = [*args, "--out", str(out)]
-    if "--steps" not in args and command != "invert":
+    if "--steps" not in args and command not in ("invert", "elbo"):
         args = [*args, "--steps", "2"]
     if "--ULIMIT" in args:
         args.remove("--ULIMIT")

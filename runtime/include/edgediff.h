@@ -102,6 +102,24 @@ int edgediff_inpaint(const edgediff_model *model, const edgediff_request *req,
                      const float *images, const float *masks, size_t n, size_t jumps,
                      size_t resample, float *out, size_t out_len);
 
+/* The result of edgediff_elbo, in bits per dimension (means over the images). */
+typedef struct edgediff_elbo_result {
+    double bits_per_dim;      /* the negative ELBO L_T + sum L_{t-1} + L_0 */
+    double standard_error;    /* over images and draws (NaN for one image) */
+    double mc_standard_error; /* the random draws' part (timesteps, noise; with timesteps_per_image
+                               * 0 only the decoder's 4 draws of x_1) */
+    double prior;             /* L_T */
+    double kl;                /* sum of the KL terms L_1 .. L_{T-1} */
+    double reconstruction;    /* L_0, the discretized decoder */
+} edgediff_elbo_result;
+
+/* The negative ELBO of n images (n * C * H * W floats in the data range, on a 256-level grid:
+ * lo + (hi - lo) k / 255 or / 256, detected) as `edgediff elbo` computes it: discrete-schedule
+ * models only, timesteps_per_image importance-sampled timesteps per image (0: all of them),
+ * with the request's seed, batch_size and progress callback. */
+int edgediff_elbo(const edgediff_model *model, const edgediff_request *req, const float *images,
+                  size_t n, size_t timesteps_per_image, edgediff_elbo_result *out);
+
 #ifdef __cplusplus
 }
 #endif

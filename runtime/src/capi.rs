@@ -619,3 +619,78 @@ pub unsafe extern "C" fn edgediff_inpaint(
         Ok(())
     })
 }
+
+/// The result of `edgediff_elbo`, in bits per dimension (means over the images).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct EdgediffElboResult {
+    /// The negative ELBO.
+    pub bits_per_dim: f64,
+    /// Its standard error over images and draws (NaN for one image).
+    pub standard_error: f64,
+    /// The part due to the random draws alone (timesteps and noise; with all timesteps only
+    /// the decoder's).
+    pub mc_standard_error: f64,
+    /// L_T.
+    pub prior: f64,
+    /// The sum of the KL terms L_1 .. L_{T-1}.
+    pub kl: f64,
+    /// L_0, the discretized decoder.
+    pub reconstruction: f64,
+}
+
+/// The negative ELBO of `n` images (`images`: n * C * H * W floats in the model's data range,
+/// on a 256-level grid, detected) with `timesteps_per_image` importance-sampled timesteps
+/// (0: all timesteps), the request's seed, batch size and progress callback, into `out`.
+///
+/// # Safety
+/// `model` and `req` are valid handles; `images` holds n * C * H * W floats; `out` is valid.
+#[no_mangle]
+pub unsafe extern "C" fn edgediff_elbo(
+    model: *const EdgediffModel,
+    req: *const EdgediffRequest,
+    images: *const f32,
+    n: usize,
+    timesteps_per_image: usize,
+    out: *mut EdgediffElboResult,
+) -> c_int {
+    guard(|| {
+        let m = model_ref(model)?;
+        let r = req_ref(req)?;
+        if images.is_null() || out.is_null() {
+            return Err(arg("images or out is NULL"));
+        }
+        let mut model = lock(m);
+        let [c, h, w] = model.metadata().sample_shape;
+        let count = n
+            .checked_mul(c * h * w)
+            .ok_or_else(|| arg("n * C * H * W overflows"))?;
+        let imgs = ndarray::ArrayView4::from_shape(
+            (n, c, h, w),
+            std::slice::from_raw_parts(images, count),
+        )
+        .map_err(|e| arg(&e.to_string()))?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let opts = crate::elbo::ElboOptions {
+            timesteps: match timesteps_per_image {
+                0 => crate::elbo::TimestepSampling::All,
+                k => crate::elbo::TimestepSampling::Draws(k),
+            },
+            seed: r.seed,
+            batch_size: r.batch_size,
+            cancel: Some(cancel.clone()),
+            ..Default::default()
+        };
+        let mut progress = r.progress(&cancel);
+        let s = crate::elbo::elbo(&mut model, imgs, &opts, None, &mut progress)?.summary();
+        *out = EdgediffElboResult {
+            bits_per_dim: s.bits_per_dim,
+            standard_error: s.standard_error.unwrap_or(f64::NAN),
+            mc_standard_error: s.mc_standard_error.unwrap_or(f64::NAN),
+            prior: s.prior,
+            kl: s.kl,
+            reconstruction: s.reconstruction,
+        };
+        Ok(())
+    })
+}

@@ -49,6 +49,14 @@ impl SeededNoise {
         out
     }
 
+    /// Draws `k` numbers uniformly from [0, 1) from row `row`'s stream (the ELBO's timesteps:
+    /// drawn from the same per-sample stream as its noise, so they too do not depend on
+    /// batching).
+    pub(crate) fn unit_draws(&mut self, row: usize, k: usize) -> Vec<f64> {
+        let rng = &mut self.rngs[row];
+        (0..k).map(|_| rng.random::<f64>()).collect()
+    }
+
     fn draw(&mut self) -> Array4<f32> {
         let [c, h, w] = self.shape;
         let mut out = Array4::<f32>::zeros((self.rngs.len(), c, h, w));

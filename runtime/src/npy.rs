@@ -19,11 +19,39 @@ pub fn read_npy(path: &Path) -> Result<ArrayD<f32>> {
     })
 }
 
-/// Parses `.npy` bytes; the error says what is wrong.
-pub fn parse_npy(bytes: &[u8]) -> std::result::Result<ArrayD<f32>, String> {
-    let (shape, width, offset) = parse_npy_header(bytes)?;
+/// An array as it was stored: raw 8-bit pixels or floats.
+#[derive(Debug, Clone)]
+pub enum NpyArray {
+    /// uint8 (`|u1`), e.g. raw 0..255 pixels.
+    U8(ArrayD<u8>),
+    /// float32 or float64, read as f32.
+    F32(ArrayD<f32>),
+}
+
+/// Reads a uint8, float32 or float64 C-order array.
+pub fn read_npy_u8_or_float(path: &Path) -> Result<NpyArray> {
+    let bytes = std::fs::read(path).map_err(Error::io(format!("reading {}", path.display())))?;
+    let bad = |detail| Error::BadInput {
+        path: path.into(),
+        detail,
+    };
+    let (shape, width, offset) = parse_npy_header(&bytes).map_err(bad)?;
+    if width != 1 {
+        return parse_npy(&bytes).map(NpyArray::F32).map_err(bad);
+    }
+    let data = checked_data(&bytes[offset..], &shape, 1).map_err(bad)?;
+    ArrayD::from_shape_vec(IxDyn(&shape), data.to_vec())
+        .map(NpyArray::U8)
+        .map_err(|e| bad(e.to_string()))
+}
+
+/// The data part of a `.npy`, checked to hold exactly `shape` elements of `width` bytes.
+fn checked_data<'a>(
+    data: &'a [u8],
+    shape: &[usize],
+    width: usize,
+) -> std::result::Result<&'a [u8], String> {
     let count: usize = shape.iter().product();
-    let data = &bytes[offset..];
     if data.len() != count * width {
         return Err(format!(
             "data holds {} bytes; shape {:?} needs {}",
@@ -32,6 +60,16 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<ArrayD<f32>, String> {
             count * width
         ));
     }
+    Ok(data)
+}
+
+/// Parses `.npy` bytes of a float32 or float64 array; the error says what is wrong.
+pub fn parse_npy(bytes: &[u8]) -> std::result::Result<ArrayD<f32>, String> {
+    let (shape, width, offset) = parse_npy_header(bytes)?;
+    if width == 1 {
+        return Err("dtype uint8 is not supported here; save as float32 ('<f4')".into());
+    }
+    let data = checked_data(&bytes[offset..], &shape, width)?;
     let values: Vec<f32> = if width == 4 {
         data.chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -44,7 +82,8 @@ pub fn parse_npy(bytes: &[u8]) -> std::result::Result<ArrayD<f32>, String> {
     ArrayD::from_shape_vec(IxDyn(&shape), values).map_err(|e| e.to_string())
 }
 
-/// Parses a `.npy` header: (shape, bytes per element, offset of the data).
+/// Parses a `.npy` header: (shape, bytes per element, offset of the data). Float32 and float64
+/// are 4 and 8 bytes wide; uint8 (1 byte) is the only integer type read.
 pub fn parse_npy_header(bytes: &[u8]) -> std::result::Result<(Vec<usize>, usize, usize), String> {
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err("not a .npy file (bad magic)".into());
@@ -80,6 +119,8 @@ pub fn parse_npy_header(bytes: &[u8]) -> std::result::Result<(Vec<usize>, usize,
         4
     } else if descr.starts_with("'<f8'") {
         8
+    } else if descr.starts_with("'|u1'") || descr.starts_with("'<u1'") {
+        1
     } else {
         return Err(format!(
             "dtype {} is not supported; save as float32 ('<f4')",

@@ -20,6 +20,7 @@ use crate::spacing::Spacing;
 
 mod compare;
 mod edit;
+mod elbo;
 mod schedule;
 
 /// edgediff: sample from self-describing ONNX diffusion models.
@@ -40,6 +41,7 @@ enum Command {
     Invert(edit::InvertCmd),
     Interpolate(edit::InterpolateCmd),
     Inpaint(edit::InpaintCmd),
+    Elbo(elbo::ElboCmd),
     Schedule(schedule::ScheduleCmd),
     Compare(compare::CompareCmd),
     Info(InfoCmd),
@@ -191,6 +193,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Invert(cmd) => edit::invert(cmd),
         Command::Interpolate(cmd) => edit::interpolate(cmd),
         Command::Inpaint(cmd) => edit::inpaint(cmd),
+        Command::Elbo(cmd) => elbo::elbo(cmd),
         Command::Schedule(cmd) => schedule::schedule(cmd),
         Command::Compare(cmd) => compare::compare(cmd),
         Command::Info(cmd) => info(cmd),
