@@ -22,6 +22,7 @@ pub mod error;
 pub mod generate;
 pub mod image;
 pub mod inpaint;
+pub mod likelihood;
 pub mod metadata;
 pub mod model;
 pub mod noise;

@@ -19,6 +19,7 @@ use crate::sampler::{SamplerArgs, SamplerKind, SAMPLERS};
 use crate::spacing::Spacing;
 
 mod edit;
+mod likelihood;
 mod schedule;
 
 /// edgediff: sample from self-describing ONNX diffusion models.
@@ -39,6 +40,7 @@ enum Command {
     Invert(edit::InvertCmd),
     Interpolate(edit::InterpolateCmd),
     Inpaint(edit::InpaintCmd),
+    Likelihood(likelihood::LikelihoodCmd),
     Schedule(schedule::ScheduleCmd),
     Info(InfoCmd),
     Samplers(SamplersCmd),
@@ -189,6 +191,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Invert(cmd) => edit::invert(cmd),
         Command::Interpolate(cmd) => edit::interpolate(cmd),
         Command::Inpaint(cmd) => edit::inpaint(cmd),
+        Command::Likelihood(cmd) => likelihood::likelihood(cmd),
         Command::Schedule(cmd) => schedule::schedule(cmd),
         Command::Info(cmd) => info(cmd),
         Command::Samplers(cmd) => {
