@@ -36,9 +36,12 @@
 //!
 //! # Solvers
 //!
-//! Classic RK4 on a uniform grid in u (`steps` steps, 4 calls each; the default, 32 steps), or
+//! Classic RK4 on a uniform grid in u (`steps` steps, 4 calls each; the default, 64 steps), or
 //! Bogacki–Shampine 3(2) with error control on xbar and the integral together (one step size per
-//! batch, FSAL: 3 calls per accepted step).
+//! batch, FSAL: 3 calls per accepted step). On the Gaussian-mixture oracle (4 dimensions, the
+//! same probes) RK4's mean difference from a 512-step solution is 3e-2 nats at 16 steps, 2e-3
+//! at 32, 1e-4 at 64 (cosine schedule, whose log-SNR span is wider: 0.17, 0.016, 0.0013); BS3
+//! needs rtol 1e-4 and more calls (262) for 3e-3, so the default is RK4 with 64 steps.
 //!
 //! # Bits per dimension
 //!
@@ -77,7 +80,7 @@ use crate::schedule::{NoiseLevel, Schedule};
 /// Relative finite-difference step δ: η = δ max(rms(x), 1) (see the module docs).
 pub const DEFAULT_FD_STEP: f64 = 1e-3;
 /// RK4 steps of the default solver.
-pub const DEFAULT_STEPS: usize = 32;
+pub const DEFAULT_STEPS: usize = 64;
 /// Most probes per sample.
 pub const MAX_PROBES: usize = 256;
 /// Most solver steps (fixed) or step attempts (adaptive).

@@ -34,7 +34,7 @@ pub(super) struct LikelihoodCmd {
     /// probe distribution: rademacher (default) or gaussian
     #[argh(option, default = "String::from(\"rademacher\")")]
     probe: String,
-    /// steps of RK4, uniform in log(sigma/alpha) (default 32)
+    /// steps of RK4, uniform in log(sigma/alpha) (default 64)
     #[argh(option)]
     steps: Option<usize>,
     /// relative tolerance: use the adaptive Bogacki-Shampine solver instead of RK4
