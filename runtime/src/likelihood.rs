@@ -31,7 +31,9 @@
 //! η = δ max(rms(x), 1) per sample, δ = [`DEFAULT_FD_STEP`] = 1e-3: relative to the size of x so
 //! that x ± η v differ from x by ~1e4 float32 ulps (input rounding is negligible) while staying
 //! far inside the scale on which eps bends (the noise level, >= 0.01 in data units); the floor
-//! 1 keeps it there when x is near 0. The state, the K plus-probes and the K minus-probes go
+//! 1 keeps it there when x is near 0. Measured on the shipped MNIST model (two test digits, the
+//! same probe, RK4 16 steps): δ = 1e-4 and 1e-3 give log p within 1.6 nats of ~2750 (0.06%),
+//! δ = 1e-2 is 80 nats (3%) lower: truncation error, growing as δ². The state, the K plus-probes and the K minus-probes go
 //! through the network as one batch of (1 + 2K) rows per sample, one call per solver stage.
 //!
 //! # Solvers
