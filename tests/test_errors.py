@@ -100,6 +100,34 @@ def cases():
          lambda t, m: do(np.save(t / "x.npy", np.full((2, 1, 8, 8), 0.3, np.float32)),
                          ["elbo", "--model", str(m), "--data", str(t / "x.npy")]), 2),
         ("elbo-continuous", "the ELBO of a continuous-time (VP) model", lambda t, m: _elbo_continuous(t), 2),
+        ("likelihood-shape", "likelihood data of the wrong image shape",
+         lambda t, m: do(np.save(t / "x.npy", np.zeros((2, 1, 4, 4), np.float32)),
+                         ["likelihood", "--model", str(m), "--data", str(t / "x.npy")]), 2),
+        ("likelihood-not-4d", "likelihood data that is not 4-D",
+         lambda t, m: do(np.save(t / "x.npy", np.zeros((2, 64), np.float32)),
+                         ["likelihood", "--model", str(m), "--data", str(t / "x.npy")]), 4),
+        ("likelihood-nan", "likelihood data holding NaN",
+         lambda t, m: do(np.save(t / "x.npy", np.full((2, 1, 8, 8), np.nan, np.float32)),
+                         ["likelihood", "--model", str(m), "--data", str(t / "x.npy")]), 2),
+        ("likelihood-n", "likelihood -n beyond the images in the file",
+         lambda t, m: do(np.save(t / "x.npy", np.zeros((2, 1, 8, 8), np.float32)),
+                         ["likelihood", "--model", str(m), "--data", str(t / "x.npy"), "-n", "5"]), 2),
+        ("likelihood-probes", "an absurd number of Hutchinson probes",
+         lambda t, m: ["likelihood", "--model", str(m), "--data", str(t / "x.npy"), "--probes", "100000"], 2),
+        ("likelihood-steps", "zero likelihood ODE steps",
+         lambda t, m: ["likelihood", "--model", str(m), "--data", str(t / "x.npy"), "--steps", "0"], 2),
+        ("likelihood-solver", "both --steps and --rtol for the likelihood",
+         lambda t, m: ["likelihood", "--model", str(m), "--data", str(t / "x.npy"), "--steps", "8",
+                       "--rtol", "1e-3"], 2),
+        ("compare-classifier-alone", "compare: a classifier without reference images",
+         lambda t, m: ["compare", "--model", str(m), "--samplers", "ddim",
+                       "--classifier", str(ROOT / "models" / "mnist-classifier.onnx")], 2),
+        ("compare-reference-shape", "compare: reference images of the wrong shape",
+         lambda t, m: do(np.save(t / "r.npy", np.zeros((2, 1, 4, 4), np.float32)),
+                         ["compare", "--model", str(m), "--samplers", "ddim", "--reference", str(t / "r.npy"),
+                          "--classifier", str(ROOT / "models" / "mnist-classifier.onnx")]), 4),
+        ("compare-unknown-sampler", "compare: an unknown sampler in the list",
+         lambda t, m: ["compare", "--model", str(m), "--samplers", "ddim,magic"], 2),
         ("provider", "a GPU provider this build or library lacks", lambda t, m: ["--model", str(m), "--provider", "cuda"], 3),
         ("no-ort", "no ONNX Runtime library at the path given",
          lambda t, m: ["--model", str(m), "--ort-lib", str(t / "libonnxruntime.so")], 3),
@@ -177,9 +205,12 @@ def _libm() -> str:
 def run_case(binary: Path, tiny: Path, tmp: Path, setup) -> tuple[int, str, Path]:
     tmp.mkdir(parents=True, exist_ok=True)
     args = setup(tmp, tiny)
-    command = args.pop(0) if args[0] in ("inpaint", "invert", "interpolate", "elbo") else "sample"
+    command = args.pop(0) if args[0] in ("inpaint", "invert", "interpolate", "elbo", "likelihood", "compare") else "sample"
     out = tmp / "out.npy"
-    if "--out" not in args and command != "elbo":  # elbo writes nothing but stdout
+    if command == "likelihood":  # its only output file is the per-image table
+        out = tmp / "out.csv"
+        args = [*args, "--per-image", str(out)]
+    elif "--out" not in args and command != "elbo":  # elbo writes nothing but stdout
         args = [*args, "--out", str(out)]
     if "--steps" not in args and command not in ("invert", "elbo"):
         args = [*args, "--steps", "2"]

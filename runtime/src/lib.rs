@@ -26,6 +26,7 @@ pub mod gaussian;
 pub mod generate;
 pub mod image;
 pub mod inpaint;
+pub mod likelihood;
 pub mod metadata;
 pub mod model;
 pub mod noise;

@@ -21,6 +21,7 @@ use crate::spacing::Spacing;
 mod compare;
 mod edit;
 mod elbo;
+mod likelihood;
 mod schedule;
 
 /// edgediff: sample from self-describing ONNX diffusion models.
@@ -42,6 +43,7 @@ enum Command {
     Interpolate(edit::InterpolateCmd),
     Inpaint(edit::InpaintCmd),
     Elbo(elbo::ElboCmd),
+    Likelihood(likelihood::LikelihoodCmd),
     Schedule(schedule::ScheduleCmd),
     Compare(compare::CompareCmd),
     Info(InfoCmd),
@@ -194,6 +196,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Interpolate(cmd) => edit::interpolate(cmd),
         Command::Inpaint(cmd) => edit::inpaint(cmd),
         Command::Elbo(cmd) => elbo::elbo(cmd),
+        Command::Likelihood(cmd) => likelihood::likelihood(cmd),
         Command::Schedule(cmd) => schedule::schedule(cmd),
         Command::Compare(cmd) => compare::compare(cmd),
         Command::Info(cmd) => info(cmd),
