@@ -53,9 +53,11 @@ impl Classifier {
     /// Opens a classifier ONNX file and checks its inputs and outputs.
     pub fn open(path: &Path, intra_threads: usize) -> Result<Classifier> {
         let session = Network::plain_session(path, intra_threads)?;
-        let contract = |detail: String| Error::Contract {
+        let contract = |detail: String| {
+            Error::Contract {
             path: path.into(),
             detail: format!("{detail} (a classifier takes `image` [N, C, H, W] and returns `logits` and `features`, as edgediff-train-classifier writes)"),
+        }
         };
         let image = session
             .inputs()
@@ -174,10 +176,11 @@ pub fn domain_scores(judged: &Judged, reference: &GaussianStats, threshold: f64)
     let mut counts = vec![0usize; k];
     let mut confident = 0usize;
     for row in judged.probs.rows() {
-        let (best, p) = row
-            .iter()
-            .enumerate()
-            .fold((0, f32::NEG_INFINITY), |b, (i, &p)| if p > b.1 { (i, p) } else { b });
+        let (best, p) =
+            row.iter().enumerate().fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &p)| if p > b.1 { (i, p) } else { b },
+            );
         counts[best] += 1;
         confident += usize::from(f64::from(p) >= threshold);
     }

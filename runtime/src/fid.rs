@@ -68,7 +68,12 @@ pub fn symmetric_eigen(m: &Array2<f64>) -> (Array1<f64>, Array2<f64>) {
     let mut v: Vec<f64> = (0..n * n)
         .map(|k| if k / n == k % n { 1.0 } else { 0.0 })
         .collect();
-    let scale = a.iter().map(|x| x * x).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
+    let scale = a
+        .iter()
+        .map(|x| x * x)
+        .sum::<f64>()
+        .sqrt()
+        .max(f64::MIN_POSITIVE);
     for _sweep in 0..100 {
         let off = (0..n)
             .flat_map(|p| (p + 1..n).map(move |q| (p, q)))
@@ -146,7 +151,10 @@ mod tests {
         };
         let da = [3.0, 0.5, 0.0]; // singular on purpose
         let db = [1.0, 2.0, 4.0];
-        let cov = |d: [f64; 3]| r.dot(&Array2::from_diag(&Array1::from(d.to_vec()))).dot(&r.t());
+        let cov = |d: [f64; 3]| {
+            r.dot(&Array2::from_diag(&Array1::from(d.to_vec())))
+                .dot(&r.t())
+        };
         let a = stats(array![0.0, 1.0, 2.0], cov(da));
         let b = stats(array![1.0, 1.0, 0.0], cov(db));
         let want = 1.0

@@ -63,6 +63,17 @@ fn checked_data<'a>(
     Ok(data)
 }
 
+/// Reads a 4-D float array `[n, C, H, W]`; `what` is the error detail when it has another
+/// rank (e.g. "images must be 4-D [n, C, H, W]").
+pub fn read_npy4(path: &Path, what: &str) -> Result<ndarray::Array4<f32>> {
+    read_npy(path)?
+        .into_dimensionality::<ndarray::Ix4>()
+        .map_err(|_| Error::BadInput {
+            path: path.into(),
+            detail: what.into(),
+        })
+}
+
 /// Parses `.npy` bytes of a float32 or float64 array; the error says what is wrong.
 pub fn parse_npy(bytes: &[u8]) -> std::result::Result<ArrayD<f32>, String> {
     let (shape, width, offset) = parse_npy_header(bytes)?;

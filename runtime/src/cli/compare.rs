@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::fid::GaussianStats;
 use crate::generate::{check_options, SampleOptions};
 use crate::image::grid_png;
-use crate::npy::{read_npy, write_atomic};
+use crate::npy::{read_npy, read_npy4, write_atomic};
 use crate::output::generate_to_path;
 use crate::sampler::{SamplerArgs, SamplerKind};
 use crate::spacing::Spacing;
@@ -109,7 +109,11 @@ struct Row {
 }
 
 fn parse_list<T: std::str::FromStr>(text: &str, what: &str) -> Result<Vec<T>> {
-    let items: Vec<&str> = text.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let items: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     if items.is_empty() {
         return Err(Error::InvalidArgument(format!("--{what} is empty")));
     }
@@ -209,8 +213,8 @@ pub(super) fn compare(cmd: CompareCmd) -> Result<()> {
         }
     }
     if cmd.json {
-        let text =
-            serde_json::to_string_pretty(&rows).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let text = serde_json::to_string_pretty(&rows)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
         println!("{text}");
     } else if !cmd.quiet {
         eprintln!(
@@ -249,7 +253,14 @@ fn run_cell(
     };
     let same_setup = |r: &CellRecord| {
         (r.n, r.seed, &r.spacing, r.batch_size, &r.model, &r.sampler)
-            == (fresh.n, fresh.seed, &fresh.spacing, fresh.batch_size, &fresh.model, &fresh.sampler)
+            == (
+                fresh.n,
+                fresh.seed,
+                &fresh.spacing,
+                fresh.batch_size,
+                &fresh.model,
+                &fresh.sampler,
+            )
     };
     if let Some(old) = std::fs::read(&record_path)
         .ok()
@@ -277,8 +288,8 @@ fn run_cell(
                 _ => {}
             }
         }
-        let text = serde_json::to_vec_pretty(&fresh)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let text =
+            serde_json::to_vec_pretty(&fresh).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         write_atomic(&setup_path, &text)?;
     }
     let start = Instant::now();
@@ -289,14 +300,13 @@ fn run_cell(
     let seconds = start.elapsed().as_secs_f64();
     let generated = opts.n - written.resumed;
     let batches = generated.div_ceil(opts.batch_size.max(1)).max(1);
-    let x = read_npy(&samples)?
-        .into_dimensionality::<Ix4>()
-        .map_err(|_| Error::BadInput {
-            path: samples.clone(),
-            detail: "not a [n, C, H, W] array".into(),
-        })?;
+    let x = read_npy4(&samples, "not a [n, C, H, W] array")?;
     let shown = cmd.grid.clamp(1, x.shape()[0]);
-    let png = grid_png(x.slice(s![..shown, .., .., ..]), model.metadata().data_range, None)?;
+    let png = grid_png(
+        x.slice(s![..shown, .., .., ..]),
+        model.metadata().data_range,
+        None,
+    )?;
     write_atomic(&grid, &png)?;
     let record = CellRecord {
         model_calls: written.report.network_calls / batches,
@@ -304,7 +314,8 @@ fn run_cell(
         generated,
         ..fresh
     };
-    let text = serde_json::to_vec_pretty(&record).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let text =
+        serde_json::to_vec_pretty(&record).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     write_atomic(&record_path, &text)?;
     Ok(record)
 }
@@ -345,12 +356,7 @@ impl Judge {
     }
 
     fn score(&mut self, samples: &Path, range: [f64; 2], threshold: f64) -> Result<DomainScores> {
-        let x = read_npy(samples)?
-            .into_dimensionality::<Ix4>()
-            .map_err(|_| Error::BadInput {
-                path: samples.into(),
-                detail: "not a [n, C, H, W] array".into(),
-            })?;
+        let x = read_npy4(samples, "not a [n, C, H, W] array")?;
         let judged = self.classifier.judge(x.view(), range, self.batch)?;
         Ok(domain_scores(&judged, &self.reference, threshold))
     }
@@ -380,6 +386,7 @@ fn write_tables(out: &Path, rows: &[Row]) -> Result<()> {
         ));
     }
     write_atomic(&out.join("results.csv"), csv.as_bytes())?;
-    let json = serde_json::to_vec_pretty(rows).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let json =
+        serde_json::to_vec_pretty(rows).map_err(|e| Error::InvalidArgument(e.to_string()))?;
     write_atomic(&out.join("results.json"), &json)
 }

@@ -10,7 +10,7 @@ use super::{open_model, write_all, Bar};
 use crate::error::{Error, Result};
 use crate::generate::{generate, SampleOptions};
 use crate::noise::{InjectedNoise, NoiseSource, SeededNoise};
-use crate::npy::{npy_bytes, read_npy, write_atomic};
+use crate::npy::{npy_bytes, read_npy, read_npy4, write_atomic};
 use crate::sampler::{SamplerArgs, SamplerKind};
 use crate::spacing::Spacing;
 
@@ -127,14 +127,7 @@ fn load_images(paths: &[PathBuf], shape: [usize; 3], range: [f64; 2]) -> Result<
         [] => Err(Error::InvalidArgument(
             "give --image (a PNG, repeatable, or one .npy)".into(),
         )),
-        [p] if is_npy(p) => {
-            read_npy(p)?
-                .into_dimensionality::<Ix4>()
-                .map_err(|_| Error::BadInput {
-                    path: p.clone(),
-                    detail: "images must be 4-D [n, C, H, W]".into(),
-                })
-        }
+        [p] if is_npy(p) => read_npy4(p, "images must be 4-D [n, C, H, W]"),
         _ if paths.iter().any(is_npy) => Err(Error::InvalidArgument(
             "give either PNG files or a single .npy to --image".into(),
         )),
@@ -391,12 +384,9 @@ fn load_masks(paths: &[PathBuf], n: usize, hw: [usize; 2]) -> Result<Array4<f32>
                 "give --mask (a PNG, white = fill)".into(),
             ))
         }
-        [p] if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy")) => read_npy(p)?
-            .into_dimensionality::<Ix4>()
-            .map_err(|_| Error::BadInput {
-                path: p.clone(),
-                detail: "a mask .npy must be 4-D [n, 1 or C, H, W]".into(),
-            })?,
+        [p] if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy")) => {
+            read_npy4(p, "a mask .npy must be 4-D [n, 1 or C, H, W]")?
+        }
         _ => load_images(paths, [1, hw[0], hw[1]], [0.0, 1.0]).map_err(|e| match e {
             Error::BadInput { path, detail } => Error::BadInput {
                 path,

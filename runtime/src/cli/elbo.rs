@@ -116,7 +116,10 @@ fn load_data(
             let s = scale.unwrap_or(PixelScale::By255);
             let m = take(dims)?;
             let px = a.into_shape_with_order(dims).expect("same element count");
-            Ok((s.to_model_range(px.slice(s![..m, .., .., ..]), range), Some(s)))
+            Ok((
+                s.to_model_range(px.slice(s![..m, .., .., ..]), range),
+                Some(s),
+            ))
         }
         NpyArray::F32(a) => {
             let dims = to4(a.shape())?;

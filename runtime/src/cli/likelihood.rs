@@ -4,14 +4,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use argh::FromArgs;
-use ndarray::{s, Ix4};
+use ndarray::s;
 
 use super::{open_model, Bar};
 use crate::error::{Error, Result};
 use crate::likelihood::{
     log_likelihood, mean_and_se, LikelihoodOptions, OdeSolver, DEFAULT_FD_STEP, DEFAULT_STEPS,
 };
-use crate::npy::{read_npy, write_atomic};
+use crate::npy::{read_npy4, write_atomic};
 
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "likelihood")]
@@ -104,12 +104,7 @@ pub(super) fn likelihood(cmd: LikelihoodCmd) -> Result<()> {
         bins: cmd.bins,
     };
     opts.validate()?;
-    let data = read_npy(&cmd.data)?
-        .into_dimensionality::<Ix4>()
-        .map_err(|_| Error::BadInput {
-            path: cmd.data.clone(),
-            detail: "the data must be 4-D [n, C, H, W]".into(),
-        })?;
+    let data = read_npy4(&cmd.data, "the data must be 4-D [n, C, H, W]")?;
     let available = data.shape()[0];
     let n = match cmd.n {
         Some(n) if n == 0 || n > available => {

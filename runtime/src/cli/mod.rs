@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use argh::FromArgs;
-use ndarray::{Ix4, Ix5};
+use ndarray::Ix5;
 
 use crate::backend::{init_onnxruntime, NetworkOptions, Provider};
 use crate::denoiser::X0Clip;
@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::generate::SampleOptions;
 use crate::model::Model;
 use crate::noise::InjectedNoise;
-use crate::npy::read_npy;
+use crate::npy::{read_npy, read_npy4};
 use crate::output::{generate_to_path, write_all};
 use crate::sampler::{SamplerArgs, SamplerKind, SAMPLERS};
 use crate::spacing::Spacing;
@@ -238,12 +238,7 @@ fn parse_timesteps(text: &str) -> Result<Vec<f64>> {
 }
 
 fn load_injected(init: &Path, steps: Option<&Path>) -> Result<InjectedNoise> {
-    let initial = read_npy(init)?
-        .into_dimensionality::<Ix4>()
-        .map_err(|_| Error::BadInput {
-            path: init.into(),
-            detail: "--init-noise must be 4-D [n, C, H, W]".into(),
-        })?;
+    let initial = read_npy4(init, "--init-noise must be 4-D [n, C, H, W]")?;
     let steps = match steps {
         Some(p) => {
             let a = read_npy(p)?;
