@@ -6,7 +6,9 @@ wall time (one PNG, three panels), and the samplers' grids side by side at one s
         [--grid-steps 20] [--markdown]
 
 Several comparison folders may be given (e.g. runs split across processes); their cells are
-merged. `--markdown` prints the merged table for docs.
+merged. `--timing DIR` takes wall times from another comparison (a small-N run on a quiet
+machine, all cells in one process) scaled to each cell's N, when the quality run's own times
+are not comparable (run in parallel or under load). `--markdown` prints the merged table.
 """
 
 from __future__ import annotations
@@ -102,9 +104,14 @@ def main() -> None:
                    help="output prefix: PREFIX-curves.png and PREFIX-grids-STEPS.png")
     p.add_argument("--grid-steps", type=int, default=None,
                    help="step count of the grid comparison (default: the middle one)")
+    p.add_argument("--timing", type=Path, default=None, help="take wall times from this comparison")
     p.add_argument("--markdown", action="store_true")
     a = p.parse_args()
     rows = load_rows(a.folders)
+    if a.timing:
+        per_sample = {(r["sampler"], r["steps"]): r["seconds_for_n"] / r["n"] for r in load_rows([a.timing])}
+        for r in rows:
+            r["seconds_for_n"] = per_sample[(r["sampler"], r["steps"])] * r["n"]
     curves(rows, a.out.with_name(a.out.name + "-curves.png"))
     all_steps = sorted({r["steps"] for r in rows})
     steps = a.grid_steps or all_steps[len(all_steps) // 2]
