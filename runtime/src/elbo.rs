@@ -359,11 +359,8 @@ impl ElboReport {
                 / n
         };
         let totals = self.per_image_bits_per_dim();
-        let bpd = totals.iter().sum::<f64>() / n;
-        let standard_error = (self.images.len() > 1).then(|| {
-            let var = totals.iter().map(|v| (v - bpd).powi(2)).sum::<f64>() / (n - 1.0);
-            (var / n).sqrt()
-        });
+        let (bpd, se) = crate::likelihood::mean_and_se(&totals);
+        let standard_error = (self.images.len() > 1).then_some(se);
         let mc_standard_error = self
             .images
             .iter()
