@@ -4,7 +4,8 @@ On the exact Gaussian-mixture oracle under the linear DDPM schedule (T = 1000), 
 starting noise, each method's RMSE to the converged probability-flow ODE solution (edgediff Heun
 with 4000 log-SNR steps, from t = 999 to t = 0, then the x0 prediction there, which is where
 every scheduler of both projects ends) at a budget of model calls. Each method is run with
-every spacing it offers and reported at its best. Prints tables; never fails on the numbers.
+every spacing it offers and reported at its best; beside them, edgediff's samplers on grids
+fitted by `edgediff calibrate` on other noises. Prints tables; never fails on the numbers.
 
     .venv/bin/python tools/bench_fidelity.py [--n 512] [--budgets 5,10,20,50]
 """
@@ -42,6 +43,11 @@ EDGEDIFF = [
     ("dpm-solver-2", "dpm-solver", ["--order", "2"], 1),
     ("dpm-solver-3", "dpm-solver", ["--order", "3"], 1),
 ]
+# Calibrated grids (`edgediff calibrate`): fitted on pilot noises of the runtime's seeded streams
+# (seed 1), judged here on the benchmark's own noise (numpy seed 0), which the fit never saw.
+CALIBRATED = [("unipc-3 calibrated", "unipc", ["--order", "3"]),
+              ("dpm++3m calibrated", "dpm++3m", []),
+              ("dpm++2m calibrated", "dpm++2m", [])]
 EDGEDIFF_SPACINGS = [["--spacing", "trailing"], ["--spacing", "leading"], ["--spacing", "linspace"],
                      ["--spacing", "logsnr"], ["--spacing", "karras"],
                      ["--spacing", "karras", "--rho", "3"], ["--spacing", "karras", "--rho", "5"]]
@@ -130,6 +136,8 @@ def main() -> None:
     p.add_argument("--budgets", default="5,10,20,50")
     p.add_argument("--binary", type=Path, default=ROOT / "target" / "release" / "edgediff")
     p.add_argument("--json", type=Path, help="also write all results here")
+    p.add_argument("--pilot", type=int, default=1024, help="pilot noises of each calibration")
+    p.add_argument("--no-calibrated", action="store_true", help="skip the calibrated grids")
     a = p.parse_args()
     budgets = [int(b) for b in a.budgets.split(",")]
     tmp = Path(tempfile.mkdtemp(prefix="fidelity-"))
@@ -164,6 +172,22 @@ def main() -> None:
                 results.append(dict(project="edgediff", method=label, budget=budget,
                                     calls=edgediff_calls(sampler, steps), rmse=best[0], spacing=best[1]))
 
+    for label, sampler, extra in ([] if a.no_calibrated else CALIBRATED):
+        for budget in budgets:
+            t1 = time.time()
+            fit = subprocess.run([str(a.binary), "calibrate", "--model", str(model), "--sampler", sampler,
+                                  "--steps", str(budget), "--pilot", str(a.pilot), "--seed", "1",
+                                  "--batch-size", str(a.pilot), "--json", *extra],
+                                 check=True, capture_output=True, text=True)
+            cal = json.loads(fit.stdout)
+            ts = ",".join(f"{t:.6f}" for t in cal["timesteps"])
+            x = run_edgediff(a.binary, model, tmp / "init.npy", out, sampler, budget,
+                             extra + ["--timesteps", ts])
+            results.append(dict(project="edgediff calibrated", method=label, budget=budget,
+                                calls=budget, rmse=rmse(x, ref), spacing="calibrated",
+                                pilot_rmse=cal["rmse"], fit_runs=cal["evals"],
+                                fit_seconds=time.time() - t1, timesteps=cal["timesteps"]))
+
     eps = Counted(model)
     for name, factory, spacings in diffusers_methods():
         for budget in budgets:
@@ -189,7 +213,9 @@ def main() -> None:
                                     rmse=best[0], spacing=best[1]))
     print(f"({time.time() - t0:.0f} s)\n")
 
-    for project in ("edgediff", "diffusers"):
+    for project in ("edgediff", "edgediff calibrated", "diffusers"):
+        if not any(r["project"] == project for r in results):
+            continue
         print(f"## {project}: RMSE to the converged PF-ODE solution at its best spacing")
         print("| method | " + " | ".join(f"{b} calls" for b in budgets) + " |")
         print("|---|" + "---|" * len(budgets))
@@ -201,17 +227,29 @@ def main() -> None:
                 cells.append(f"{r['rmse']:.2e} ({r['spacing']})" if r else "-")
             print(f"| {method} | " + " | ".join(cells) + " |")
         print()
+    cal_rows = [r for r in results if r["project"] == "edgediff calibrated"]
+    if cal_rows:
+        print("## calibrations (pilot RMSE on seed-1 pilot noises; benchmark RMSE on the unseen noise)")
+        print("| method | calls | pilot RMSE | benchmark RMSE | search runs | seconds |")
+        print("|---|---|---|---|---|---|")
+        for r in cal_rows:
+            print(f"| {r['method']} | {r['budget']} | {r['pilot_rmse']:.2e} | {r['rmse']:.2e} | "
+                  f"{r['fit_runs']} | {r['fit_seconds']:.0f} |")
+        print()
     print("## best of each project")
-    print("| calls | edgediff best | diffusers best | ratio |")
-    print("|---|---|---|---|")
+    print("| calls | edgediff best, fixed spacing | edgediff best, calibrated | diffusers best "
+          "| ratio fixed | ratio calibrated |")
+    print("|---|---|---|---|---|---|")
     for b in budgets:
         best = {}
-        for project in ("edgediff", "diffusers"):
+        for project in ("edgediff", "edgediff calibrated", "diffusers"):
             rs = [r for r in results if r["project"] == project and r["budget"] == b]
-            best[project] = min(rs, key=lambda r: r["rmse"])
-        e, d = best["edgediff"], best["diffusers"]
-        print(f"| {b} | {e['rmse']:.2e} {e['method']} ({e['spacing']}) | {d['rmse']:.2e} "
-              f"{d['method']} ({d['spacing']}) | {e['rmse'] / d['rmse']:.2f} |")
+            best[project] = min(rs, key=lambda r: r["rmse"]) if rs else None
+        e, c, d = best["edgediff"], best["edgediff calibrated"], best["diffusers"]
+        cal = f"{c['rmse']:.2e} {c['method']}" if c else "-"
+        ratio = f"{c['rmse'] / d['rmse']:.2f}" if c else "-"
+        print(f"| {b} | {e['rmse']:.2e} {e['method']} ({e['spacing']}) | {cal} | {d['rmse']:.2e} "
+              f"{d['method']} ({d['spacing']}) | {e['rmse'] / d['rmse']:.2f} | {ratio} |")
     if a.json:
         a.json.write_text(json.dumps(results, indent=1))
 

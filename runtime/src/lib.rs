@@ -14,6 +14,7 @@
 //! ```
 
 pub mod backend;
+pub mod calibrate;
 pub mod capi;
 pub mod classifier;
 pub mod cli;

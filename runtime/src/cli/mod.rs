@@ -18,6 +18,7 @@ use crate::output::{generate_to_path, write_all};
 use crate::sampler::{SamplerArgs, SamplerKind, SAMPLERS};
 use crate::spacing::Spacing;
 
+mod calibrate;
 mod compare;
 mod edit;
 mod elbo;
@@ -46,6 +47,7 @@ enum Command {
     Likelihood(likelihood::LikelihoodCmd),
     Schedule(schedule::ScheduleCmd),
     Compare(compare::CompareCmd),
+    Calibrate(calibrate::CalibrateCmd),
     Info(InfoCmd),
     Samplers(SamplersCmd),
 }
@@ -199,6 +201,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Likelihood(cmd) => likelihood::likelihood(cmd),
         Command::Schedule(cmd) => schedule::schedule(cmd),
         Command::Compare(cmd) => compare::compare(cmd),
+        Command::Calibrate(cmd) => calibrate::calibrate_cmd(cmd),
         Command::Info(cmd) => info(cmd),
         Command::Samplers(cmd) => {
             list_samplers(cmd.json);

@@ -1,0 +1,344 @@
+//! Time steps calibrated to one model and one sampler.
+//!
+//! A fixed spacing (trailing, Karras, log-SNR) puts a few-step sampler's steps where they suit an
+//! average model; where the truncation error of *this* model's trajectories is largest is a
+//! property of the model. Following the learned-discretisation idea of "Align Your Steps"
+//! (Sabour et al. 2024) and LD3 (Tong et al. 2025), [`calibrate`] chooses the N time points of
+//! a deterministic sampler so that its output on a pilot batch of noises is as close as possible
+//! to a converged probability-flow ODE solution (the teacher) from the same noises. The result is
+//! an explicit list for `--timesteps` ([`crate::SampleOptions::timesteps`]): calibrate once per
+//! model, sampler and step count, then sample at no extra cost.
+//!
+//! The N - 1 free points (the first stays at the schedule's noisiest time) are parametrised by
+//! N softmax weights (the last fixed to logit 0): the gaps in log-SNR between consecutive points,
+//! the N-th weight being the gap left between the last visited point and the schedule's clean
+//! end. Every parameter vector is thus a valid, strictly decreasing grid, and zeros give the
+//! uniform log-SNR spacing the search starts from. The search is a compass (coordinate pattern)
+//! search: derivative-free, so it needs only sampler runs, and monotone in the pilot error.
+
+use ndarray::Array4;
+
+use crate::error::{Error, Result};
+use crate::generate::{generate, SampleOptions};
+use crate::model::Model;
+use crate::sampler::SamplerKind;
+use crate::spacing::Spacing;
+
+/// What to calibrate and how hard to search.
+#[derive(Debug, Clone)]
+pub struct CalibrateOptions {
+    /// A deterministic sampler (ODE solver); stochastic ones do not follow the teacher.
+    pub sampler: SamplerKind,
+    /// Time points to place (model calls for one-call-per-step samplers).
+    pub steps: usize,
+    /// Pilot noises the error is measured on.
+    pub pilot: usize,
+    /// Seed of the pilot noises; keep it apart from the seeds samples are drawn with, so the
+    /// calibration is judged on noise it never saw.
+    pub seed: u64,
+    /// Heun steps (uniform in log SNR) of the teacher solution.
+    pub teacher_steps: usize,
+    /// Most sampler runs the search may make.
+    pub max_evals: usize,
+    pub batch_size: usize,
+    pub class_label: Option<i64>,
+    pub guidance: Option<f64>,
+}
+
+impl Default for CalibrateOptions {
+    fn default() -> Self {
+        CalibrateOptions {
+            sampler: SamplerKind::UniPc { order: 3 },
+            steps: 10,
+            pilot: 256,
+            seed: 1,
+            teacher_steps: 250,
+            max_evals: 0,
+            batch_size: 256,
+            class_label: None,
+            guidance: None,
+        }
+    }
+}
+
+/// The calibrated grid and what it achieved on the pilot batch.
+#[derive(Debug, Clone)]
+pub struct Calibration {
+    /// Schedule times for `--timesteps`, most noisy first.
+    pub timesteps: Vec<f64>,
+    /// RMSE to the teacher with the calibrated grid.
+    pub rmse: f64,
+    /// RMSE with the search's start (uniform log-SNR) and with the sampler's default spacing
+    /// (trailing), for comparison.
+    pub rmse_logsnr: f64,
+    pub rmse_trailing: f64,
+    /// RMSE between the teacher and a teacher of half its steps: the floor the figures can show.
+    pub teacher_rmse: f64,
+    /// Sampler runs the search made.
+    pub evals: usize,
+}
+
+/// Most sampler runs the search may make unless told otherwise: measured on the oracle, the
+/// search settles after about 30 runs per free point.
+pub fn default_max_evals(steps: usize) -> usize {
+    50 * steps
+}
+
+/// Calibrates `opts.steps` time points for `opts.sampler` on `model`; `progress(evals, rmse)`
+/// is told after every sampler run with the best pilot RMSE so far.
+///
+/// ```no_run
+/// use edgediff::calibrate::{calibrate, CalibrateOptions};
+/// use edgediff::{Model, SamplerKind, SampleOptions, generate};
+/// let mut model = Model::open("models/mnist-ddpm.onnx")?;
+/// let opts = CalibrateOptions { sampler: SamplerKind::UniPc { order: 3 }, steps: 10, pilot: 64, ..Default::default() };
+/// let cal = calibrate(&mut model, &opts, &mut |_, _| {})?;
+/// let sample = SampleOptions { sampler: opts.sampler, timesteps: Some(cal.timesteps), seed: 0, ..Default::default() };
+/// let x = generate(&mut model, &sample, None, &mut |_, _| {})?;
+/// # Ok::<(), edgediff::Error>(())
+/// ```
+pub fn calibrate(
+    model: &mut Model,
+    opts: &CalibrateOptions,
+    progress: &mut dyn FnMut(usize, f64),
+) -> Result<Calibration> {
+    check(opts)?;
+    let base = SampleOptions {
+        sampler: SamplerKind::Heun,
+        steps: opts.teacher_steps,
+        spacing: Spacing::LogSnr,
+        n: opts.pilot,
+        batch_size: opts.batch_size,
+        seed: opts.seed,
+        class_label: opts.class_label,
+        guidance: opts.guidance,
+        ..Default::default()
+    };
+    let teacher = generate(model, &base, None, &mut |_, _| {})?;
+    let half = SampleOptions {
+        steps: opts.teacher_steps.div_ceil(2),
+        ..base.clone()
+    };
+    let teacher_rmse = rmse(&generate(model, &half, None, &mut |_, _| {})?, &teacher);
+
+    let grid = Grid::new(model.schedule());
+    let mut run = |opts_t: SampleOptions| -> Result<f64> {
+        Ok(rmse(
+            &generate(model, &opts_t, None, &mut |_, _| {})?,
+            &teacher,
+        ))
+    };
+    let student = SampleOptions {
+        sampler: opts.sampler,
+        steps: opts.steps,
+        spacing: Spacing::Trailing,
+        ..base
+    };
+    let rmse_trailing = run(student.clone())?;
+    let max_evals = if opts.max_evals == 0 {
+        default_max_evals(opts.steps)
+    } else {
+        opts.max_evals
+    };
+    let mut evals = 0;
+    let mut objective = |z: &[f64]| -> Result<f64> {
+        evals += 1;
+        let Some(ts) = grid.times(z) else {
+            return Ok(f64::INFINITY);
+        };
+        let e = run(SampleOptions {
+            timesteps: Some(ts),
+            ..student.clone()
+        })?;
+        Ok(if e.is_finite() { e } else { f64::INFINITY })
+    };
+    let start = vec![0.0; opts.steps - 1];
+    let rmse_logsnr = objective(&start)?;
+    progress(1, rmse_logsnr);
+    let (z, best) = compass_search(start, rmse_logsnr, max_evals - 1, &mut objective, progress)?;
+    Ok(Calibration {
+        timesteps: grid.times(&z).expect("the search keeps only valid grids"),
+        rmse: best,
+        rmse_logsnr,
+        rmse_trailing,
+        teacher_rmse,
+        evals,
+    })
+}
+
+fn check(opts: &CalibrateOptions) -> Result<()> {
+    let bad = |m: String| Err(Error::InvalidArgument(m));
+    if opts.sampler.is_stochastic() || opts.sampler.is_adaptive() {
+        return bad(format!(
+            "calibrate needs a deterministic fixed-grid sampler (an ODE solver such as unipc, dpm++2m, ddim); {} {}",
+            opts.sampler.name(),
+            if opts.sampler.is_adaptive() { "chooses its own steps" } else { "is stochastic" }
+        ));
+    }
+    if !(2..=1000).contains(&opts.steps) {
+        return bad(format!(
+            "--steps {} must be in 2..=1000 (one point has nothing to place)",
+            opts.steps
+        ));
+    }
+    if !(1..=100_000).contains(&opts.pilot) {
+        return bad(format!("--pilot {} must be in 1..=100000", opts.pilot));
+    }
+    if opts.teacher_steps < 2 * opts.steps {
+        return bad(format!(
+            "--teacher-steps {} must be at least twice --steps {} (the teacher must be far more exact than the sampler)",
+            opts.teacher_steps, opts.steps
+        ));
+    }
+    if opts.max_evals == 1 || opts.max_evals > 1_000_000 {
+        return bad(format!(
+            "--max-evals {} must be in 2..=1000000 (0: the default)",
+            opts.max_evals
+        ));
+    }
+    Ok(())
+}
+
+/// Maps parameter vectors to strictly decreasing schedule times (see the module docs).
+struct Grid {
+    t_max: f64,
+    lambda_hi: f64,
+    lambda_lo: f64,
+    schedule: crate::schedule::Schedule,
+}
+
+impl Grid {
+    fn new(schedule: &crate::schedule::Schedule) -> Grid {
+        let (sbar_max, sbar_min) = schedule.sbar_range();
+        // lambda = log(alpha/sigma) = -log(sigma/alpha), as NoiseLevel::lambda.
+        Grid {
+            t_max: schedule.t_for_sbar(sbar_max),
+            lambda_hi: -sbar_max.ln(),
+            lambda_lo: -sbar_min.ln(),
+            schedule: schedule.clone(),
+        }
+    }
+
+    /// The grid of `z.len() + 1` times, or None if rounding made it not strictly decreasing.
+    fn times(&self, z: &[f64]) -> Option<Vec<f64>> {
+        let logits: Vec<f64> = z.iter().copied().chain([0.0]).collect();
+        let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let w: Vec<f64> = logits.iter().map(|l| (l - m).exp()).collect();
+        let total: f64 = w.iter().sum();
+        let mut ts = vec![self.t_max];
+        let mut acc = 0.0;
+        for wi in &w[..z.len()] {
+            acc += wi / total;
+            let lambda = self.lambda_hi + acc * (self.lambda_lo - self.lambda_hi);
+            ts.push(self.schedule.t_for_sbar((-lambda).exp()));
+        }
+        ts.windows(2).all(|p| p[1] < p[0]).then_some(ts)
+    }
+}
+
+/// Compass search from `z` (objective `fz`): tries each coordinate at +-delta, keeps the first
+/// improvement, halves delta after a sweep without one, stops below delta 0.02 or at `budget`
+/// runs. Returns the best point and value.
+fn compass_search(
+    mut z: Vec<f64>,
+    mut fz: f64,
+    budget: usize,
+    f: &mut dyn FnMut(&[f64]) -> Result<f64>,
+    progress: &mut dyn FnMut(usize, f64),
+) -> Result<(Vec<f64>, f64)> {
+    let (mut delta, mut used) = (1.0, 0);
+    while delta >= 0.02 && used < budget {
+        let mut improved = false;
+        'sweep: for i in 0..z.len() {
+            for s in [1.0, -1.0] {
+                if used >= budget {
+                    break 'sweep;
+                }
+                let mut y = z.clone();
+                y[i] += s * delta;
+                let fy = f(&y)?;
+                used += 1;
+                progress(used + 1, fz.min(fy));
+                if fy < fz {
+                    (z, fz, improved) = (y, fy, true);
+                    break;
+                }
+            }
+        }
+        if !improved {
+            delta /= 2.0;
+        }
+    }
+    Ok((z, fz))
+}
+
+fn rmse(a: &Array4<f32>, b: &Array4<f32>) -> f64 {
+    let sq: f64 = a
+        .iter()
+        .zip(b.iter())
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    (sq / a.len() as f64).sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compass_search_finds_a_quadratic_minimum() {
+        let target = [0.7, -1.3, 0.25];
+        let mut f = |z: &[f64]| -> Result<f64> {
+            Ok(z.iter().zip(target).map(|(a, b)| (a - b).powi(2)).sum())
+        };
+        let (z, fz) = compass_search(
+            vec![0.0; 3],
+            f(&[0.0; 3]).unwrap(),
+            10_000,
+            &mut f,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        // The search stops once delta < 0.02, so each coordinate is within 0.02 of the minimum.
+        for (a, b) in z.iter().zip(target) {
+            assert!((a - b).abs() <= 0.02, "{z:?}");
+        }
+        assert!(fz <= 3.0 * 0.02f64.powi(2));
+    }
+
+    #[test]
+    fn compass_search_respects_its_budget() {
+        let mut calls = 0;
+        let mut f = |z: &[f64]| -> Result<f64> {
+            calls += 1;
+            Ok(z.iter().map(|v| (v - 5.0).powi(2)).sum())
+        };
+        compass_search(vec![0.0; 4], 100.0, 7, &mut f, &mut |_, _| {}).unwrap();
+        assert_eq!(calls, 7);
+    }
+
+    #[test]
+    fn zero_parameters_give_uniform_log_snr_and_any_parameters_a_valid_grid() {
+        use crate::metadata::ScheduleSpec;
+        use crate::schedule::Schedule;
+        let schedule = Schedule::from_spec(&ScheduleSpec::Linear {
+            num_train_timesteps: 1000,
+            beta_start: 1e-4,
+            beta_end: 0.02,
+        });
+        let grid = Grid::new(&schedule);
+        let ts = grid.times(&[0.0; 4]).unwrap();
+        assert_eq!(ts.len(), 5);
+        assert!((ts[0] - 999.0).abs() < 1e-9);
+        let lambdas: Vec<f64> = ts.iter().map(|&t| schedule.level(t).lambda()).collect();
+        let gap = (grid.lambda_lo - grid.lambda_hi) / 5.0;
+        for (k, l) in lambdas.iter().enumerate() {
+            assert!(
+                (l - (grid.lambda_hi + k as f64 * gap)).abs() < 1e-9,
+                "{lambdas:?}"
+            );
+        }
+        let ts = grid.times(&[3.0, -2.0, 0.5, -4.0]).unwrap();
+        assert!(ts.windows(2).all(|p| p[1] < p[0]) && ts[4] > 0.0);
+    }
+}

@@ -1,0 +1,144 @@
+//! `edgediff calibrate`: time steps fitted to one model and sampler, for `sample --timesteps`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use argh::FromArgs;
+
+use super::open_model;
+use crate::calibrate::{calibrate, default_max_evals, CalibrateOptions};
+use crate::error::Result;
+use crate::npy::write_atomic;
+use crate::sampler::{SamplerArgs, SamplerKind};
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "calibrate")]
+/// Fit a deterministic sampler's time steps to the model: the grid whose output on pilot noises
+/// is closest to a converged probability-flow ODE solution. Prints the list for --timesteps:
+/// edgediff sample --sampler unipc --order 3 --timesteps "$(edgediff calibrate --sampler unipc --order 3 --steps 10 -q)"
+pub(super) struct CalibrateCmd {
+    /// the ONNX model (default: the shipped MNIST model)
+    #[argh(option)]
+    model: Option<PathBuf>,
+    /// a deterministic sampler, e.g. unipc, dpm++2m, dpm++3m, ddim, heun (default unipc)
+    #[argh(option, default = "String::from(\"unipc\")")]
+    sampler: String,
+    /// solver order for samplers that take one (unipc default here: 3)
+    #[argh(option)]
+    order: Option<usize>,
+    /// time points to place (default 10)
+    #[argh(option, default = "10")]
+    steps: usize,
+    /// pilot noises the error is measured on (default 256)
+    #[argh(option, default = "256")]
+    pilot: usize,
+    /// seed of the pilot noises (default 1; sample with other seeds to judge it fairly)
+    #[argh(option, default = "1")]
+    seed: u64,
+    /// steps of the Heun teacher, uniform in log SNR (default 250)
+    #[argh(option, default = "250")]
+    teacher_steps: usize,
+    /// most sampler runs of the search (default 50 x steps)
+    #[argh(option, default = "0")]
+    max_evals: usize,
+    /// class label for class-conditional models (default: unconditional)
+    #[argh(option)]
+    class: Option<i64>,
+    /// classifier-free guidance scale (with --class)
+    #[argh(option)]
+    guidance: Option<f64>,
+    /// pilot samples per network call (default 256)
+    #[argh(option, default = "256")]
+    batch_size: usize,
+    /// also write the list to this file
+    #[argh(option, short = 'o')]
+    out: Option<PathBuf>,
+    /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
+    #[argh(option)]
+    ort_lib: Option<PathBuf>,
+    /// ONNX Runtime intra-op threads (default 0: its own choice)
+    #[argh(option, default = "0")]
+    threads: usize,
+    /// print only the list
+    #[argh(switch, short = 'q')]
+    quiet: bool,
+    /// print JSON for programs
+    #[argh(switch)]
+    json: bool,
+}
+
+pub(super) fn calibrate_cmd(cmd: CalibrateCmd) -> Result<()> {
+    let order = match (cmd.sampler.as_str(), cmd.order) {
+        // unipc's sampling default is order 2; with calibrated steps order 3 was the better one
+        // on the oracle (docs/calibrate.md).
+        ("unipc", None) => Some(3),
+        (_, order) => order,
+    };
+    let sampler = SamplerKind::parse(
+        &cmd.sampler,
+        SamplerArgs {
+            order,
+            ..Default::default()
+        },
+    )?;
+    let opts = CalibrateOptions {
+        sampler,
+        steps: cmd.steps,
+        pilot: cmd.pilot,
+        seed: cmd.seed,
+        teacher_steps: cmd.teacher_steps,
+        max_evals: cmd.max_evals,
+        batch_size: cmd.batch_size,
+        class_label: cmd.class,
+        guidance: cmd.guidance,
+    };
+    let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
+    let start = Instant::now();
+    let budget = if cmd.max_evals == 0 {
+        default_max_evals(cmd.steps)
+    } else {
+        cmd.max_evals
+    };
+    let show = !cmd.quiet && !cmd.json;
+    if show {
+        eprintln!(
+            "teacher: heun, {} log-SNR steps on {} pilot noises (seed {}); then at most {budget} runs of {}",
+            cmd.teacher_steps, cmd.pilot, cmd.seed, sampler.name()
+        );
+    }
+    let cal = calibrate(&mut model, &opts, &mut |evals, best| {
+        if show && (evals % 20 == 0 || evals == 1) {
+            eprintln!("  run {evals}: best pilot RMSE {best:.3e}");
+        }
+    })?;
+    let list = cal
+        .timesteps
+        .iter()
+        .map(|t| format!("{t:.4}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    if let Some(path) = &cmd.out {
+        write_atomic(path, format!("{list}\n").as_bytes())?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    if cmd.json {
+        let v = serde_json::json!({
+            "model": model.path(), "sampler": sampler.name(), "order": order, "steps": cmd.steps,
+            "timesteps": cal.timesteps, "pilot": cmd.pilot, "seed": cmd.seed,
+            "teacher_steps": cmd.teacher_steps, "teacher_rmse": cal.teacher_rmse,
+            "rmse": cal.rmse, "rmse_logsnr": cal.rmse_logsnr, "rmse_trailing": cal.rmse_trailing,
+            "evals": cal.evals, "seconds": secs,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    if show {
+        eprintln!(
+            "pilot RMSE to the teacher: calibrated {:.3e}, uniform log-SNR {:.3e}, trailing {:.3e} \
+             (teacher vs half its steps {:.1e}); {} runs, {secs:.1}s",
+            cal.rmse, cal.rmse_logsnr, cal.rmse_trailing, cal.teacher_rmse, cal.evals
+        );
+    }
+    println!("{list}");
+    Ok(())
+}
