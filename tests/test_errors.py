@@ -128,6 +128,10 @@ def cases():
                           "--classifier", str(ROOT / "models" / "mnist-classifier.onnx")]), 4),
         ("compare-unknown-sampler", "compare: an unknown sampler in the list",
          lambda t, m: ["compare", "--model", str(m), "--samplers", "ddim,magic"], 2),
+        ("calibrate-stochastic", "calibrate: a stochastic sampler (it cannot follow the ODE teacher)",
+         lambda t, m: ["calibrate", "--model", str(m), "--sampler", "euler-maruyama"], 2),
+        ("calibrate-steps", "calibrate: a single time point (nothing to place)",
+         lambda t, m: ["calibrate", "--model", str(m), "--steps", "1"], 2),
         ("provider", "a GPU provider this build or library lacks", lambda t, m: ["--model", str(m), "--provider", "cuda"], 3),
         ("no-ort", "no ONNX Runtime library at the path given",
          lambda t, m: ["--model", str(m), "--ort-lib", str(t / "libonnxruntime.so")], 3),
@@ -205,7 +209,7 @@ def _libm() -> str:
 def run_case(binary: Path, tiny: Path, tmp: Path, setup) -> tuple[int, str, Path]:
     tmp.mkdir(parents=True, exist_ok=True)
     args = setup(tmp, tiny)
-    command = args.pop(0) if args[0] in ("inpaint", "invert", "interpolate", "elbo", "likelihood", "compare") else "sample"
+    command = args.pop(0) if args[0] in ("inpaint", "invert", "interpolate", "elbo", "likelihood", "compare", "calibrate") else "sample"
     out = tmp / "out.npy"
     if command == "likelihood":  # its only output file is the per-image table
         out = tmp / "out.csv"
