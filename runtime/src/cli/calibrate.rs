@@ -70,7 +70,7 @@ pub(super) struct CalibrateCmd {
 pub(super) fn calibrate_cmd(cmd: CalibrateCmd) -> Result<()> {
     let order = match (cmd.sampler.as_str(), cmd.order) {
         // unipc's sampling default is order 2; with calibrated steps order 3 was the better one
-        // on the oracle (docs/calibrate.md).
+        // on the oracle (docs/fidelity.md).
         ("unipc", None) => Some(3),
         (_, order) => order,
     };
