@@ -147,6 +147,12 @@ def test_ddpm_scaled_linear_with_step_noise_matches_ddpm_pipeline(edgediff_bin, 
     inject_noise(monkeypatch, diffusers.DDPMPipeline, pipe.scheduler, init, step_noise)
     compare(got, *run_pipeline(pipe), "DDPM pipeline parity")
 
+    # The ODE likelihood sees such a network only at rounded times: it says so.
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
+    proc = run_cli(edgediff_bin, "likelihood", "--model", str(tmp_path / "m.onnx"), "--data",
+                   str(tmp_path / "x.npy"), "--steps", "2", "-q")
+    assert "takes integer timesteps" in proc.stderr, proc.stderr
+
 
 def test_bare_unet_folder_v_prediction_cosine_class_guidance(edgediff_bin, tmp_path):
     # A bare UNet2DModel folder and a separate scheduler config; v-prediction on the cosine

@@ -239,6 +239,11 @@ fn tensor_info(ty: &ValueType) -> Option<(TensorElementType, Vec<i64>)> {
 }
 
 impl Network {
+    /// Whether the graph takes integer timesteps (fractional times are rounded before the call).
+    pub fn integer_time(&self) -> bool {
+        matches!(self.time_type, TimeType::I64)
+    }
+
     /// Opens `path` and returns the network with its raw `edgediff` metadata string, if any.
     ///
     /// The file is memory-mapped, not read: pages come from the page cache on demand. An

@@ -124,6 +124,12 @@ impl Model {
         &self.metadata
     }
 
+    /// Whether the network takes integer timesteps: times between training indices reach it
+    /// rounded, so it is piecewise constant in time.
+    pub fn integer_time(&self) -> bool {
+        self.network.integer_time()
+    }
+
     /// The noise schedule the model was trained with.
     pub fn schedule(&self) -> &Schedule {
         &self.schedule

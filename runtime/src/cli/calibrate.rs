@@ -93,6 +93,12 @@ pub(super) fn calibrate_cmd(cmd: CalibrateCmd) -> Result<()> {
         guidance: cmd.guidance,
     };
     let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
+    if model.integer_time() {
+        log::warn!(
+            "this model takes integer timesteps: the calibrated times reach it rounded, so \
+             nearby grids give the same samples and the search has less to work with"
+        );
+    }
     let start = Instant::now();
     let budget = if cmd.max_evals == 0 {
         default_max_evals(cmd.steps)

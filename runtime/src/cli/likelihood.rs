@@ -118,6 +118,13 @@ pub(super) fn likelihood(cmd: LikelihoodCmd) -> Result<()> {
     };
     let data = data.slice(s![0..n, .., .., ..]).to_owned();
     let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
+    if model.integer_time() {
+        log::warn!(
+            "this model takes integer timesteps: the ODE solver's times reach it rounded, so the \
+             network is piecewise constant in time and the solver's accuracy is not what it is \
+             on float-time models"
+        );
+    }
     let [lo, hi] = model.metadata().data_range;
     let outside = data
         .iter()
