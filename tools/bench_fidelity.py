@@ -69,6 +69,17 @@ def run_edgediff(binary: Path, model: Path, init: Path, out: Path, sampler: str,
     return np.load(out).reshape(np.load(init).shape[0], -1).astype(np.float64)
 
 
+def calibrated_grid(binary: Path, model: Path, sampler: str, steps: int, pilot: int,
+                    extra: list[str]) -> tuple[dict, str]:
+    """`edgediff calibrate`'s JSON (pilot noises of seed 1) and its grid as a --timesteps list."""
+    fit = subprocess.run([str(binary), "calibrate", "--model", str(model), "--sampler", sampler,
+                          "--steps", str(steps), "--pilot", str(pilot), "--seed", "1",
+                          "--batch-size", str(pilot), "--json", *extra],
+                         check=True, capture_output=True, text=True)
+    cal = json.loads(fit.stdout)
+    return cal, ",".join(f"{t:.6f}" for t in cal["timesteps"])
+
+
 class Counted:
     """The oracle's eps for diffusers, counting calls."""
 
@@ -175,12 +186,7 @@ def main() -> None:
     for label, sampler, extra in ([] if a.no_calibrated else CALIBRATED):
         for budget in budgets:
             t1 = time.time()
-            fit = subprocess.run([str(a.binary), "calibrate", "--model", str(model), "--sampler", sampler,
-                                  "--steps", str(budget), "--pilot", str(a.pilot), "--seed", "1",
-                                  "--batch-size", str(a.pilot), "--json", *extra],
-                                 check=True, capture_output=True, text=True)
-            cal = json.loads(fit.stdout)
-            ts = ",".join(f"{t:.6f}" for t in cal["timesteps"])
+            cal, ts = calibrated_grid(a.binary, model, sampler, budget, a.pilot, extra)
             x = run_edgediff(a.binary, model, tmp / "init.npy", out, sampler, budget,
                              extra + ["--timesteps", ts])
             results.append(dict(project="edgediff calibrated", method=label, budget=budget,

@@ -7,7 +7,6 @@ solution, `edgediff calibrate`'s grid against the best fixed spacing of the same
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fidelity import ROOT, SHAPE, rmse, run_edgediff  # noqa: E402
+from bench_fidelity import ROOT, SHAPE, calibrated_grid, rmse, run_edgediff  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "exporter" / "src"))
 from edgediff_export.oracle import export_oracle  # noqa: E402
@@ -50,11 +49,7 @@ def main() -> None:
                     except subprocess.CalledProcessError:
                         continue
                     fixed[" ".join(sp)] = rmse(x, ref)
-                cal = json.loads(subprocess.run(
-                    [str(a.binary), "calibrate", "--model", str(model), "--sampler", sampler, "--steps",
-                     str(steps), "--pilot", str(a.pilot), "--batch-size", str(a.pilot), "--json", *extra],
-                    check=True, capture_output=True, text=True).stdout)
-                grid = ",".join(f"{t:.6f}" for t in cal["timesteps"])
+                _, grid = calibrated_grid(a.binary, model, sampler, steps, a.pilot, extra)
                 e = rmse(run_edgediff(a.binary, model, init, out, sampler, steps, extra + ["--timesteps", grid]), ref)
                 best = min(fixed, key=fixed.get)
                 print(f"| {kind} | {label} | {steps} | {e:.2e} | {fixed[best]:.2e} ({best}) | "
