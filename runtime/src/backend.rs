@@ -155,8 +155,45 @@ pub enum Provider {
     },
 }
 
+impl std::str::FromStr for Provider {
+    type Err = Error;
+
+    /// `cpu`, `cuda` or `tensorrt`, on device 0 (see [`Provider::on_device`]); TensorRT without
+    /// an engine cache or fp16 kernels.
+    fn from_str(name: &str) -> Result<Provider> {
+        Ok(match name {
+            "cpu" => Provider::Cpu,
+            "cuda" => Provider::Cuda { device_id: 0 },
+            "tensorrt" => Provider::TensorRt {
+                device_id: 0,
+                engine_cache: None,
+                fp16: false,
+            },
+            other => return Err(Error::unknown("provider", other, Provider::NAMES)),
+        })
+    }
+}
+
 impl Provider {
-    /// The CLI name.
+    /// The names [`str::parse`] takes.
+    pub const NAMES: &'static [&'static str] = &["cpu", "cuda", "tensorrt"];
+
+    /// The same provider on GPU `id` (the CPU has no device id).
+    pub fn on_device(self, id: i32) -> Provider {
+        match self {
+            Provider::Cpu => Provider::Cpu,
+            Provider::Cuda { .. } => Provider::Cuda { device_id: id },
+            Provider::TensorRt {
+                engine_cache, fp16, ..
+            } => Provider::TensorRt {
+                device_id: id,
+                engine_cache,
+                fp16,
+            },
+        }
+    }
+
+    /// The name [`str::parse`] takes.
     pub fn name(&self) -> &'static str {
         match self {
             Provider::Cpu => "cpu",
@@ -496,7 +533,7 @@ impl Network {
         }
         if self.has_class_labels {
             let labels = class_labels
-                .ok_or_else(|| Error::InvalidArgument("this model needs class labels".into()))?;
+                .ok_or_else(|| Error::invalid("this model needs class labels"))?;
             inputs.push((
                 "class_labels".into(),
                 Tensor::from_array(Array1::from_iter(labels.iter().copied()))

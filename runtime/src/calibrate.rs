@@ -167,7 +167,7 @@ pub fn calibrate(
 }
 
 fn check(opts: &CalibrateOptions) -> Result<()> {
-    let bad = |m: String| Err(Error::InvalidArgument(m));
+    let bad = |m: String| Err(Error::invalid(m));
     if opts.sampler.is_stochastic() || opts.sampler.is_adaptive() {
         return bad(format!(
             "calibrate needs a deterministic fixed-grid sampler (an ODE solver such as unipc, dpm++2m, ddim); {} {}",

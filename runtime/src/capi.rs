@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::generate::{generate_chunks, SampleOptions};
 use crate::model::Model;
 use crate::output::generate_to_path;
-use crate::sampler::{SamplerArgs, SamplerKind};
+use crate::sampler::{SamplerParams, SamplerKind};
 use crate::spacing::Spacing;
 
 /// Status codes (the CLI's exit codes, plus the C-only ones).
@@ -90,7 +90,7 @@ fn guard(f: impl FnOnce() -> Result<(), Error>) -> c_int {
 }
 
 fn arg(msg: &str) -> Error {
-    Error::InvalidArgument(msg.into())
+    Error::invalid(msg)
 }
 
 /// A C string argument as UTF-8; NULL and invalid UTF-8 are argument errors.
@@ -130,9 +130,9 @@ pub struct EdgediffRequest {
 
 impl EdgediffRequest {
     fn options(&self) -> Result<SampleOptions, Error> {
-        let sampler = SamplerKind::parse(
+        let sampler = SamplerKind::new(
             &self.sampler,
-            SamplerArgs {
+            SamplerParams {
                 eta: self.eta,
                 order: self.order,
                 ..Default::default()
@@ -453,7 +453,7 @@ pub unsafe extern "C" fn edgediff_request_set(
         };
         match key {
             "sampler" => {
-                SamplerKind::parse(value, SamplerArgs::default())?;
+                SamplerKind::new(value, SamplerParams::default())?;
                 r.sampler = value.into();
             }
             "spacing" => r.spacing = value.parse()?,

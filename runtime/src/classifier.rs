@@ -108,7 +108,7 @@ impl Classifier {
             .zip(shape)
             .all(|(&d, &s)| d < 0 || d as usize == s);
         if !fits {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid(format!(
                 "the classifier {} takes images {:?}; these are {shape:?}",
                 self.path.display(),
                 self.declared_shape
@@ -149,7 +149,7 @@ impl Classifier {
         let cat = |parts: Vec<Array2<f32>>| {
             let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
             ndarray::concatenate(Axis(0), &views)
-                .map_err(|e| Error::InvalidArgument(format!("no images to classify ({e})")))
+                .map_err(|e| Error::invalid(format!("no images to classify ({e})")))
         };
         Ok(Judged {
             probs: cat(probs)?,

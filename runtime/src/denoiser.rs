@@ -204,7 +204,7 @@ impl Denoiser for ModelDenoiser<'_> {
             (Some((w, null)), Some(labels)) => {
                 let n = x.shape()[0];
                 let both = ndarray::concatenate(Axis(0), &[x.view(), x.view()])
-                    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                    .map_err(|e| Error::invalid(e.to_string()))?;
                 let times2: Vec<f64> = times.iter().chain(&times).copied().collect();
                 let labels2: Vec<i64> = labels
                     .iter()

@@ -29,7 +29,7 @@ pub fn invert(
 ) -> Result<Array4<f32>> {
     let shape = model.metadata().sample_shape;
     if images.shape()[1..] != shape {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "images have shape {:?}; the model takes [n, {}, {}, {}]",
             images.shape(),
             shape[0],
@@ -38,8 +38,8 @@ pub fn invert(
         )));
     }
     if batch_size == 0 {
-        return Err(Error::InvalidArgument(
-            "--batch-size must be at least 1".into(),
+        return Err(Error::invalid(
+            "--batch-size must be at least 1",
         ));
     }
     let label = class_label_for(model.metadata(), class_label)?;
@@ -94,7 +94,7 @@ pub fn slerp(a: &Array4<f32>, b: &Array4<f32>, t: f64) -> Array4<f32> {
 /// `frames` noises from `a` to `b` (both `[1, C, H, W]`) inclusive, stacked `[frames, C, H, W]`.
 pub fn slerp_frames(a: &Array4<f32>, b: &Array4<f32>, frames: usize) -> Result<Array4<f32>> {
     if frames < 2 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "--frames {frames} must be at least 2"
         )));
     }

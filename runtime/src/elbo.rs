@@ -152,7 +152,7 @@ fn off_grid(
         Some(s) => format!("lo + (hi - lo) k / {}", s.divisor()),
         None => "lo + (hi - lo) k / 255 or / 256".into(),
     };
-    Error::InvalidArgument(format!(
+    Error::invalid(format!(
         "image {} has the value {x} (flat pixel {}), which is not on the 256-level grid {grids} of the model's data range [{lo}, {hi}] (k = 0..255); the ELBO is for 8-bit data: give raw uint8 pixels, or floats quantised to that grid",
         flat / per,
         flat % per
@@ -467,7 +467,7 @@ pub fn elbo(
             ..
         } => (betas.clone(), alphas_cumprod.clone()),
         _ => {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid(format!(
                 "the ELBO needs a discrete-time model (T noise levels with betas); {} has a continuous {} schedule",
                 model.path().display(),
                 if matches!(model.schedule(), Schedule::Vp { .. }) { "VP" } else { "VE" }
@@ -476,7 +476,7 @@ pub fn elbo(
     };
     let t_count = betas.len();
     if t_count < 2 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "the ELBO needs at least 2 training timesteps; the model has {t_count}"
         )));
     }
@@ -484,23 +484,23 @@ pub fn elbo(
     let dims = c * h * w;
     let n = images.shape()[0];
     if images.shape()[1..] != meta.sample_shape {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "the images have shape {:?}; the model takes [N, {c}, {h}, {w}]",
             images.shape()
         )));
     }
     if n == 0 {
-        return Err(Error::InvalidArgument("no images given".into()));
+        return Err(Error::invalid("no images given"));
     }
     if opts.batch_size == 0 || opts.batch_size.saturating_mul(4 * dims) > MAX_BATCH_BYTES {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "--batch-size {} must be in 1..={}",
             opts.batch_size,
             MAX_BATCH_BYTES / (4 * dims)
         )));
     }
     if opts.bins == 0 || opts.bins > t_count - 1 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "--bins {} must be in 1..={} (the number of KL terms)",
             opts.bins,
             t_count - 1
@@ -509,31 +509,31 @@ pub fn elbo(
     let draws_per_image = match opts.timesteps {
         TimestepSampling::All => t_count - 1,
         TimestepSampling::Draws(0) => {
-            return Err(Error::InvalidArgument(
-                "--timesteps-per-image must be at least 1".into(),
+            return Err(Error::invalid(
+                "--timesteps-per-image must be at least 1",
             ))
         }
         TimestepSampling::Draws(k) if k > MAX_DRAWS => {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid(format!(
                 "--timesteps-per-image {k} is more than {MAX_DRAWS}; use --all-timesteps for the exact sum"
             )))
         }
         TimestepSampling::Draws(k) => k,
     };
     if opts.decoder_draws == 0 || opts.decoder_draws > MAX_DRAWS {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "--decoder-draws {} must be in 1..={MAX_DRAWS}",
             opts.decoder_draws
         )));
     }
     if let Some(z) = &noise {
         if opts.timesteps != TimestepSampling::All || opts.decoder_draws != 1 {
-            return Err(Error::InvalidArgument(
-                "--noise applies to --all-timesteps with --decoder-draws 1".into(),
+            return Err(Error::invalid(
+                "--noise applies to --all-timesteps with --decoder-draws 1",
             ));
         }
         if z.shape() != [n, t_count, c, h, w] {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid(format!(
                 "--noise has shape {:?}; expected [{n}, {t_count}, {c}, {h}, {w}] (one noise per image and timestep)",
                 z.shape()
             )));

@@ -3,14 +3,19 @@
 use std::path::PathBuf;
 
 /// Everything that can go wrong in edgediff.
+///
+/// Messages name options by their library name (the field of [`crate::SampleOptions`] or of
+/// the C parameter structs: `batch_size`); [`Error::message_with`] renders them another way
+/// (the CLI says `--batch-size`).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// No ONNX Runtime shared library could be found or loaded.
     #[error("ONNX Runtime library not found or not loadable: {detail}\n  fix: run `tools/fetch-onnxruntime` (puts libonnxruntime.so.{ORT_VERSION} into .ort/), or point --ort-lib / ORT_DYLIB_PATH at a libonnxruntime.so of version 1.31 or newer (API 31)")]
     OrtLibrary { detail: String },
 
     /// An execution provider could not be registered.
-    #[error("the {provider} execution provider is unavailable: {detail} (or pass --fallback cpu to run on the CPU instead)")]
+    #[error("the {provider} execution provider is unavailable: {detail} (or allow the fallback to the cpu to run there instead)")]
     Provider {
         provider: &'static str,
         detail: String,
@@ -40,9 +45,10 @@ pub enum Error {
     #[error("model {path} does not match the edgediff model contract: {detail}")]
     Contract { path: PathBuf, detail: String },
 
-    /// An argument is out of range or inconsistent.
+    /// An option is out of range, malformed, unknown, or does not fit the model or another
+    /// option: which one and why is in the [`ArgumentError`].
     #[error("invalid argument: {0}")]
-    InvalidArgument(String),
+    InvalidArgument(Box<ArgumentError>),
 
     /// The network produced NaN or infinity.
     #[error("the network returned a non-finite value (NaN or Inf) at step {step} (time {time}) for sample {sample}; the model or its inputs are broken")]
@@ -65,6 +71,67 @@ pub enum Error {
     BadInput { path: PathBuf, detail: String },
 }
 
+/// What kind of argument error (for callers that act on it).
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ArgumentKind {
+    /// A value outside what the option may take; `allowed` says what it may (as the message
+    /// words it: "must be in 1..=256", "is outside [0, 1]").
+    OutOfRange { value: String, allowed: String },
+    /// A name (sampler, spacing, provider...) that is not one of `expected`.
+    Unknown { name: String, expected: Vec<String> },
+    /// Anything else: a malformed value, options that conflict, a value that does not fit the
+    /// model.
+    Invalid,
+}
+
+/// An invalid option: the options it is about, what kind of problem, and the message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArgumentError {
+    /// What kind of problem.
+    pub kind: ArgumentKind,
+    /// The options the message names, by library name (`batch_size`), first the one at fault.
+    pub args: Vec<&'static str>,
+    /// The message with `{0}`, `{1}`... in place of the names in `args`.
+    template: String,
+}
+
+impl ArgumentError {
+    fn new(kind: ArgumentKind, template: impl Into<String>, args: &[&'static str]) -> Self {
+        ArgumentError {
+            kind,
+            args: args.to_vec(),
+            template: template.into(),
+        }
+    }
+
+    /// The option at fault, if the message names one.
+    pub fn arg(&self) -> Option<&'static str> {
+        self.args.first().copied()
+    }
+
+    /// The message with each option's name rendered by `name`.
+    pub fn message_with(&self, name: &dyn Fn(&str) -> String) -> String {
+        let mut out = self.template.clone();
+        for (i, a) in self.args.iter().enumerate() {
+            out = out.replace(&format!("{{{i}}}"), &name(a));
+        }
+        out
+    }
+}
+
+impl std::fmt::Display for ArgumentError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message_with(&|a| a.to_string()))
+    }
+}
+
+impl From<ArgumentError> for Error {
+    fn from(a: ArgumentError) -> Error {
+        Error::InvalidArgument(Box::new(a))
+    }
+}
+
 /// The ONNX Runtime version the project fetches and tests against.
 pub const ORT_VERSION: &str = "1.32.0";
 
@@ -82,6 +149,73 @@ impl Error {
         move |source| Error::Io { context, source }
     }
 
+    /// An invalid-argument error whose message names no option.
+    pub fn invalid(message: impl Into<String>) -> Error {
+        ArgumentError::new(ArgumentKind::Invalid, message, &[]).into()
+    }
+
+    /// `arg` has the value `value`, which `allowed` rules out: "{arg} {value} {allowed}", e.g.
+    /// `Error::out_of_range("eta", 2, "is outside [0, 1]")`.
+    pub fn out_of_range(arg: &'static str, value: impl std::fmt::Display, allowed: &str) -> Error {
+        let value = value.to_string();
+        ArgumentError::new(
+            ArgumentKind::OutOfRange {
+                value: value.clone(),
+                allowed: allowed.to_string(),
+            },
+            format!("{{0}} {value} {allowed}"),
+            &[arg],
+        )
+        .into()
+    }
+
+    /// A message about the options `args`, written with `{0}`, `{1}`... where their names go:
+    /// `Error::options("{0} and {1} exclude each other", &["clip_x0", "dynamic_threshold"])`.
+    pub fn options(template: impl Into<String>, args: &[&'static str]) -> Error {
+        ArgumentError::new(ArgumentKind::Invalid, template, args).into()
+    }
+
+    /// A name that is none of the known ones: "unknown {what} '{name}'; expected {expected}".
+    pub fn unknown(what: &'static str, name: &str, expected: &[&str]) -> Error {
+        let list = match expected {
+            [] => String::new(),
+            [one] => one.to_string(),
+            [rest @ .., last] if rest.len() < 5 => format!("{} or {last}", rest.join(", ")),
+            all => format!("one of {}", all.join(", ")),
+        };
+        ArgumentError::new(
+            ArgumentKind::Unknown {
+                name: name.to_string(),
+                expected: expected.iter().map(|s| s.to_string()).collect(),
+            },
+            format!("unknown {what} '{name}'; expected {list}"),
+            &[],
+        )
+        .into()
+    }
+
+    /// The argument error inside, if this is one.
+    pub fn argument(&self) -> Option<&ArgumentError> {
+        match self {
+            Error::InvalidArgument(a) => Some(a),
+            _ => None,
+        }
+    }
+
+    /// The message with option names rendered by `name` (the CLI passes one that turns
+    /// `batch_size` into `--batch-size`); [`Display`](std::fmt::Display) uses the names as
+    /// they are.
+    pub fn message_with(&self, name: &dyn Fn(&str) -> String) -> String {
+        match self {
+            Error::InvalidArgument(a) => format!("invalid argument: {}", a.message_with(name)),
+            Error::Provider { provider, detail } => format!(
+                "the {provider} execution provider is unavailable: {detail} (or pass {} cpu to run on the CPU instead)",
+                name("fallback")
+            ),
+            other => other.to_string(),
+        }
+    }
+
     /// Process exit code for the CLI: 2 usage, 3 model/library problems, 4 I/O, 5 numerical.
     pub fn exit_code(&self) -> i32 {
         match self {
@@ -96,5 +230,38 @@ impl Error {
             Error::NonFinite { .. } => 5,
             Error::Cancelled => 6,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_render_per_caller() {
+        let e = Error::options("{0} and {1} exclude each other", &["clip_x0", "dynamic_threshold"]);
+        assert_eq!(e.to_string(), "invalid argument: clip_x0 and dynamic_threshold exclude each other");
+        let flag = |a: &str| format!("--{}", a.replace('_', "-"));
+        assert_eq!(
+            e.message_with(&flag),
+            "invalid argument: --clip-x0 and --dynamic-threshold exclude each other"
+        );
+        let r = Error::out_of_range("eta", 2, "is outside [0, 1]");
+        assert_eq!(r.message_with(&flag), "invalid argument: --eta 2 is outside [0, 1]");
+        let a = r.argument().unwrap();
+        assert_eq!(a.arg(), Some("eta"));
+        assert_eq!(
+            a.kind,
+            ArgumentKind::OutOfRange { value: "2".into(), allowed: "is outside [0, 1]".into() }
+        );
+    }
+
+    #[test]
+    fn unknown_lists_what_is_expected() {
+        let e = Error::unknown("spacing", "odd", &["leading", "trailing", "linspace", "karras", "logsnr"]);
+        assert_eq!(
+            e.to_string(),
+            "invalid argument: unknown spacing 'odd'; expected leading, trailing, linspace, karras or logsnr"
+        );
     }
 }

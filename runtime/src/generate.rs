@@ -111,7 +111,7 @@ pub fn generate_with_report(
         },
     )?;
     let views: Vec<_> = chunks.iter().map(|a| a.view()).collect();
-    let x = concatenate(Axis(0), &views).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+    let x = concatenate(Axis(0), &views).map_err(|e| Error::invalid(e.to_string()))?;
     Ok((x, report))
 }
 
@@ -128,7 +128,7 @@ pub fn generate_chunks(
     sink: &mut dyn FnMut(usize, Array4<f32>) -> Result<()>,
 ) -> Result<Report> {
     if let Some(r) = ranges.iter().find(|r| r.end > opts.n) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "sample range {r:?} is outside 0..{}",
             opts.n
         )));
@@ -207,14 +207,14 @@ pub(crate) fn prepare(
     injected: Option<&InjectedNoise>,
 ) -> Result<(Option<i64>, Vec<NoiseLevel>)> {
     if opts.n == 0 || opts.n > MAX_SAMPLES {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "-n {} must be in 1..={MAX_SAMPLES}",
             opts.n
         )));
     }
     if opts.batch_size == 0 {
-        return Err(Error::InvalidArgument(
-            "--batch-size must be at least 1".into(),
+        return Err(Error::invalid(
+            "--batch-size must be at least 1",
         ));
     }
     let meta = model.metadata().clone();
@@ -223,7 +223,7 @@ pub(crate) fn prepare(
     let sample_bytes = 4 * meta.sample_shape.iter().product::<usize>();
     let batch_bytes = opts.batch_size.min(opts.n).saturating_mul(sample_bytes);
     if batch_bytes > MAX_BATCH_BYTES {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "--batch-size {} needs {:.1} GiB per batch array (several are live at once); use at most {}",
             opts.batch_size.min(opts.n),
             batch_bytes as f64 / (1u64 << 30) as f64,
@@ -238,7 +238,7 @@ pub(crate) fn prepare(
     let [c, h, w] = meta.sample_shape;
     if let Some(inj) = injected {
         if inj.initial.shape() != [opts.n, c, h, w] {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid(format!(
                 "--init-noise has shape {:?}; expected [{}, {c}, {h}, {w}]",
                 inj.initial.shape(),
                 opts.n
@@ -256,14 +256,14 @@ pub(crate) fn class_label_for(meta: &ModelMetadata, class: Option<i64>) -> Resul
         (Some(Conditioning::Class { num_classes, .. }), Some(k))
             if k < 0 || k as usize >= *num_classes =>
         {
-            Err(Error::InvalidArgument(format!(
+            Err(Error::invalid(format!(
                 "--class {k} is outside 0..{num_classes}"
             )))
         }
         (Some(Conditioning::Class { .. }), Some(k)) => Ok(Some(k)),
         (Some(Conditioning::Class { null_label, .. }), None) => Ok(Some(*null_label)),
-        (_, Some(_)) => Err(Error::InvalidArgument(
-            "--class given but the model is not class-conditional".into(),
+        (_, Some(_)) => Err(Error::invalid(
+            "--class given but the model is not class-conditional",
         )),
         (_, None) => Ok(None),
     }
@@ -278,17 +278,17 @@ pub(crate) fn guidance_for(
         return Ok(None);
     };
     if !w.is_finite() || w < 0.0 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "--guidance {w} must be a finite number >= 0"
         )));
     }
     match (&meta.conditioning, opts.class_label) {
         (Some(Conditioning::Class { null_label, .. }), Some(_)) => Ok(Some((w, *null_label))),
-        (Some(Conditioning::Class { .. }), None) => Err(Error::InvalidArgument(
-            "--guidance needs --class K (guidance steers towards a class)".into(),
+        (Some(Conditioning::Class { .. }), None) => Err(Error::invalid(
+            "--guidance needs --class K (guidance steers towards a class)",
         )),
-        _ => Err(Error::InvalidArgument(
-            "--guidance given but the model is not class-conditional (it has no null label to guide from)".into(),
+        _ => Err(Error::invalid(
+            "--guidance given but the model is not class-conditional (it has no null label to guide from)",
         )),
     }
 }
@@ -304,7 +304,7 @@ pub(crate) fn prior_std(schedule: &Schedule, levels: &[NoiseLevel]) -> f64 {
 }
 
 fn validate_timesteps(model: &Model, ts: &[f64]) -> Result<Vec<f64>> {
-    let bad = |why: String| Err(Error::InvalidArgument(format!("--timesteps: {why}")));
+    let bad = |why: String| Err(Error::invalid(format!("--timesteps: {why}")));
     if ts.is_empty() {
         return bad("the list is empty".into());
     }

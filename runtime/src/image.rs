@@ -13,7 +13,7 @@ fn color_type(c: usize) -> Result<png::ColorType> {
     match c {
         1 => Ok(png::ColorType::Grayscale),
         3 => Ok(png::ColorType::Rgb),
-        other => Err(Error::InvalidArgument(format!(
+        other => Err(Error::invalid(format!(
             "PNG output needs 1 or 3 channels, the model has {other}; write .npy instead"
         ))),
     }
@@ -26,11 +26,11 @@ fn encode(width: usize, height: usize, channels: usize, pixels: &[u8]) -> Result
     enc.set_depth(png::BitDepth::Eight);
     let mut w = enc
         .write_header()
-        .map_err(|e| Error::InvalidArgument(format!("PNG encoder: {e}")))?;
+        .map_err(|e| Error::invalid(format!("PNG encoder: {e}")))?;
     w.write_image_data(pixels)
-        .map_err(|e| Error::InvalidArgument(format!("PNG encoder: {e}")))?;
+        .map_err(|e| Error::invalid(format!("PNG encoder: {e}")))?;
     w.finish()
-        .map_err(|e| Error::InvalidArgument(format!("PNG encoder: {e}")))?;
+        .map_err(|e| Error::invalid(format!("PNG encoder: {e}")))?;
     Ok(out)
 }
 
@@ -77,7 +77,7 @@ pub fn grid_png(x: ArrayView4<f32>, range: [f64; 2], cols: Option<usize>) -> Res
 /// it against the model's sample shape `[C, H, W]` (a gray image feeds a 3-channel model by
 /// repetition; an RGB image feeds a 1-channel model only if it is gray).
 pub fn read_png(bytes: &[u8], shape: [usize; 3], range: [f64; 2]) -> Result<ndarray::Array3<f32>> {
-    let bad = |why: String| Error::InvalidArgument(format!("PNG input: {why}"));
+    let bad = |why: String| Error::invalid(format!("PNG input: {why}"));
     let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
     dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
     let mut reader = dec.read_info().map_err(|e| bad(e.to_string()))?;

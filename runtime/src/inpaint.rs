@@ -102,7 +102,7 @@ pub fn inpaint(
     let [c, h, w] = meta.sample_shape;
     let n = images.shape()[0];
     if images.shape() != [n, c, h, w] {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "images have shape {:?}; the model takes [n, {c}, {h}, {w}]",
             images.shape()
         )));
@@ -111,7 +111,7 @@ pub fn inpaint(
         || masks.shape()[2..] != [h, w]
         || (masks.shape()[1] != 1 && masks.shape()[1] != c)
     {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "the mask has shape {:?}; it must match the images: [{n}, 1{}, {h}, {w}]",
             masks.shape(),
             if c > 1 {
@@ -124,9 +124,8 @@ pub fn inpaint(
     let opts = SampleOptions { n, ..opts.clone() };
     let (label, lv) = prepare(model, &opts, None)?;
     if resampling.jumps > 0 && opts.sampler.is_adaptive() {
-        return Err(Error::InvalidArgument(
-            "--jumps needs a sampler with a level grid; the adaptive samplers choose their own"
-                .into(),
+        return Err(Error::invalid(
+            "--jumps needs a sampler with a level grid; the adaptive samplers choose their own",
         ));
     }
     let keep = Array4::from_shape_fn((n, c, h, w), |(i, k, y, x)| {

@@ -40,10 +40,11 @@ pub mod spacing;
 pub use backend::init_onnxruntime;
 pub use denoiser::X0Clip;
 pub use edit::{invert, slerp};
-pub use error::{Error, Result};
+pub use error::{ArgumentError, ArgumentKind, Error, Result};
 pub use generate::{generate, generate_with_report, Report, SampleOptions};
-pub use model::Model;
-pub use sampler::SamplerKind;
+pub use model::{Model, ModelOptions};
+pub use backend::{NetworkOptions, Provider};
+pub use sampler::{SamplerKind, SamplerParams};
 pub use spacing::Spacing;
 
 /// The crate version.

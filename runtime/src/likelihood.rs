@@ -104,7 +104,7 @@ impl std::str::FromStr for Probe {
         match s {
             "rademacher" => Ok(Probe::Rademacher),
             "gaussian" => Ok(Probe::Gaussian),
-            other => Err(Error::InvalidArgument(format!(
+            other => Err(Error::invalid(format!(
                 "unknown --probe '{other}'; expected rademacher or gaussian"
             ))),
         }
@@ -159,7 +159,7 @@ impl Default for LikelihoodOptions {
 impl LikelihoodOptions {
     /// Refuses values that cannot work, naming the option.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::InvalidArgument(m));
+        let bad = |m: String| Err(Error::invalid(m));
         if !(1..=MAX_PROBES).contains(&self.probes) {
             return bad(format!(
                 "--probes {} must be in 1..={MAX_PROBES}",
@@ -248,13 +248,13 @@ pub fn log_likelihood(
     let [c, h, w] = meta.sample_shape;
     let n = x.shape()[0];
     if x.shape()[1..] != [c, h, w] || n == 0 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "the data has shape {:?}; the model takes [n >= 1, {c}, {h}, {w}]",
             x.shape()
         )));
     }
     if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "the data holds a non-finite value (image {})",
             i / (c * h * w)
         )));
@@ -262,7 +262,7 @@ pub fn log_likelihood(
     let rows = opts.batch_size.min(n).saturating_mul(1 + 2 * opts.probes);
     let row_bytes = 4 * c * h * w;
     if rows.saturating_mul(row_bytes) > MAX_BATCH_BYTES {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "--batch-size {} with --probes {} puts {rows} images in each network call ({:.1} GiB); use a smaller --batch-size",
             opts.batch_size.min(n),
             opts.probes,
@@ -520,7 +520,7 @@ fn bs3(
     let (mut accepted, mut rejected) = (0, 0);
     while (u1 - u) / span > 1e-12 {
         if accepted + rejected >= MAX_STEPS {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid(format!(
                 "the likelihood ODE did not reach the end in {MAX_STEPS} steps (rtol {rtol}, atol {atol}); loosen the tolerances"
             )));
         }

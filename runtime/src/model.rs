@@ -7,6 +7,52 @@ use crate::error::{Error, Result};
 use crate::metadata::{Conditioning, ModelMetadata};
 use crate::schedule::Schedule;
 
+/// Which model to open and how: the options every command that loads a model takes (the CLI's
+/// `--model --ort-lib --threads --provider --device-id --fallback --no-mmap`, C's
+/// `edgediff_model_params`).
+///
+/// ```no_run
+/// use edgediff::{ModelOptions, Provider};
+/// let opts = ModelOptions { provider: "cuda".parse::<Provider>()?, fallback_cpu: true, ..Default::default() };
+/// let model = opts.open()?; // the shipped default model, on the GPU if it can register
+/// # Ok::<(), edgediff::Error>(())
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct ModelOptions {
+    /// The ONNX model file; None: the default MNIST model embedded at build time.
+    pub path: Option<PathBuf>,
+    /// ONNX Runtime's shared library; None: `ORT_DYLIB_PATH`, else `.ort/` of the repository.
+    /// Only the first model opened in a process loads it.
+    pub ort_lib: Option<PathBuf>,
+    /// Session options: threads (default 0, ONNX Runtime's choice), provider (default cpu),
+    /// CPU fallback (default off), reading instead of mapping (default off).
+    pub network: NetworkOptions,
+}
+
+impl ModelOptions {
+    /// Loads ONNX Runtime (once per process) and opens the model.
+    pub fn open(&self) -> Result<Model> {
+        crate::backend::init_onnxruntime(self.ort_lib.as_deref())?;
+        match &self.path {
+            Some(p) => Model::open_with(p, &self.network),
+            None => Model::open_default(&self.network),
+        }
+    }
+}
+
+impl std::ops::Deref for ModelOptions {
+    type Target = NetworkOptions;
+    fn deref(&self) -> &NetworkOptions {
+        &self.network
+    }
+}
+
+impl std::ops::DerefMut for ModelOptions {
+    fn deref_mut(&mut self) -> &mut NetworkOptions {
+        &mut self.network
+    }
+}
+
 /// A self-describing diffusion model opened through ONNX Runtime.
 ///
 /// ```no_run
@@ -51,8 +97,8 @@ impl Model {
         #[cfg(not(edgediff_default_model))]
         {
             let _ = opts;
-            Err(Error::InvalidArgument(
-                "this build has no embedded default model (models/mnist-ddpm.onnx was absent at build time); give a model path".into(),
+            Err(Error::invalid(
+                "this build has no embedded default model (models/mnist-ddpm.onnx was absent at build time); give a model path",
             ))
         }
     }

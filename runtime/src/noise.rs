@@ -105,12 +105,12 @@ impl NoiseSource for InjectedNoise {
     }
     fn step(&mut self, step: usize) -> Result<Array4<f32>> {
         let steps = self.steps.as_ref().ok_or_else(|| {
-            Error::InvalidArgument(
-                "this sampler is stochastic: give --step-noise as well as --init-noise".into(),
+            Error::invalid(
+                "this sampler is stochastic: give --step-noise as well as --init-noise",
             )
         })?;
         if step >= steps.shape()[0] {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid(format!(
                 "--step-noise holds {} steps but step {} needs noise",
                 steps.shape()[0],
                 step
@@ -121,7 +121,7 @@ impl NoiseSource for InjectedNoise {
             .to_owned()
             .into_dimensionality::<Ix4>()
             .map_err(|_| {
-                Error::InvalidArgument("--step-noise must be shaped [steps, N, C, H, W]".into())
+                Error::invalid("--step-noise must be shaped [steps, N, C, H, W]")
             })
     }
 }

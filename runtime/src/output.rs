@@ -100,9 +100,8 @@ impl Output {
         };
         let todo =
             match kind {
-                OutKind::Grid if resume => return Err(Error::InvalidArgument(
-                    "--resume needs a folder or .npy output (a grid is written once, at the end)"
-                        .into(),
+                OutKind::Grid if resume => return Err(Error::invalid(
+                    "--resume needs a folder or .npy output (a grid is written once, at the end)",
                 )),
                 OutKind::Grid => vec![0..n],
                 OutKind::Folder => {
@@ -125,7 +124,7 @@ impl Output {
 
     fn partial_path(&self) -> Result<PathBuf> {
         let name = self.path.file_name().ok_or_else(|| {
-            Error::InvalidArgument(format!("{} is not a file path", self.path.display()))
+            Error::invalid(format!("{} is not a file path", self.path.display()))
         })?;
         let dir = self
             .path
@@ -151,7 +150,7 @@ impl Output {
             if same {
                 return Ok(Vec::new()); // already complete
             }
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid(format!(
                 "--resume: {} exists but is not [{}, {}, {}, {}]; remove it or choose another --out",
                 self.path.display(),
                 full[0],
@@ -171,7 +170,7 @@ impl Output {
                 let shape = parse_npy_header(&head)
                     .map(|(s, _, _)| s)
                     .unwrap_or_default();
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::invalid(format!(
                     "--resume: {} holds a run of shape {shape:?}, not {full:?}; remove it or give the same -n and model",
                     partial.display()
                 )));
@@ -245,7 +244,7 @@ impl Output {
             OutKind::Grid => {
                 let views: Vec<_> = self.grid.iter().map(|a| a.view()).collect();
                 let x = concatenate(Axis(0), &views)
-                    .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+                    .map_err(|e| Error::invalid(e.to_string()))?;
                 write_atomic(&self.path, &grid_png(x.view(), self.range, self.grid_cols)?)?;
                 Ok(vec![self.path])
             }

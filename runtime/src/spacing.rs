@@ -30,7 +30,7 @@ impl FromStr for Spacing {
             "linspace" => Ok(Spacing::Linspace),
             "karras" => Ok(Spacing::Karras { rho: 7.0 }),
             "logsnr" => Ok(Spacing::LogSnr),
-            other => Err(Error::InvalidArgument(format!(
+            other => Err(Error::invalid(format!(
                 "unknown spacing '{other}'; expected leading, trailing, linspace, karras or logsnr"
             ))),
         }
@@ -43,11 +43,11 @@ pub const CONTINUOUS_T_MIN: f64 = 1e-3;
 /// The schedule times a sampler visits, from most to least noisy, for `steps` model calls.
 pub fn timesteps(schedule: &Schedule, spacing: Spacing, steps: usize) -> Result<Vec<f64>> {
     if steps == 0 {
-        return Err(Error::InvalidArgument("--steps must be at least 1".into()));
+        return Err(Error::invalid("--steps must be at least 1"));
     }
     let Some(t_train) = schedule.num_train_timesteps() else {
         if steps > 100_000 {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid(format!(
                 "--steps {steps} is absurd (at most 100000)"
             )));
         }
@@ -57,7 +57,7 @@ pub fn timesteps(schedule: &Schedule, spacing: Spacing, steps: usize) -> Result<
             .collect());
     };
     if steps > t_train {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "--steps {steps} exceeds the model's {t_train} training timesteps"
         )));
     }
@@ -110,7 +110,7 @@ pub fn spaced_levels(
         }
         Spacing::Karras { rho } => {
             if !(rho > 0.0 && rho.is_finite()) {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::invalid(format!(
                     "--rho {rho} must be positive"
                 )));
             }
@@ -134,7 +134,7 @@ pub fn spaced_levels(
 /// `steps` fractions evenly from 0 to 1 inclusive.
 fn even(steps: usize) -> Result<impl Iterator<Item = f64>> {
     if steps == 0 || steps > 100_000 {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "--steps {steps} must be in 1..=100000"
         )));
     }

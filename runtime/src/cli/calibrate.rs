@@ -9,7 +9,7 @@ use super::open_model;
 use crate::calibrate::{calibrate, default_max_evals, CalibrateOptions};
 use crate::error::Result;
 use crate::npy::write_atomic;
-use crate::sampler::{SamplerArgs, SamplerKind};
+use crate::sampler::{SamplerParams, SamplerKind};
 
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "calibrate")]
@@ -74,9 +74,9 @@ pub(super) fn calibrate_cmd(cmd: CalibrateCmd) -> Result<()> {
         ("unipc", None) => Some(3),
         (_, order) => order,
     };
-    let sampler = SamplerKind::parse(
+    let sampler = SamplerKind::new(
         &cmd.sampler,
-        SamplerArgs {
+        SamplerParams {
             order,
             ..Default::default()
         },

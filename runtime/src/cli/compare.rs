@@ -19,7 +19,7 @@ use crate::generate::{check_options, SampleOptions};
 use crate::image::grid_png;
 use crate::npy::{read_npy, read_npy4, write_atomic};
 use crate::output::generate_to_path;
-use crate::sampler::{SamplerArgs, SamplerKind};
+use crate::sampler::{SamplerParams, SamplerKind};
 use crate::spacing::Spacing;
 
 #[derive(FromArgs, Debug)]
@@ -115,13 +115,13 @@ fn parse_list<T: std::str::FromStr>(text: &str, what: &str) -> Result<Vec<T>> {
         .filter(|s| !s.is_empty())
         .collect();
     if items.is_empty() {
-        return Err(Error::InvalidArgument(format!("--{what} is empty")));
+        return Err(Error::invalid(format!("--{what} is empty")));
     }
     items
         .iter()
         .map(|s| {
             s.parse()
-                .map_err(|_| Error::InvalidArgument(format!("--{what}: '{s}' is not valid")))
+                .map_err(|_| Error::invalid(format!("--{what}: '{s}' is not valid")))
         })
         .collect()
 }
@@ -130,12 +130,12 @@ pub(super) fn compare(cmd: CompareCmd) -> Result<()> {
     let names: Vec<String> = parse_list(&cmd.samplers, "samplers")?;
     let kinds = names
         .iter()
-        .map(|name| SamplerKind::parse(name, SamplerArgs::default()))
+        .map(|name| SamplerKind::new(name, SamplerParams::default()))
         .collect::<Result<Vec<_>>>()?;
     let steps: Vec<usize> = parse_list(&cmd.steps, "steps")?;
     let spacing: Spacing = cmd.spacing.parse()?;
     if !(cmd.confidence > 0.0 && cmd.confidence <= 1.0) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "--confidence {} must be in (0, 1]",
             cmd.confidence
         )));
@@ -162,8 +162,8 @@ pub(super) fn compare(cmd: CompareCmd) -> Result<()> {
         (Some(c), Some(r)) => Some(Judge::new(c, r, &meta, cmd.threads, cmd.batch_size)?),
         (None, None) => None,
         _ => {
-            return Err(Error::InvalidArgument(
-                "--classifier and --reference go together (the domain FID needs both)".into(),
+            return Err(Error::invalid(
+                "--classifier and --reference go together (the domain FID needs both)",
             ))
         }
     };
@@ -214,7 +214,7 @@ pub(super) fn compare(cmd: CompareCmd) -> Result<()> {
     }
     if cmd.json {
         let text = serde_json::to_string_pretty(&rows)
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            .map_err(|e| Error::invalid(e.to_string()))?;
         println!("{text}");
     } else if !cmd.quiet {
         eprintln!(
@@ -289,7 +289,7 @@ fn run_cell(
             }
         }
         let text =
-            serde_json::to_vec_pretty(&fresh).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            serde_json::to_vec_pretty(&fresh).map_err(|e| Error::invalid(e.to_string()))?;
         write_atomic(&setup_path, &text)?;
     }
     let start = Instant::now();
@@ -315,7 +315,7 @@ fn run_cell(
         ..fresh
     };
     let text =
-        serde_json::to_vec_pretty(&record).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        serde_json::to_vec_pretty(&record).map_err(|e| Error::invalid(e.to_string()))?;
     write_atomic(&record_path, &text)?;
     Ok(record)
 }
@@ -387,6 +387,6 @@ fn write_tables(out: &Path, rows: &[Row]) -> Result<()> {
     }
     write_atomic(&out.join("results.csv"), csv.as_bytes())?;
     let json =
-        serde_json::to_vec_pretty(rows).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        serde_json::to_vec_pretty(rows).map_err(|e| Error::invalid(e.to_string()))?;
     write_atomic(&out.join("results.json"), &json)
 }

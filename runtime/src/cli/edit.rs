@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::generate::{generate, SampleOptions};
 use crate::noise::{InjectedNoise, NoiseSource, SeededNoise};
 use crate::npy::{npy_bytes, read_npy, read_npy4, write_atomic};
-use crate::sampler::{SamplerArgs, SamplerKind};
+use crate::sampler::{SamplerParams, SamplerKind};
 use crate::spacing::Spacing;
 
 #[derive(FromArgs, Debug)]
@@ -124,12 +124,12 @@ pub(super) struct InterpolateCmd {
 fn load_images(paths: &[PathBuf], shape: [usize; 3], range: [f64; 2]) -> Result<Array4<f32>> {
     let is_npy = |p: &PathBuf| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
     match paths {
-        [] => Err(Error::InvalidArgument(
-            "give --image (a PNG, repeatable, or one .npy)".into(),
+        [] => Err(Error::invalid(
+            "give --image (a PNG, repeatable, or one .npy)",
         )),
         [p] if is_npy(p) => read_npy4(p, "images must be 4-D [n, C, H, W]"),
-        _ if paths.iter().any(is_npy) => Err(Error::InvalidArgument(
-            "give either PNG files or a single .npy to --image".into(),
+        _ if paths.iter().any(is_npy) => Err(Error::invalid(
+            "give either PNG files or a single .npy to --image",
         )),
         _ => {
             let mut out = Array4::zeros((paths.len(), shape[0], shape[1], shape[2]));
@@ -253,15 +253,15 @@ fn noise_from(path: &Path, index: usize, shape: [usize; 3]) -> Result<Array4<f32
 }
 
 pub(super) fn interpolate(cmd: InterpolateCmd) -> Result<()> {
-    let sampler = SamplerKind::parse(
+    let sampler = SamplerKind::new(
         &cmd.sampler,
-        SamplerArgs {
+        SamplerParams {
             order: cmd.order,
             ..Default::default()
         },
     )?;
     if sampler.is_stochastic() {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "--sampler {} is stochastic, so the noise does not fix the image; use a deterministic one (ddim, heun, dpm++2m, unipc, ...)",
             sampler.name()
         )));
@@ -380,8 +380,8 @@ pub(super) struct InpaintCmd {
 fn load_masks(paths: &[PathBuf], n: usize, hw: [usize; 2]) -> Result<Array4<f32>> {
     let masks = match paths {
         [] => {
-            return Err(Error::InvalidArgument(
-                "give --mask (a PNG, white = fill)".into(),
+            return Err(Error::invalid(
+                "give --mask (a PNG, white = fill)",
             ))
         }
         [p] if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy")) => {
@@ -405,9 +405,9 @@ fn load_masks(paths: &[PathBuf], n: usize, hw: [usize; 2]) -> Result<Array4<f32>
 }
 
 pub(super) fn inpaint(cmd: InpaintCmd) -> Result<()> {
-    let sampler = SamplerKind::parse(
+    let sampler = SamplerKind::new(
         &cmd.sampler,
-        SamplerArgs {
+        SamplerParams {
             eta: cmd.eta,
             order: cmd.order,
             ..Default::default()

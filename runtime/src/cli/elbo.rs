@@ -92,7 +92,7 @@ fn load_data(
             match *dims {
                 [n, hh, ww] if c == 1 && [hh, ww] == [h, w] => Ok([n, 1, h, w]),
                 [n, cc, hh, ww] if [cc, hh, ww] == shape => Ok([n, c, h, w]),
-                _ => Err(Error::InvalidArgument(format!(
+                _ => Err(Error::invalid(format!(
                 "{} holds an array of shape {dims:?}; the model takes images [N, {c}, {h}, {w}]{}",
                 path.display(),
                 if c == 1 { format!(" or [N, {h}, {w}]") } else { String::new() }
@@ -101,7 +101,7 @@ fn load_data(
         };
     let take = |dims: [usize; 4]| -> Result<usize> {
         match limit {
-            Some(m) if m > dims[0] => Err(Error::InvalidArgument(format!(
+            Some(m) if m > dims[0] => Err(Error::invalid(format!(
                 "-n {m} is more than the {} images in {}",
                 dims[0],
                 path.display()
@@ -134,7 +134,7 @@ fn parse_variance(text: &str) -> Result<ReverseVariance> {
     match text {
         "small" => Ok(ReverseVariance::Small),
         "large" => Ok(ReverseVariance::Large),
-        other => Err(Error::InvalidArgument(format!(
+        other => Err(Error::invalid(format!(
             "--variance {other}: expected small (beta-tilde) or large (beta)"
         ))),
     }
@@ -145,7 +145,7 @@ fn parse_scale(s: Option<u32>) -> Result<Option<PixelScale>> {
         None => Ok(None),
         Some(255) => Ok(Some(PixelScale::By255)),
         Some(256) => Ok(Some(PixelScale::By256)),
-        Some(other) => Err(Error::InvalidArgument(format!(
+        Some(other) => Err(Error::invalid(format!(
             "--pixel-scale {other}: expected 255 or 256"
         ))),
     }
@@ -158,13 +158,13 @@ pub(super) fn elbo(cmd: ElboCmd) -> Result<()> {
         "importance" => Proposal::Importance,
         "uniform" => Proposal::Uniform,
         other => {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid(format!(
                 "--sampling {other}: expected importance or uniform"
             )))
         }
     };
     if cmd.n == Some(0) {
-        return Err(Error::InvalidArgument("-n must be at least 1".into()));
+        return Err(Error::invalid("-n must be at least 1"));
     }
     let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
     let meta = model.metadata().clone();

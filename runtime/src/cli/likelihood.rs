@@ -76,11 +76,11 @@ pub(super) struct LikelihoodCmd {
 
 fn solver(cmd: &LikelihoodCmd) -> Result<OdeSolver> {
     match (cmd.steps, cmd.rtol, cmd.atol) {
-        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err(Error::InvalidArgument(
-            "give either --steps (RK4) or --rtol/--atol (adaptive), not both".into(),
+        (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err(Error::invalid(
+            "give either --steps (RK4) or --rtol/--atol (adaptive), not both",
         )),
-        (None, None, Some(_)) => Err(Error::InvalidArgument(
-            "--atol needs --rtol (the adaptive solver)".into(),
+        (None, None, Some(_)) => Err(Error::invalid(
+            "--atol needs --rtol (the adaptive solver)",
         )),
         (steps, None, None) => Ok(OdeSolver::Rk4 {
             steps: steps.unwrap_or(DEFAULT_STEPS),
@@ -108,7 +108,7 @@ pub(super) fn likelihood(cmd: LikelihoodCmd) -> Result<()> {
     let available = data.shape()[0];
     let n = match cmd.n {
         Some(n) if n == 0 || n > available => {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid(format!(
                 "-n {n} must be in 1..={available} (the images in {})",
                 cmd.data.display()
             )))

@@ -15,7 +15,7 @@ use crate::model::Model;
 use crate::noise::InjectedNoise;
 use crate::npy::{read_npy, read_npy4};
 use crate::output::{generate_to_path, write_all};
-use crate::sampler::{SamplerArgs, SamplerKind, SAMPLERS};
+use crate::sampler::{SamplerParams, SamplerKind, SAMPLERS};
 use crate::spacing::Spacing;
 
 mod calibrate;
@@ -235,7 +235,7 @@ fn parse_timesteps(text: &str) -> Result<Vec<f64>> {
         .map(|s| {
             s.trim()
                 .parse::<f64>()
-                .map_err(|_| Error::InvalidArgument(format!("--timesteps: '{s}' is not a number")))
+                .map_err(|_| Error::invalid(format!("--timesteps: '{s}' is not a number")))
         })
         .collect()
 }
@@ -300,9 +300,9 @@ impl Bar {
 }
 
 fn sample(cmd: SampleCmd) -> Result<()> {
-    let sampler = SamplerKind::parse(
+    let sampler = SamplerKind::new(
         &cmd.sampler,
-        SamplerArgs {
+        SamplerParams {
             eta: cmd.eta,
             order: cmd.order,
             snr: cmd.snr,
@@ -315,8 +315,8 @@ fn sample(cmd: SampleCmd) -> Result<()> {
     let spacing = match cmd.rho {
         Some(rho) if cmd.spacing == "karras" => Spacing::Karras { rho },
         Some(_) => {
-            return Err(Error::InvalidArgument(
-                "--rho applies to --spacing karras".into(),
+            return Err(Error::invalid(
+                "--rho applies to --spacing karras",
             ))
         }
         None => cmd.spacing.parse()?,
@@ -325,8 +325,8 @@ fn sample(cmd: SampleCmd) -> Result<()> {
     let injected = match (&cmd.init_noise, &cmd.step_noise) {
         (Some(init), steps) => Some(load_injected(init, steps.as_deref())?),
         (None, Some(_)) => {
-            return Err(Error::InvalidArgument(
-                "--step-noise needs --init-noise".into(),
+            return Err(Error::invalid(
+                "--step-noise needs --init-noise",
             ))
         }
         (None, None) => None,
@@ -398,21 +398,21 @@ fn network_options(cmd: &SampleCmd) -> Result<NetworkOptions> {
             fp16: cmd.trt_fp16,
         },
         other => {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid(format!(
                 "unknown --provider '{other}'; expected cpu, cuda or tensorrt"
             )))
         }
     };
     if (cmd.trt_cache.is_some() || cmd.trt_fp16) && cmd.provider != "tensorrt" {
-        return Err(Error::InvalidArgument(
-            "--trt-cache and --trt-fp16 apply to --provider tensorrt".into(),
+        return Err(Error::invalid(
+            "--trt-cache and --trt-fp16 apply to --provider tensorrt",
         ));
     }
     let fallback_cpu = match cmd.fallback.as_deref() {
         None => false,
         Some("cpu") => true,
         Some(other) => {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid(format!(
                 "--fallback {other}: the only fallback is cpu"
             )))
         }
@@ -427,11 +427,11 @@ fn network_options(cmd: &SampleCmd) -> Result<NetworkOptions> {
 
 fn x0_clip(clip: bool, percentile: Option<f64>, max: Option<f64>) -> Result<X0Clip> {
     match (clip, percentile, max) {
-        (true, Some(_), _) => Err(Error::InvalidArgument(
-            "--clip-x0 and --dynamic-threshold exclude each other".into(),
+        (true, Some(_), _) => Err(Error::invalid(
+            "--clip-x0 and --dynamic-threshold exclude each other",
         )),
-        (_, None, Some(_)) => Err(Error::InvalidArgument(
-            "--threshold-max applies to --dynamic-threshold".into(),
+        (_, None, Some(_)) => Err(Error::invalid(
+            "--threshold-max applies to --dynamic-threshold",
         )),
         (true, None, None) => Ok(X0Clip::Range),
         (false, None, None) => Ok(X0Clip::None),
@@ -439,7 +439,7 @@ fn x0_clip(clip: bool, percentile: Option<f64>, max: Option<f64>) -> Result<X0Cl
             let max = max.unwrap_or(f64::INFINITY);
             let valid = p > 0.0 && p <= 1.0 && max >= 1.0; // false for NaN too
             if !valid {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::invalid(format!(
                     "--dynamic-threshold {p} must be in (0, 1] and --threshold-max {max} at least 1"
                 )));
             }
@@ -491,7 +491,7 @@ fn info(cmd: InfoCmd) -> Result<()> {
     let m = model.metadata();
     if cmd.json {
         let text =
-            serde_json::to_string_pretty(m).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            serde_json::to_string_pretty(m).map_err(|e| Error::invalid(e.to_string()))?;
         println!("{text}");
         return Ok(());
     }

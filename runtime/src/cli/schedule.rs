@@ -35,7 +35,7 @@ type Row = (f64, f64, f64, f64, f64);
 
 fn rows(kind: &str, steps: usize) -> Result<Vec<Row>> {
     if !(2..=100_000).contains(&steps) {
-        return Err(Error::InvalidArgument(format!(
+        return Err(Error::invalid(format!(
             "--steps {steps} is outside 2..=100000"
         )));
     }
@@ -70,7 +70,7 @@ fn rows(kind: &str, steps: usize) -> Result<Vec<Row>> {
             sigma_max: 50.0,
         },
         other => {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid(format!(
                 "unknown --kind '{other}'; expected linear, cosine, quadratic, sigmoid, vp or ve"
             )))
         }

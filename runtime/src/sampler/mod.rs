@@ -183,10 +183,10 @@ pub const SAMPLERS: &[SamplerInfo] = &[
     },
 ];
 
-/// Sampler parameters given on the command line; each sampler reads the ones it uses (None:
-/// the sampler's default).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SamplerArgs {
+/// A sampler's own options as a caller gives them; each sampler reads the ones it uses (None:
+/// the sampler's default, listed in `edgediff samplers`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SamplerParams {
     pub eta: Option<f64>,
     pub order: Option<usize>,
     pub snr: Option<f64>,
@@ -197,16 +197,14 @@ pub struct SamplerArgs {
 }
 
 impl SamplerKind {
-    /// Parses a CLI name with its parameters.
-    pub fn parse(name: &str, args: SamplerArgs) -> Result<SamplerKind> {
+    /// The sampler called `name` (as `edgediff samplers` lists it) with `params`, checked.
+    pub fn new(name: &str, args: SamplerParams) -> Result<SamplerKind> {
         let eta = |default: f64| -> Result<f64> {
             let eta = args.eta.unwrap_or(default);
             if (0.0..=1.0).contains(&eta) {
                 Ok(eta)
             } else {
-                Err(Error::InvalidArgument(format!(
-                    "--eta {eta} is outside [0, 1]"
-                )))
+                Err(Error::out_of_range("eta", eta, "is outside [0, 1]"))
             }
         };
         let order = |default: usize, max: usize| -> Result<usize> {
@@ -214,9 +212,11 @@ impl SamplerKind {
             if (1..=max).contains(&order) {
                 Ok(order)
             } else {
-                Err(Error::InvalidArgument(format!(
-                    "--order {order} is outside 1..={max} for {name}"
-                )))
+                Err(Error::out_of_range(
+                    "order",
+                    order,
+                    &format!("is outside 1..={max} for {name}"),
+                ))
             }
         };
         use dpmpp::DpmVariant::{Ode, Sde};
@@ -249,23 +249,26 @@ impl SamplerKind {
                 let per_sample = name == "adaptive";
                 let (rtol, atol) = (args.rtol.unwrap_or(1e-3), args.atol.unwrap_or(1e-3));
                 if !(rtol > 0.0 && atol > 0.0 && rtol.is_finite() && atol.is_finite()) {
-                    return Err(Error::InvalidArgument(format!(
-                        "--rtol {rtol} and --atol {atol} must be positive"
-                    )));
+                    return Err(Error::options(
+                        format!("{{0}} {rtol} and {{1}} {atol} must be positive"),
+                        &["rtol", "atol"],
+                    ));
                 }
                 let (min_steps, max_steps) = if per_sample {
                     (args.min_steps.unwrap_or(2), args.max_steps.unwrap_or(500))
                 } else if args.min_steps.is_some() || args.max_steps.is_some() {
-                    return Err(Error::InvalidArgument(
-                        "--min-steps/--max-steps apply to the adaptive sampler".into(),
+                    return Err(Error::options(
+                        "{0}/{1} apply to the adaptive sampler",
+                        &["min_steps", "max_steps"],
                     ));
                 } else {
                     (1, 10_000)
                 };
                 if min_steps == 0 || max_steps < min_steps {
-                    return Err(Error::InvalidArgument(format!(
-                        "--min-steps {min_steps} and --max-steps {max_steps} need 1 <= min <= max"
-                    )));
+                    return Err(Error::options(
+                        format!("{{0}} {min_steps} and {{1}} {max_steps} need 1 <= min <= max"),
+                        &["min_steps", "max_steps"],
+                    ));
                 }
                 SamplerKind::OdeAdaptive {
                     tol: ode_adaptive::Tolerance {
@@ -282,9 +285,7 @@ impl SamplerKind {
             "pc" => {
                 let snr = args.snr.unwrap_or(0.16);
                 if !(snr > 0.0 && snr.is_finite()) {
-                    return Err(Error::InvalidArgument(format!(
-                        "--snr {snr} must be positive"
-                    )));
+                    return Err(Error::out_of_range("snr", snr, "must be positive"));
                 }
                 SamplerKind::PredictorCorrector { snr }
             }
@@ -293,15 +294,12 @@ impl SamplerKind {
             },
             other => {
                 let names: Vec<&str> = SAMPLERS.iter().map(|s| s.name).collect();
-                return Err(Error::InvalidArgument(format!(
-                    "unknown sampler '{other}'; expected one of {}",
-                    names.join(", ")
-                )));
+                return Err(Error::unknown("sampler", other, &names));
             }
         })
     }
 
-    /// The CLI name.
+    /// The name `edgediff samplers` lists.
     pub fn name(&self) -> &'static str {
         use dpmpp::DpmVariant::{Ode, Sde};
         match self {
@@ -398,6 +396,15 @@ impl SamplerKind {
                 sde::predictor_corrector(tr, x, snr, progress)
             }
         }
+    }
+}
+
+impl std::str::FromStr for SamplerKind {
+    type Err = Error;
+
+    /// The sampler called `name` with its default options: `"dpm++2m".parse()`.
+    fn from_str(name: &str) -> Result<SamplerKind> {
+        SamplerKind::new(name, SamplerParams::default())
     }
 }
 

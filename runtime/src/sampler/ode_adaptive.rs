@@ -95,7 +95,7 @@ pub fn ode_adaptive(
         if !tol.per_sample {
             let tried = counts[0].accepted + counts[0].rejected;
             if tried >= tol.max_steps {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::invalid(format!(
                     "ode-adaptive did not reach the end in {} steps (rtol {}, atol {}); loosen the tolerances",
                     tol.max_steps, tol.rtol, tol.atol
                 )));
