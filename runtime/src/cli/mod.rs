@@ -190,6 +190,17 @@ struct InfoCmd {
     ort_lib: Option<PathBuf>,
 }
 
+/// How the command line spells a library option: `n` is `-n`, `batch_size` is `--batch-size`.
+/// Library errors name options by their library names; the CLI reports them with this.
+pub fn flag(name: &str) -> String {
+    match name {
+        "n" => "-n".into(),
+        "class_label" => "--class".into(),
+        "fallback" => "--fallback".into(),
+        other => format!("--{}", other.replace('_', "-")),
+    }
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
