@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 
 def test_sample_outputs_and_determinism(edgediff_bin, tiny_models, tmp_path):
@@ -216,3 +217,26 @@ def test_schedule_table_matches_closed_forms(edgediff_bin, tmp_path, kind):
         np.testing.assert_allclose(ab, alphas_cumprod(betas_for(kind)), rtol=1e-9)
         np.testing.assert_allclose(level, np.sqrt(1 - ab), rtol=1e-9)
         np.testing.assert_allclose(logsnr, np.log(ab / (1 - ab)), rtol=1e-9)
+
+
+@pytest.mark.parametrize("command", [
+    ["sample", "-n", "1"], ["invert", "--image", "DATA"], ["interpolate"],
+    ["inpaint", "--image", "DATA", "--mask", "MASK"], ["elbo", "--data", "DATA"],
+    ["likelihood", "--data", "DATA"], ["compare", "--samplers", "ddim", "--steps", "2"],
+    ["calibrate", "--steps", "2"], ["info"],
+])
+def test_every_model_command_takes_the_model_options(edgediff_bin, tiny_models, tmp_path, command):
+    """One set of model options for every command that loads a model: --provider reaches the
+    model's opening (this CPU build refuses cuda, exit 3), and the rest parse."""
+    data = tmp_path / "x.npy"
+    np.save(data, (np.arange(128, dtype=np.float32).reshape(2, 1, 8, 8) % 256) / 127.5 - 1.0)
+    mask = tmp_path / "m.png"
+    from PIL import Image
+    Image.fromarray(np.full((8, 8), 255, np.uint8)).save(mask)
+    args = [str(data) if a == "DATA" else str(mask) if a == "MASK" else a for a in command]
+    args += ["--model", str(tiny_models["linear"]), "--ort-lib", str(ROOT / ".ort" / "libonnxruntime.so.1.32.0"),
+             "--threads", "1", "--device-id", "0", "--no-mmap", "--provider", "cuda"]
+    if command[0] == "compare":
+        args += ["-o", str(tmp_path / "cmp")]
+    check_error(run_cli(edgediff_bin, *args, check=False), 3,
+                "the cuda execution provider is unavailable", "--fallback cpu")

@@ -144,7 +144,8 @@ impl Error {
         move |source| Error::Ort { context, source }
     }
 
-    pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    /// For `map_err`: an I/O error with what was being done (`"writing out.npy"`).
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let context = context.into();
         move |source| Error::Io { context, source }
     }

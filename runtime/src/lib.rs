@@ -15,9 +15,8 @@
 
 pub mod backend;
 pub mod calibrate;
-pub mod capi;
+mod capi;
 pub mod classifier;
-pub mod cli;
 pub mod denoiser;
 pub mod edit;
 pub mod elbo;

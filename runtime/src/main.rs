@@ -1,9 +1,11 @@
+mod cli;
+
 fn main() {
     restore_sigpipe();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let cli: edgediff::cli::Cli = argh::from_env();
-    if let Err(e) = edgediff::cli::run(cli) {
-        eprintln!("edgediff: error: {}", e.message_with(&edgediff::cli::flag));
+    let cli: cli::Cli = argh::from_env();
+    if let Err(e) = cli::run(cli) {
+        eprintln!("edgediff: error: {}", e.message_with(&cli::flag));
         std::process::exit(e.exit_code());
     }
 }

@@ -69,6 +69,11 @@ pub struct Model {
 }
 
 impl Model {
+    /// The element type the network takes and returns (float32 or float16).
+    pub fn sample_type(&self) -> crate::backend::SampleType {
+        self.network.sample_type()
+    }
+
     /// Opens a model with default session options.
     pub fn open(path: impl AsRef<Path>) -> Result<Model> {
         Model::open_with(path, &NetworkOptions::default())

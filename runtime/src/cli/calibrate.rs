@@ -5,21 +5,19 @@ use std::time::Instant;
 
 use argh::FromArgs;
 
-use super::open_model;
-use crate::calibrate::{calibrate, default_max_evals, CalibrateOptions};
-use crate::error::Result;
-use crate::npy::write_atomic;
-use crate::sampler::{SamplerParams, SamplerKind};
+use super::model_command;
+use edgediff::calibrate::{calibrate, default_max_evals, CalibrateOptions};
+use edgediff::error::Result;
+use edgediff::npy::write_atomic;
+use edgediff::sampler::{SamplerParams, SamplerKind};
 
+model_command! {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "calibrate")]
 /// Fit a deterministic sampler's time steps to the model: the grid whose output on pilot noises
 /// is closest to a converged probability-flow ODE solution. Prints the list for --timesteps:
 /// edgediff sample --sampler unipc --order 3 --timesteps "$(edgediff calibrate --sampler unipc --order 3 --steps 10 -q)"
 pub(super) struct CalibrateCmd {
-    /// the ONNX model (default: the shipped MNIST model)
-    #[argh(option)]
-    model: Option<PathBuf>,
     /// a deterministic sampler, e.g. unipc, dpm++2m, dpm++3m, ddim, heun (default unipc)
     #[argh(option, default = "String::from(\"unipc\")")]
     sampler: String,
@@ -53,18 +51,13 @@ pub(super) struct CalibrateCmd {
     /// also write the list to this file
     #[argh(option, short = 'o')]
     out: Option<PathBuf>,
-    /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
-    #[argh(option)]
-    ort_lib: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads (default 0: its own choice)
-    #[argh(option, default = "0")]
-    threads: usize,
     /// print only the list
     #[argh(switch, short = 'q')]
     quiet: bool,
     /// print JSON for programs
     #[argh(switch)]
     json: bool,
+}
 }
 
 pub(super) fn calibrate_cmd(cmd: CalibrateCmd) -> Result<()> {
@@ -92,7 +85,7 @@ pub(super) fn calibrate_cmd(cmd: CalibrateCmd) -> Result<()> {
         class_label: cmd.class,
         guidance: cmd.guidance,
     };
-    let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
+    let mut model = cmd.open_model()?;
     if model.integer_time() {
         log::warn!(
             "this model takes integer timesteps: the calibrated times reach it rounded, so \

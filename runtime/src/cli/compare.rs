@@ -11,26 +11,24 @@ use std::time::Instant;
 use argh::FromArgs;
 use ndarray::{s, Ix4};
 
-use super::{open_model, Bar};
-use crate::classifier::{domain_scores, Classifier, DomainScores};
-use crate::error::{Error, Result};
-use crate::fid::GaussianStats;
-use crate::generate::{check_options, SampleOptions};
-use crate::image::grid_png;
-use crate::npy::{read_npy, read_npy4, write_atomic};
-use crate::output::generate_to_path;
-use crate::sampler::{SamplerParams, SamplerKind};
-use crate::spacing::Spacing;
+use super::{model_command, Bar};
+use edgediff::classifier::{domain_scores, Classifier, DomainScores};
+use edgediff::error::{Error, Result};
+use edgediff::fid::GaussianStats;
+use edgediff::generate::{check_options, SampleOptions};
+use edgediff::image::grid_png;
+use edgediff::npy::{read_npy, read_npy4, write_atomic};
+use edgediff::output::generate_to_path;
+use edgediff::sampler::{SamplerParams, SamplerKind};
+use edgediff::spacing::Spacing;
 
+model_command! {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "compare")]
 /// Compare samplers across step counts: wall time, model calls and (with --classifier and
 /// --reference) domain FID per cell, every cell from the same starting noise. Cells run step
 /// count by step count, in the order given; rerunning the command continues an interrupted one.
 pub(super) struct CompareCmd {
-    /// the ONNX model (default: the shipped MNIST model)
-    #[argh(option)]
-    model: Option<PathBuf>,
     /// comma-separated samplers with their default settings, e.g. ddpm,ddim,dpm++2m,unipc
     #[argh(option)]
     samplers: String,
@@ -64,18 +62,13 @@ pub(super) struct CompareCmd {
     /// samples shown in each cell's grid (default 64)
     #[argh(option, default = "64")]
     grid: usize,
-    /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
-    #[argh(option)]
-    ort_lib: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads (default 0: its own choice)
-    #[argh(option, default = "0")]
-    threads: usize,
     /// no progress output
     #[argh(switch, short = 'q')]
     quiet: bool,
     /// print the results as JSON on stdout
     #[argh(switch)]
     json: bool,
+}
 }
 
 /// One measured cell, as written to `cells/CELL.json` and the result tables.
@@ -140,7 +133,7 @@ pub(super) fn compare(cmd: CompareCmd) -> Result<()> {
             cmd.confidence
         )));
     }
-    let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
+    let mut model = cmd.open_model()?;
     let meta = model.metadata().clone();
     let model_name = model.path().display().to_string();
     let options = |kind: SamplerKind, steps: usize| SampleOptions {
@@ -178,7 +171,7 @@ pub(super) fn compare(cmd: CompareCmd) -> Result<()> {
         steps: 1,
         ..options(SamplerKind::Ddim { eta: 0.0 }, 1)
     };
-    crate::generate::generate(&mut model, &warm, None, &mut |_, _| {})?;
+    edgediff::generate::generate(&mut model, &warm, None, &mut |_, _| {})?;
 
     let mut rows = Vec::new();
     for &st in &steps {
@@ -229,7 +222,7 @@ pub(super) fn compare(cmd: CompareCmd) -> Result<()> {
 /// Samples one cell, or takes it from a matching record of an earlier run.
 fn run_cell(
     cmd: &CompareCmd,
-    model: &mut crate::model::Model,
+    model: &mut edgediff::model::Model,
     opts: SampleOptions,
     cell: &str,
     model_name: &str,
@@ -331,7 +324,7 @@ impl Judge {
     fn new(
         classifier: &Path,
         reference: &Path,
-        meta: &crate::metadata::ModelMetadata,
+        meta: &edgediff::metadata::ModelMetadata,
         threads: usize,
         batch: usize,
     ) -> Result<Judge> {

@@ -6,23 +6,21 @@ use std::time::Instant;
 use argh::FromArgs;
 use ndarray::{s, Array4, Axis, Ix4};
 
-use super::{open_model, write_all, Bar};
-use crate::error::{Error, Result};
-use crate::generate::{generate, SampleOptions};
-use crate::noise::{InjectedNoise, NoiseSource, SeededNoise};
-use crate::npy::{npy_bytes, read_npy, read_npy4, write_atomic};
-use crate::sampler::{SamplerParams, SamplerKind};
-use crate::spacing::Spacing;
+use super::{model_command, write_all, Bar};
+use edgediff::error::{Error, Result};
+use edgediff::generate::{generate, SampleOptions};
+use edgediff::noise::{InjectedNoise, NoiseSource, SeededNoise};
+use edgediff::npy::{npy_bytes, read_npy, read_npy4, write_atomic};
+use edgediff::sampler::{SamplerParams, SamplerKind};
+use edgediff::spacing::Spacing;
 
+model_command! {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "invert")]
 /// Invert images to the noise that DDIM decodes back to them (DDIM inversion), and report the
 /// round-trip reconstruction error. `sample --init-noise OUT --sampler ddim` with the same
 /// --steps and --spacing decodes the noise again.
 pub(super) struct InvertCmd {
-    /// the ONNX model (default: the shipped MNIST model)
-    #[argh(option)]
-    model: Option<PathBuf>,
     /// input: a PNG (one sample; repeat for more) or one float32 .npy [n, C, H, W] in the
     /// model's data range
     #[argh(option)]
@@ -45,12 +43,6 @@ pub(super) struct InvertCmd {
     /// also write the reconstruction decoded from the noise (.png grid, .npy or a folder)
     #[argh(option)]
     reconstruction: Option<PathBuf>,
-    /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
-    #[argh(option)]
-    ort_lib: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads (default 0: its own choice)
-    #[argh(option, default = "0")]
-    threads: usize,
     /// no progress bar
     #[argh(switch, short = 'q')]
     quiet: bool,
@@ -58,15 +50,14 @@ pub(super) struct InvertCmd {
     #[argh(switch)]
     json: bool,
 }
+}
 
+model_command! {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "interpolate")]
 /// Decode a spherical interpolation between two noises into a strip of frames. Noises come
 /// from .npy files (e.g. written by `invert`) or from seeds, as `sample` draws them.
 pub(super) struct InterpolateCmd {
-    /// the ONNX model (default: the shipped MNIST model)
-    #[argh(option)]
-    model: Option<PathBuf>,
     /// first noise: a float32 .npy [n, C, H, W] (sample --from-index of it)
     #[argh(option)]
     from: Option<PathBuf>,
@@ -106,18 +97,13 @@ pub(super) struct InterpolateCmd {
     /// output: a .png strip, a .npy array, or a directory of PNGs (default interpolation.png)
     #[argh(option, short = 'o', default = "PathBuf::from(\"interpolation.png\")")]
     out: PathBuf,
-    /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
-    #[argh(option)]
-    ort_lib: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads (default 0: its own choice)
-    #[argh(option, default = "0")]
-    threads: usize,
     /// no progress bar
     #[argh(switch, short = 'q')]
     quiet: bool,
     /// print a JSON summary on stdout
     #[argh(switch)]
     json: bool,
+}
 }
 
 /// Reads the images given to `invert` into `[n, C, H, W]`.
@@ -137,7 +123,7 @@ fn load_images(paths: &[PathBuf], shape: [usize; 3], range: [f64; 2]) -> Result<
                 let bytes =
                     std::fs::read(p).map_err(Error::io(format!("reading {}", p.display())))?;
                 let img =
-                    crate::image::read_png(&bytes, shape, range).map_err(|e| Error::BadInput {
+                    edgediff::image::read_png(&bytes, shape, range).map_err(|e| Error::BadInput {
                         path: p.clone(),
                         detail: e.to_string(),
                     })?;
@@ -150,13 +136,13 @@ fn load_images(paths: &[PathBuf], shape: [usize; 3], range: [f64; 2]) -> Result<
 
 pub(super) fn invert(cmd: InvertCmd) -> Result<()> {
     let spacing: Spacing = cmd.spacing.parse()?;
-    let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
+    let mut model = cmd.open_model()?;
     let meta = model.metadata().clone();
     let images = load_images(&cmd.image, meta.sample_shape, meta.data_range)?;
     let n = images.shape()[0];
     let start = Instant::now();
     let mut b = Bar::new(cmd.quiet, n);
-    let noise = crate::edit::invert(
+    let noise = edgediff::edit::invert(
         &mut model,
         &images,
         cmd.steps,
@@ -267,7 +253,7 @@ pub(super) fn interpolate(cmd: InterpolateCmd) -> Result<()> {
         )));
     }
     let spacing: Spacing = cmd.spacing.parse()?;
-    let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
+    let mut model = cmd.open_model()?;
     let meta = model.metadata().clone();
     let shape = meta.sample_shape;
     let end = |path: &Option<PathBuf>, index: usize, seed: u64| -> Result<Array4<f32>> {
@@ -278,7 +264,7 @@ pub(super) fn interpolate(cmd: InterpolateCmd) -> Result<()> {
     };
     let a = end(&cmd.from, cmd.from_index, cmd.seed_a)?;
     let b = end(&cmd.to, cmd.to_index, cmd.seed_b)?;
-    let frames = crate::edit::slerp_frames(&a, &b, cmd.frames)?;
+    let frames = edgediff::edit::slerp_frames(&a, &b, cmd.frames)?;
     let opts = SampleOptions {
         sampler,
         steps: cmd.steps,
@@ -310,14 +296,12 @@ pub(super) fn interpolate(cmd: InterpolateCmd) -> Result<()> {
     Ok(())
 }
 
+model_command! {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "inpaint")]
 /// Fill the masked pixels of images (white in the mask = fill, black = keep) with any sampler
 /// that steps through noise levels, optionally with RePaint resampling (--jumps, --resample).
 pub(super) struct InpaintCmd {
-    /// the ONNX model (default: the shipped MNIST model)
-    #[argh(option)]
-    model: Option<PathBuf>,
     /// input: a PNG (one sample; repeat for more) or one float32 .npy [n, C, H, W] in the
     /// model's data range
     #[argh(option)]
@@ -362,18 +346,13 @@ pub(super) struct InpaintCmd {
     /// output: a .png grid, a .npy array, or a directory of PNGs (default inpainted.png)
     #[argh(option, short = 'o', default = "PathBuf::from(\"inpainted.png\")")]
     out: PathBuf,
-    /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
-    #[argh(option)]
-    ort_lib: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads (default 0: its own choice)
-    #[argh(option, default = "0")]
-    threads: usize,
     /// no progress bar
     #[argh(switch, short = 'q')]
     quiet: bool,
     /// print a JSON summary on stdout
     #[argh(switch)]
     json: bool,
+}
 }
 
 /// Reads masks: PNGs (white = fill) or a .npy; one mask is used for every image.
@@ -414,7 +393,7 @@ pub(super) fn inpaint(cmd: InpaintCmd) -> Result<()> {
         },
     )?;
     let spacing: Spacing = cmd.spacing.parse()?;
-    let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
+    let mut model = cmd.open_model()?;
     let meta = model.metadata().clone();
     let [_, h, w] = meta.sample_shape;
     let images = load_images(&cmd.image, meta.sample_shape, meta.data_range)?;
@@ -433,12 +412,12 @@ pub(super) fn inpaint(cmd: InpaintCmd) -> Result<()> {
     };
     let start = Instant::now();
     let mut b = Bar::new(cmd.quiet, n);
-    let (x, report) = crate::inpaint::inpaint(
+    let (x, report) = edgediff::inpaint::inpaint(
         &mut model,
         &opts,
         &images,
         &masks,
-        crate::inpaint::Resampling {
+        edgediff::inpaint::Resampling {
             jumps: cmd.jumps,
             resample: cmd.resample,
         },

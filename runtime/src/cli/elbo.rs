@@ -6,23 +6,21 @@ use std::time::Instant;
 use argh::FromArgs;
 use ndarray::{s, Array4, Ix5};
 
-use super::{open_model, Bar};
-use crate::elbo::{
+use super::{model_command, Bar};
+use edgediff::elbo::{
     elbo as compute_elbo, ElboOptions, ElboReport, PixelScale, Proposal, ReverseVariance,
     TimestepSampling, DEFAULT_DECODER_DRAWS, DEFAULT_TIMESTEPS_PER_IMAGE,
 };
-use crate::error::{Error, Result};
-use crate::npy::{read_npy, read_npy_u8_or_float, NpyArray};
+use edgediff::error::{Error, Result};
+use edgediff::npy::{read_npy, read_npy_u8_or_float, NpyArray};
 
+model_command! {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "elbo")]
 /// The negative ELBO of 8-bit images in bits/dim (Ho et al. 2020, eq. 5): the prior term L_T,
 /// the KL terms L_1..L_{T-1} (Monte Carlo over timesteps, or all of them), and the discretized
 /// decoder's L_0, with standard errors. Discrete-schedule models only.
 pub(super) struct ElboCmd {
-    /// the ONNX model (default: the shipped MNIST model)
-    #[argh(option)]
-    model: Option<PathBuf>,
     /// the images: uint8 .npy [N, H, W] or [N, C, H, W] of raw 0..255 pixels, or float32
     /// [N, C, H, W] in the model's data range on the 256-level grid
     #[argh(option)]
@@ -64,18 +62,13 @@ pub(super) struct ElboCmd {
     /// and --decoder-draws 1
     #[argh(option, hidden_help)]
     noise: Option<PathBuf>,
-    /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
-    #[argh(option)]
-    ort_lib: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads (default 0: its own choice)
-    #[argh(option, default = "0")]
-    threads: usize,
     /// no progress bar
     #[argh(switch, short = 'q')]
     quiet: bool,
     /// print JSON for programs (with per-image values)
     #[argh(switch)]
     json: bool,
+}
 }
 
 /// The images of `path` as `[N, C, H, W]` floats in the model's data range, and the grid.
@@ -166,7 +159,7 @@ pub(super) fn elbo(cmd: ElboCmd) -> Result<()> {
     if cmd.n == Some(0) {
         return Err(Error::invalid("-n must be at least 1"));
     }
-    let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
+    let mut model = cmd.open_model()?;
     let meta = model.metadata().clone();
     let (images, scale) = load_data(&cmd.data, meta.sample_shape, meta.data_range, scale, cmd.n)?;
     let noise = match &cmd.noise {
@@ -279,7 +272,7 @@ fn print_table(report: &ElboReport, model: &Path, seconds: f64) {
 
 fn json(report: &ElboReport, cmd: &ElboCmd, model: &Path, seconds: f64) -> serde_json::Value {
     let s = report.summary();
-    let bpd = |f: fn(&crate::elbo::ImageElbo) -> f64| -> Vec<f64> {
+    let bpd = |f: fn(&edgediff::elbo::ImageElbo) -> f64| -> Vec<f64> {
         report
             .images
             .iter()

@@ -6,21 +6,19 @@ use std::time::Instant;
 use argh::FromArgs;
 use ndarray::s;
 
-use super::{open_model, Bar};
-use crate::error::{Error, Result};
-use crate::likelihood::{
+use super::{model_command, Bar};
+use edgediff::error::{Error, Result};
+use edgediff::likelihood::{
     log_likelihood, mean_and_se, LikelihoodOptions, OdeSolver, DEFAULT_FD_STEP, DEFAULT_STEPS,
 };
-use crate::npy::{read_npy4, write_atomic};
+use edgediff::npy::{read_npy4, write_atomic};
 
+model_command! {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "likelihood")]
 /// Log-likelihood (nats) and bits/dim of data under the model, by the probability-flow ODE with
 /// a Hutchinson trace estimator (finite-difference Jacobian-vector products of the network).
 pub(super) struct LikelihoodCmd {
-    /// the ONNX model (default: the shipped MNIST model)
-    #[argh(option)]
-    model: Option<PathBuf>,
     /// the data: float32 .npy [n, C, H, W] in the model's data range
     #[argh(option)]
     data: PathBuf,
@@ -60,18 +58,13 @@ pub(super) struct LikelihoodCmd {
     /// also write per-image values to this CSV file
     #[argh(option)]
     per_image: Option<PathBuf>,
-    /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
-    #[argh(option)]
-    ort_lib: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads (default 0: its own choice)
-    #[argh(option, default = "0")]
-    threads: usize,
     /// no progress bar
     #[argh(switch, short = 'q')]
     quiet: bool,
     /// print JSON (summary and per-image values) on stdout
     #[argh(switch)]
     json: bool,
+}
 }
 
 fn solver(cmd: &LikelihoodCmd) -> Result<OdeSolver> {
@@ -117,7 +110,7 @@ pub(super) fn likelihood(cmd: LikelihoodCmd) -> Result<()> {
         None => available,
     };
     let data = data.slice(s![0..n, .., .., ..]).to_owned();
-    let mut model = open_model(cmd.model.as_deref(), cmd.ort_lib.as_deref(), cmd.threads)?;
+    let mut model = cmd.open_model()?;
     if model.integer_time() {
         log::warn!(
             "this model takes integer timesteps: the ODE solver's times reach it rounded, so the \

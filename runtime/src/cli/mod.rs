@@ -5,18 +5,19 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use argh::FromArgs;
+use model_args::model_command;
 use ndarray::Ix5;
 
-use crate::backend::{init_onnxruntime, NetworkOptions, Provider};
-use crate::denoiser::X0Clip;
-use crate::error::{Error, Result};
-use crate::generate::SampleOptions;
-use crate::model::Model;
-use crate::noise::InjectedNoise;
-use crate::npy::{read_npy, read_npy4};
-use crate::output::{generate_to_path, write_all};
-use crate::sampler::{SamplerParams, SamplerKind, SAMPLERS};
-use crate::spacing::Spacing;
+use edgediff::denoiser::X0Clip;
+use edgediff::error::{Error, Result};
+use edgediff::generate::SampleOptions;
+use edgediff::noise::InjectedNoise;
+use edgediff::npy::{read_npy, read_npy4};
+use edgediff::output::{generate_to_path, write_all};
+use edgediff::sampler::{SamplerParams, SamplerKind, SAMPLERS};
+use edgediff::spacing::Spacing;
+
+mod model_args;
 
 mod calibrate;
 mod compare;
@@ -61,22 +62,20 @@ struct SamplersCmd {
     json: bool,
 }
 
+model_command! {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "sample")]
 /// Generate samples into a PNG grid (OUT.png), a folder of PNGs (OUT/), or a float32 OUT.npy.
 struct SampleCmd {
-    /// the ONNX model (default: the shipped MNIST model)
-    #[argh(option)]
-    model: Option<PathBuf>,
     /// sampler (default ddim); `edgediff samplers` lists them
-    #[argh(option, default = "String::from(\"ddim\")")]
-    sampler: String,
+    #[argh(option)]
+    sampler: Option<String>,
     /// number of sampling steps (default 100)
-    #[argh(option, default = "100")]
-    steps: usize,
+    #[argh(option)]
+    steps: Option<usize>,
     /// time-step spacing: leading, trailing, linspace, karras or logsnr (default trailing)
-    #[argh(option, default = "String::from(\"trailing\")")]
-    spacing: String,
+    #[argh(option)]
+    spacing: Option<String>,
     /// rho of the karras spacing (default 7)
     #[argh(option)]
     rho: Option<f64>,
@@ -105,14 +104,14 @@ struct SampleCmd {
     #[argh(option)]
     max_steps: Option<usize>,
     /// number of samples (default 16)
-    #[argh(option, short = 'n', default = "16")]
-    n: usize,
+    #[argh(option, short = 'n')]
+    n: Option<usize>,
     /// samples per network call (default 64)
-    #[argh(option, default = "64")]
-    batch_size: usize,
+    #[argh(option)]
+    batch_size: Option<usize>,
     /// random seed (default 0); the same seed gives the same output
-    #[argh(option, default = "0")]
-    seed: u64,
+    #[argh(option)]
+    seed: Option<u64>,
     /// class label for class-conditional models
     #[argh(option)]
     class: Option<i64>,
@@ -140,30 +139,6 @@ struct SampleCmd {
     /// continue an interrupted run into the same folder or .npy: samples already written are kept
     #[argh(switch)]
     resume: bool,
-    /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
-    #[argh(option)]
-    ort_lib: Option<PathBuf>,
-    /// ONNX Runtime intra-op threads (default 0: its own choice)
-    #[argh(option, default = "0")]
-    threads: usize,
-    /// execution provider: cpu (default), cuda or tensorrt (GPU builds: --features cuda/tensorrt)
-    #[argh(option, default = "String::from(\"cpu\")")]
-    provider: String,
-    /// GPU device id for cuda/tensorrt (default 0)
-    #[argh(option, default = "0")]
-    device_id: i32,
-    /// directory for cached TensorRT engines (reused across runs)
-    #[argh(option)]
-    trt_cache: Option<PathBuf>,
-    /// let TensorRT build fp16 engines
-    #[argh(switch)]
-    trt_fp16: bool,
-    /// cpu: run on the CPU, with a warning, when the provider cannot be registered
-    #[argh(option)]
-    fallback: Option<String>,
-    /// read the model file into memory instead of memory-mapping it
-    #[argh(switch)]
-    no_mmap: bool,
     /// no progress bar
     #[argh(switch, short = 'q')]
     quiet: bool,
@@ -171,23 +146,17 @@ struct SampleCmd {
     #[argh(switch)]
     json: bool,
 }
+}
 
+model_command! {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "info")]
 /// Print a model's metadata.
 struct InfoCmd {
-    /// the ONNX model (default: the shipped MNIST model)
-    #[argh(option)]
-    model: Option<PathBuf>,
-    /// read the model file into memory instead of memory-mapping it
-    #[argh(switch)]
-    no_mmap: bool,
     /// print JSON for programs
     #[argh(switch)]
     json: bool,
-    /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
-    #[argh(option)]
-    ort_lib: Option<PathBuf>,
+}
 }
 
 /// How the command line spells a library option: `n` is `-n`, `batch_size` is `--batch-size`.
@@ -218,26 +187,6 @@ pub fn run(cli: Cli) -> Result<()> {
             list_samplers(cmd.json);
             Ok(())
         }
-    }
-}
-
-fn open_model(path: Option<&Path>, ort_lib: Option<&Path>, threads: usize) -> Result<Model> {
-    let opts = NetworkOptions {
-        intra_threads: threads,
-        ..Default::default()
-    };
-    open_model_with(path, ort_lib, &opts)
-}
-
-fn open_model_with(
-    path: Option<&Path>,
-    ort_lib: Option<&Path>,
-    opts: &NetworkOptions,
-) -> Result<Model> {
-    init_onnxruntime(ort_lib)?;
-    match path {
-        Some(p) => Model::open_with(p, opts),
-        None => Model::open_default(opts),
     }
 }
 
@@ -311,8 +260,10 @@ impl Bar {
 }
 
 fn sample(cmd: SampleCmd) -> Result<()> {
+    // The defaults are the library's (SampleOptions::default), which C's params_init also takes.
+    let defaults = SampleOptions::default();
     let sampler = SamplerKind::new(
-        &cmd.sampler,
+        cmd.sampler.as_deref().unwrap_or(defaults.sampler.name()),
         SamplerParams {
             eta: cmd.eta,
             order: cmd.order,
@@ -323,14 +274,11 @@ fn sample(cmd: SampleCmd) -> Result<()> {
             max_steps: cmd.max_steps,
         },
     )?;
-    let spacing = match cmd.rho {
-        Some(rho) if cmd.spacing == "karras" => Spacing::Karras { rho },
-        Some(_) => {
-            return Err(Error::invalid(
-                "--rho applies to --spacing karras",
-            ))
-        }
-        None => cmd.spacing.parse()?,
+    let spacing = match (cmd.rho, cmd.spacing.as_deref()) {
+        (Some(rho), Some("karras")) => Spacing::Karras { rho },
+        (Some(_), _) => return Err(Error::invalid("--rho applies to --spacing karras")),
+        (None, Some(name)) => name.parse()?,
+        (None, None) => defaults.spacing,
     };
     let timesteps = cmd.timesteps.as_deref().map(parse_timesteps).transpose()?;
     let injected = match (&cmd.init_noise, &cmd.step_noise) {
@@ -344,21 +292,21 @@ fn sample(cmd: SampleCmd) -> Result<()> {
     };
     let n = injected
         .as_ref()
-        .map_or(cmd.n, |inj| inj.initial.shape()[0]);
-    let net_opts = network_options(&cmd)?;
-    let mut model = open_model_with(cmd.model.as_deref(), cmd.ort_lib.as_deref(), &net_opts)?;
+        .map_or(cmd.n.unwrap_or(defaults.n), |inj| inj.initial.shape()[0]);
+    let model_opts = cmd.model_options()?;
+    let mut model = model_opts.open()?;
     let opts = SampleOptions {
         sampler,
-        steps: cmd.steps,
+        steps: cmd.steps.unwrap_or(defaults.steps),
         spacing,
         timesteps,
         n,
-        batch_size: cmd.batch_size,
-        seed: cmd.seed,
+        batch_size: cmd.batch_size.unwrap_or(defaults.batch_size),
+        seed: cmd.seed.unwrap_or(defaults.seed),
         class_label: cmd.class,
         x0_clip: x0_clip(cmd.clip_x0, cmd.dynamic_threshold, cmd.threshold_max)?,
         guidance: cmd.guidance,
-        cancel: None,
+        ..defaults
     };
     let start = Instant::now();
     let mut bar = Bar::new(cmd.quiet, n);
@@ -381,7 +329,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
             "out": cmd.out, "files": files, "n": n, "sampler": sampler.name(),
             "steps": opts.timesteps.as_ref().map_or(opts.steps, Vec::len),
             "seconds": sample_secs, "model": model.path(), "network_calls": report.network_calls,
-            "resumed_samples": skipped, "provider": net_opts.provider.name(),
+            "resumed_samples": skipped, "provider": model_opts.provider.name(),
             "steps_per_sample": report.step_counts.as_ref().map(|c| c.iter().map(|c| c.accepted).collect::<Vec<_>>()),
             "rejected_per_sample": report.step_counts.as_ref().map(|c| c.iter().map(|c| c.rejected).collect::<Vec<_>>()),
         });
@@ -395,45 +343,6 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn network_options(cmd: &SampleCmd) -> Result<NetworkOptions> {
-    let provider = match cmd.provider.as_str() {
-        "cpu" => Provider::Cpu,
-        "cuda" => Provider::Cuda {
-            device_id: cmd.device_id,
-        },
-        "tensorrt" => Provider::TensorRt {
-            device_id: cmd.device_id,
-            engine_cache: cmd.trt_cache.clone(),
-            fp16: cmd.trt_fp16,
-        },
-        other => {
-            return Err(Error::invalid(format!(
-                "unknown --provider '{other}'; expected cpu, cuda or tensorrt"
-            )))
-        }
-    };
-    if (cmd.trt_cache.is_some() || cmd.trt_fp16) && cmd.provider != "tensorrt" {
-        return Err(Error::invalid(
-            "--trt-cache and --trt-fp16 apply to --provider tensorrt",
-        ));
-    }
-    let fallback_cpu = match cmd.fallback.as_deref() {
-        None => false,
-        Some("cpu") => true,
-        Some(other) => {
-            return Err(Error::invalid(format!(
-                "--fallback {other}: the only fallback is cpu"
-            )))
-        }
-    };
-    Ok(NetworkOptions {
-        intra_threads: cmd.threads,
-        provider,
-        fallback_cpu,
-        read_into_memory: cmd.no_mmap,
-    })
 }
 
 fn x0_clip(clip: bool, percentile: Option<f64>, max: Option<f64>) -> Result<X0Clip> {
@@ -471,7 +380,7 @@ fn list_samplers(json: bool) {
         println!("{}", serde_json::Value::Array(rows));
         return;
     }
-    let w = |f: fn(&crate::sampler::SamplerInfo) -> usize, head: &str| {
+    let w = |f: fn(&edgediff::sampler::SamplerInfo) -> usize, head: &str| {
         SAMPLERS.iter().map(f).max().unwrap_or(0).max(head.len())
     };
     let (wn, wo, wc) = (
@@ -493,12 +402,11 @@ fn list_samplers(json: bool) {
 }
 
 fn info(cmd: InfoCmd) -> Result<()> {
-    let opts = NetworkOptions {
-        intra_threads: 1,
-        read_into_memory: cmd.no_mmap,
-        ..Default::default()
-    };
-    let model = open_model_with(cmd.model.as_deref(), cmd.ort_lib.as_deref(), &opts)?;
+    let mut opts = cmd.model_options()?;
+    if cmd.threads == 0 {
+        opts.intra_threads = 1; // nothing runs: one thread is enough to open the session
+    }
+    let model = opts.open()?;
     let m = model.metadata();
     if cmd.json {
         let text =
@@ -522,6 +430,6 @@ fn info(cmd: InfoCmd) -> Result<()> {
             .as_ref()
             .map_or("none".to_string(), |c| format!("{c:?}"))
     );
-    println!("network:      sample {:?}", model.network.sample_type());
+    println!("network:      sample {:?}", model.sample_type());
     Ok(())
 }

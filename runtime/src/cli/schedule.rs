@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use argh::FromArgs;
 
-use crate::error::{Error, Result};
-use crate::metadata::ScheduleSpec;
-use crate::npy::write_atomic;
-use crate::schedule::Schedule;
+use edgediff::error::{Error, Result};
+use edgediff::metadata::ScheduleSpec;
+use edgediff::npy::write_atomic;
+use edgediff::schedule::Schedule;
 
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "schedule")]
