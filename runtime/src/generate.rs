@@ -2,7 +2,7 @@
 
 use ndarray::{concatenate, Array4, Axis};
 
-use crate::denoiser::{ModelDenoiser, X0Clip};
+use crate::denoiser::{Denoiser, ModelDenoiser, X0Clip};
 use crate::error::{Error, Result};
 use crate::metadata::{Conditioning, ModelMetadata};
 use crate::model::Model;
@@ -133,12 +133,76 @@ pub fn generate_chunks(
             opts.n
         )));
     }
-    let (labels, lv) = prepare(model, opts, injected)?;
+    let (label, lv) = prepare(model, opts, injected)?;
+    let plan = BatchPlan {
+        label,
+        levels: &lv,
+        steps_per_batch: lv.len() - 1,
+        injected,
+    };
+    run_batches(model, opts, &plan, ranges, progress, sink, &mut |b, x, progress| {
+        let mut tr = Trajectory {
+            den: b.den,
+            noise: b.noise,
+            levels: b.levels,
+            level_at_sbar: b.level_at_sbar,
+            step_counts: None,
+        };
+        let out = opts.sampler.run(&mut tr, x, &mut |i, _| progress(i))?;
+        Ok((out, tr.step_counts.take()))
+    })
+}
+
+/// What every batch of a run shares: the label each network call gets, the levels, the
+/// progress units one batch reports (its steps), and injected noise if any.
+pub(crate) struct BatchPlan<'a> {
+    pub label: Option<i64>,
+    pub levels: &'a [NoiseLevel],
+    pub steps_per_batch: usize,
+    pub injected: Option<&'a InjectedNoise>,
+}
+
+/// One batch as the code that samples it sees it.
+pub(crate) struct Batch<'a> {
+    /// Index of the batch's first sample in the run.
+    pub first: usize,
+    /// Samples in the batch.
+    pub len: usize,
+    /// The model as a denoiser: labels, x0 clipping, guidance and cancellation applied.
+    pub den: &'a mut dyn Denoiser,
+    /// The batch's own random streams (or its rows of the injected noise).
+    pub noise: &'a mut dyn NoiseSource,
+    pub levels: &'a [NoiseLevel],
+    pub level_at_sbar: &'a dyn Fn(f64) -> NoiseLevel,
+}
+
+/// The sampling of one batch: from its noise `x` (already scaled to the prior) to samples,
+/// reporting progress in steps done within the batch; returns the steps each sample took if
+/// the sampler chooses its own.
+pub(crate) type SampleBatch<'s> = dyn FnMut(
+        &mut Batch<'_>,
+        Array4<f32>,
+        &mut dyn FnMut(usize),
+    ) -> Result<(Array4<f32>, Option<Vec<StepCount>>)>
+    + 's;
+
+/// The batching every run shares (sampling, inpainting): splits `ranges` into batches of at
+/// most `opts.batch_size`, gives each its noise and denoiser, has `sample` run it, adds up the
+/// report, and hands the samples to `sink`.
+pub(crate) fn run_batches(
+    model: &mut Model,
+    opts: &SampleOptions,
+    plan: &BatchPlan<'_>,
+    ranges: &[std::ops::Range<usize>],
+    progress: &mut dyn FnMut(usize, usize),
+    sink: &mut dyn FnMut(usize, Array4<f32>) -> Result<()>,
+    sample: &mut SampleBatch<'_>,
+) -> Result<Report> {
     let meta = model.metadata().clone();
-    let prior_std = prior_std(model.schedule(), &lv);
-    let steps = lv.len() - 1;
+    let prior_std = prior_std(model.schedule(), plan.levels);
     let schedule = model.schedule().clone();
     let level_at_sbar = move |s: f64| schedule.level_for_sbar(s);
+    let guidance = guidance_for(&meta, opts)?;
     let batches: Vec<(usize, usize)> = ranges
         .iter()
         .flat_map(|r| {
@@ -147,12 +211,12 @@ pub fn generate_chunks(
                 .map(move |first| (first, opts.batch_size.min(r.end - first)))
         })
         .collect();
-    let total_steps = steps * batches.len();
+    let total_steps = plan.steps_per_batch * batches.len();
     let mut report = Report::default();
     for (b, &(first, m)) in batches.iter().enumerate() {
         let mut seeded;
         let mut rows;
-        let noise: &mut dyn NoiseSource = match injected {
+        let noise: &mut dyn NoiseSource = match plan.injected {
             Some(inj) => {
                 rows = inj.rows(first, m);
                 &mut rows
@@ -163,21 +227,20 @@ pub fn generate_chunks(
             }
         };
         let x = noise.initial()?.mapv(|v| v * prior_std as f32);
-        let mut den = ModelDenoiser::new(model, labels.map(|k| vec![k; m]), opts.x0_clip, first)
+        let mut den = ModelDenoiser::new(model, plan.label.map(|k| vec![k; m]), opts.x0_clip, first)
             .with_cancel(opts.cancel.clone())
-            .with_guidance(guidance_for(&meta, opts)?);
-        let base = b * steps;
-        let mut tr = Trajectory {
+            .with_guidance(guidance);
+        let mut batch = Batch {
+            first,
+            len: m,
             den: &mut den,
             noise,
-            levels: &lv,
+            levels: plan.levels,
             level_at_sbar: &level_at_sbar,
-            step_counts: None,
         };
-        let out = opts
-            .sampler
-            .run(&mut tr, x, &mut |i, _| progress(base + i, total_steps))?;
-        if let Some(counts) = tr.step_counts.take() {
+        let base = b * plan.steps_per_batch;
+        let (out, counts) = sample(&mut batch, x, &mut |i| progress(base + i, total_steps))?;
+        if let Some(counts) = counts {
             report
                 .step_counts
                 .get_or_insert_with(Vec::new)
@@ -207,15 +270,14 @@ pub(crate) fn prepare(
     injected: Option<&InjectedNoise>,
 ) -> Result<(Option<i64>, Vec<NoiseLevel>)> {
     if opts.n == 0 || opts.n > MAX_SAMPLES {
-        return Err(Error::invalid(format!(
-            "-n {} must be in 1..={MAX_SAMPLES}",
-            opts.n
-        )));
+        return Err(Error::out_of_range(
+            "n",
+            opts.n,
+            &format!("must be in 1..={MAX_SAMPLES}"),
+        ));
     }
     if opts.batch_size == 0 {
-        return Err(Error::invalid(
-            "--batch-size must be at least 1",
-        ));
+        return Err(Error::options("{0} must be at least 1", &["batch_size"]));
     }
     let meta = model.metadata().clone();
     // Samplers keep a few batch-sized arrays (multistep histories up to ~6); refuse batches
@@ -223,12 +285,15 @@ pub(crate) fn prepare(
     let sample_bytes = 4 * meta.sample_shape.iter().product::<usize>();
     let batch_bytes = opts.batch_size.min(opts.n).saturating_mul(sample_bytes);
     if batch_bytes > MAX_BATCH_BYTES {
-        return Err(Error::invalid(format!(
-            "--batch-size {} needs {:.1} GiB per batch array (several are live at once); use at most {}",
+        return Err(Error::out_of_range(
+            "batch_size",
             opts.batch_size.min(opts.n),
-            batch_bytes as f64 / (1u64 << 30) as f64,
-            MAX_BATCH_BYTES / sample_bytes
-        )));
+            &format!(
+                "needs {:.1} GiB per batch array (several are live at once); use at most {}",
+                batch_bytes as f64 / (1u64 << 30) as f64,
+                MAX_BATCH_BYTES / sample_bytes
+            ),
+        ));
     }
     let labels = class_label_for(&meta, opts.class_label)?;
     let lv = match &opts.timesteps {
@@ -238,11 +303,14 @@ pub(crate) fn prepare(
     let [c, h, w] = meta.sample_shape;
     if let Some(inj) = injected {
         if inj.initial.shape() != [opts.n, c, h, w] {
-            return Err(Error::invalid(format!(
-                "--init-noise has shape {:?}; expected [{}, {c}, {h}, {w}]",
-                inj.initial.shape(),
-                opts.n
-            )));
+            return Err(Error::options(
+                format!(
+                    "{{0}} has shape {:?}; expected [{}, {c}, {h}, {w}]",
+                    inj.initial.shape(),
+                    opts.n
+                ),
+                &["init_noise"],
+            ));
         }
     }
     guidance_for(&meta, opts)?;
@@ -256,14 +324,17 @@ pub(crate) fn class_label_for(meta: &ModelMetadata, class: Option<i64>) -> Resul
         (Some(Conditioning::Class { num_classes, .. }), Some(k))
             if k < 0 || k as usize >= *num_classes =>
         {
-            Err(Error::invalid(format!(
-                "--class {k} is outside 0..{num_classes}"
-            )))
+            Err(Error::out_of_range(
+                "class_label",
+                k,
+                &format!("is outside 0..{num_classes}"),
+            ))
         }
         (Some(Conditioning::Class { .. }), Some(k)) => Ok(Some(k)),
         (Some(Conditioning::Class { null_label, .. }), None) => Ok(Some(*null_label)),
-        (_, Some(_)) => Err(Error::invalid(
-            "--class given but the model is not class-conditional",
+        (_, Some(_)) => Err(Error::options(
+            "{0} given but the model is not class-conditional",
+            &["class_label"],
         )),
         (_, None) => Ok(None),
     }
@@ -278,17 +349,21 @@ pub(crate) fn guidance_for(
         return Ok(None);
     };
     if !w.is_finite() || w < 0.0 {
-        return Err(Error::invalid(format!(
-            "--guidance {w} must be a finite number >= 0"
-        )));
+        return Err(Error::out_of_range(
+            "guidance",
+            w,
+            "must be a finite number >= 0",
+        ));
     }
     match (&meta.conditioning, opts.class_label) {
         (Some(Conditioning::Class { null_label, .. }), Some(_)) => Ok(Some((w, *null_label))),
-        (Some(Conditioning::Class { .. }), None) => Err(Error::invalid(
-            "--guidance needs --class K (guidance steers towards a class)",
+        (Some(Conditioning::Class { .. }), None) => Err(Error::options(
+            "{0} needs {1} K (guidance steers towards a class)",
+            &["guidance", "class_label"],
         )),
-        _ => Err(Error::invalid(
-            "--guidance given but the model is not class-conditional (it has no null label to guide from)",
+        _ => Err(Error::options(
+            "{0} given but the model is not class-conditional (it has no null label to guide from)",
+            &["guidance"],
         )),
     }
 }
@@ -304,7 +379,7 @@ pub(crate) fn prior_std(schedule: &Schedule, levels: &[NoiseLevel]) -> f64 {
 }
 
 fn validate_timesteps(model: &Model, ts: &[f64]) -> Result<Vec<f64>> {
-    let bad = |why: String| Err(Error::invalid(format!("--timesteps: {why}")));
+    let bad = |why: String| Err(Error::options(format!("{{0}}: {why}"), &["timesteps"]));
     if ts.is_empty() {
         return bad("the list is empty".into());
     }

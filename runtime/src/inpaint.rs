@@ -7,11 +7,11 @@
 
 use ndarray::{s, Array4, Axis, Zip};
 
-use crate::denoiser::{Denoised, Denoiser, ModelDenoiser};
+use crate::denoiser::{Denoised, Denoiser};
 use crate::error::{Error, Result};
-use crate::generate::{guidance_for, prepare, prior_std, Report, SampleOptions};
+use crate::generate::{prepare, run_batches, BatchPlan, Report, SampleOptions};
 use crate::model::Model;
-use crate::noise::{NoiseSource, SeededNoise};
+use crate::noise::SeededNoise;
 use crate::sampler::Trajectory;
 use crate::schedule::NoiseLevel;
 
@@ -24,15 +24,15 @@ pub struct Resampling {
 }
 
 /// The model with the known region pinned to the known image.
-struct Pinned<'a, 'm> {
-    inner: ModelDenoiser<'m>,
+struct Pinned<'a> {
+    inner: &'a mut dyn Denoiser,
     known: &'a Array4<f32>,
     /// 1 where the pixel is known (kept), 0 where it is filled.
     keep: &'a Array4<f32>,
     noise: SeededNoise,
 }
 
-impl Denoiser for Pinned<'_, '_> {
+impl Denoiser for Pinned<'_> {
     fn denoise_rows(
         &mut self,
         x: &Array4<f32>,
@@ -124,8 +124,9 @@ pub fn inpaint(
     let opts = SampleOptions { n, ..opts.clone() };
     let (label, lv) = prepare(model, &opts, None)?;
     if resampling.jumps > 0 && opts.sampler.is_adaptive() {
-        return Err(Error::invalid(
-            "--jumps needs a sampler with a level grid; the adaptive samplers choose their own",
+        return Err(Error::options(
+            "{0} needs a sampler with a level grid; the adaptive samplers choose their own",
+            &["jumps"],
         ));
     }
     let keep = Array4::from_shape_fn((n, c, h, w), |(i, k, y, x)| {
@@ -136,73 +137,77 @@ pub fn inpaint(
             1.0
         }
     });
-    let guidance = guidance_for(&meta, &opts)?;
     let steps = lv.len() - 1;
-    let prior = prior_std(model.schedule(), &lv) as f32;
-    let schedule = model.schedule().clone();
-    let level_at_sbar = move |s: f64| schedule.level_for_sbar(s);
     let rounds = if resampling.jumps > 0 {
         1 + resampling.resample
     } else {
         1
     };
-    let total = steps * rounds * n.div_ceil(opts.batch_size);
-    let mut done = 0;
+    let jumps = if resampling.jumps == 0 {
+        steps
+    } else {
+        resampling.jumps
+    };
+    let plan = BatchPlan {
+        label,
+        levels: &lv,
+        steps_per_batch: steps * rounds,
+        injected: None,
+    };
     let mut out = Array4::zeros((n, c, h, w));
-    let mut report = Report::default();
-    for first in (0..n).step_by(opts.batch_size) {
-        let m = opts.batch_size.min(n - first);
-        let rows = s![first..first + m, .., .., ..];
-        let (known, keep_b) = (images.slice(rows).to_owned(), keep.slice(rows).to_owned());
-        let mut noise = SeededNoise::new(opts.seed, first, m, meta.sample_shape);
-        let mut den = Pinned {
-            inner: ModelDenoiser::new(model, label.map(|k| vec![k; m]), opts.x0_clip, first)
-                .with_cancel(opts.cancel.clone())
-                .with_guidance(guidance),
-            known: &known,
-            keep: &keep_b,
-            noise: SeededNoise::new(
-                opts.seed ^ 0x1a9a_1a7e_5eed_0001,
-                first,
-                m,
-                meta.sample_shape,
-            ),
-        };
-        let mut x = noise.initial()?.mapv(|v| v * prior);
-        let jumps = if resampling.jumps == 0 {
-            steps
-        } else {
-            resampling.jumps
-        };
-        let mut start = 0;
-        while start < steps {
-            let end = (start + jumps).min(steps);
-            for round in 0..rounds {
-                if round > 0 {
-                    let z = noise.step(0)?;
-                    x = renoise(&x, &lv[end], &lv[start], &z);
+    let report = run_batches(
+        model,
+        &opts,
+        &plan,
+        &[0..n],
+        progress,
+        &mut |first, x| {
+            out.slice_mut(s![first..first + x.shape()[0], .., .., ..])
+                .assign(&x);
+            Ok(())
+        },
+        &mut |b, mut x, progress| {
+            let rows = s![b.first..b.first + b.len, .., .., ..];
+            let (known, keep) = (images.slice(rows).to_owned(), keep.slice(rows).to_owned());
+            let mut den = Pinned {
+                inner: &mut *b.den,
+                known: &known,
+                keep: &keep,
+                noise: SeededNoise::new(
+                    opts.seed ^ 0x1a9a_1a7e_5eed_0001,
+                    b.first,
+                    b.len,
+                    [c, h, w],
+                ),
+            };
+            let mut done = 0;
+            let mut start = 0;
+            while start < steps {
+                let end = (start + jumps).min(steps);
+                for round in 0..rounds {
+                    if round > 0 {
+                        let z = b.noise.step(0)?;
+                        x = renoise(&x, &lv[end], &lv[start], &z);
+                    }
+                    let mut tr = Trajectory {
+                        den: &mut den,
+                        noise: &mut *b.noise,
+                        levels: &lv[start..=end],
+                        level_at_sbar: b.level_at_sbar,
+                        step_counts: None,
+                    };
+                    let base = done;
+                    x = opts.sampler.run(&mut tr, x, &mut |i, _| progress(base + i))?;
+                    done += end - start;
+                    if end == steps {
+                        break; // the last segment ends clean: nothing to go back up from
+                    }
                 }
-                let mut tr = Trajectory {
-                    den: &mut den,
-                    noise: &mut noise,
-                    levels: &lv[start..=end],
-                    level_at_sbar: &level_at_sbar,
-                    step_counts: None,
-                };
-                let base = done;
-                x = opts
-                    .sampler
-                    .run(&mut tr, x, &mut |i, _| progress(base + i, total))?;
-                done += end - start;
-                if end == steps {
-                    break; // the last segment ends clean: nothing to go back up from
-                }
+                start = end;
             }
-            start = end;
-        }
-        report.network_calls += den.inner.calls();
-        out.slice_mut(rows).assign(&x);
-    }
+            Ok((x, None))
+        },
+    )?;
     Ok((out, report))
 }
 

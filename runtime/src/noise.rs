@@ -105,23 +105,27 @@ impl NoiseSource for InjectedNoise {
     }
     fn step(&mut self, step: usize) -> Result<Array4<f32>> {
         let steps = self.steps.as_ref().ok_or_else(|| {
-            Error::invalid(
-                "this sampler is stochastic: give --step-noise as well as --init-noise",
+            Error::options(
+                "this sampler is stochastic: give {0} as well as {1}",
+                &["step_noise", "init_noise"],
             )
         })?;
         if step >= steps.shape()[0] {
-            return Err(Error::invalid(format!(
-                "--step-noise holds {} steps but step {} needs noise",
-                steps.shape()[0],
-                step
-            )));
+            return Err(Error::options(
+                format!(
+                    "{{0}} holds {} steps but step {} needs noise",
+                    steps.shape()[0],
+                    step
+                ),
+                &["step_noise"],
+            ));
         }
         steps
             .index_axis(Axis(0), step)
             .to_owned()
             .into_dimensionality::<Ix4>()
             .map_err(|_| {
-                Error::invalid("--step-noise must be shaped [steps, N, C, H, W]")
+                Error::options("{0} must be shaped [steps, N, C, H, W]", &["step_noise"])
             })
     }
 }

@@ -100,8 +100,9 @@ impl Output {
         };
         let todo =
             match kind {
-                OutKind::Grid if resume => return Err(Error::invalid(
-                    "--resume needs a folder or .npy output (a grid is written once, at the end)",
+                OutKind::Grid if resume => return Err(Error::options(
+                    "{0} needs a folder or .npy output (a grid is written once, at the end)",
+                    &["resume"],
                 )),
                 OutKind::Grid => vec![0..n],
                 OutKind::Folder => {
@@ -150,14 +151,17 @@ impl Output {
             if same {
                 return Ok(Vec::new()); // already complete
             }
-            return Err(Error::invalid(format!(
-                "--resume: {} exists but is not [{}, {}, {}, {}]; remove it or choose another --out",
-                self.path.display(),
-                full[0],
-                full[1],
-                full[2],
-                full[3]
-            )));
+            return Err(Error::options(
+                format!(
+                    "{{0}}: {} exists but is not [{}, {}, {}, {}]; remove it or choose another {{1}}",
+                    self.path.display(),
+                    full[0],
+                    full[1],
+                    full[2],
+                    full[3]
+                ),
+                &["resume", "out"],
+            ));
         }
         let mut done = 0u64;
         if resume && partial.exists() {
@@ -170,10 +174,13 @@ impl Output {
                 let shape = parse_npy_header(&head)
                     .map(|(s, _, _)| s)
                     .unwrap_or_default();
-                return Err(Error::invalid(format!(
-                    "--resume: {} holds a run of shape {shape:?}, not {full:?}; remove it or give the same -n and model",
-                    partial.display()
-                )));
+                return Err(Error::options(
+                    format!(
+                        "{{0}}: {} holds a run of shape {shape:?}, not {full:?}; remove it or give the same {{1}} and model",
+                        partial.display()
+                    ),
+                    &["resume", "n"],
+                ));
             }
         }
         let mut f = OpenOptions::new()
