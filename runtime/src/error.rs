@@ -206,6 +206,14 @@ impl Error {
     /// The message with option names rendered by `name` (the CLI passes one that turns
     /// `batch_size` into `--batch-size`); [`Display`](std::fmt::Display) uses the names as
     /// they are.
+    ///
+    /// ```
+    /// let e = edgediff::Error::out_of_range("batch_size", 0, "must be at least 1");
+    /// assert_eq!(e.to_string(), "invalid argument: batch_size 0 must be at least 1");
+    /// let flag = |name: &str| format!("--{}", name.replace('_', "-"));
+    /// assert_eq!(e.message_with(&flag), "invalid argument: --batch-size 0 must be at least 1");
+    /// assert_eq!(e.argument().and_then(|a| a.arg()), Some("batch_size"));
+    /// ```
     pub fn message_with(&self, name: &dyn Fn(&str) -> String) -> String {
         match self {
             Error::InvalidArgument(a) => format!("invalid argument: {}", a.message_with(name)),

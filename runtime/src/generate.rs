@@ -12,27 +12,49 @@ use crate::sampler::{SamplerKind, Trajectory};
 use crate::schedule::{NoiseLevel, Schedule};
 use crate::spacing::{levels, spaced_levels, Spacing};
 
-/// What to generate and how.
+/// A sampling request: what to generate and how. The CLI's `sample` and C's
+/// `edgediff_sample_params_init` both start from [`SampleOptions::default`], so the defaults
+/// below are the only ones.
+///
+/// ```
+/// use edgediff::{SampleOptions, SamplerKind, SamplerParams, Spacing};
+/// let opts = SampleOptions {
+///     sampler: SamplerKind::new("unipc", SamplerParams { order: Some(3), ..Default::default() })?,
+///     steps: 10,
+///     spacing: "logsnr".parse::<Spacing>()?,
+///     ..Default::default()
+/// };
+/// assert_eq!((opts.n, opts.batch_size, opts.seed), (16, 64, 0));
+/// # Ok::<(), edgediff::Error>(())
+/// ```
 #[derive(Debug, Clone)]
 pub struct SampleOptions {
+    /// The sampler with its own options. Default: `ddim` with eta 0.
     pub sampler: SamplerKind,
-    /// Network evaluations per sample for one-call-per-step samplers.
+    /// Steps: network evaluations per sample for one-call-per-step samplers. Default: 100.
     pub steps: usize,
+    /// How the steps are placed on the schedule. Default: [`Spacing::Trailing`].
     pub spacing: Spacing,
     /// An explicit list of schedule times (most noisy first), overriding `steps` and `spacing`.
+    /// Default: None.
     pub timesteps: Option<Vec<f64>>,
+    /// Number of samples. Default: 16.
     pub n: usize,
-    /// Samples per network call; memory grows with it, not with `n`.
+    /// Samples per network call; memory grows with it, not with `n`. Default: 64.
     pub batch_size: usize,
+    /// Seed of every random stream; the same seed gives the same samples. Default: 0.
     pub seed: u64,
     /// Class for class-conditional models; None samples unconditionally (the null label).
+    /// Default: None.
     pub class_label: Option<i64>,
-    /// Clipping or dynamic thresholding of x0 predictions at every step.
+    /// Clipping or dynamic thresholding of x0 predictions at every step. Default: none.
     pub x0_clip: X0Clip,
     /// Classifier-free guidance scale for class-conditional models with `class_label` (1 is
     /// plain conditional sampling; each step then evaluates the network on a doubled batch).
+    /// Default: None.
     pub guidance: Option<f64>,
     /// When set, the run stops with [`Error::Cancelled`] before its next network call.
+    /// Default: None.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
@@ -65,10 +87,11 @@ pub const MAX_SAMPLES: usize = 10_000_000;
 /// `injected` replaces the seeded noise (initial `[n, C, H, W]`, per-step `[steps, n, C, H, W]`);
 /// `progress(done_steps, total_steps)` is told after each step of each batch.
 ///
-/// ```no_run
+/// ```
 /// use edgediff::{generate, Model, SampleOptions};
-/// let mut model = Model::open("models/mnist-ddpm.onnx")?;
-/// let samples = generate(&mut model, &SampleOptions { n: 4, steps: 50, ..Default::default() }, None, &mut |_, _| {})?;
+/// # edgediff::init_onnxruntime(None)?;
+/// let mut model = Model::open("../models/mnist-ddpm.onnx")?;
+/// let samples = generate(&mut model, &SampleOptions { n: 4, steps: 5, ..Default::default() }, None, &mut |_, _| {})?;
 /// assert_eq!(samples.shape(), &[4, 1, 28, 28]);
 /// # Ok::<(), edgediff::Error>(())
 /// ```

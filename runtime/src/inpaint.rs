@@ -90,6 +90,7 @@ fn renoise(x: &Array4<f32>, from: &NoiseLevel, to: &NoiseLevel, z: &Array4<f32>)
 
 /// Fills the pixels of `images` (`[n, C, H, W]`, data range) where `masks` (`[n, C or 1, H, W]`)
 /// is 1, keeping those where it is 0, with `opts.sampler` over its levels.
+#[allow(clippy::single_range_in_vec_init)] // one range of samples: all of them
 pub fn inpaint(
     model: &mut Model,
     opts: &SampleOptions,

@@ -1,26 +1,35 @@
 //! edgediff: run self-describing ONNX diffusion models with plain `ndarray` samplers.
 //!
 //! A model file carries its own description (schedule, prediction type, time input, shape,
-//! conditioning) in its `edgediff` metadata; [`Model::open`] validates it against the graph,
-//! and [`generate`] draws samples with any [`SamplerKind`] over any [`Spacing`].
+//! conditioning) in its `edgediff` metadata; [`ModelOptions::open`] (or [`Model::open`])
+//! validates it against the graph, and [`generate`] draws samples as a [`SampleOptions`]
+//! request says: any [`SamplerKind`] over any [`Spacing`]. The CLI and the C library fill the
+//! same two types, so whatever one can do the other can. Errors are [`Error`]s; an invalid
+//! option is an [`ArgumentError`] that names the option by its field name here (`batch_size`).
 //!
-//! ```no_run
-//! use edgediff::{generate, Model, SampleOptions, SamplerKind};
-//! edgediff::init_onnxruntime(None)?; // or set ORT_DYLIB_PATH
-//! let mut model = Model::open("models/mnist-ddpm.onnx")?;
-//! let opts = SampleOptions { sampler: SamplerKind::Ddim { eta: 0.0 }, steps: 50, n: 16, ..Default::default() };
+//! ```
+//! use edgediff::{generate, ModelOptions, SampleOptions};
+//! // The default model embedded at build time; ONNX Runtime from ORT_DYLIB_PATH or .ort/.
+//! let mut model = ModelOptions::default().open()?;
+//! let opts = SampleOptions { sampler: "dpm++2m".parse()?, steps: 5, n: 2, ..Default::default() };
 //! let samples = generate(&mut model, &opts, None, &mut |_, _| {})?;
+//! assert_eq!(samples.shape(), &[2, 1, 28, 28]);
 //! # Ok::<(), edgediff::Error>(())
 //! ```
+//!
+//! Beyond sampling: [`inpaint`], [`edit`] (inversion, interpolation), [`elbo`] and
+//! [`likelihood`] (model evaluation), [`calibrate`] (time steps fitted to a model), [`fid`]
+//! and [`classifier`] (sample quality); [`npy`], [`image`] and [`output`] read and write the
+//! files the CLI uses.
 
-pub mod backend;
+mod backend;
 pub mod calibrate;
 mod capi;
 pub mod classifier;
 pub mod denoiser;
 pub mod edit;
 pub mod elbo;
-pub mod error;
+mod error;
 pub mod fid;
 pub mod gaussian;
 pub mod generate;
@@ -28,7 +37,7 @@ pub mod image;
 pub mod inpaint;
 pub mod likelihood;
 pub mod metadata;
-pub mod model;
+mod model;
 pub mod noise;
 pub mod npy;
 pub mod output;
@@ -36,13 +45,12 @@ pub mod sampler;
 pub mod schedule;
 pub mod spacing;
 
-pub use backend::init_onnxruntime;
+pub use backend::{init_onnxruntime, ort_library_candidates, NetworkOptions, Provider, SampleType};
 pub use denoiser::X0Clip;
 pub use edit::{invert, slerp};
-pub use error::{ArgumentError, ArgumentKind, Error, Result};
+pub use error::{ArgumentError, ArgumentKind, Error, Result, ORT_VERSION};
 pub use generate::{generate, generate_with_report, Report, SampleOptions};
 pub use model::{Model, ModelOptions};
-pub use backend::{NetworkOptions, Provider};
 pub use sampler::{SamplerKind, SamplerParams};
 pub use spacing::Spacing;
 

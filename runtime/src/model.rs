@@ -11,10 +11,13 @@ use crate::schedule::Schedule;
 /// `--model --ort-lib --threads --provider --device-id --fallback --no-mmap`, C's
 /// `edgediff_model_params`).
 ///
-/// ```no_run
+/// ```
 /// use edgediff::{ModelOptions, Provider};
-/// let opts = ModelOptions { provider: "cuda".parse::<Provider>()?, fallback_cpu: true, ..Default::default() };
-/// let model = opts.open()?; // the shipped default model, on the GPU if it can register
+/// let mut opts = ModelOptions::default(); // the default model embedded at build time
+/// opts.provider = "cuda".parse::<Provider>()?.on_device(0);
+/// opts.fallback_cpu = true; // a build or machine without CUDA warns and runs on the CPU
+/// let model = opts.open()?;
+/// assert_eq!(model.metadata().sample_shape, [1, 28, 28]);
 /// # Ok::<(), edgediff::Error>(())
 /// ```
 #[derive(Debug, Clone, Default)]
@@ -55,8 +58,9 @@ impl std::ops::DerefMut for ModelOptions {
 
 /// A self-describing diffusion model opened through ONNX Runtime.
 ///
-/// ```no_run
-/// let mut model = edgediff::Model::open("models/mnist-ddpm.onnx")?;
+/// ```
+/// # edgediff::init_onnxruntime(None)?;
+/// let mut model = edgediff::Model::open("../models/mnist-ddpm.onnx")?;
 /// println!("{} {:?}", model.metadata().name, model.metadata().sample_shape);
 /// # Ok::<(), edgediff::Error>(())
 /// ```

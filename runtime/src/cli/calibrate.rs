@@ -7,7 +7,7 @@ use argh::FromArgs;
 
 use super::model_command;
 use edgediff::calibrate::{calibrate, default_max_evals, CalibrateOptions};
-use edgediff::error::Result;
+use edgediff::Result;
 use edgediff::npy::write_atomic;
 use edgediff::sampler::{SamplerParams, SamplerKind};
 

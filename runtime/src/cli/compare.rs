@@ -13,7 +13,7 @@ use ndarray::{s, Ix4};
 
 use super::{model_command, Bar};
 use edgediff::classifier::{domain_scores, Classifier, DomainScores};
-use edgediff::error::{Error, Result};
+use edgediff::{Error, Result};
 use edgediff::fid::GaussianStats;
 use edgediff::generate::{check_options, SampleOptions};
 use edgediff::image::grid_png;
@@ -222,7 +222,7 @@ pub(super) fn compare(cmd: CompareCmd) -> Result<()> {
 /// Samples one cell, or takes it from a matching record of an earlier run.
 fn run_cell(
     cmd: &CompareCmd,
-    model: &mut edgediff::model::Model,
+    model: &mut edgediff::Model,
     opts: SampleOptions,
     cell: &str,
     model_name: &str,

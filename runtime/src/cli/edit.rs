@@ -7,7 +7,7 @@ use argh::FromArgs;
 use ndarray::{s, Array4, Axis, Ix4};
 
 use super::{model_command, write_all, Bar};
-use edgediff::error::{Error, Result};
+use edgediff::{Error, Result};
 use edgediff::generate::{generate, SampleOptions};
 use edgediff::noise::{InjectedNoise, NoiseSource, SeededNoise};
 use edgediff::npy::{npy_bytes, read_npy, read_npy4, write_atomic};

@@ -7,7 +7,7 @@ use argh::FromArgs;
 use ndarray::s;
 
 use super::{model_command, Bar};
-use edgediff::error::{Error, Result};
+use edgediff::{Error, Result};
 use edgediff::likelihood::{
     log_likelihood, mean_and_se, LikelihoodOptions, OdeSolver, DEFAULT_FD_STEP, DEFAULT_STEPS,
 };

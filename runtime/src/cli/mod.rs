@@ -9,7 +9,7 @@ use model_args::model_command;
 use ndarray::Ix5;
 
 use edgediff::denoiser::X0Clip;
-use edgediff::error::{Error, Result};
+use edgediff::{Error, Result};
 use edgediff::generate::SampleOptions;
 use edgediff::noise::InjectedNoise;
 use edgediff::npy::{read_npy, read_npy4};

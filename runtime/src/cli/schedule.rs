@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use argh::FromArgs;
 
-use edgediff::error::{Error, Result};
+use edgediff::{Error, Result};
 use edgediff::metadata::ScheduleSpec;
 use edgediff::npy::write_atomic;
 use edgediff::schedule::Schedule;
