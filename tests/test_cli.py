@@ -157,14 +157,14 @@ def test_resume_folder_rewrites_only_missing_samples(edgediff_bin, tiny_models, 
     assert len(originals) == 10
     for name in ("000004.png", "000007.png", "000008.png"):
         (out / name).unlink()
-    (out / "000001.png").write_bytes(b"kept as is: resume trusts files that exist")
+    # A file that is not a whole PNG of a sample is not done (issue 17; resume used to trust
+    # any file that existed): a truncated one is made again.
+    (out / "000001.png").write_bytes(originals["000001.png"][:40])
     proc = run_cli(edgediff_bin, *args, "--out", str(out), "--resume", "--json")
     summary = json.loads(proc.stdout)
-    assert summary["resumed_samples"] == 7 and len(summary["files"]) == 10
+    assert summary["resumed_samples"] == 6 and len(summary["files"]) == 10
     for name, data in originals.items():
-        if name != "000001.png":
-            assert (out / name).read_bytes() == data, name
-    assert (out / "000001.png").read_bytes().startswith(b"kept")
+        assert (out / name).read_bytes() == data, name
 
 
 def test_resume_npy_after_a_crash_gives_the_uninterrupted_file(edgediff_bin, tiny_models, tmp_path):
@@ -178,6 +178,8 @@ def test_resume_npy_after_a_crash_gives_the_uninterrupted_file(edgediff_bin, tin
     header = len(data) - 9 * sample_bytes
     out = tmp_path / "x.npy"
     (tmp_path / ".x.npy.partial").write_bytes(data[: header + 5 * sample_bytes + 100])
+    # ... and the job record that run wrote first (the same options wrote full.npy's).
+    (tmp_path / "x.npy.job.json").write_bytes((tmp_path / "full.npy.job.json").read_bytes())
     proc = run_cli(edgediff_bin, *args, "--out", str(out), "--resume", "--json")
     assert json.loads(proc.stdout)["resumed_samples"] == 5
     assert out.read_bytes() == data

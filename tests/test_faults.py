@@ -1,5 +1,5 @@
-"""Faults: a network that returns NaN, a run killed with SIGKILL and resumed, and two processes
-writing into one output directory.
+"""Faults: a network that returns NaN, a run killed with SIGKILL and resumed, and a second
+process refused on an output another is writing.
 """
 
 from __future__ import annotations
@@ -90,19 +90,30 @@ def test_sigkill_then_resume_gives_the_uninterrupted_files(edgediff_bin, tmp_pat
     assert (tmp_path / "killed.npy").read_bytes() == (tmp_path / "whole.npy").read_bytes()
 
 
-def test_two_processes_share_an_output_directory(edgediff_bin, tiny_models, tmp_path):
-    out = tmp_path / "shared"
-    base = [str(edgediff_bin), "sample", "--model", str(tiny_models["linear"]), "-n", "40", "--batch-size", "5",
-            "--steps", "10", "-q", "--out", str(out)]
-    procs = [subprocess.Popen([*base, "--seed", str(s)]) for s in (1, 2)]
-    assert [p.wait() for p in procs] == [0, 0]
-    files = sorted(out.iterdir())
-    assert [f.name for f in files] == [f"{i:06}.png" for i in range(40)]  # no temporary leftovers
-    # Every file is whole: one of the two runs' PNG for that index, byte for byte.
-    singles = {}
-    for s in (1, 2):
-        run_cli(edgediff_bin, "sample", "--model", str(tiny_models["linear"]), "-n", "40", "--batch-size", "5",
-                "--steps", "10", "-q", "--seed", str(s), "--out", str(tmp_path / f"s{s}"))
-        singles[s] = {p.name: p.read_bytes() for p in (tmp_path / f"s{s}").iterdir()}
-    for f in files:
-        assert f.read_bytes() in (singles[1][f.name], singles[2][f.name]), f.name
+@pytest.mark.parametrize("name", ["shared", "shared.npy"])
+def test_a_second_writer_on_one_output_is_refused(edgediff_bin, tiny_models, tmp_path, name):
+    """One output has one writer (issue 17): while a run holds the output's lock, a second run
+    on the same path, with another seed, exits 4 and writes nothing; the first completes as if
+    alone. (Before, both exited 0 and a folder held a mix of the two runs.)"""
+    out = tmp_path / name
+    base = [str(edgediff_bin), "sample", "--model", str(tiny_models["linear"]), "-n", "600", "--batch-size", "5",
+            "--steps", "50", "-q"]
+    first = subprocess.Popen([*base, "--seed", "1", "--out", str(out)], stderr=subprocess.PIPE, text=True)
+    lock = tmp_path / (f".{name}.partial" if name.endswith(".npy") else f".{name}.lock")
+    deadline = time.time() + 60
+    while not lock.exists() and first.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert first.poll() is None, "the first run ended before the second could start"
+    second = subprocess.run([*base, "--seed", "2", "--out", str(out)], capture_output=True, text=True)
+    still_running = first.poll() is None
+    assert first.wait() == 0, first.stderr.read()
+    assert still_running, "the first run ended before the second was refused: make it longer"
+    assert second.returncode == 4, second.stderr
+    assert "another process is writing" in second.stderr, second.stderr
+    alone = tmp_path / f"alone-{name}"
+    run_cli(edgediff_bin, *base[1:], "--seed", "1", "--out", str(alone))
+    if name.endswith(".npy"):
+        assert out.read_bytes() == alone.read_bytes()
+    else:
+        assert sorted(p.name for p in out.iterdir()) == [f"{i:06}.png" for i in range(600)]
+        assert all((out / f.name).read_bytes() == f.read_bytes() for f in alone.iterdir())

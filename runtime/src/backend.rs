@@ -256,6 +256,8 @@ pub struct Network {
     has_class_labels: bool,
     /// `[C, H, W]` as the graph declares it (-1 where dynamic).
     pub(crate) declared_shape: Vec<i64>,
+    /// Identifies the model file's bytes (see `job::model_fingerprint`).
+    pub(crate) fingerprint: String,
     path: PathBuf,
 }
 
@@ -466,6 +468,7 @@ impl Network {
             time_type,
             has_class_labels,
             declared_shape,
+            fingerprint: crate::job::model_fingerprint(bytes),
             path: path.into(),
         };
         Ok((net, raw_meta))

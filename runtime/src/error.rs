@@ -66,6 +66,10 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// Another process is writing the same output (it holds the lock on `lock`).
+    #[error("another process is writing {path} (it holds the lock on {lock}); wait for it to finish, or write elsewhere")]
+    OutputBusy { path: PathBuf, lock: PathBuf },
+
     /// A data file (.npy, .png) is malformed.
     #[error("bad input file {path}: {detail}")]
     BadInput { path: PathBuf, detail: String },
@@ -235,7 +239,7 @@ impl Error {
             | Error::ModelFile { .. }
             | Error::Metadata { .. }
             | Error::Contract { .. } => 3,
-            Error::Io { .. } | Error::BadInput { .. } => 4,
+            Error::Io { .. } | Error::BadInput { .. } | Error::OutputBusy { .. } => 4,
             Error::NonFinite { .. } => 5,
             Error::Cancelled => 6,
         }

@@ -73,6 +73,12 @@ pub struct Model {
 }
 
 impl Model {
+    /// A fingerprint of the model file's bytes (its length and ends), 16 hex digits: what a
+    /// resumed run checks to continue only the same model's output.
+    pub fn fingerprint(&self) -> &str {
+        &self.network.fingerprint
+    }
+
     /// The element type the network takes and returns (float32 or float16).
     pub fn sample_type(&self) -> crate::backend::SampleType {
         self.network.sample_type()

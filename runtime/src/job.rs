@@ -1,0 +1,216 @@
+//! The identity of a sampling job, recorded beside its output so that `resume` continues only
+//! the same job: the model's fingerprint and every option that changes a sample (not the batch
+//! size: sample i is the same whatever the batching).
+
+use std::path::Path;
+
+use serde_json::{json, Map, Value};
+
+use crate::error::{Error, Result};
+use crate::generate::SampleOptions;
+use crate::model::Model;
+use crate::noise::InjectedNoise;
+
+/// Version of the record's layout; a record of another version is not comparable.
+const RECORD_VERSION: u64 = 1;
+
+/// FNV-1a, 64 bits: a fingerprint that is the same on every platform and release (std's
+/// hasher promises neither), fast enough for the bytes it sees here.
+#[derive(Debug, Clone, Copy)]
+pub struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    /// Adds `bytes`.
+    pub fn update(&mut self, bytes: &[u8]) -> &mut Self {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        self
+    }
+
+    /// The hash so far, as 16 hex digits.
+    pub fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}
+
+/// A model file's fingerprint: its length, first and last MiB. Hashing all of a multi-GB
+/// graph would cost seconds per run; retrained or other weights differ in those ends.
+pub(crate) fn model_fingerprint(bytes: &[u8]) -> String {
+    const END: usize = 1 << 20;
+    let mut h = Fnv::default();
+    h.update(&(bytes.len() as u64).to_le_bytes());
+    h.update(&bytes[..bytes.len().min(END)]);
+    h.update(&bytes[bytes.len().saturating_sub(END)..]);
+    h.hex()
+}
+
+fn array_fingerprint<'a>(values: impl IntoIterator<Item = &'a f32>) -> String {
+    let mut h = Fnv::default();
+    for v in values {
+        h.update(&v.to_le_bytes());
+    }
+    h.hex()
+}
+
+/// What makes the samples of a run what they are, as one JSON object whose keys are the
+/// options' library names (so a mismatch names the option).
+pub(crate) fn job_record(
+    model: &Model,
+    opts: &SampleOptions,
+    injected: Option<&InjectedNoise>,
+) -> Map<String, Value> {
+    let meta = model.metadata();
+    let (init, steps) = match injected {
+        Some(inj) => (
+            Some(array_fingerprint(inj.initial.iter())),
+            inj.steps.as_ref().map(|s| array_fingerprint(s.iter())),
+        ),
+        None => (None, None),
+    };
+    let v = json!({
+        "edgediff_job": RECORD_VERSION,
+        "model": format!("{} ({})", model.fingerprint(), meta.name),
+        "sample_shape": meta.sample_shape,
+        "n": opts.n,
+        "sampler": format!("{:?}", opts.sampler),
+        "steps": opts.timesteps.as_ref().map_or(Value::from(opts.steps), |_| Value::Null),
+        "spacing": opts.timesteps.as_ref().map_or(Value::from(format!("{:?}", opts.spacing)), |_| Value::Null),
+        "timesteps": opts.timesteps,
+        "seed": if injected.is_some() { Value::Null } else { Value::from(opts.seed) },
+        "class_label": opts.class_label,
+        "x0_clip": format!("{:?}", opts.x0_clip),
+        "guidance": opts.guidance,
+        "init_noise": init,
+        "step_noise": steps,
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("json! of an object literal"),
+    }
+}
+
+/// Where the record of the output at `path` (a file or a folder) lives: `NAME.job.json`
+/// beside it (a folder holds only its samples). It stays after the run, saying how the output
+/// was made.
+pub(crate) fn record_path(path: &Path) -> Result<std::path::PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{} is not a file path", path.display())))?;
+    Ok(crate::files::parent_dir(path).join(format!("{}.job.json", name.to_string_lossy())))
+}
+
+/// Checks that the record at `at` describes `want` (the output at `out`): the first option
+/// that differs is named, as is a missing or unreadable record (then nothing proves what the
+/// output holds).
+pub(crate) fn check_record(at: &Path, out: &Path, want: &Map<String, Value>) -> Result<()> {
+    let text = match std::fs::read_to_string(at) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::options(
+                format!(
+                    "{{0}}: {} has no job record ({}), so nothing shows which run made it; remove it, or run without {{0}}",
+                    out.display(),
+                    at.display()
+                ),
+                &["resume"],
+            ))
+        }
+        Err(e) => return Err(Error::io(format!("reading {}", at.display()))(e)),
+    };
+    let have: Map<String, Value> = serde_json::from_str(&text).map_err(|e| Error::BadInput {
+        path: at.into(),
+        detail: format!("not a job record ({e}); remove it with {}", out.display()),
+    })?;
+    if have.get("edgediff_job") != want.get("edgediff_job") {
+        return Err(Error::BadInput {
+            path: at.into(),
+            detail: "a job record of another edgediff version; remove it and the output".into(),
+        });
+    }
+    for (key, value) in want {
+        let old = have.get(key).unwrap_or(&Value::Null);
+        if old != value {
+            // The error names options by `&'static str`: take the key's from the fixed list.
+            let arg: &'static str = KEYS.iter().find(|k| *k == key).copied().unwrap_or("resume");
+            return Err(Error::options(
+                format!(
+                    "{{0}}: {} was made with {{1}} {}, this run has {}; give the same options to continue it, or remove it",
+                    out.display(),
+                    show(old),
+                    show(value)
+                ),
+                &["resume", arg],
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every key of [`job_record`], as option names.
+const KEYS: &[&str] = &[
+    "edgediff_job",
+    "model",
+    "sample_shape",
+    "n",
+    "sampler",
+    "steps",
+    "spacing",
+    "timesteps",
+    "seed",
+    "class_label",
+    "x0_clip",
+    "guidance",
+    "init_noise",
+    "step_noise",
+];
+
+fn show(v: &Value) -> String {
+    match v {
+        Value::Null => "none".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Writes the record of a job starting at `out`.
+pub(crate) fn write_record(at: &Path, record: &Map<String, Value>) -> Result<()> {
+    let text = serde_json::to_string_pretty(record).expect("a JSON map serialises");
+    crate::npy::write_atomic(at, text.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fnv_matches_the_published_vectors() {
+        // FNV-1a 64 test vectors (Fowler, Noll, Vo): "" and "a".
+        assert_eq!(Fnv::default().hex(), "cbf29ce484222325");
+        assert_eq!(Fnv::default().update(b"a").hex(), "af63dc4c8601ec8c");
+        assert_eq!(Fnv::default().update(b"foobar").hex(), "85944171f73967e8");
+    }
+
+    #[test]
+    fn a_differing_option_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("x.npy.job.json");
+        let mut rec = Map::new();
+        rec.insert("edgediff_job".into(), json!(RECORD_VERSION));
+        rec.insert("seed".into(), json!(1));
+        write_record(&at, &rec).unwrap();
+        check_record(&at, Path::new("x.npy"), &rec).unwrap();
+        rec.insert("seed".into(), json!(2));
+        let e = check_record(&at, Path::new("x.npy"), &rec).unwrap_err();
+        assert_eq!(e.argument().unwrap().args, vec!["resume", "seed"]);
+        assert!(e.to_string().contains("was made with seed 1, this run has 2"), "{e}");
+        let missing = check_record(&dir.path().join("none"), Path::new("x.npy"), &rec);
+        assert!(missing.unwrap_err().to_string().contains("has no job record"));
+    }
+}
