@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use edgediff::backend::NetworkOptions;
+use edgediff::NetworkOptions;
 use edgediff::{generate, Model, SampleOptions, SamplerKind};
 use ndarray::Array4;
 
