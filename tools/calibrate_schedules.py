@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benches"))
 from bench_fidelity import ROOT, SHAPE, calibrated_grid, rmse, run_edgediff  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "exporter" / "src"))

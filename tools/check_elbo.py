@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The headline check of `edgediff elbo`: the runtime's Monte Carlo ELBO of the first N MNIST
 test images under the shipped default model against an independent PyTorch computation of the
-same quantity (edgediff_export.elbo: the checkpoint's EMA weights, which models/mnist-ddpm.onnx
-was exported from; its own stratified timestep draws and noise). Prints both with their
-standard errors for these images and fails when they differ by more than 1%.
+same quantity (edgediff_export.elbo, with eps from models/mnist-ddpm.onnx through onnxruntime's
+Python API; its own stratified timestep draws and noise). Prints both with their standard
+errors for these images and fails when they differ by more than 1%.
 
     PYTHONPATH=exporter/src .venv/bin/python tools/check_elbo.py [N] [K] [SEED]
 """
@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from edgediff_export.data import load_mnist
-from edgediff_export.elbo import Schedule, prior_term, stratified_kl, terms, unet_eps
+from edgediff_export.elbo import Schedule, onnx_eps, prior_term, stratified_kl, terms
+from edgediff_export.metadata import read_metadata
 from edgediff_export.schedules import betas_for
-from edgediff_export.unet import UNet, UNetConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CKPT = ROOT / "models" / "training" / "mnist-ddpm" / "checkpoint.pt"
+MODEL = ROOT / "models" / "mnist-ddpm.onnx"
 
 
 def runtime_elbo(data: Path, k: int, seed: int) -> dict:
@@ -39,12 +39,9 @@ def runtime_elbo(data: Path, k: int, seed: int) -> dict:
 
 
 def torch_elbo(x: np.ndarray, strata: int, seed: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    ck = torch.load(CKPT, weights_only=False, map_location="cpu")
-    net = UNet(UNetConfig.from_dict(ck["unet_config"]))
-    net.load_state_dict(ck["ema"])
-    sc = ck["schedule"]
+    sc = read_metadata(MODEL)["schedule"]
     s = Schedule(betas_for(sc["kind"], sc["num_train_timesteps"], sc["beta_start"], sc["beta_end"]))
-    eps = unet_eps(net)
+    eps = onnx_eps(MODEL)
     x0 = torch.from_numpy(x).double()
     levels = torch.round((x0 + 1.0) * 128.0).long()        # mnist.pkl stores pixel/256
     half = 1.0 / 256.0

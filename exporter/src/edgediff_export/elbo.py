@@ -27,6 +27,21 @@ def unet_eps(net: torch.nn.Module) -> EpsFn:
     return eps
 
 
+def onnx_eps(path) -> EpsFn:
+    """eps_hat(x_t float32, j int64) as float64 from an exported epsilon-predicting model with
+    an index time input, run by onnxruntime on the CPU (j passed in the model's timestep dtype)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    t_type = next(i.type for i in sess.get_inputs() if i.name == "timestep")
+    t_dtype = np.int64 if t_type == "tensor(int64)" else np.float32
+
+    def eps(xt: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        feed = {"sample": xt.float().numpy(), "timestep": j.numpy().astype(t_dtype)}
+        return torch.from_numpy(sess.run(None, feed)[0]).double()
+    return eps
+
+
 class Schedule:
     def __init__(self, betas: np.ndarray, variance: str = "small") -> None:
         self.betas = torch.from_numpy(np.asarray(betas, np.float64))

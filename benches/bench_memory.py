@@ -2,7 +2,7 @@
 a folder of PNGs for N = 64, 1024, 4096 (flat is the goal), each in a fresh process whose peak
 RSS the kernel reports (wait4). Few steps (--steps 2) since memory, not quality, is measured.
 
-    .venv/bin/python tools/bench_memory.py [--model M] [--ns 64,1024,4096] [--steps 2]
+    .venv/bin/python benches/bench_memory.py [--model M] [--ns 64,1024,4096] [--steps 2]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ every scheduler of both projects ends) at a budget of model calls. Each method i
 every spacing it offers and reported at its best; beside them, edgediff's samplers on grids
 fitted by `edgediff calibrate` on other noises. Prints tables; never fails on the numbers.
 
-    .venv/bin/python tools/bench_fidelity.py [--n 512] [--budgets 5,10,20,50]
+    .venv/bin/python benches/bench_fidelity.py [--n 512] [--budgets 5,10,20,50]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Exports a randomly initialised U-Net of at least 50 MB (and its ORT-format copy)
 without --no-mmap, each in a fresh process, best of --reps, side by side in one run: wall time
 and the peak RSS the kernel reports (wait4).
 
-    .venv/bin/python tools/bench_load.py [--reps 5]
+    .venv/bin/python benches/bench_load.py [--reps 5]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_memory import peak_rss_mb  # noqa: E402
 
 
