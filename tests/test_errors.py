@@ -141,7 +141,19 @@ def cases():
          lambda t, m: ["--model", str(m), "--out", "/proc/edgediff-test/x.npy"], 4),
         ("disk-full", "the disk fills up while writing (a 16 KiB file-size limit)",
          lambda t, m: ["--model", str(m), "-n", "64", "--ULIMIT"], 4),
+        ("resume-other-job", "resuming an output that another job's options made",
+         lambda t, m: _made_with_seed_1(t, m), 2),
+        ("partial-link", "a symbolic link planted where the hidden partial file goes",
+         lambda t, m: do(os.symlink(t / "elsewhere", t / ".out.npy.partial"), ["--model", str(m)]), 4),
+        ("out-is-directory", "a .npy output path that is an existing directory",
+         lambda t, m: do((t / "d.npy").mkdir(), ["--model", str(m), "--out", str(t / "d.npy")]), 2),
     ]
+
+
+def _made_with_seed_1(t: Path, m: Path) -> list[str]:
+    run_cli(ROOT / "target" / "debug" / "edgediff", "sample", "--model", str(m), "-n", "2", "--steps", "2",
+            "-q", "--seed", "1", "--out", str(t / "imgs"))
+    return ["--model", str(m), "-n", "2", "--seed", "2", "--resume", "--out", str(t / "imgs")]
 
 
 def _torch_model(dst: Path, module, sample_dtype=None) -> None:
@@ -241,7 +253,8 @@ def table(rows: list[tuple[str, str, int, str]]) -> str:
             "nothing is left at the output path (a failed `.npy` write keeps its hidden `.NAME.partial`",
             "with the samples already written, for `--resume`). Further faults are tested in `tests/test_faults.py`",
             "(NaN from the network: exit 5 naming the step and sample, finished chunks kept; SIGKILL",
-            "then `--resume`: the uninterrupted bytes; two processes on one directory) and",
+            "then `--resume`: the uninterrupted bytes; a second writer on one output: exit 4),",
+            "`tests/test_integrity.py` (resume of another job, planted links, impossible destinations) and",
             "`tests/c/capi_check.c` (NULL handles, small buffers, invalid UTF-8, cancellation).", "",
             "| case | id | exit | C status | message |", "|---|---|---|---|---|"]
     body = [f"| {case} | `{cid}` | {code} | {C_STATUS.get(code, '-')} | {msg.replace('|', '/')} |"

@@ -166,6 +166,10 @@ pub fn flag(name: &str) -> String {
         "n" => "-n".into(),
         "class_label" => "--class".into(),
         "fallback" => "--fallback".into(),
+        // Names of a job record's entries (job.rs) that are not one flag each.
+        "sampler_options" => "the sampler's options (--eta --order --snr --rtol --atol --min-steps --max-steps)".into(),
+        "x0_clip" => "--clip-x0/--dynamic-threshold".into(),
+        "sample_shape" => "--model".into(),
         other => format!("--{}", other.replace('_', "-")),
     }
 }

@@ -1,0 +1,142 @@
+"""Data integrity of outputs (issue 17): resume continues only the same job, a planted link is
+never written through, and a destination that cannot work is refused before sampling."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli
+
+SAMPLE_BYTES = 4 * 64  # the tiny models' [1, 8, 8] float32 samples
+
+
+def _sample(binary: Path, model: Path, out: Path, *extra: str, check: bool = True):
+    return run_cli(binary, "sample", "--model", str(model), "-n", "9", "--batch-size", "4", "--steps", "5",
+                   "-q", "--out", str(out), *extra, check=check)
+
+
+def _interrupt(tmp: Path, full: Path, name: str, keep: int) -> Path:
+    """What a run of `full`'s options killed after `keep` samples leaves at `tmp/name`: the
+    partial with those samples, and the job record it wrote before its first batch."""
+    data = full.read_bytes()
+    header = len(data) - 9 * SAMPLE_BYTES
+    (tmp / f".{name}.partial").write_bytes(data[: header + keep * SAMPLE_BYTES])
+    (tmp / f"{name}.job.json").write_bytes((tmp / f"{full.name}.job.json").read_bytes())
+    return tmp / name
+
+
+@pytest.mark.parametrize("change,flag,old,new", [
+    (["--seed", "2"], "--seed", "1", "2"),
+    (["--seed", "1", "--sampler", "dpm++2m"], "--sampler", "ddim", "dpm++2m"),
+    (["--seed", "1", "--eta", "1"], "the sampler's options", "", ""),
+    (["--seed", "1", "--steps", "6"], "--steps", "5", "6"),
+])
+def test_resume_refuses_a_partial_of_another_job(edgediff_bin, tiny_models, tmp_path, change, flag, old, new):
+    full = tmp_path / "full.npy"
+    _sample(edgediff_bin, tiny_models["linear"], full, "--seed", "1")
+    out = _interrupt(tmp_path, full, "x.npy", 5)
+    partial = (tmp_path / ".x.npy.partial").read_bytes()
+    steps = [] if "--steps" in change else ["--steps", "5"]
+    args = ["sample", "--model", str(tiny_models["linear"]), "-n", "9", "--batch-size", "4", *steps,
+            "-q", "--out", str(out), "--resume", *change]
+    proc = run_cli(edgediff_bin, *args, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert f"was made with {flag} {old}" in proc.stderr and f"this run has {new}" in proc.stderr, proc.stderr
+    assert not out.exists() and (tmp_path / ".x.npy.partial").read_bytes() == partial  # kept as it was
+    # The same options continue it to the uninterrupted bytes.
+    _sample(edgediff_bin, tiny_models["linear"], out, "--seed", "1", "--resume")
+    assert out.read_bytes() == full.read_bytes()
+
+
+def test_resume_refuses_another_model(edgediff_bin, tiny_models, tmp_path):
+    full = tmp_path / "full.npy"
+    _sample(edgediff_bin, tiny_models["linear"], full)
+    out = _interrupt(tmp_path, full, "x.npy", 5)
+    proc = _sample(edgediff_bin, tiny_models["cosine"], out, "--resume", check=False)
+    assert proc.returncode == 2 and "was made with --model" in proc.stderr, proc.stderr
+
+
+def test_resume_on_a_complete_output_with_other_options_writes_nothing(edgediff_bin, tiny_models, tmp_path):
+    for name in ("done.npy", "done"):
+        out = tmp_path / name
+        _sample(edgediff_bin, tiny_models["linear"], out, "--seed", "1")
+        before = {p: p.read_bytes() for p in ([out] if out.is_file() else sorted(out.iterdir()))}
+        proc = _sample(edgediff_bin, tiny_models["linear"], out, "--seed", "2", "--resume", check=False)
+        assert proc.returncode == 2 and "was made with --seed 1" in proc.stderr, (name, proc.stderr)
+        assert {p: p.read_bytes() for p in before} == before
+        # With its own options it is complete: nothing to do, nothing rewritten.
+        again = json.loads(_sample(edgediff_bin, tiny_models["linear"], out, "--seed", "1", "--resume",
+                                   "--json").stdout)
+        assert again["resumed_samples"] == 9, (name, again)
+
+
+def test_a_finished_file_of_an_unfinished_record_is_not_taken_as_done(edgediff_bin, tiny_models, tmp_path):
+    """A fresh run over an old x.npy records its job first; if it dies before its first sample,
+    the old x.npy is not this job's, and resume must not call it complete."""
+    out = tmp_path / "x.npy"
+    _sample(edgediff_bin, tiny_models["linear"], out, "--seed", "1")
+    record = json.loads((tmp_path / "x.npy.job.json").read_text())
+    record["complete"] = False
+    record["seed"] = 2
+    (tmp_path / "x.npy.job.json").write_text(json.dumps(record))
+    proc = _sample(edgediff_bin, tiny_models["linear"], out, "--seed", "2", "--resume", check=False)
+    assert proc.returncode == 2 and "did not finish" in proc.stderr, proc.stderr
+
+
+def test_a_planted_link_at_the_partial_is_not_followed(edgediff_bin, tiny_models, tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("another user's file")
+    os.symlink(victim, tmp_path / ".x.npy.partial")
+    dangling = tmp_path / "created-by-the-link"
+    os.symlink(dangling, tmp_path / ".y.npy.partial")
+    for name in ("x.npy", "y.npy"):
+        for resume in ([], ["--resume"]):
+            proc = _sample(edgediff_bin, tiny_models["linear"], tmp_path / name, *resume, check=False)
+            assert proc.returncode == 4 and "symbolic link" in proc.stderr, proc.stderr
+    assert victim.read_text() == "another user's file" and not dangling.exists()
+    assert not (tmp_path / "x.npy").exists() and not (tmp_path / "y.npy").exists()
+
+
+def test_links_at_guessable_temporary_names_are_not_followed(edgediff_bin, tiny_models, tmp_path):
+    """PNG temporaries used to be .NAME.PID.tmp, a name another user could plant a link at."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    for pid in range(os.getpid(), os.getpid() + 200):
+        os.symlink(victim, tmp_path / f".grid.png.{pid}.tmp")
+    _sample(edgediff_bin, tiny_models["linear"], tmp_path / "grid.png")
+    assert victim.read_text() == "keep"
+    assert (tmp_path / "grid.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("make,out", [
+    (lambda t: (t / "x.npy").mkdir(), "x.npy"),
+    (lambda t: None, "y.npy/"),
+    (lambda t: (t / "g.png").mkdir(), "g.png"),
+    (lambda t: (t / "imgs").write_text("a file"), "imgs"),
+])
+def test_a_destination_that_cannot_work_is_refused_before_sampling(edgediff_bin, tiny_models, tmp_path, make,
+                                                                   out):
+    make(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = run_cli(edgediff_bin, "sample", "--model", str(tiny_models["linear"]), "-n", "2", "--steps", "2", "-q",
+                   "--json", "--out", str(tmp_path) + "/" + out, check=False)
+    assert proc.returncode == 2 and "--out" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_name_too_long_for_the_partial_is_refused(edgediff_bin, tiny_models, tmp_path):
+    proc = _sample(edgediff_bin, tiny_models["linear"], tmp_path / ("x" * 240 + ".npy"), check=False)
+    assert proc.returncode == 2 and "too long" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_records_say_how_an_output_was_made(edgediff_bin, tiny_models, tmp_path):
+    _sample(edgediff_bin, tiny_models["linear"], tmp_path / "a.npy", "--seed", "3")
+    record = json.loads((tmp_path / "a.npy.job.json").read_text())
+    assert record["seed"] == 3 and record["steps"] == 5 and record["n"] == 9 and record["complete"] is True
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy").shape, (9, 1, 8, 8))
