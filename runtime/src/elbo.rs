@@ -745,7 +745,7 @@ mod tests {
             beta_start: 1e-4,
             beta_end: 0.02,
         };
-        let Schedule::Discrete { alphas_cumprod, .. } = Schedule::from_spec(&spec) else {
+        let Schedule::Discrete { alphas_cumprod, .. } = Schedule::from_spec(&spec).unwrap() else {
             panic!()
         };
         let uniform = Proposal::Uniform.probabilities(&alphas_cumprod, [-1.0, 1.0]);

@@ -65,7 +65,7 @@
 //! # Ok::<(), edgediff::Error>(())
 //! ```
 //!
-//! [`CONTINUOUS_T_MIN`]: crate::spacing::CONTINUOUS_T_MIN
+//! [`CONTINUOUS_T_MIN`]: crate::schedule::CONTINUOUS_T_MIN
 
 use ndarray::{s, Array4, Axis};
 use rand::{Rng, SeedableRng};
