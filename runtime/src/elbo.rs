@@ -59,7 +59,7 @@ use std::sync::Arc;
 
 use ndarray::{s, Array4, ArrayView4, ArrayView5, Axis};
 
-use crate::denoiser::{Denoiser, ModelDenoiser, X0Clip};
+use crate::denoiser::{Denoiser, ModelDenoiser};
 use crate::error::{Error, Result};
 use crate::gaussian::{discretized_gaussian_log_prob, gaussian_kl, prior_kl, Bin};
 use crate::generate::{class_label_for, MAX_BATCH_BYTES};
@@ -587,8 +587,8 @@ pub fn elbo(
         n
     ];
     let mut streams = SeededNoise::new(opts.seed, 0, n, meta.sample_shape);
-    let mut den = ModelDenoiser::new(model, label.map(|k| vec![k; n]), X0Clip::None, 0)
-        .with_cancel(opts.cancel.clone());
+    let mut den =
+        ModelDenoiser::new(model, label.map(|k| vec![k; n]), 0).with_cancel(opts.cancel.clone());
     let x0_of = |i: usize, d: usize| scale.value(levels[i * dims + d], range);
     // Both factors are capped above, so this cannot overflow for any n that fits in memory.
     let total_jobs = n.saturating_mul(opts.decoder_draws + draws_per_image);

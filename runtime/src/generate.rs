@@ -2,8 +2,10 @@
 
 use ndarray::{concatenate, Array4, Axis};
 
+use crate::clip::Clipped;
 use crate::denoiser::{ModelDenoiser, X0Clip};
 use crate::error::{Error, Result};
+use crate::guidance::Guided;
 use crate::metadata::{Conditioning, ModelMetadata};
 use crate::model::Model;
 use crate::noise::{InjectedNoise, NoiseSource, SeededNoise};
@@ -163,9 +165,15 @@ pub fn generate_chunks(
             }
         };
         let x = noise.initial()?.mapv(|v| v * prior_std as f32);
-        let mut den = ModelDenoiser::new(model, labels.map(|k| vec![k; m]), opts.x0_clip, first)
+        let guidance = guidance_for(&meta, opts)?;
+        let mut net = ModelDenoiser::new(model, labels.map(|k| vec![k; m]), first)
             .with_cancel(opts.cancel.clone())
-            .with_guidance(guidance_for(&meta, opts)?);
+            .with_unconditional(guidance.map(|(_, null)| vec![null; m]));
+        let mut den = Clipped::new(
+            Guided::new(&mut net, guidance.map(|(w, _)| w)),
+            opts.x0_clip,
+            meta.data_range,
+        );
         let base = b * steps;
         let mut tr = Trajectory {
             den: &mut den,
@@ -183,7 +191,7 @@ pub fn generate_chunks(
                 .get_or_insert_with(Vec::new)
                 .extend(counts);
         }
-        report.network_calls += den.calls();
+        report.network_calls += net.calls();
         sink(first, out)?;
     }
     Ok(report)

@@ -7,9 +7,11 @@
 
 use ndarray::{s, Array4, Axis, Zip};
 
+use crate::clip::Clipped;
 use crate::denoiser::{Denoised, Denoiser, ModelDenoiser};
 use crate::error::{Error, Result};
 use crate::generate::{guidance_for, prepare, prior_std, Report, SampleOptions};
+use crate::guidance::Guided;
 use crate::model::Model;
 use crate::noise::{NoiseSource, SeededNoise};
 use crate::sampler::Trajectory;
@@ -23,16 +25,16 @@ pub struct Resampling {
     pub resample: usize,
 }
 
-/// The model with the known region pinned to the known image.
-struct Pinned<'a, 'm> {
-    inner: ModelDenoiser<'m>,
+/// The denoiser `inner` with the known region pinned to the known image.
+struct Pinned<'a, D> {
+    inner: D,
     known: &'a Array4<f32>,
     /// 1 where the pixel is known (kept), 0 where it is filled.
     keep: &'a Array4<f32>,
     noise: SeededNoise,
 }
 
-impl Denoiser for Pinned<'_, '_> {
+impl<D: Denoiser> Denoiser for Pinned<'_, D> {
     fn denoise_rows(
         &mut self,
         x: &Array4<f32>,
@@ -155,10 +157,15 @@ pub fn inpaint(
         let rows = s![first..first + m, .., .., ..];
         let (known, keep_b) = (images.slice(rows).to_owned(), keep.slice(rows).to_owned());
         let mut noise = SeededNoise::new(opts.seed, first, m, meta.sample_shape);
+        let mut net = ModelDenoiser::new(model, label.map(|k| vec![k; m]), first)
+            .with_cancel(opts.cancel.clone())
+            .with_unconditional(guidance.map(|(_, null)| vec![null; m]));
         let mut den = Pinned {
-            inner: ModelDenoiser::new(model, label.map(|k| vec![k; m]), opts.x0_clip, first)
-                .with_cancel(opts.cancel.clone())
-                .with_guidance(guidance),
+            inner: Clipped::new(
+                Guided::new(&mut net, guidance.map(|(w, _)| w)),
+                opts.x0_clip,
+                meta.data_range,
+            ),
             known: &known,
             keep: &keep_b,
             noise: SeededNoise::new(
@@ -200,7 +207,7 @@ pub fn inpaint(
             }
             start = end;
         }
-        report.network_calls += den.inner.calls();
+        report.network_calls += net.calls();
         out.slice_mut(rows).assign(&x);
     }
     Ok((out, report))

@@ -349,7 +349,9 @@ mod tests {
     #[test]
     fn linear_alpha_bar_matches_closed_form_product() {
         // alpha_bar_t = prod_{i<=t} (1 - beta_i) with beta_i = a + (b - a) i / (T - 1).
-        let Schedule::Discrete { alphas_cumprod, .. } = Schedule::from_spec(&spec("linear")).unwrap() else {
+        let Schedule::Discrete { alphas_cumprod, .. } =
+            Schedule::from_spec(&spec("linear")).unwrap()
+        else {
             panic!()
         };
         for t in [0usize, 1, 499, 999] {
@@ -375,9 +377,15 @@ mod tests {
             beta_end: 0.61,
         };
         let err = Schedule::from_spec(&bad).unwrap_err();
-        assert!(err.starts_with("the schedule's alpha_bar reaches 0e0"), "{err}");
+        assert!(
+            err.starts_with("the schedule's alpha_bar reaches 0e0"),
+            "{err}"
+        );
         assert!(err.ends_with("for 1721 steps)"), "{err}");
-        assert_eq!(Schedule::from_spec_unchecked(&bad).num_train_timesteps(), Some(1721));
+        assert_eq!(
+            Schedule::from_spec_unchecked(&bad).num_train_timesteps(),
+            Some(1721)
+        );
     }
 
     #[test]

@@ -45,7 +45,11 @@ pub fn timesteps(schedule: &Schedule, spacing: Spacing, steps: usize) -> Result<
     }
     let Some(t_train) = schedule.num_train_timesteps() else {
         if steps > 100_000 {
-            return Err(Error::out_of_range("steps", steps, "is absurd (at most 100000)"));
+            return Err(Error::out_of_range(
+                "steps",
+                steps,
+                "is absurd (at most 100000)",
+            ));
         }
         // Continuous time: evenly over the schedule's time range, whatever the spacing name.
         let (hi, lo) = schedule.time_range();
@@ -202,7 +206,10 @@ mod tests {
         let s = linear();
         let flag = |a: &str| format!("--{a}");
         let zero = timesteps(&s, Spacing::Leading, 0).unwrap_err();
-        assert_eq!(zero.to_string(), "invalid argument: steps must be at least 1");
+        assert_eq!(
+            zero.to_string(),
+            "invalid argument: steps must be at least 1"
+        );
         assert_eq!(zero.argument().and_then(|a| a.arg()), Some("steps"));
         let many = timesteps(&s, Spacing::Leading, 1001).unwrap_err();
         assert_eq!(
