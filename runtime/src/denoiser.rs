@@ -13,7 +13,8 @@ use crate::metadata::{Prediction, TimeInput};
 use crate::model::Model;
 use crate::schedule::NoiseLevel;
 
-/// Clipping moved to [`crate::clip`]; it is still found here, where callers always took it.
+/// Re-exported so that `denoiser::X0Clip`, the path the sampling options and their callers
+/// use, keeps naming the type that now lives with its wrapper in [`crate::clip`].
 pub use crate::clip::X0Clip;
 
 /// The denoiser's answer at one noise level: x_t = alpha x0 + sigma eps holds for the pair.
@@ -63,6 +64,8 @@ pub trait Denoiser {
     /// network call on a doubled batch (one call of twice the size is much cheaper than two on
     /// a GPU). The default is for denoisers with a single conditioning: they are their own
     /// unconditional model, so both answers are the same and guidance leaves them unchanged.
+    /// A wrapper placed between guidance and the model must forward this method, or the
+    /// default would silently drop the second conditioning.
     fn denoise_pair(
         &mut self,
         x: &Array4<f32>,
