@@ -325,7 +325,8 @@ mod tests {
             num_train_timesteps: 1000,
             beta_start: 1e-4,
             beta_end: 0.02,
-        });
+        })
+        .unwrap();
         let grid = Grid::new(&schedule);
         let ts = grid.times(&[0.0; 4]).unwrap();
         assert_eq!(ts.len(), 5);

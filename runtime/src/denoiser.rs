@@ -1,18 +1,46 @@
 //! The model adapter: turns whatever the network predicts into (x0, eps) at a noise level.
-//! Samplers only ever see [`Denoiser`].
+//! Samplers only ever see [`Denoiser`]; guidance ([`crate::guidance::Guided`]), x0 clipping
+//! ([`crate::clip::Clipped`]) and inpainting wrap one, so [`ModelDenoiser`] is only the network
+//! and the conversion of its output.
 
-use ndarray::{s, Array4, Axis, Zip};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use ndarray::{concatenate, s, Array4, ArrayView4, Axis, Zip};
 
 use crate::error::{Error, Result};
 use crate::metadata::{Prediction, TimeInput};
 use crate::model::Model;
 use crate::schedule::NoiseLevel;
 
+/// Re-exported so that `denoiser::X0Clip`, the path the sampling options and their callers
+/// use, keeps naming the type that now lives with its wrapper in [`crate::clip`].
+pub use crate::clip::X0Clip;
+
 /// The denoiser's answer at one noise level: x_t = alpha x0 + sigma eps holds for the pair.
 #[derive(Debug, Clone)]
 pub struct Denoised {
     pub x0: Array4<f32>,
     pub eps: Array4<f32>,
+}
+
+/// One batch denoised under two conditionings (see [`Denoiser::denoise_pair`]).
+#[derive(Debug, Clone)]
+pub struct DenoisedPair {
+    /// Under the batch's own conditioning (its class labels).
+    pub cond: Denoised,
+    /// Under the conditioning guidance steers away from (the null label).
+    pub uncond: Denoised,
+}
+
+impl DenoisedPair {
+    /// The pair of a denoiser with one conditioning only: both answers are the same.
+    pub fn same(d: Denoised) -> DenoisedPair {
+        DenoisedPair {
+            cond: d.clone(),
+            uncond: d,
+        }
+    }
 }
 
 /// D(x, t): what every sampler calls.
@@ -30,6 +58,48 @@ pub trait Denoiser {
         rows: &[usize],
         levels: &[NoiseLevel],
     ) -> Result<Denoised>;
+
+    /// [`Denoiser::denoise_rows`] under the batch's own conditioning and under the one guidance
+    /// steers away from, for guidance to combine. [`ModelDenoiser`] answers both with one
+    /// network call on a doubled batch (one call of twice the size is much cheaper than two on
+    /// a GPU). The default is for denoisers with a single conditioning: they are their own
+    /// unconditional model, so both answers are the same and guidance leaves them unchanged.
+    /// A wrapper placed between guidance and the model must forward this method, or the
+    /// default would silently drop the second conditioning.
+    fn denoise_pair(
+        &mut self,
+        x: &Array4<f32>,
+        rows: &[usize],
+        levels: &[NoiseLevel],
+    ) -> Result<DenoisedPair> {
+        self.denoise_rows(x, rows, levels).map(DenoisedPair::same)
+    }
+}
+
+/// A borrowed denoiser is one: wrappers can hold `&mut ModelDenoiser` and leave its owner free
+/// to read its call count afterwards.
+impl<D: Denoiser + ?Sized> Denoiser for &mut D {
+    fn denoise(&mut self, x: &Array4<f32>, level: &NoiseLevel) -> Result<Denoised> {
+        (**self).denoise(x, level)
+    }
+
+    fn denoise_rows(
+        &mut self,
+        x: &Array4<f32>,
+        rows: &[usize],
+        levels: &[NoiseLevel],
+    ) -> Result<Denoised> {
+        (**self).denoise_rows(x, rows, levels)
+    }
+
+    fn denoise_pair(
+        &mut self,
+        x: &Array4<f32>,
+        rows: &[usize],
+        levels: &[NoiseLevel],
+    ) -> Result<DenoisedPair> {
+        (**self).denoise_pair(x, rows, levels)
+    }
 }
 
 /// Converts a raw network output into (x0, eps).
@@ -64,104 +134,67 @@ pub fn to_x0_eps(
     }
 }
 
-/// What to do with x0 predictions outside the model's data range.
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub enum X0Clip {
-    /// Leave them.
-    #[default]
-    None,
-    /// Clamp to the data range (static thresholding).
-    Range,
-    /// Imagen's dynamic thresholding (Saharia et al. 2022): per sample, s = the `percentile`
-    /// quantile of |x0| in range units, clamped to [1, `max`]; x0 is clamped to [-s, s] and
-    /// divided by s. Saturated pixels are pulled inwards instead of piling up at the edge.
-    Dynamic { percentile: f64, max: f64 },
-}
-
-impl X0Clip {
-    /// Applies the clipping to a batch of x0 predictions with data range [lo, hi].
-    pub fn apply(&self, x0: &mut Array4<f32>, [lo, hi]: [f64; 2]) {
-        match *self {
-            X0Clip::None => {}
-            X0Clip::Range => {
-                let (lo, hi) = (lo as f32, hi as f32);
-                x0.mapv_inplace(|v| v.clamp(lo, hi));
-            }
-            X0Clip::Dynamic { percentile, max } => {
-                // In range units: z = (x0 - centre) / half-width, so the range is [-1, 1].
-                let (c, r) = ((hi + lo) / 2.0, (hi - lo) / 2.0);
-                for mut sample in x0.outer_iter_mut() {
-                    let mut mags: Vec<f64> =
-                        sample.iter().map(|&v| ((v as f64 - c) / r).abs()).collect();
-                    let s = quantile(&mut mags, percentile).clamp(1.0, max.max(1.0));
-                    sample.mapv_inplace(|v| {
-                        let z = ((v as f64 - c) / r).clamp(-s, s) / s;
-                        (c + r * z) as f32
-                    });
-                }
-            }
-        }
+/// [`to_x0_eps`] for a batch whose row j sits at `levels[j]`; one pass when all agree.
+fn to_x0_eps_rows(
+    pred: Prediction,
+    out: Array4<f32>,
+    x: &Array4<f32>,
+    levels: &[NoiseLevel],
+) -> Denoised {
+    if levels.windows(2).all(|w| w[0] == w[1]) {
+        return to_x0_eps(pred, out, x, &levels[0]);
     }
-}
-
-/// The q-quantile with linear interpolation between order statistics (numpy's and torch's
-/// default), so thresholds match the Python implementations.
-fn quantile(values: &mut [f64], q: f64) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let pos = q * (values.len() - 1) as f64;
-    let (i, frac) = (pos.floor() as usize, pos - pos.floor());
-    match values.get(i + 1) {
-        Some(&next) => values[i] + frac * (next - values[i]),
-        None => values[i],
+    let mut d = Denoised {
+        x0: Array4::zeros(x.raw_dim()),
+        eps: Array4::zeros(x.raw_dim()),
+    };
+    for (j, level) in levels.iter().enumerate() {
+        let one = |a: &Array4<f32>| a.slice(s![j..j + 1, .., .., ..]).to_owned();
+        let dj = to_x0_eps(pred, one(&out), &one(x), level);
+        d.x0.slice_mut(s![j..j + 1, .., .., ..]).assign(&dj.x0);
+        d.eps.slice_mut(s![j..j + 1, .., .., ..]).assign(&dj.eps);
     }
+    d
 }
 
-/// The ONNX model as a denoiser, with optional x0 clipping to the data range.
+/// The ONNX model as a denoiser: the network call and the conversion of its output, nothing
+/// more (guidance and clipping wrap it).
 pub struct ModelDenoiser<'m> {
     model: &'m mut Model,
+    /// One label per sample of the batch, when the graph takes them.
     class_labels: Option<Vec<i64>>,
-    clip: X0Clip,
+    /// The labels [`Denoiser::denoise_pair`] evaluates besides `class_labels`.
+    uncond_labels: Option<Vec<i64>>,
     /// Global index of the batch's first sample, for error messages.
     first_sample: usize,
     calls: usize,
-    cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-    /// Classifier-free guidance: (scale w, the null label).
-    guidance: Option<(f64, i64)>,
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 impl<'m> ModelDenoiser<'m> {
     /// Wraps `model`; `class_labels` (one per sample) are passed when the graph takes them.
-    pub fn new(
-        model: &'m mut Model,
-        class_labels: Option<Vec<i64>>,
-        clip: X0Clip,
-        first_sample: usize,
-    ) -> Self {
+    /// `first_sample` is the batch's first index in the whole run, for error messages.
+    pub fn new(model: &'m mut Model, class_labels: Option<Vec<i64>>, first_sample: usize) -> Self {
         ModelDenoiser {
             model,
             class_labels,
-            clip,
+            uncond_labels: None,
             first_sample,
             calls: 0,
             cancel: None,
-            guidance: None,
         }
     }
 
-    /// Classifier-free guidance (Ho & Salimans 2022): each call evaluates the batch with its
-    /// class labels and with `null_label` (one network call on a doubled batch) and returns
-    /// out_null + w (out_class - out_null); w = 1 is plain conditional sampling. The combination
-    /// is taken on the raw output, which is affine in eps for every prediction type.
-    pub fn with_guidance(mut self, guidance: Option<(f64, i64)>) -> Self {
-        self.guidance = guidance;
+    /// The labels (one per sample) of the unconditional answer of
+    /// [`Denoiser::denoise_pair`]: the model's null label, for classifier-free guidance.
+    /// Without them a pair is the conditional answer twice.
+    pub fn with_unconditional(mut self, labels: Option<Vec<i64>>) -> Self {
+        self.uncond_labels = labels;
         self
     }
 
     /// Stops with [`Error::Cancelled`] before the next network call once `flag` is set.
-    pub fn with_cancel(
-        mut self,
-        flag: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-    ) -> Self {
+    pub fn with_cancel(mut self, flag: Option<Arc<AtomicBool>>) -> Self {
         self.cancel = flag;
         self
     }
@@ -170,6 +203,70 @@ impl<'m> ModelDenoiser<'m> {
     pub fn calls(&self) -> usize {
         self.calls
     }
+
+    fn check_cancel(&self) -> Result<()> {
+        match &self.cancel {
+            Some(flag) if flag.load(Ordering::Relaxed) => Err(Error::Cancelled),
+            _ => Ok(()),
+        }
+    }
+
+    /// What the network's `timestep` input gets for each row.
+    fn network_times(&self, levels: &[NoiseLevel]) -> Vec<f64> {
+        let time_input = self.model.metadata().time_input;
+        levels
+            .iter()
+            .map(|l| match time_input {
+                TimeInput::Index | TimeInput::Continuous => l.t,
+                TimeInput::Sigma => l.sigma,
+            })
+            .collect()
+    }
+
+    /// One network call, counted.
+    fn run(
+        &mut self,
+        x: ArrayView4<f32>,
+        times: &[f64],
+        labels: Option<&[i64]>,
+    ) -> Result<Array4<f32>> {
+        let out = self.model.network.run(x, times, labels)?;
+        self.calls += 1;
+        Ok(out)
+    }
+
+    /// [`Error::NonFinite`] for the first row j where any of `outs` (answers for the same rows)
+    /// is NaN or infinite: a broken network is reported, not sampled from.
+    fn check_finite(&self, outs: &[&Array4<f32>], times: &[f64], rows: &[usize]) -> Result<()> {
+        let n = times.len();
+        let bad_row = |j: usize| {
+            outs.iter()
+                .any(|o| o.index_axis(Axis(0), j).iter().any(|v| !v.is_finite()))
+        };
+        match (0..n).find(|&j| bad_row(j)) {
+            Some(bad) => Err(Error::NonFinite {
+                step: self.calls,
+                time: times[bad],
+                sample: self.first_sample + rows.get(bad).copied().unwrap_or(bad),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn to_denoised(&self, out: Array4<f32>, x: &Array4<f32>, levels: &[NoiseLevel]) -> Denoised {
+        to_x0_eps_rows(self.model.metadata().prediction, out, x, levels)
+    }
+}
+
+/// The entries of `all` at `rows` (all of them when `rows` is empty).
+fn pick(all: &Option<Vec<i64>>, rows: &[usize]) -> Option<Vec<i64>> {
+    all.as_ref().map(|all| {
+        if rows.is_empty() {
+            all.clone()
+        } else {
+            rows.iter().map(|&r| all[r]).collect()
+        }
+    })
 }
 
 impl Denoiser for ModelDenoiser<'_> {
@@ -179,120 +276,48 @@ impl Denoiser for ModelDenoiser<'_> {
         rows: &[usize],
         levels: &[NoiseLevel],
     ) -> Result<Denoised> {
-        if let Some(flag) = &self.cancel {
-            if flag.load(std::sync::atomic::Ordering::Relaxed) {
-                return Err(Error::Cancelled);
-            }
-        }
-        let meta = self.model.metadata();
-        let (pred, range) = (meta.prediction, meta.data_range);
-        let times: Vec<f64> = levels
-            .iter()
-            .map(|l| match meta.time_input {
-                TimeInput::Index | TimeInput::Continuous => l.t,
-                TimeInput::Sigma => l.sigma,
-            })
-            .collect();
-        let labels: Option<Vec<i64>> = self.class_labels.as_ref().map(|all| {
-            if rows.is_empty() {
-                all.clone()
-            } else {
-                rows.iter().map(|&r| all[r]).collect()
-            }
-        });
-        let out = match (self.guidance, &labels) {
-            (Some((w, null)), Some(labels)) => {
-                let n = x.shape()[0];
-                let both = ndarray::concatenate(Axis(0), &[x.view(), x.view()])
-                    .map_err(|e| Error::invalid(e.to_string()))?;
-                let times2: Vec<f64> = times.iter().chain(&times).copied().collect();
-                let labels2: Vec<i64> = labels
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat_n(null, n))
-                    .collect();
-                let out = self
-                    .model
-                    .network
-                    .run(both.view(), &times2, Some(&labels2))?;
-                let (cond, uncond) = out.view().split_at(Axis(0), n);
-                let w = w as f32;
-                Zip::from(&uncond)
-                    .and(&cond)
-                    .map_collect(|&u, &c| u + w * (c - u))
-            }
-            _ => self
-                .model
-                .network
-                .run(x.view(), &times, labels.as_deref())?,
+        self.check_cancel()?;
+        let times = self.network_times(levels);
+        let labels = pick(&self.class_labels, rows);
+        let out = self.run(x.view(), &times, labels.as_deref())?;
+        self.check_finite(&[&out], &times, rows)?;
+        Ok(self.to_denoised(out, x, levels))
+    }
+
+    fn denoise_pair(
+        &mut self,
+        x: &Array4<f32>,
+        rows: &[usize],
+        levels: &[NoiseLevel],
+    ) -> Result<DenoisedPair> {
+        let (Some(cond), Some(uncond)) = (
+            pick(&self.class_labels, rows),
+            pick(&self.uncond_labels, rows),
+        ) else {
+            return self.denoise_rows(x, rows, levels).map(DenoisedPair::same);
         };
-        self.calls += 1;
-        if let Some(bad) = out
-            .outer_iter()
-            .position(|s| s.iter().any(|v| !v.is_finite()))
-        {
-            return Err(Error::NonFinite {
-                step: self.calls,
-                time: times[bad],
-                sample: self.first_sample + rows.get(bad).copied().unwrap_or(bad),
-            });
-        }
-        let uniform = levels.windows(2).all(|w| w[0] == w[1]);
-        let mut d = if uniform {
-            to_x0_eps(pred, out, x, &levels[0])
-        } else {
-            let mut d = Denoised {
-                x0: Array4::zeros(x.raw_dim()),
-                eps: Array4::zeros(x.raw_dim()),
-            };
-            for (j, level) in levels.iter().enumerate() {
-                let one = |a: &Array4<f32>| a.slice(s![j..j + 1, .., .., ..]).to_owned();
-                let dj = to_x0_eps(pred, one(&out), &one(x), level);
-                d.x0.slice_mut(s![j..j + 1, .., .., ..]).assign(&dj.x0);
-                d.eps.slice_mut(s![j..j + 1, .., .., ..]).assign(&dj.eps);
-            }
-            d
-        };
-        if self.clip != X0Clip::None {
-            self.clip.apply(&mut d.x0, range);
-            for (j, level) in levels.iter().enumerate() {
-                let (a, s) = (level.alpha as f32, level.sigma as f32);
-                let mut e = d.eps.index_axis_mut(Axis(0), j);
-                Zip::from(&mut e)
-                    .and(x.index_axis(Axis(0), j))
-                    .and(d.x0.index_axis(Axis(0), j))
-                    .for_each(|e, &x, &x0| *e = (x - a * x0) / s);
-            }
-        }
-        Ok(d)
+        self.check_cancel()?;
+        let n = x.shape()[0];
+        let times = self.network_times(levels);
+        // The batch twice, first under its own labels, then under the unconditional ones.
+        let both = concatenate(Axis(0), &[x.view(), x.view()])
+            .map_err(|e| Error::invalid(e.to_string()))?;
+        let times2: Vec<f64> = times.iter().chain(&times).copied().collect();
+        let labels2: Vec<i64> = cond.into_iter().chain(uncond).collect();
+        let out = self.run(both.view(), &times2, Some(&labels2))?;
+        let (c, u) = out.view().split_at(Axis(0), n);
+        let (c, u) = (c.to_owned(), u.to_owned());
+        self.check_finite(&[&c, &u], &times, rows)?;
+        Ok(DenoisedPair {
+            cond: self.to_denoised(c, x, levels),
+            uncond: self.to_denoised(u, x, levels),
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn dynamic_threshold_rescales_by_the_quantile() {
-        // Range [0, 2] (centre 1, half-width 1); one sample of 0..=100 scaled so |z| = k/50.
-        let mut x0 = Array4::from_shape_fn((1, 1, 1, 101), |(_, _, _, k)| 1.0 + k as f32 / 50.0);
-        // The 0.9 quantile of |z| = 0, 0.02, ..., 2 is 1.8 exactly.
-        X0Clip::Dynamic {
-            percentile: 0.9,
-            max: f64::INFINITY,
-        }
-        .apply(&mut x0, [0.0, 2.0]);
-        assert!((x0[[0, 0, 0, 100]] - 2.0).abs() < 1e-6); // clamped to 1.8, divided by 1.8
-        assert!((x0[[0, 0, 0, 45]] - (1.0 + 0.9 / 1.8)).abs() < 1e-6);
-        // With max = 1 it is plain clipping.
-        let mut y = Array4::from_shape_fn((1, 1, 1, 3), |(_, _, _, k)| k as f32 * 1.5 - 1.0);
-        X0Clip::Dynamic {
-            percentile: 0.5,
-            max: 1.0,
-        }
-        .apply(&mut y, [-1.0, 1.0]);
-        assert_eq!(y.as_slice().unwrap(), &[-1.0, 0.5, 1.0]);
-    }
 
     #[test]
     fn every_prediction_type_recovers_x0_and_eps() {

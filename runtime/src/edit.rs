@@ -3,7 +3,7 @@
 
 use ndarray::{s, Array4, Zip};
 
-use crate::denoiser::{Denoiser, ModelDenoiser, X0Clip};
+use crate::denoiser::{Denoiser, ModelDenoiser};
 use crate::error::{Error, Result};
 use crate::generate::{class_label_for, prior_std};
 use crate::model::Model;
@@ -52,7 +52,7 @@ pub fn invert(
     for (b, first) in (0..n).step_by(batch_size).enumerate() {
         let m = batch_size.min(n - first);
         let mut x = images.slice(s![first..first + m, .., .., ..]).to_owned();
-        let mut den = ModelDenoiser::new(model, label.map(|k| vec![k; m]), X0Clip::None, first);
+        let mut den = ModelDenoiser::new(model, label.map(|k| vec![k; m]), first);
         for i in 0..steps {
             let (cur, next) = (up[i], up[i + 1]);
             let at = if cur.is_clean() { next } else { cur };

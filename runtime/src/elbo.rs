@@ -59,10 +59,11 @@ use std::sync::Arc;
 
 use ndarray::{s, Array4, ArrayView4, ArrayView5, Axis};
 
-use crate::denoiser::{Denoiser, ModelDenoiser, X0Clip};
+use crate::denoiser::{Denoiser, ModelDenoiser};
 use crate::error::{Error, Result};
 use crate::gaussian::{discretized_gaussian_log_prob, gaussian_kl, prior_kl, Bin};
 use crate::generate::{class_label_for, MAX_BATCH_BYTES};
+use crate::metadata::ModelMetadata;
 use crate::model::Model;
 use crate::noise::SeededNoise;
 use crate::schedule::{NoiseLevel, Schedule};
@@ -416,32 +417,51 @@ fn step_terms(betas: &[f64], alphas_cumprod: &[f64], variance: ReverseVariance) 
     terms
 }
 
-/// Running sums of one image's weighted KL draws L_{t-1}/p(t) (Welford, for their variance).
-#[derive(Debug, Clone)]
-struct Draws {
+/// Running mean and sum of squared deviations of a stream of draws (Welford), for their
+/// variance without keeping them.
+#[derive(Debug, Clone, Default)]
+struct Welford {
     count: usize,
     mean: f64,
     m2: f64,
+}
+
+impl Welford {
+    fn add(&mut self, v: f64) {
+        self.count += 1;
+        let d = v - self.mean;
+        self.mean += d / self.count as f64;
+        self.m2 += d * (v - self.mean);
+    }
+
+    /// The variance of the draws' mean, s² / count with their sample variance s²; None with
+    /// fewer than two draws.
+    fn variance_of_mean(&self) -> Option<f64> {
+        (self.count > 1).then(|| self.m2 / (self.count - 1) as f64 / self.count as f64)
+    }
+}
+
+/// One image's draws: the weighted KL terms L_{t-1}/p(t) (also summed per t bin) and the
+/// decoder's -log p(x_0 | x_1).
+#[derive(Debug, Clone)]
+struct Draws {
+    kl: Welford,
     bins: Vec<f64>,
-    /// The decoder's draws: count, mean, Welford sum of squares.
-    decoder: (usize, f64, f64),
+    decoder: Welford,
 }
 
 impl Draws {
-    fn add(&mut self, kl: f64, bin: usize) {
-        self.count += 1;
-        let d = kl - self.mean;
-        self.mean += d / self.count as f64;
-        self.m2 += d * (kl - self.mean);
-        self.bins[bin] += kl;
+    fn new(bins: usize) -> Draws {
+        Draws {
+            kl: Welford::default(),
+            bins: vec![0.0; bins],
+            decoder: Welford::default(),
+        }
     }
 
-    fn add_decoder(&mut self, nll: f64) {
-        let (count, mean, m2) = &mut self.decoder;
-        *count += 1;
-        let d = nll - *mean;
-        *mean += d / *count as f64;
-        *m2 += d * (nll - *mean);
+    fn add(&mut self, kl: f64, bin: usize) {
+        self.kl.add(kl);
+        self.bins[bin] += kl;
     }
 }
 
@@ -459,27 +479,45 @@ pub fn elbo(
     noise: Option<ArrayView5<f32>>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ElboReport> {
-    let meta = model.metadata().clone();
+    let plan = Plan::new(model, images, opts, noise.as_ref())?;
+    let (draws, network_calls) = evaluate(model, &plan, opts, noise, progress)?;
+    Ok(report(&plan, opts, &draws, network_calls))
+}
+
+/// The betas and alpha-bars of a discrete schedule, or why the model has none.
+fn discrete_tables(model: &Model) -> Result<(Vec<f64>, Vec<f64>)> {
     let (betas, alphas_cumprod) = match model.schedule() {
         Schedule::Discrete {
             betas,
             alphas_cumprod,
             ..
         } => (betas.clone(), alphas_cumprod.clone()),
-        _ => {
+        other => {
             return Err(Error::invalid(format!(
                 "the ELBO needs a discrete-time model (T noise levels with betas); {} has a continuous {} schedule",
                 model.path().display(),
-                if matches!(model.schedule(), Schedule::Vp { .. }) { "VP" } else { "VE" }
+                if matches!(other, Schedule::Vp { .. }) { "VP" } else { "VE" }
             )))
         }
     };
-    let t_count = betas.len();
-    if t_count < 2 {
+    if betas.len() < 2 {
         return Err(Error::invalid(format!(
-            "the ELBO needs at least 2 training timesteps; the model has {t_count}"
+            "the ELBO needs at least 2 training timesteps; the model has {}",
+            betas.len()
         )));
     }
+    Ok((betas, alphas_cumprod))
+}
+
+/// Checks the images, the options and the injected noise against a model with `t_count`
+/// training timesteps; returns the KL terms each image evaluates.
+fn validate(
+    meta: &ModelMetadata,
+    t_count: usize,
+    images: ArrayView4<f32>,
+    opts: &ElboOptions,
+    noise: Option<&ArrayView5<f32>>,
+) -> Result<usize> {
     let [c, h, w] = meta.sample_shape;
     let dims = c * h * w;
     let n = images.shape()[0];
@@ -493,225 +531,376 @@ pub fn elbo(
         return Err(Error::invalid("no images given"));
     }
     if opts.batch_size == 0 || opts.batch_size.saturating_mul(4 * dims) > MAX_BATCH_BYTES {
-        return Err(Error::invalid(format!(
-            "--batch-size {} must be in 1..={}",
+        return Err(Error::out_of_range(
+            "batch_size",
             opts.batch_size,
-            MAX_BATCH_BYTES / (4 * dims)
-        )));
+            &format!("must be in 1..={}", MAX_BATCH_BYTES / (4 * dims)),
+        ));
     }
     if opts.bins == 0 || opts.bins > t_count - 1 {
-        return Err(Error::invalid(format!(
-            "--bins {} must be in 1..={} (the number of KL terms)",
+        return Err(Error::out_of_range(
+            "bins",
             opts.bins,
-            t_count - 1
-        )));
+            &format!("must be in 1..={} (the number of KL terms)", t_count - 1),
+        ));
     }
     let draws_per_image = match opts.timesteps {
         TimestepSampling::All => t_count - 1,
         TimestepSampling::Draws(0) => {
-            return Err(Error::invalid(
-                "--timesteps-per-image must be at least 1",
+            return Err(Error::options(
+                "{0} must be at least 1",
+                &["timesteps_per_image"],
             ))
         }
         TimestepSampling::Draws(k) if k > MAX_DRAWS => {
-            return Err(Error::invalid(format!(
-                "--timesteps-per-image {k} is more than {MAX_DRAWS}; use --all-timesteps for the exact sum"
-            )))
+            return Err(Error::options(
+                format!("{{0}} {k} is more than {MAX_DRAWS}; use {{1}} for the exact sum"),
+                &["timesteps_per_image", "all_timesteps"],
+            ))
         }
         TimestepSampling::Draws(k) => k,
     };
     if opts.decoder_draws == 0 || opts.decoder_draws > MAX_DRAWS {
-        return Err(Error::invalid(format!(
-            "--decoder-draws {} must be in 1..={MAX_DRAWS}",
-            opts.decoder_draws
-        )));
+        return Err(Error::out_of_range(
+            "decoder_draws",
+            opts.decoder_draws,
+            &format!("must be in 1..={MAX_DRAWS}"),
+        ));
     }
-    if let Some(z) = &noise {
+    if let Some(z) = noise {
         if opts.timesteps != TimestepSampling::All || opts.decoder_draws != 1 {
-            return Err(Error::invalid(
-                "--noise applies to --all-timesteps with --decoder-draws 1",
+            return Err(Error::options(
+                "{0} applies to {1} with {2} 1",
+                &["noise", "all_timesteps", "decoder_draws"],
             ));
         }
         if z.shape() != [n, t_count, c, h, w] {
-            return Err(Error::invalid(format!(
-                "--noise has shape {:?}; expected [{n}, {t_count}, {c}, {h}, {w}] (one noise per image and timestep)",
-                z.shape()
-            )));
+            return Err(Error::options(
+                format!(
+                    "{{0}} has shape {:?}; expected [{n}, {t_count}, {c}, {h}, {w}] (one noise per image and timestep)",
+                    z.shape()
+                ),
+                &["noise"],
+            ));
         }
     }
-    let range = meta.data_range;
-    let scale = match opts.pixel_scale {
-        Some(s) => s,
-        None => PixelScale::detect(images, range)?,
-    };
-    let levels = scale
-        .levels(images, range)
-        .map_err(|(i, x)| off_grid(images.shape(), i, x, range, Some(scale)))?;
-    let label = class_label_for(&meta, None)?;
-    let terms = step_terms(&betas, &alphas_cumprod, opts.variance);
-    // p over j = 1..T-1 (entry j - 1), and its cumulative sums for inverse-CDF draws. With all
-    // timesteps every term has weight 1.
-    let probs = match opts.timesteps {
-        TimestepSampling::All => vec![1.0 / (t_count - 1) as f64; t_count - 1],
-        TimestepSampling::Draws(_) => opts.proposal.probabilities(&alphas_cumprod, range),
-    };
-    let cdf: Vec<f64> = probs
-        .iter()
-        .scan(0.0, |acc, p| {
-            *acc += p;
-            Some(*acc)
+    Ok(draws_per_image)
+}
+
+/// Everything fixed before the first network call: the images' pixel levels, the step terms,
+/// the proposal and the t bins.
+struct Plan {
+    /// N.
+    n: usize,
+    /// D = C H W.
+    dims: usize,
+    sample_shape: [usize; 3],
+    /// T.
+    t_count: usize,
+    range: [f64; 2],
+    scale: PixelScale,
+    /// Every pixel's level, image by image.
+    levels: Vec<u8>,
+    /// Ho's terms per schedule index j (entry 0 is only the decoder's level).
+    terms: Vec<StepTerms>,
+    /// The proposal's probabilities of j = 1..T-1 (entry j - 1) and their cumulative sums,
+    /// for inverse-CDF draws.
+    probs: Vec<f64>,
+    cdf: Vec<f64>,
+    /// σ_1 of the decoder N(x̂_0, σ_1²).
+    decoder_std: f64,
+    /// Half a pixel bin in the data range.
+    half_width: f64,
+    /// The report's bins of Ho's t, as inclusive ranges.
+    bins: Vec<(usize, usize)>,
+    /// The label each network call gets (the null label of a class-conditional model).
+    label: Option<i64>,
+    /// KL terms per image.
+    draws_per_image: usize,
+    /// ᾱ_T, for L_T.
+    alpha_bar_last: f64,
+}
+
+impl Plan {
+    /// Validates the request and fixes the plan.
+    fn new(
+        model: &Model,
+        images: ArrayView4<f32>,
+        opts: &ElboOptions,
+        noise: Option<&ArrayView5<f32>>,
+    ) -> Result<Plan> {
+        let meta = model.metadata();
+        let (betas, alphas_cumprod) = discrete_tables(model)?;
+        let t_count = betas.len();
+        let draws_per_image = validate(meta, t_count, images, opts, noise)?;
+        let range = meta.data_range;
+        let scale = match opts.pixel_scale {
+            Some(s) => s,
+            None => PixelScale::detect(images, range)?,
+        };
+        let levels = scale
+            .levels(images, range)
+            .map_err(|(i, x)| off_grid(images.shape(), i, x, range, Some(scale)))?;
+        let label = class_label_for(meta, None)?;
+        let terms = step_terms(&betas, &alphas_cumprod, opts.variance);
+        // With all timesteps every term has weight 1.
+        let probs = match opts.timesteps {
+            TimestepSampling::All => vec![1.0 / (t_count - 1) as f64; t_count - 1],
+            TimestepSampling::Draws(_) => opts.proposal.probabilities(&alphas_cumprod, range),
+        };
+        let cdf: Vec<f64> = probs
+            .iter()
+            .scan(0.0, |acc, p| {
+                *acc += p;
+                Some(*acc)
+            })
+            .collect();
+        Ok(Plan {
+            n: images.shape()[0],
+            dims: meta.sample_len(),
+            sample_shape: meta.sample_shape,
+            t_count,
+            range,
+            scale,
+            levels,
+            // β̃_1 = 0: the decoder takes β̃_2, as Ho et al.'s code does.
+            decoder_std: terms[1].var_q.sqrt(),
+            terms,
+            probs,
+            cdf,
+            half_width: 0.5 * scale.step(range),
+            bins: t_bins(opts.bins, t_count),
+            label,
+            draws_per_image,
+            alpha_bar_last: alphas_cumprod[t_count - 1],
         })
-        .collect();
-    let weight = |j: usize| match opts.timesteps {
-        TimestepSampling::All => 1.0,
-        TimestepSampling::Draws(_) => 1.0 / probs[j - 1],
-    };
-    // β̃_1 = 0: the decoder takes β̃_2, as Ho et al.'s code does.
-    let decoder_std = terms[1].var_q.sqrt();
-    let half_width = 0.5 * scale.step(range);
-    let bin_of = |j: usize| (j - 1) * opts.bins / (t_count - 1);
-    let bins: Vec<(usize, usize)> = (0..opts.bins)
+    }
+
+    /// Pixel `d` of clean image `i`.
+    fn x0(&self, i: usize, d: usize) -> f64 {
+        self.scale.value(self.levels[i * self.dims + d], self.range)
+    }
+
+    /// The importance weight 1/p(j) of a drawn term (1 when every term is evaluated).
+    fn weight(&self, timesteps: TimestepSampling, j: usize) -> f64 {
+        match timesteps {
+            TimestepSampling::All => 1.0,
+            TimestepSampling::Draws(_) => 1.0 / self.probs[j - 1],
+        }
+    }
+
+    /// The report bin of schedule index j ≥ 1.
+    fn bin_of(&self, j: usize) -> usize {
+        (j - 1) * self.bins.len() / (self.t_count - 1)
+    }
+
+    /// Image `i`'s KL terms: every j, or draws from its own stream (which come first in the
+    /// stream, before the image's noise).
+    fn timesteps_of(
+        &self,
+        i: usize,
+        timesteps: TimestepSampling,
+        streams: &mut SeededNoise,
+    ) -> Vec<usize> {
+        match timesteps {
+            TimestepSampling::All => (1..self.t_count).collect(),
+            TimestepSampling::Draws(k) => streams
+                .unit_draws(i, k)
+                .into_iter()
+                .map(|u| 1 + self.cdf.partition_point(|&c| c <= u).min(self.t_count - 2))
+                .collect(),
+        }
+    }
+
+    /// -log p(x_0 | x_1) of image `i` given the decoder's mean x̂_0.
+    fn decoder_nll(&self, i: usize, x0_hat: &[f64]) -> f64 {
+        -x0_hat
+            .iter()
+            .enumerate()
+            .map(|(d, &m)| {
+                let k = self.levels[i * self.dims + d];
+                let bin = Bin::of_level(k as usize, LEVELS);
+                discretized_gaussian_log_prob(
+                    self.x0(i, d),
+                    m,
+                    self.decoder_std,
+                    self.half_width,
+                    bin,
+                )
+            })
+            .sum::<f64>()
+    }
+
+    /// L_{j} of image `i` (Ho's L_{t-1}, t = j + 1) given the prediction x̂_0 at index j.
+    fn kl_term(&self, i: usize, j: usize, x0_hat: &[f64]) -> f64 {
+        let st = self.terms[j];
+        x0_hat
+            .iter()
+            .enumerate()
+            .map(|(d, &m)| gaussian_kl(st.coef * (self.x0(i, d) - m), st.var_q, st.var_p))
+            .sum::<f64>()
+    }
+}
+
+/// `count` bins of Ho's t = 2..=T as inclusive ranges, j = t - 1 going to bin
+/// (j - 1) count / (T - 1).
+fn t_bins(count: usize, t_count: usize) -> Vec<(usize, usize)> {
+    let bin_of = |j: usize| (j - 1) * count / (t_count - 1);
+    (0..count)
         .map(|b| {
             let js: Vec<usize> = (1..t_count).filter(|&j| bin_of(j) == b).collect();
             (js[0] + 1, js[js.len() - 1] + 1)
         })
-        .collect();
-    let mut draws = vec![
-        Draws {
-            count: 0,
-            mean: 0.0,
-            m2: 0.0,
-            bins: vec![0.0; opts.bins],
-            decoder: (0, 0.0, 0.0),
-        };
-        n
-    ];
-    let mut streams = SeededNoise::new(opts.seed, 0, n, meta.sample_shape);
-    let mut den = ModelDenoiser::new(model, label.map(|k| vec![k; n]), X0Clip::None, 0)
+        .collect()
+}
+
+/// Runs every (image, schedule index) evaluation of the plan in batches of
+/// `opts.batch_size`: each image's decoder draws (j = 0), then its KL terms. Returns each
+/// image's draws and the network calls made.
+fn evaluate(
+    model: &mut Model,
+    plan: &Plan,
+    opts: &ElboOptions,
+    noise: Option<ArrayView5<f32>>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Vec<Draws>, usize)> {
+    let n = plan.n;
+    let mut draws = vec![Draws::new(plan.bins.len()); n];
+    let mut streams = SeededNoise::new(opts.seed, 0, n, plan.sample_shape);
+    let mut den = ModelDenoiser::new(model, plan.label.map(|k| vec![k; n]), 0)
         .with_cancel(opts.cancel.clone());
-    let x0_of = |i: usize, d: usize| scale.value(levels[i * dims + d], range);
     // Both factors are capped above, so this cannot overflow for any n that fits in memory.
-    let total_jobs = n.saturating_mul(opts.decoder_draws + draws_per_image);
+    let total_jobs = n.saturating_mul(opts.decoder_draws + plan.draws_per_image);
     let mut done = 0;
     let mut pending: Vec<(usize, usize)> = Vec::with_capacity(opts.batch_size);
-    let mut run = |jobs: &[(usize, usize)],
-                   streams: &mut SeededNoise,
-                   draws: &mut [Draws],
-                   den: &mut ModelDenoiser|
-     -> Result<()> {
-        let rows: Vec<usize> = jobs.iter().map(|&(i, _)| i).collect();
-        let eps = match &noise {
-            Some(z) => {
-                let mut e = Array4::zeros((jobs.len(), c, h, w));
-                for (r, &(i, j)) in jobs.iter().enumerate() {
-                    e.index_axis_mut(Axis(0), r)
-                        .assign(&z.slice(s![i, j, .., .., ..]));
-                }
-                e
-            }
-            None => streams.draw_rows(&rows),
-        };
-        let lv: Vec<NoiseLevel> = jobs.iter().map(|&(_, j)| terms[j].level).collect();
-        let mut xt = Array4::<f32>::zeros(eps.raw_dim());
-        for (r, &(i, _)) in jobs.iter().enumerate() {
-            let (a, s) = (lv[r].alpha, lv[r].sigma);
-            let (mut x, e) = (xt.index_axis_mut(Axis(0), r), eps.index_axis(Axis(0), r));
-            for (d, (x, &e)) in x.iter_mut().zip(e.iter()).enumerate() {
-                *x = (a * x0_of(i, d) + s * e as f64) as f32;
-            }
-        }
-        let pred = den.denoise_rows(&xt, &rows, &lv)?;
-        for (r, &(i, j)) in jobs.iter().enumerate() {
-            let (a, s) = (lv[r].alpha, lv[r].sigma);
-            // x̂_0 in f64 from the network's eps and the very x_t it saw.
-            let x0_hat = xt
-                .index_axis(Axis(0), r)
-                .iter()
-                .zip(pred.eps.index_axis(Axis(0), r).iter())
-                .map(|(&x, &e)| (x as f64 - s * e as f64) / a)
-                .collect::<Vec<f64>>();
-            if j == 0 {
-                let nll = -x0_hat
-                    .iter()
-                    .enumerate()
-                    .map(|(d, &m)| {
-                        let k = levels[i * dims + d];
-                        let bin = Bin::of_level(k as usize, LEVELS);
-                        discretized_gaussian_log_prob(x0_of(i, d), m, decoder_std, half_width, bin)
-                    })
-                    .sum::<f64>();
-                draws[i].add_decoder(nll);
-            } else {
-                let st = terms[j];
-                let kl = x0_hat
-                    .iter()
-                    .enumerate()
-                    .map(|(d, &m)| gaussian_kl(st.coef * (x0_of(i, d) - m), st.var_q, st.var_p))
-                    .sum::<f64>();
-                draws[i].add(kl * weight(j), bin_of(j));
-            }
-        }
+    // The streams are a parameter: the loop below draws each image's timesteps from them too.
+    let mut flush = |jobs: &mut Vec<(usize, usize)>, streams: &mut SeededNoise| -> Result<()> {
+        let eps = batch_noise(jobs, streams, noise.as_ref(), plan.sample_shape);
+        evaluate_batch(plan, opts.timesteps, &mut den, jobs, &eps, &mut draws)?;
         done += jobs.len();
         progress(done, total_jobs);
+        jobs.clear();
         Ok(())
     };
     for i in 0..n {
-        // The image's timesteps come first in its stream, then its noise, job by job.
-        let js: Vec<usize> = match opts.timesteps {
-            TimestepSampling::All => (1..t_count).collect(),
-            TimestepSampling::Draws(k) => streams
-                .unit_draws(i, k)
-                .into_iter()
-                .map(|u| 1 + cdf.partition_point(|&c| c <= u).min(t_count - 2))
-                .collect(),
-        };
+        let js = plan.timesteps_of(i, opts.timesteps, &mut streams);
         for j in std::iter::repeat_n(0, opts.decoder_draws).chain(js) {
             pending.push((i, j));
             if pending.len() == opts.batch_size {
-                run(&pending, &mut streams, &mut draws, &mut den)?;
-                pending.clear();
+                flush(&mut pending, &mut streams)?;
             }
         }
     }
     if !pending.is_empty() {
-        run(&pending, &mut streams, &mut draws, &mut den)?;
+        flush(&mut pending, &mut streams)?;
     }
-    let network_calls = den.calls();
-    // All timesteps: the sum of the terms; draws: the mean of the weighted draws.
-    let scale_kl = match opts.timesteps {
+    Ok((draws, den.calls()))
+}
+
+/// The noise of each job (image i, index j): the injected `[i, j]`, else the next draw from
+/// image i's stream.
+fn batch_noise(
+    jobs: &[(usize, usize)],
+    streams: &mut SeededNoise,
+    noise: Option<&ArrayView5<f32>>,
+    [c, h, w]: [usize; 3],
+) -> Array4<f32> {
+    match noise {
+        Some(z) => {
+            let mut e = Array4::zeros((jobs.len(), c, h, w));
+            for (r, &(i, j)) in jobs.iter().enumerate() {
+                e.index_axis_mut(Axis(0), r)
+                    .assign(&z.slice(s![i, j, .., .., ..]));
+            }
+            e
+        }
+        None => {
+            let rows: Vec<usize> = jobs.iter().map(|&(i, _)| i).collect();
+            streams.draw_rows(&rows)
+        }
+    }
+}
+
+/// One network call for `jobs`: x_j = alpha_j x_0 + sigma_j eps per job, the denoiser's
+/// x̂_0, and each job's term added to its image's draws.
+fn evaluate_batch(
+    plan: &Plan,
+    timesteps: TimestepSampling,
+    den: &mut dyn Denoiser,
+    jobs: &[(usize, usize)],
+    eps: &Array4<f32>,
+    draws: &mut [Draws],
+) -> Result<()> {
+    let rows: Vec<usize> = jobs.iter().map(|&(i, _)| i).collect();
+    let lv: Vec<NoiseLevel> = jobs.iter().map(|&(_, j)| plan.terms[j].level).collect();
+    let mut xt = Array4::<f32>::zeros(eps.raw_dim());
+    for (r, &(i, _)) in jobs.iter().enumerate() {
+        let (a, s) = (lv[r].alpha, lv[r].sigma);
+        let (mut x, e) = (xt.index_axis_mut(Axis(0), r), eps.index_axis(Axis(0), r));
+        for (d, (x, &e)) in x.iter_mut().zip(e.iter()).enumerate() {
+            *x = (a * plan.x0(i, d) + s * e as f64) as f32;
+        }
+    }
+    let pred = den.denoise_rows(&xt, &rows, &lv)?;
+    for (r, &(i, j)) in jobs.iter().enumerate() {
+        let (a, s) = (lv[r].alpha, lv[r].sigma);
+        // x̂_0 in f64 from the network's eps and the very x_t it saw.
+        let x0_hat = xt
+            .index_axis(Axis(0), r)
+            .iter()
+            .zip(pred.eps.index_axis(Axis(0), r).iter())
+            .map(|(&x, &e)| (x as f64 - s * e as f64) / a)
+            .collect::<Vec<f64>>();
+        if j == 0 {
+            draws[i].decoder.add(plan.decoder_nll(i, &x0_hat));
+        } else {
+            let kl = plan.kl_term(i, j, &x0_hat);
+            draws[i].add(kl * plan.weight(timesteps, j), plan.bin_of(j));
+        }
+    }
+    Ok(())
+}
+
+/// The report from each image's draws.
+fn report(plan: &Plan, opts: &ElboOptions, draws: &[Draws], network_calls: usize) -> ElboReport {
+    ElboReport {
+        images: draws
+            .iter()
+            .enumerate()
+            .map(|(i, dr)| image_elbo(plan, opts.timesteps, i, dr))
+            .collect(),
+        dims: plan.dims,
+        num_train_timesteps: plan.t_count,
+        bins: plan.bins.clone(),
+        timesteps: opts.timesteps,
+        proposal: opts.proposal,
+        pixel_scale: plan.scale,
+        variance: opts.variance,
+        network_calls,
+    }
+}
+
+/// Image `i`'s terms: L_T exact, the KL sum as the sum (all timesteps) or the mean of the
+/// weighted draws, L_0 the mean of the decoder's draws.
+fn image_elbo(plan: &Plan, timesteps: TimestepSampling, i: usize, dr: &Draws) -> ImageElbo {
+    let scale_kl = match timesteps {
         TimestepSampling::All => 1.0,
         TimestepSampling::Draws(k) => 1.0 / k as f64,
     };
-    let ab_last = alphas_cumprod[t_count - 1];
-    let images_out = draws
-        .iter()
-        .enumerate()
-        .map(|(i, dr)| ImageElbo {
-            prior: (0..dims).map(|d| prior_kl(x0_of(i, d), ab_last)).sum(),
-            kl: dr.mean * dr.count as f64 * scale_kl,
-            kl_variance: match opts.timesteps {
-                TimestepSampling::All => Some(0.0),
-                // The variance of a mean of K draws: s² / K with the draws' sample variance s².
-                TimestepSampling::Draws(k) if k > 1 => Some(dr.m2 / (k - 1) as f64 / k as f64),
-                TimestepSampling::Draws(_) => None,
-            },
-            reconstruction: dr.decoder.1,
-            reconstruction_variance: (dr.decoder.0 > 1)
-                .then(|| dr.decoder.2 / (dr.decoder.0 - 1) as f64 / dr.decoder.0 as f64),
-            kl_bins: dr.bins.iter().map(|b| b * scale_kl).collect(),
-        })
-        .collect();
-    Ok(ElboReport {
-        images: images_out,
-        dims,
-        num_train_timesteps: t_count,
-        bins,
-        timesteps: opts.timesteps,
-        proposal: opts.proposal,
-        pixel_scale: scale,
-        variance: opts.variance,
-        network_calls,
-    })
+    ImageElbo {
+        prior: (0..plan.dims)
+            .map(|d| prior_kl(plan.x0(i, d), plan.alpha_bar_last))
+            .sum(),
+        kl: dr.kl.mean * dr.kl.count as f64 * scale_kl,
+        kl_variance: match timesteps {
+            // Exact: the one noise draw per t is not counted.
+            TimestepSampling::All => Some(0.0),
+            TimestepSampling::Draws(_) => dr.kl.variance_of_mean(),
+        },
+        reconstruction: dr.decoder.mean,
+        reconstruction_variance: dr.decoder.variance_of_mean(),
+        kl_bins: dr.bins.iter().map(|b| b * scale_kl).collect(),
+    }
 }
 
 #[cfg(test)]
@@ -745,7 +934,7 @@ mod tests {
             beta_start: 1e-4,
             beta_end: 0.02,
         };
-        let Schedule::Discrete { alphas_cumprod, .. } = Schedule::from_spec(&spec) else {
+        let Schedule::Discrete { alphas_cumprod, .. } = Schedule::from_spec(&spec).unwrap() else {
             panic!()
         };
         let uniform = Proposal::Uniform.probabilities(&alphas_cumprod, [-1.0, 1.0]);

@@ -2,8 +2,10 @@
 
 use ndarray::{concatenate, Array4, Axis};
 
+use crate::clip::Clipped;
 use crate::denoiser::{Denoiser, ModelDenoiser, X0Clip};
 use crate::error::{Error, Result};
+use crate::guidance::Guided;
 use crate::metadata::{Conditioning, ModelMetadata};
 use crate::model::Model;
 use crate::noise::{InjectedNoise, NoiseSource, SeededNoise};
@@ -250,9 +252,14 @@ pub(crate) fn run_batches(
             }
         };
         let x = noise.initial()?.mapv(|v| v * prior_std as f32);
-        let mut den = ModelDenoiser::new(model, plan.label.map(|k| vec![k; m]), opts.x0_clip, first)
+        let mut net = ModelDenoiser::new(model, plan.label.map(|k| vec![k; m]), first)
             .with_cancel(opts.cancel.clone())
-            .with_guidance(guidance);
+            .with_unconditional(guidance.map(|(_, null)| vec![null; m]));
+        let mut den = Clipped::new(
+            Guided::new(&mut net, guidance.map(|(w, _)| w)),
+            opts.x0_clip,
+            meta.data_range,
+        );
         let mut batch = Batch {
             first,
             len: m,
@@ -269,7 +276,7 @@ pub(crate) fn run_batches(
                 .get_or_insert_with(Vec::new)
                 .extend(counts);
         }
-        report.network_calls += den.calls();
+        report.network_calls += net.calls();
         sink(first, out)?;
     }
     Ok(report)

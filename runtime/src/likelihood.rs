@@ -65,14 +65,14 @@
 //! # Ok::<(), edgediff::Error>(())
 //! ```
 //!
-//! [`CONTINUOUS_T_MIN`]: crate::spacing::CONTINUOUS_T_MIN
+//! [`CONTINUOUS_T_MIN`]: crate::schedule::CONTINUOUS_T_MIN
 
 use ndarray::{s, Array4, Axis};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
-use crate::denoiser::{Denoiser, ModelDenoiser, X0Clip};
+use crate::denoiser::{Denoiser, ModelDenoiser};
 use crate::error::{Error, Result};
 use crate::generate::{class_label_for, prior_std, MAX_BATCH_BYTES};
 use crate::model::Model;
@@ -287,7 +287,7 @@ pub fn log_likelihood(
         let m = opts.batch_size.min(n - first);
         let xb = x.slice(s![first..first + m, .., .., ..]).to_owned();
         let probes = draw_probes(opts, first, m, [c, h, w]);
-        let mut den = ModelDenoiser::new(model, label.map(|k| vec![k; m]), X0Clip::None, first);
+        let mut den = ModelDenoiser::new(model, label.map(|k| vec![k; m]), first);
         let done = b * total / batches.len();
         let (images, steps) = log_density_batch(
             &mut den,

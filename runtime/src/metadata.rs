@@ -1,4 +1,5 @@
 //! The model contract's metadata: the `edgediff` JSON record in an ONNX file's metadata_props.
+//! Plain data: parsing and checks of each field alone, nothing computed from them.
 
 use serde::{Deserialize, Serialize};
 
@@ -118,7 +119,10 @@ pub struct ModelMetadata {
 }
 
 impl ModelMetadata {
-    /// Parses and validates the JSON record; the error string names every problem found.
+    /// Parses the JSON record and checks each field on its own; the error string names the
+    /// first problem found. Whether the schedule they describe is usable (its alpha-bar may
+    /// underflow) is checked where the schedule is built, by `Schedule::from_spec`: metadata
+    /// stays plain data that knows no schedule arithmetic.
     ///
     /// ```
     /// let m = edgediff::metadata::ModelMetadata::from_json(r#"{"format_version":1,
@@ -142,17 +146,6 @@ impl ModelMetadata {
         let meta: ModelMetadata =
             serde_json::from_value(value).map_err(|e| format!("malformed field: {e}"))?;
         meta.validate()?;
-        // A discrete schedule whose alpha_bar underflows to 0 has infinite noise: no sampler
-        // can start from it (found by the fuzzer as a crash in the time lookup).
-        if let Some(betas) = crate::schedule::discrete_betas(&meta.schedule) {
-            let last: f64 = betas.iter().map(|b| 1.0 - b).product();
-            if last.is_nan() || last <= 1e-300 {
-                return Err(format!(
-                    "the schedule's alpha_bar reaches {last:e} (its betas are too large for {} steps)",
-                    betas.len()
-                ));
-            }
-        }
         Ok(meta)
     }
 
@@ -175,7 +168,45 @@ impl ModelMetadata {
                 "data_range [{lo}, {hi}] must be finite with min < max"
             ));
         }
-        match &self.schedule {
+        self.schedule.validate()?;
+        if let Some(c) = &self.conditioning {
+            c.validate()?;
+        }
+        self.check_time_input()
+    }
+
+    /// The time input must be one the schedule has: indices only on discrete schedules, sigma
+    /// only on VE.
+    fn check_time_input(&self) -> Result<(), String> {
+        let discrete = self.schedule.is_discrete();
+        if discrete && self.time_input == TimeInput::Sigma {
+            return Err("time_input 'sigma' needs a ve schedule".into());
+        }
+        if !discrete && self.time_input == TimeInput::Index {
+            return Err(
+                "time_input 'index' needs a discrete schedule (linear, cosine, quadratic, sigmoid)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Elements in one sample, C * H * W.
+    pub fn sample_len(&self) -> usize {
+        self.sample_shape.iter().product()
+    }
+}
+
+impl ScheduleSpec {
+    /// Whether this is a table of T training steps (linear, quadratic, sigmoid, cosine) rather
+    /// than a continuous SDE (vp, ve).
+    pub fn is_discrete(&self) -> bool {
+        !matches!(self, ScheduleSpec::Vp { .. } | ScheduleSpec::Ve { .. })
+    }
+
+    /// Checks each parameter's range.
+    fn validate(&self) -> Result<(), String> {
+        match self {
             ScheduleSpec::Linear {
                 num_train_timesteps: t,
                 beta_start: a,
@@ -228,34 +259,21 @@ impl ModelMetadata {
                 }
             }
         }
-        if let Some(Conditioning::Class {
-            num_classes,
-            null_label,
-        }) = &self.conditioning
-        {
-            if *num_classes == 0 || *null_label < 0 {
-                return Err("conditioning.class needs num_classes > 0 and null_label >= 0".into());
-            }
-        }
-        let discrete = !matches!(
-            self.schedule,
-            ScheduleSpec::Vp { .. } | ScheduleSpec::Ve { .. }
-        );
-        if discrete && self.time_input == TimeInput::Sigma {
-            return Err("time_input 'sigma' needs a ve schedule".into());
-        }
-        if !discrete && self.time_input == TimeInput::Index {
-            return Err(
-                "time_input 'index' needs a discrete schedule (linear, cosine, quadratic, sigmoid)"
-                    .into(),
-            );
-        }
         Ok(())
     }
+}
 
-    /// Elements in one sample, C * H * W.
-    pub fn sample_len(&self) -> usize {
-        self.sample_shape.iter().product()
+impl Conditioning {
+    fn validate(&self) -> Result<(), String> {
+        match self {
+            Conditioning::Class {
+                num_classes,
+                null_label,
+            } if *num_classes == 0 || *null_label < 0 => {
+                Err("conditioning.class needs num_classes > 0 and null_label >= 0".into())
+            }
+            _ => Ok(()),
+        }
     }
 }
 

@@ -136,10 +136,14 @@ impl Model {
                 crate::metadata::METADATA_KEY
             ),
         })?;
-        let metadata = ModelMetadata::from_json(&raw).map_err(|detail| Error::Metadata {
+        let unusable = |detail: String| Error::Metadata {
             path: path.into(),
             detail,
-        })?;
+        };
+        let metadata = ModelMetadata::from_json(&raw).map_err(unusable)?;
+        // Before the graph checks: a schedule no sampler can use is bad metadata, reported as
+        // such whatever else is wrong.
+        let schedule = Schedule::from_spec(&metadata.schedule).map_err(unusable)?;
         let contract = |detail: String| Error::Contract {
             path: path.into(),
             detail,
@@ -171,7 +175,6 @@ impl Model {
                 }
             )));
         }
-        let schedule = Schedule::from_spec(&metadata.schedule);
         Ok(Model {
             network,
             metadata,

@@ -124,9 +124,26 @@ pub fn discrete_betas(spec: &ScheduleSpec) -> Option<Vec<f64>> {
     })
 }
 
+/// Smallest continuous time a VP/VE trajectory visits (Song et al. 2021 use 1e-3 and 1e-5): at
+/// t = 0 sigma is 0 (VP) and the network was never trained there.
+pub const CONTINUOUS_T_MIN: f64 = 1e-3;
+
+/// Smallest alpha-bar at the end of a discrete table that a sampler can start from.
+const MIN_ALPHA_BAR: f64 = 1e-300;
+
 impl Schedule {
-    /// Builds the schedule a model's metadata describes.
-    pub fn from_spec(spec: &ScheduleSpec) -> Schedule {
+    /// Builds the schedule a model's metadata describes and checks that samplers can use it;
+    /// the error says why not. The spec's fields are assumed to be in range (as
+    /// `ModelMetadata::from_json` checks them).
+    pub fn from_spec(spec: &ScheduleSpec) -> Result<Schedule, String> {
+        let schedule = Schedule::from_spec_unchecked(spec);
+        schedule.check_alpha_bar()?;
+        Ok(schedule)
+    }
+
+    /// Builds the schedule without [`Schedule::from_spec`]'s checks: for printing a table that
+    /// may run to alpha-bar = 0, where no sampler could start.
+    pub fn from_spec_unchecked(spec: &ScheduleSpec) -> Schedule {
         match (discrete_betas(spec), spec) {
             (Some(betas), _) => {
                 let alphas_cumprod: Vec<f64> = betas
@@ -159,6 +176,22 @@ impl Schedule {
             },
             (None, _) => unreachable!("discrete_betas covers every discrete kind"),
         }
+    }
+
+    /// A discrete table whose alpha-bar underflows to 0 has infinite noise at its end: no
+    /// sampler can start there (found by the fuzzer as a crash in the time lookup).
+    fn check_alpha_bar(&self) -> Result<(), String> {
+        let Schedule::Discrete { alphas_cumprod, .. } = self else {
+            return Ok(());
+        };
+        let last = alphas_cumprod.last().copied().unwrap_or(f64::NAN);
+        if last.is_nan() || last <= MIN_ALPHA_BAR {
+            return Err(format!(
+                "the schedule's alpha_bar reaches {last:e} (its betas are too large for {} steps)",
+                alphas_cumprod.len()
+            ));
+        }
+        Ok(())
     }
 
     /// The schedule time at which sigma/alpha equals `sbar` (the inverse of [`Schedule::level`]),
@@ -214,13 +247,19 @@ impl Schedule {
         }
     }
 
-    /// The largest and smallest sigma/alpha the schedule reaches (t = T-1 and 0, or 1 and
-    /// [`crate::spacing::CONTINUOUS_T_MIN`]).
-    pub fn sbar_range(&self) -> (f64, f64) {
-        let (hi, lo) = match self.num_train_timesteps() {
+    /// The noisiest and the cleanest time a trajectory visits: T-1 and 0, or 1 and
+    /// [`CONTINUOUS_T_MIN`].
+    pub fn time_range(&self) -> (f64, f64) {
+        match self.num_train_timesteps() {
             Some(n) => ((n - 1) as f64, 0.0),
-            None => (1.0, crate::spacing::CONTINUOUS_T_MIN),
-        };
+            None => (1.0, CONTINUOUS_T_MIN),
+        }
+    }
+
+    /// The largest and smallest sigma/alpha the schedule reaches, at the ends of
+    /// [`Schedule::time_range`].
+    pub fn sbar_range(&self) -> (f64, f64) {
+        let (hi, lo) = self.time_range();
         (self.level(hi).sbar(), self.level(lo).sbar())
     }
 
@@ -310,7 +349,9 @@ mod tests {
     #[test]
     fn linear_alpha_bar_matches_closed_form_product() {
         // alpha_bar_t = prod_{i<=t} (1 - beta_i) with beta_i = a + (b - a) i / (T - 1).
-        let Schedule::Discrete { alphas_cumprod, .. } = Schedule::from_spec(&spec("linear")) else {
+        let Schedule::Discrete { alphas_cumprod, .. } =
+            Schedule::from_spec(&spec("linear")).unwrap()
+        else {
             panic!()
         };
         for t in [0usize, 1, 499, 999] {
@@ -328,9 +369,29 @@ mod tests {
     }
 
     #[test]
+    fn refuses_a_table_whose_alpha_bar_underflows() {
+        // Betas 0.055..0.61 over 1721 steps: alpha_bar ends far below 1e-300 (the fuzzer's case).
+        let bad = ScheduleSpec::Linear {
+            num_train_timesteps: 1721,
+            beta_start: 0.055,
+            beta_end: 0.61,
+        };
+        let err = Schedule::from_spec(&bad).unwrap_err();
+        assert!(
+            err.starts_with("the schedule's alpha_bar reaches 0e0"),
+            "{err}"
+        );
+        assert!(err.ends_with("for 1721 steps)"), "{err}");
+        assert_eq!(
+            Schedule::from_spec_unchecked(&bad).num_train_timesteps(),
+            Some(1721)
+        );
+    }
+
+    #[test]
     fn cosine_alpha_bar_is_the_cosine_curve() {
         // Without the beta cap, alpha_bar_t = f(t+1)/f(0) with f(u) = cos²((u/T + s)/(1+s) π/2).
-        let s = Schedule::from_spec(&spec("cosine"));
+        let s = Schedule::from_spec(&spec("cosine")).unwrap();
         let f = |u: f64| {
             ((u / 1000.0 + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
                 .cos()
@@ -374,7 +435,7 @@ mod tests {
 
     #[test]
     fn fractional_index_interpolates_log_sbar_and_inverts() {
-        let s = Schedule::from_spec(&spec("linear"));
+        let s = Schedule::from_spec(&spec("linear")).unwrap();
         let (a, b, m) = (s.level(10.0), s.level(11.0), s.level(10.5));
         assert!((m.sbar() - (a.sbar() * b.sbar()).sqrt()).abs() < 1e-14);
         assert!((m.alpha.powi(2) + m.sigma.powi(2) - 1.0).abs() < 1e-14);

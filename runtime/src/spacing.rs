@@ -21,6 +21,9 @@ pub enum Spacing {
     LogSnr,
 }
 
+/// The names [`Spacing::from_str`] takes.
+const NAMES: [&str; 5] = ["leading", "trailing", "linspace", "karras", "logsnr"];
+
 impl FromStr for Spacing {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
@@ -30,36 +33,36 @@ impl FromStr for Spacing {
             "linspace" => Ok(Spacing::Linspace),
             "karras" => Ok(Spacing::Karras { rho: 7.0 }),
             "logsnr" => Ok(Spacing::LogSnr),
-            other => Err(Error::invalid(format!(
-                "unknown spacing '{other}'; expected leading, trailing, linspace, karras or logsnr"
-            ))),
+            other => Err(Error::unknown("spacing", other, &NAMES)),
         }
     }
 }
 
-/// Smallest continuous time visited by VP/VE samplers (Song et al. 2021 use 1e-3 and 1e-5).
-pub const CONTINUOUS_T_MIN: f64 = 1e-3;
-
 /// The schedule times a sampler visits, from most to least noisy, for `steps` model calls.
 pub fn timesteps(schedule: &Schedule, spacing: Spacing, steps: usize) -> Result<Vec<f64>> {
     if steps == 0 {
-        return Err(Error::invalid("--steps must be at least 1"));
+        return Err(Error::options("{0} must be at least 1", &["steps"]));
     }
     let Some(t_train) = schedule.num_train_timesteps() else {
         if steps > 100_000 {
-            return Err(Error::invalid(format!(
-                "--steps {steps} is absurd (at most 100000)"
-            )));
+            return Err(Error::out_of_range(
+                "steps",
+                steps,
+                "is absurd (at most 100000)",
+            ));
         }
-        // Continuous time: evenly from 1 down to CONTINUOUS_T_MIN, whatever the spacing name.
+        // Continuous time: evenly over the schedule's time range, whatever the spacing name.
+        let (hi, lo) = schedule.time_range();
         return Ok((0..steps)
-            .map(|i| 1.0 - (1.0 - CONTINUOUS_T_MIN) * i as f64 / (steps.max(2) - 1) as f64)
+            .map(|i| hi - (hi - lo) * i as f64 / (steps.max(2) - 1) as f64)
             .collect());
     };
     if steps > t_train {
-        return Err(Error::invalid(format!(
-            "--steps {steps} exceeds the model's {t_train} training timesteps"
-        )));
+        return Err(Error::out_of_range(
+            "steps",
+            steps,
+            &format!("exceeds the model's {t_train} training timesteps"),
+        ));
     }
     let (n, s) = (t_train as f64, steps as f64);
     let ts: Vec<f64> = match spacing {
@@ -110,9 +113,7 @@ pub fn spaced_levels(
         }
         Spacing::Karras { rho } => {
             if !(rho > 0.0 && rho.is_finite()) {
-                return Err(Error::invalid(format!(
-                    "--rho {rho} must be positive"
-                )));
+                return Err(Error::out_of_range("rho", rho, "must be positive"));
             }
             let (hi, lo) = schedule.sbar_range();
             let (a, b) = (hi.powf(1.0 / rho), lo.powf(1.0 / rho));
@@ -134,9 +135,7 @@ pub fn spaced_levels(
 /// `steps` fractions evenly from 0 to 1 inclusive.
 fn even(steps: usize) -> Result<impl Iterator<Item = f64>> {
     if steps == 0 || steps > 100_000 {
-        return Err(Error::invalid(format!(
-            "--steps {steps} must be in 1..=100000"
-        )));
+        return Err(Error::out_of_range("steps", steps, "must be in 1..=100000"));
     }
     Ok((0..steps).map(move |i| {
         if steps == 1 {
@@ -151,6 +150,7 @@ fn even(steps: usize) -> Result<impl Iterator<Item = f64>> {
 mod tests {
     use super::*;
     use crate::metadata::ScheduleSpec;
+    use crate::schedule::CONTINUOUS_T_MIN;
 
     fn linear() -> Schedule {
         Schedule::from_spec(&ScheduleSpec::Linear {
@@ -158,6 +158,7 @@ mod tests {
             beta_start: 1e-4,
             beta_end: 0.02,
         })
+        .unwrap()
     }
 
     #[test]
@@ -203,8 +204,18 @@ mod tests {
     #[test]
     fn rejects_zero_and_too_many_steps() {
         let s = linear();
-        assert!(timesteps(&s, Spacing::Leading, 0).is_err());
-        assert!(timesteps(&s, Spacing::Leading, 1001).is_err());
+        let flag = |a: &str| format!("--{a}");
+        let zero = timesteps(&s, Spacing::Leading, 0).unwrap_err();
+        assert_eq!(
+            zero.to_string(),
+            "invalid argument: steps must be at least 1"
+        );
+        assert_eq!(zero.argument().and_then(|a| a.arg()), Some("steps"));
+        let many = timesteps(&s, Spacing::Leading, 1001).unwrap_err();
+        assert_eq!(
+            many.message_with(&flag),
+            "invalid argument: --steps 1001 exceeds the model's 1000 training timesteps"
+        );
     }
 
     #[test]

@@ -50,6 +50,12 @@ fn mutated(base: Vec<u8>) -> impl Strategy<Value = Vec<u8>> {
         })
 }
 
+/// The schedule of metadata a model would open with: parsed, checked field by field, and
+/// usable by samplers.
+fn accepted(text: &str) -> Option<Schedule> {
+    Schedule::from_spec(&ModelMetadata::from_json(text).ok()?.schedule).ok()
+}
+
 fn valid_npy() -> Vec<u8> {
     npy_bytes(&[2, 1, 3, 3], (0..18).map(|i| i as f32 * 0.25))
 }
@@ -83,8 +89,7 @@ proptest! {
     #[test]
     fn metadata_parser_never_panics_on_mutations(bytes in mutated(META.as_bytes().to_vec())) {
         // What it accepts must also build a schedule and space steps over it without panicking.
-        if let Ok(meta) = ModelMetadata::from_json(&String::from_utf8_lossy(&bytes)) {
-            let schedule = Schedule::from_spec(&meta.schedule);
+        if let Some(schedule) = accepted(&String::from_utf8_lossy(&bytes)) {
             for spacing in ["trailing", "leading", "linspace", "karras", "logsnr"] {
                 let _ = spaced_levels(&schedule, spacing.parse().expect("known"), 10);
             }
@@ -107,8 +112,7 @@ proptest! {
             r#"{"beta_end": 0.02, "beta_start": 0.0001, "kind": "linear", "num_train_timesteps": 1000}"#,
             &text,
         );
-        if let Ok(meta) = ModelMetadata::from_json(&meta) {
-            let schedule = Schedule::from_spec(&meta.schedule);
+        if let Some(schedule) = accepted(&meta) {
             for spacing in ["trailing", "karras", "logsnr"] {
                 let _ = spaced_levels(&schedule, spacing.parse().expect("known"), 7);
             }
@@ -145,9 +149,10 @@ fn regressions() {
         r#""beta_end": 0.02, "beta_start": 0.0001, "kind": "linear", "num_train_timesteps": 1000"#,
         r#""beta_end": 0.6084029653588663, "beta_start": 0.0548853971477611, "kind": "linear", "num_train_timesteps": 1721"#,
     );
-    let err = ModelMetadata::from_json(&meta).unwrap_err();
+    let spec = ModelMetadata::from_json(&meta).unwrap().schedule;
+    let err = Schedule::from_spec(&spec).unwrap_err();
     assert!(err.contains("alpha_bar"), "{err}");
-    let lookup = Schedule::from_spec(&ModelMetadata::from_json(META).unwrap().schedule);
+    let lookup = accepted(META).unwrap();
     assert_eq!(lookup.t_for_sbar(f64::NAN), 0.0);
 
     let cases: &[&[u8]] = &[
