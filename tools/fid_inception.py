@@ -76,13 +76,21 @@ def gaussian_stats(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
+def _rounding_to_zero(vals: np.ndarray) -> np.ndarray:
+    """Eigenvalues of a PSD matrix with those within rounding of zero set to zero. A zero
+    eigenvalue comes out as +-1e-16 (the sign depends on the LAPACK kernel of the CPU), and
+    its square root, 1e-8, would enter the distance; below n eps max|lambda| it is noise."""
+    tol = len(vals) * np.finfo(vals.dtype).eps * max(float(np.abs(vals).max()), 0.0)
+    return np.where(vals > tol, vals, 0.0)
+
+
 def frechet_distance(mu_a: np.ndarray, cov_a: np.ndarray, mu_b: np.ndarray, cov_b: np.ndarray) -> float:
     """|mu_a - mu_b|^2 + tr(A) + tr(B) - 2 tr((A^1/2 B A^1/2)^1/2), via symmetric eigensolves
     (real and exact for singular covariances)."""
     vals, vecs = np.linalg.eigh((cov_a + cov_a.T) / 2)
-    a_half = (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
+    a_half = (vecs * np.sqrt(_rounding_to_zero(vals))) @ vecs.T
     m = a_half @ cov_b @ a_half
-    cross = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    cross = np.sqrt(_rounding_to_zero(np.linalg.eigvalsh((m + m.T) / 2))).sum()
     d = mu_a - mu_b
     return float(d @ d + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
 
