@@ -8,7 +8,7 @@
 //! use edgediff::{generate, Model, SampleOptions, SamplerKind};
 //! edgediff::init_onnxruntime(None)?; // or set ORT_DYLIB_PATH
 //! let mut model = Model::open("models/mnist-ddpm.onnx")?;
-//! let opts = SampleOptions { sampler: SamplerKind::Ddim { eta: 0.0 }, steps: 50, n: 16, ..Default::default() };
+//! let opts = SampleOptions { sampler: SamplerKind::DDIM, steps: 50, n: 16, ..Default::default() };
 //! let samples = generate(&mut model, &opts, None, &mut |_, _| {})?;
 //! # Ok::<(), edgediff::Error>(())
 //! ```
