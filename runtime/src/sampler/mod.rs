@@ -164,7 +164,7 @@ pub type RunFn =
 /// A sampler as its file declares it: the description `edgediff samplers` prints, the options
 /// it takes, and how it runs. [`REGISTRY`] lists them all.
 ///
-/// A file builds its entry with [`SamplerDef::new`] and the setters after it; what it does not
+/// A file builds its entry with `SamplerDef::new` and the setters after it; what it does not
 /// set keeps the common case: deterministic, no options, on the given level grid.
 #[derive(Debug)]
 pub struct SamplerDef {

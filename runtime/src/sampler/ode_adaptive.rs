@@ -4,8 +4,8 @@
 //!
 //! A step is accepted when the scaled error norm (RMS over a sample's elements of
 //! err / (atol + rtol max(|x|, |x_new|))) is at most 1, and the next step is h (0.9 / norm)^(1/3),
-//! kept within [0.2, 5] times the last (Hairer et al., II.4). Two controllers share the step
-//! ([`Ode::attempt`]):
+//! kept within [0.2, 5] times the last (Hairer et al., II.4). Two controllers share the step and
+//! its error norm:
 //!
 //! - `ode-adaptive` ([`batch_controlled`]): one step size for the batch, driven by its worst
 //!   sample;
