@@ -14,7 +14,7 @@ use crate::error::Result;
 
 /// Which DPM-Solver++ family member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DpmVariant {
+enum DpmVariant {
     /// Deterministic probability-flow ODE solver.
     Ode,
     /// The SDE solver (Lu et al. 2022b, §5 / diffusers "sde-dpmsolver++", midpoint).

@@ -5,7 +5,7 @@
 //!
 //! A sampler is one file that ends with its registry entry, a `pub static` [`SamplerDef`]: the
 //! row `edgediff samplers` prints, the options it takes with their defaults ([`SamplerOption`]),
-//! when it is stochastic, and its `run` function. Most `run`s are a [`Trajectory::walk`] over
+//! when it is stochastic, and its `run` function. Most `run`s are a `Trajectory::walk` over
 //! one step built from the shared maths in `ops` (the DDIM/Euler transfer, the f64 `lincomb`):
 //!
 //! ```ignore
@@ -92,7 +92,7 @@ pub struct Trajectory<'a> {
 
 /// One step of a [`Trajectory::walk`]: from `cur` to `next`, the `i`-th (0-based) of `n`, with
 /// the sample `x` at `cur` and the denoiser's answer `d` there.
-pub struct Step<'x> {
+pub(crate) struct Step<'x> {
     pub i: usize,
     pub n: usize,
     pub cur: NoiseLevel,
@@ -110,7 +110,7 @@ impl<'a> Trajectory<'a> {
     /// Runs `step` from the first level to the last: each call gets x and the denoiser's answer
     /// at the current level and returns x at the next; `progress` hears of every step. The
     /// closure gets the trajectory back for its own extra calls and noise.
-    pub fn walk(
+    pub(crate) fn walk(
         &mut self,
         mut x: Array4<f32>,
         progress: &mut Progress<'_>,
@@ -139,7 +139,7 @@ impl<'a> Trajectory<'a> {
     /// The f64 linear combination of `terms`, plus `noise` times step `i`'s fresh noise when
     /// `noise` is given. The noise is drawn only then: seeded streams are sequential, so a draw
     /// a sampler does not use would shift every later one.
-    pub fn lincomb_with_noise(
+    pub(crate) fn lincomb_with_noise(
         &mut self,
         i: usize,
         terms: &[(f64, &Array4<f32>)],
@@ -158,7 +158,7 @@ impl<'a> Trajectory<'a> {
 }
 
 /// How a sampler runs: from `x` (noise at the trajectory's first level) to its last level.
-pub type RunFn =
+pub(crate) type RunFn =
     fn(&Settings, &mut Trajectory<'_>, Array4<f32>, &mut Progress<'_>) -> Result<Array4<f32>>;
 
 /// A sampler as its file declares it: the description `edgediff samplers` prints, the options
@@ -196,10 +196,12 @@ pub enum SamplerOption {
 
 /// When a sampler draws fresh noise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stochastic {
+pub(crate) enum Stochastic {
+    /// An ODE solver: the initial noise fixes the output.
     Never,
+    /// Fresh noise at every step.
     Always,
-    /// When its `eta` is above 0.
+    /// Fresh noise when its `eta` is above 0.
     WithEta,
 }
 
