@@ -555,7 +555,7 @@ fn bs3(
         let norm = (0..y.1.len())
             .map(|j| {
                 let (e, a, b) = (row(err, j), row(&y, j), row(new, j));
-                let count = e.len() + 1;
+                let count = e.len() + 1; // xbar's elements and the integral
                 let elements = scaled_error_sq(e, a, b, rtol, atol);
                 let integral = scaled_error(err.1[j], y.1[j], new.1[j], rtol, atol);
                 ((elements + integral.powi(2)) / count as f64).sqrt()
