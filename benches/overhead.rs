@@ -33,7 +33,7 @@ fn main() -> edgediff::Result<()> {
     let [c, h, w] = model.metadata().sample_shape;
     let x = Array4::<f32>::from_elem((batch, c, h, w), 0.1);
     let opts = SampleOptions {
-        sampler: SamplerKind::Ddim { eta: 0.0 },
+        sampler: SamplerKind::DDIM,
         steps,
         n: batch,
         batch_size: batch,

@@ -21,7 +21,7 @@ use ndarray::Array4;
 use crate::error::{Error, Result};
 use crate::generate::{generate, SampleOptions};
 use crate::model::Model;
-use crate::sampler::SamplerKind;
+use crate::sampler::{heun, unipc, SamplerKind};
 use crate::spacing::Spacing;
 
 /// What to calibrate and how hard to search.
@@ -48,7 +48,7 @@ pub struct CalibrateOptions {
 impl Default for CalibrateOptions {
     fn default() -> Self {
         CalibrateOptions {
-            sampler: SamplerKind::UniPc { order: 3 },
+            sampler: SamplerKind::of(&unipc::UNIPC).with_order(3),
             steps: 10,
             pilot: 256,
             seed: 1,
@@ -90,8 +90,9 @@ pub fn default_max_evals(steps: usize) -> usize {
 /// ```no_run
 /// use edgediff::calibrate::{calibrate, CalibrateOptions};
 /// use edgediff::{Model, SamplerKind, SampleOptions, generate};
+/// use edgediff::sampler::unipc::UNIPC;
 /// let mut model = Model::open("models/mnist-ddpm.onnx")?;
-/// let opts = CalibrateOptions { sampler: SamplerKind::UniPc { order: 3 }, steps: 10, pilot: 64, ..Default::default() };
+/// let opts = CalibrateOptions { sampler: SamplerKind::of(&UNIPC).with_order(3), steps: 10, pilot: 64, ..Default::default() };
 /// let cal = calibrate(&mut model, &opts, &mut |_, _| {})?;
 /// let sample = SampleOptions { sampler: opts.sampler, timesteps: Some(cal.timesteps), seed: 0, ..Default::default() };
 /// let x = generate(&mut model, &sample, None, &mut |_, _| {})?;
@@ -104,7 +105,7 @@ pub fn calibrate(
 ) -> Result<Calibration> {
     check(opts)?;
     let base = SampleOptions {
-        sampler: SamplerKind::Heun,
+        sampler: SamplerKind::of(&heun::HEUN),
         steps: opts.teacher_steps,
         spacing: Spacing::LogSnr,
         n: opts.pilot,
@@ -167,34 +168,36 @@ pub fn calibrate(
 }
 
 fn check(opts: &CalibrateOptions) -> Result<()> {
-    let bad = |m: String| Err(Error::invalid(m));
     if opts.sampler.is_stochastic() || opts.sampler.is_adaptive() {
-        return bad(format!(
+        return Err(Error::invalid(format!(
             "calibrate needs a deterministic fixed-grid sampler (an ODE solver such as unipc, dpm++2m, ddim); {} {}",
             opts.sampler.name(),
             if opts.sampler.is_adaptive() { "chooses its own steps" } else { "is stochastic" }
-        ));
+        )));
     }
     if !(2..=1000).contains(&opts.steps) {
-        return bad(format!(
-            "--steps {} must be in 2..=1000 (one point has nothing to place)",
-            opts.steps
-        ));
+        let allowed = "must be in 2..=1000 (one point has nothing to place)";
+        return Err(Error::out_of_range("steps", opts.steps, allowed));
     }
     if !(1..=100_000).contains(&opts.pilot) {
-        return bad(format!("--pilot {} must be in 1..=100000", opts.pilot));
+        return Err(Error::out_of_range(
+            "pilot",
+            opts.pilot,
+            "must be in 1..=100000",
+        ));
     }
     if opts.teacher_steps < 2 * opts.steps {
-        return bad(format!(
-            "--teacher-steps {} must be at least twice --steps {} (the teacher must be far more exact than the sampler)",
-            opts.teacher_steps, opts.steps
+        return Err(Error::options(
+            format!(
+                "{{0}} {} must be at least twice {{1}} {} (the teacher must be far more exact than the sampler)",
+                opts.teacher_steps, opts.steps
+            ),
+            &["teacher_steps", "steps"],
         ));
     }
     if opts.max_evals == 1 || opts.max_evals > 1_000_000 {
-        return bad(format!(
-            "--max-evals {} must be in 2..=1000000 (0: the default)",
-            opts.max_evals
-        ));
+        let allowed = "must be in 2..=1000000 (0: the default)";
+        return Err(Error::out_of_range("max_evals", opts.max_evals, allowed));
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use crate::denoiser::{Denoiser, ModelDenoiser};
 use crate::error::{Error, Result};
 use crate::generate::{class_label_for, prior_std};
 use crate::model::Model;
+use crate::sampler::ops::transfer;
 use crate::spacing::{spaced_levels, Spacing};
 
 /// Runs the probability-flow ODE forwards (DDIM inversion) from `images` `[n, C, H, W]` (in the
@@ -38,9 +39,7 @@ pub fn invert(
         )));
     }
     if batch_size == 0 {
-        return Err(Error::invalid(
-            "--batch-size must be at least 1",
-        ));
+        return Err(Error::options("{0} must be at least 1", &["batch_size"]));
     }
     let label = class_label_for(model.metadata(), class_label)?;
     let mut up = spaced_levels(model.schedule(), spacing, steps)?;
@@ -57,11 +56,7 @@ pub fn invert(
             let (cur, next) = (up[i], up[i + 1]);
             let at = if cur.is_clean() { next } else { cur };
             let eps = den.denoise(&x, &at)?.eps;
-            // x_next = alpha_next x0 + sigma_next eps with x0 = (x - sigma_cur eps) / alpha_cur.
-            let (cx, ce) = (next.alpha / cur.alpha, next.sigma - next.alpha * cur.sbar());
-            Zip::from(&mut x).and(&eps).for_each(|x, &e| {
-                *x = (cx * *x as f64 + ce * e as f64) as f32;
-            });
+            x = transfer(&x, &eps, &cur, &next);
             progress(b * steps + i + 1, total);
         }
         out.slice_mut(s![first..first + m, .., .., ..])
@@ -94,9 +89,7 @@ pub fn slerp(a: &Array4<f32>, b: &Array4<f32>, t: f64) -> Array4<f32> {
 /// `frames` noises from `a` to `b` (both `[1, C, H, W]`) inclusive, stacked `[frames, C, H, W]`.
 pub fn slerp_frames(a: &Array4<f32>, b: &Array4<f32>, frames: usize) -> Result<Array4<f32>> {
     if frames < 2 {
-        return Err(Error::invalid(format!(
-            "--frames {frames} must be at least 2"
-        )));
+        return Err(Error::out_of_range("frames", frames, "must be at least 2"));
     }
     let mut out = Array4::zeros((frames, a.shape()[1], a.shape()[2], a.shape()[3]));
     for f in 0..frames {

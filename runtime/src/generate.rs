@@ -63,7 +63,7 @@ pub struct SampleOptions {
 impl Default for SampleOptions {
     fn default() -> Self {
         SampleOptions {
-            sampler: SamplerKind::Ddim { eta: 0.0 },
+            sampler: SamplerKind::DDIM,
             steps: 100,
             spacing: Spacing::Trailing,
             timesteps: None,

@@ -76,7 +76,7 @@ use crate::denoiser::{Denoiser, ModelDenoiser};
 use crate::error::{Error, Result};
 use crate::generate::{class_label_for, prior_std, MAX_BATCH_BYTES};
 use crate::model::Model;
-use crate::sampler::lincomb;
+use crate::sampler::ops::{bs3_step, lincomb, scaled_error, scaled_error_sq, step_factor};
 use crate::schedule::{NoiseLevel, Schedule};
 
 /// Relative finite-difference step δ: η = δ max(rms(x), 1) (see the module docs).
@@ -104,9 +104,12 @@ impl std::str::FromStr for Probe {
         match s {
             "rademacher" => Ok(Probe::Rademacher),
             "gaussian" => Ok(Probe::Gaussian),
-            other => Err(Error::invalid(format!(
-                "unknown --probe '{other}'; expected rademacher or gaussian"
-            ))),
+            // Not Error::unknown: its message names "probe" as a word, where the CLI's
+            // message has always named the option.
+            other => Err(Error::options(
+                format!("unknown {{0}} '{other}'; expected rademacher or gaussian"),
+                &["probe"],
+            )),
         }
     }
 }
@@ -159,37 +162,34 @@ impl Default for LikelihoodOptions {
 impl LikelihoodOptions {
     /// Refuses values that cannot work, naming the option.
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::invalid(m));
         if !(1..=MAX_PROBES).contains(&self.probes) {
-            return bad(format!(
-                "--probes {} must be in 1..={MAX_PROBES}",
-                self.probes
-            ));
+            let allowed = format!("must be in 1..={MAX_PROBES}");
+            return Err(Error::out_of_range("probes", self.probes, &allowed));
         }
         match self.solver {
             OdeSolver::Rk4 { steps } if !(1..=MAX_STEPS).contains(&steps) => {
-                return bad(format!("--steps {steps} must be in 1..={MAX_STEPS}"))
+                let allowed = format!("must be in 1..={MAX_STEPS}");
+                return Err(Error::out_of_range("steps", steps, &allowed));
             }
             OdeSolver::Adaptive { rtol, atol }
                 if !(rtol > 0.0 && atol > 0.0 && rtol < 1.0 && atol.is_finite()) =>
             {
-                return bad(format!(
-                    "--rtol {rtol} and --atol {atol} must be positive (rtol below 1)"
-                ))
+                return Err(Error::options(
+                    format!("{{0}} {rtol} and {{1}} {atol} must be positive (rtol below 1)"),
+                    &["rtol", "atol"],
+                ));
             }
             _ => {}
         }
         if !(self.fd_step > 0.0 && self.fd_step <= 0.1) {
-            return bad(format!(
-                "--fd-step {} must be in (0, 0.1] (default {DEFAULT_FD_STEP})",
-                self.fd_step
-            ));
+            let allowed = format!("must be in (0, 0.1] (default {DEFAULT_FD_STEP})");
+            return Err(Error::out_of_range("fd_step", self.fd_step, &allowed));
         }
         if self.batch_size == 0 {
-            return bad("--batch-size must be at least 1".into());
+            return Err(Error::options("{0} must be at least 1", &["batch_size"]));
         }
         if !(self.bins >= 2.0 && self.bins.is_finite()) {
-            return bad(format!("--bins {} must be at least 2", self.bins));
+            return Err(Error::out_of_range("bins", self.bins, "must be at least 2"));
         }
         Ok(())
     }
@@ -262,12 +262,15 @@ pub fn log_likelihood(
     let rows = opts.batch_size.min(n).saturating_mul(1 + 2 * opts.probes);
     let row_bytes = 4 * c * h * w;
     if rows.saturating_mul(row_bytes) > MAX_BATCH_BYTES {
-        return Err(Error::invalid(format!(
-            "--batch-size {} with --probes {} puts {rows} images in each network call ({:.1} GiB); use a smaller --batch-size",
-            opts.batch_size.min(n),
-            opts.probes,
-            rows as f64 * row_bytes as f64 / (1u64 << 30) as f64
-        )));
+        return Err(Error::options(
+            format!(
+                "{{0}} {} with {{1}} {} puts {rows} images in each network call ({:.1} GiB); use a smaller {{0}}",
+                opts.batch_size.min(n),
+                opts.probes,
+                rows as f64 * row_bytes as f64 / (1u64 << 30) as f64
+            ),
+            &["batch_size", "probes"],
+        ));
     }
     let label = class_label_for(&meta, opts.class_label)?;
     let schedule = model.schedule().clone();
@@ -500,6 +503,11 @@ fn rk4_step(rhs: &mut Rhs<'_>, u: f64, h: f64, y: &State) -> Result<State> {
     ))
 }
 
+/// Sample `j`'s xbar.
+fn row(s: &State, j: usize) -> ndarray::ArrayView3<'_, f32> {
+    s.0.index_axis(Axis(0), j)
+}
+
 /// Bogacki–Shampine 3(2) from u0 to u1 with one step size for the batch: a step is accepted
 /// when the worst sample's RMS of err / (atol + rtol max|y|) over xbar's elements and the
 /// integral is at most 1 (Hairer et al., II.4). Returns the state and (accepted, rejected).
@@ -525,51 +533,43 @@ fn bs3(
             )));
         }
         h = h.min(u1 - u);
-        let k2 = rhs.eval(u + 0.5 * h, &axpy(&y, &[(0.5 * h, &k1)]).0)?;
-        let k3 = rhs.eval(u + 0.75 * h, &axpy(&y, &[(0.75 * h, &k2)]).0)?;
-        let new = axpy(
+        let step = bs3_step(
             &y,
-            &[(2.0 / 9.0 * h, &k1), (h / 3.0, &k2), (4.0 / 9.0 * h, &k3)],
-        );
-        let k4 = rhs.eval(u + h, &new.0)?;
-        let zero = (Array4::zeros(y.0.raw_dim()), vec![0.0; y.1.len()]);
-        let err = axpy(
-            &zero,
-            &[
-                (-5.0 / 72.0 * h, &k1),
-                (h / 12.0, &k2),
-                (h / 9.0, &k3),
-                (-h / 8.0, &k4),
-            ],
-        );
-        let scale = |e: f64, a: f64, b: f64| e / (atol + rtol * a.abs().max(b.abs()));
+            &k1,
+            |c, y| rhs.eval(u + c * h, &y.0),
+            |y, terms| {
+                let scaled: Vec<(f64, &State)> = terms.iter().map(|(a, k)| (a * h, *k)).collect();
+                match y {
+                    Some(y) => axpy(y, &scaled),
+                    None => {
+                        let k = &terms[0].1;
+                        axpy(
+                            &(Array4::zeros(k.0.raw_dim()), vec![0.0; k.1.len()]),
+                            &scaled,
+                        )
+                    }
+                }
+            },
+        )?;
+        let (new, err) = (&step.y, &step.err);
         let norm = (0..y.1.len())
             .map(|j| {
-                let (e, a, b) = (
-                    err.0.index_axis(Axis(0), j),
-                    y.0.index_axis(Axis(0), j),
-                    new.0.index_axis(Axis(0), j),
-                );
-                let sum: f64 = ndarray::Zip::from(&e)
-                    .and(&a)
-                    .and(&b)
-                    .fold(0.0, |acc, &e, &a, &b| {
-                        acc + scale(e as f64, a as f64, b as f64).powi(2)
-                    })
-                    + scale(err.1[j], y.1[j], new.1[j]).powi(2);
-                (sum / (e.len() + 1) as f64).sqrt()
+                let (e, a, b) = (row(err, j), row(&y, j), row(new, j));
+                let count = e.len() + 1; // xbar's elements and the integral
+                let elements = scaled_error_sq(e, a, b, rtol, atol);
+                let integral = scaled_error(err.1[j], y.1[j], new.1[j], rtol, atol);
+                ((elements + integral.powi(2)) / count as f64).sqrt()
             })
             .fold(0.0, f64::max);
         if norm <= 1.0 {
             u += h;
-            y = new;
-            k1 = k4; // FSAL: the last stage is f at the new point
+            (y, k1) = (step.y, step.k4); // FSAL: the last stage is f at the new point
             accepted += 1;
             progress((u - u0) / span);
         } else {
             rejected += 1;
         }
-        h *= (0.9 * norm.max(1e-10).powf(-1.0 / 3.0)).clamp(0.2, 5.0);
+        h *= step_factor(norm);
     }
     Ok((y, (accepted, rejected)))
 }
@@ -592,6 +592,15 @@ mod tests {
     }
 
     impl Mixture {
+        /// One Gaussian component.
+        fn gaussian(mu: Vec<f64>, v: Vec<f64>) -> Mixture {
+            Mixture {
+                w: vec![1.0],
+                mu: vec![mu],
+                v: vec![v],
+            }
+        }
+
         /// log of sum_k w_k N(x; a mu_k, a² v_k + s²) and its gradient.
         fn log_p(&self, x: &[f64], a: f64, s: f64) -> (f64, Vec<f64>) {
             let logs: Vec<f64> = (0..self.w.len())
@@ -650,6 +659,25 @@ mod tests {
         }
     }
 
+    /// The estimate for the images `x` under `den` with `opts` (probes of seed 0, bin width 1).
+    fn estimate(
+        den: &mut Mixture,
+        sched: &Schedule,
+        x: &Array4<f32>,
+        opts: LikelihoodOptions,
+    ) -> (Vec<ImageLikelihood>, (usize, usize)) {
+        let [n, c, h, w] = x.shape().try_into().expect("a 4-d array");
+        let probes = draw_probes(&opts, 0, n, [c, h, w]);
+        log_density_batch(den, sched, x, &probes, &opts, 1.0, &mut |_, _| {}).unwrap()
+    }
+
+    /// The exact log-density of image `j` of `x` at the data level of `sched`.
+    fn exact(den: &Mixture, sched: &Schedule, x: &Array4<f32>, j: usize) -> f64 {
+        let l0 = data_level(sched);
+        let row: Vec<f64> = x.index_axis(Axis(0), j).iter().map(|&v| v as f64).collect();
+        den.log_p(&row, l0.alpha, l0.sigma).0
+    }
+
     /// n draws from the mixture (a fixed stream), shaped [n, 1, 1, d].
     fn draws(mix: &Mixture, n: usize) -> Array4<f32> {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
@@ -678,24 +706,17 @@ mod tests {
         // (~1e-4 nats here). Mean 0 makes the N(0, I) prior exact up to alpha_T² ~ 4e-5. RK4's
         // error at 128 steps is ~1e-5 (measured: 2e-3 at 32 steps, 1e-4 at 128, fourth order).
         let d = 6;
-        let mut den = Mixture {
-            w: vec![1.0],
-            mu: vec![vec![0.0; d]],
-            v: vec![(0..d).map(|i| 0.01 + 0.02 * i as f64).collect()],
-        };
+        let variances = (0..d).map(|i| 0.01 + 0.02 * i as f64).collect();
+        let mut den = Mixture::gaussian(vec![0.0; d], variances);
         let sched = vp();
         let x = draws(&den, 8);
         let opts = LikelihoodOptions {
             solver: OdeSolver::Rk4 { steps: 128 },
             ..Default::default()
         };
-        let probes = draw_probes(&opts, 0, 8, [1, 1, d]);
-        let (imgs, _) =
-            log_density_batch(&mut den, &sched, &x, &probes, &opts, 1.0, &mut |_, _| {}).unwrap();
-        let l0 = data_level(&sched);
+        let (imgs, _) = estimate(&mut den, &sched, &x, opts);
         for (j, img) in imgs.iter().enumerate() {
-            let row: Vec<f64> = x.index_axis(Axis(0), j).iter().map(|&v| v as f64).collect();
-            let exact = den.log_p(&row, l0.alpha, l0.sigma).0;
+            let exact = exact(&den, &sched, &x, j);
             assert!(
                 (img.log_density - exact).abs() < 1e-3,
                 "{j}: {} vs {exact}",
@@ -728,19 +749,11 @@ mod tests {
                 probes: 8,
                 ..Default::default()
             };
-            let probes = draw_probes(&opts, 0, 48, [1, 1, d]);
-            let (imgs, _) =
-                log_density_batch(&mut den, &sched, &x, &probes, &opts, 1.0, &mut |_, _| {})
-                    .unwrap();
-            let l0 = data_level(&sched);
+            let (imgs, _) = estimate(&mut den, &sched, &x, opts);
             let errors: Vec<f64> = imgs
                 .iter()
                 .enumerate()
-                .map(|(j, img)| {
-                    let row: Vec<f64> =
-                        x.index_axis(Axis(0), j).iter().map(|&v| v as f64).collect();
-                    img.log_density - den.log_p(&row, l0.alpha, l0.sigma).0
-                })
+                .map(|(j, img)| img.log_density - exact(&den, &sched, &x, j))
                 .collect();
             let (bias, se) = mean_and_se(&errors);
             assert!(
@@ -753,19 +766,14 @@ mod tests {
     #[test]
     fn adaptive_solver_agrees_with_rk4() {
         let d = 3;
-        let mut den = Mixture {
-            w: vec![1.0],
-            mu: vec![vec![0.5; d]],
-            v: vec![vec![0.03; d]],
-        };
+        let mut den = Mixture::gaussian(vec![0.5; d], vec![0.03; d]);
         let x = draws(&den, 4);
         let run = |den: &mut Mixture, solver| {
             let opts = LikelihoodOptions {
                 solver,
                 ..Default::default()
             };
-            let probes = draw_probes(&opts, 0, 4, [1, 1, d]);
-            log_density_batch(den, &vp(), &x, &probes, &opts, 1.0, &mut |_, _| {}).unwrap()
+            estimate(den, &vp(), &x, opts)
         };
         let (a, _) = run(&mut den, OdeSolver::Rk4 { steps: 64 });
         let (b, (acc, _)) = run(
@@ -796,17 +804,30 @@ mod tests {
 
     #[test]
     fn validate_names_the_bad_option() {
-        let bad = |o: LikelihoodOptions| o.validate().unwrap_err().to_string();
-        assert!(bad(LikelihoodOptions {
+        // By its library name: the CLI renders it as its flag (--probes), a C caller's message
+        // says `probes`.
+        let bad = |o: LikelihoodOptions| o.validate().unwrap_err().argument().unwrap().clone();
+        let e = bad(LikelihoodOptions {
             probes: 0,
             ..Default::default()
-        })
-        .contains("--probes"));
-        assert!(bad(LikelihoodOptions {
+        });
+        assert_eq!(
+            (e.arg(), e.to_string().as_str()),
+            (Some("probes"), "probes 0 must be in 1..=256")
+        );
+        let e = bad(LikelihoodOptions {
             solver: OdeSolver::Rk4 { steps: 0 },
             ..Default::default()
-        })
-        .contains("--steps"));
+        });
+        assert_eq!(e.arg(), Some("steps"));
+        let e = bad(LikelihoodOptions {
+            batch_size: 0,
+            ..Default::default()
+        });
+        assert_eq!(
+            e.message_with(&|a| format!("--{a}")),
+            "--batch_size must be at least 1"
+        );
     }
 
     #[test]

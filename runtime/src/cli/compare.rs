@@ -169,7 +169,7 @@ pub(super) fn compare(cmd: CompareCmd) -> Result<()> {
     let warm = SampleOptions {
         n: cmd.batch_size.min(cmd.n),
         steps: 1,
-        ..options(SamplerKind::Ddim { eta: 0.0 }, 1)
+        ..options(SamplerKind::DDIM, 1)
     };
     edgediff::generate::generate(&mut model, &warm, None, &mut |_, _| {})?;
 

@@ -154,7 +154,7 @@ pub(super) fn invert(cmd: InvertCmd) -> Result<()> {
     let invert_secs = start.elapsed().as_secs_f64();
     write_atomic(&cmd.out, &npy_bytes(noise.shape(), noise.iter().copied()))?;
     let opts = SampleOptions {
-        sampler: SamplerKind::Ddim { eta: 0.0 },
+        sampler: SamplerKind::DDIM,
         steps: cmd.steps,
         spacing,
         n,

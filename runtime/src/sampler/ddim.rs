@@ -3,29 +3,21 @@
 
 use ndarray::Array4;
 
-use super::{combine, posterior_variance, Progress, Trajectory};
+use super::ops::posterior_variance;
+use super::{SamplerDef, SamplerOption, Step, Stochastic, Trajectory};
 use crate::error::Result;
 
-/// Runs DDIM over `levels` (most noisy first, clean last).
-pub fn ddim(
-    tr: &mut Trajectory<'_>,
-    mut x: Array4<f32>,
-    eta: f64,
-    progress: &mut Progress<'_>,
-) -> Result<Array4<f32>> {
-    let total = tr.steps();
-    for i in 0..total {
-        let (cur, next) = (&tr.levels[i], &tr.levels[i + 1]);
-        let d = tr.den.denoise(&x, cur)?;
-        let s = eta * posterior_variance(cur, next).sqrt();
-        let dir = (next.sigma.powi(2) - s * s).max(0.0).sqrt();
-        x = if s > 0.0 {
-            let z = tr.noise.step(i)?;
-            combine(next.alpha, &d.x0, dir, &d.eps, s, Some(&z))
-        } else {
-            combine(next.alpha, &d.x0, dir, &d.eps, 0.0, None)
-        };
-        progress(i + 1, total);
-    }
-    Ok(x)
+/// One DDIM step with stochasticity `eta`. It is written with x0 (not as a transfer of x)
+/// because a clipped or thresholded x0 is no longer (x - sigma eps) / alpha.
+fn step(tr: &mut Trajectory<'_>, s: Step<'_>, eta: f64) -> Result<Array4<f32>> {
+    let sd = eta * posterior_variance(&s.cur, &s.next).sqrt();
+    let dir = (s.next.sigma.powi(2) - sd * sd).max(0.0).sqrt();
+    let terms = [(s.next.alpha, &s.d.x0), (dir, &s.d.eps)];
+    tr.lincomb_with_noise(s.i, &terms, (sd > 0.0).then_some(sd))
 }
+
+pub static DDIM: SamplerDef = SamplerDef::new("ddim", "1", "1")
+    .summary("DDIM; --eta in [0, 1] adds DDPM-like noise (Song et al. 2021)")
+    .options(&[SamplerOption::Eta(0.0)])
+    .stochastic(Stochastic::WithEta)
+    .run(|o, tr, x, progress| tr.walk(x, progress, |tr, s| step(tr, s, o.eta)));

@@ -6,31 +6,23 @@
 
 use ndarray::Array4;
 
-use super::{combine, posterior_variance, Progress, Trajectory};
+use super::ops::posterior_variance;
+use super::{SamplerDef, Step, Stochastic, Trajectory};
 use crate::error::Result;
 
-/// Runs DDPM over `levels` (most noisy first, clean last).
-pub fn ddpm(
-    tr: &mut Trajectory<'_>,
-    mut x: Array4<f32>,
-    progress: &mut Progress<'_>,
-) -> Result<Array4<f32>> {
-    let total = tr.steps();
-    for i in 0..total {
-        let (cur, next) = (&tr.levels[i], &tr.levels[i + 1]);
-        let d = tr.den.denoise(&x, cur)?;
-        let a_ts = cur.alpha / next.alpha;
-        let s2_ts = cur.sigma.powi(2) - a_ts.powi(2) * next.sigma.powi(2);
-        let c_xt = a_ts * next.sigma.powi(2) / cur.sigma.powi(2);
-        let c_x0 = next.alpha * s2_ts / cur.sigma.powi(2);
-        let var = posterior_variance(cur, next);
-        x = if var > 0.0 {
-            let z = tr.noise.step(i)?;
-            combine(c_xt, &x, c_x0, &d.x0, var.sqrt(), Some(&z))
-        } else {
-            combine(c_xt, &x, c_x0, &d.x0, 0.0, None)
-        };
-        progress(i + 1, total);
-    }
-    Ok(x)
+/// One draw from the posterior; the last step (variance 0) is its mean, x0.
+fn step(tr: &mut Trajectory<'_>, s: Step<'_>) -> Result<Array4<f32>> {
+    let (cur, next) = (&s.cur, &s.next);
+    let a_ts = cur.alpha / next.alpha;
+    let s2_ts = cur.sigma.powi(2) - a_ts.powi(2) * next.sigma.powi(2);
+    let c_xt = a_ts * next.sigma.powi(2) / cur.sigma.powi(2);
+    let c_x0 = next.alpha * s2_ts / cur.sigma.powi(2);
+    let var = posterior_variance(cur, next);
+    let mean = [(c_xt, s.x), (c_x0, &s.d.x0)];
+    tr.lincomb_with_noise(s.i, &mean, (var > 0.0).then(|| var.sqrt()))
 }
+
+pub static DDPM: SamplerDef = SamplerDef::new("ddpm", "1", "1")
+    .summary("DDPM ancestral sampling from the true posterior (Ho et al. 2020)")
+    .stochastic(Stochastic::Always)
+    .run(|_, tr, x, progress| tr.walk(x, progress, step));

@@ -10,7 +10,8 @@
 
 use ndarray::Array4;
 
-use super::{lincomb, Progress, Trajectory};
+use super::ops::{lincomb, transfer, transfer_coefficients};
+use super::{Progress, SamplerDef, SamplerOption, Trajectory};
 use crate::error::Result;
 
 /// The order of each step, as a list of interval counts summing to `n`.
@@ -46,21 +47,22 @@ pub fn dpm_solver(
         let (s, t) = (lv[i], lv[i + k]);
         let e_s = tr.den.denoise(&x, &s)?.eps;
         progress(i + 1, n);
-        // x_t = (alpha_t/alpha_s) x_s - sigma_t (e^h - 1) eps_s + the order's corrections.
-        // sigma_t (e^h - 1) = alpha_t sbar_s - sigma_t stays finite when t is clean.
-        let (ra, phi1) = (t.alpha / s.alpha, t.alpha * s.sbar() - t.sigma);
+        // x_t = (alpha_t/alpha_s) x_s - sigma_t (e^h - 1) eps_s + the order's corrections: the
+        // DDIM transfer, whose eps coefficient -sigma_t (e^h - 1) = sigma_t - alpha_t sbar_s stays
+        // finite when t is clean.
+        let (ra, c_eps) = transfer_coefficients(&s, &t);
         x = match k {
-            1 => lincomb(&[(ra, &x), (-phi1, &e_s)]),
+            1 => transfer(&x, &e_s, &s, &t),
             2 => {
                 let s1 = lv[i + 1];
                 let h = t.lambda() - s.lambda();
                 let r1 = (s1.lambda() - s.lambda()) / h;
-                let u1 = first_order(&x, &e_s, &s, &s1);
+                let u1 = transfer(&x, &e_s, &s, &s1);
                 let e1 = tr.den.denoise(&u1, &s1)?.eps;
                 progress(i + 2, n);
                 // - sigma_t/(2 r1) (e^h - 1) (eps_s1 - eps_s)
-                let c = phi1 / (2.0 * r1);
-                lincomb(&[(ra, &x), (-phi1 + c, &e_s), (-c, &e1)])
+                let c = -c_eps / (2.0 * r1);
+                lincomb(&[(ra, &x), (c_eps + c, &e_s), (-c, &e1)])
             }
             _ => {
                 let (s1, s2) = (lv[i + 1], lv[i + 2]);
@@ -69,18 +71,18 @@ pub fn dpm_solver(
                     (s1.lambda() - s.lambda()) / h,
                     (s2.lambda() - s.lambda()) / h,
                 );
-                let u1 = first_order(&x, &e_s, &s, &s1);
+                let u1 = transfer(&x, &e_s, &s, &s1);
                 let e1 = tr.den.denoise(&u1, &s1)?.eps;
                 progress(i + 2, n);
                 // u2 = first order to s2 - sigma_s2 (r2/r1) ((e^{r2 h} - 1)/(r2 h) - 1) D1
-                let phi_s2 = s2.alpha * s.sbar() - s2.sigma; // sigma_s2 (e^{r2 h} - 1)
+                let (ra2, c_eps2) = transfer_coefficients(&s, &s2);
                 let c2 = s2.sigma * (r2 / r1) * ((r2 * h).exp_m1() / (r2 * h) - 1.0);
-                let u2 = lincomb(&[(s2.alpha / s.alpha, &x), (-phi_s2 + c2, &e_s), (-c2, &e1)]);
+                let u2 = lincomb(&[(ra2, &x), (c_eps2 + c2, &e_s), (-c2, &e1)]);
                 let e2 = tr.den.denoise(&u2, &s2)?.eps;
                 progress(i + 3, n);
                 // x_t = first order - sigma_t / r2 ((e^h - 1)/h - 1) D2
                 let c = t.sigma / r2 * (h.exp_m1() / h - 1.0);
-                lincomb(&[(ra, &x), (-phi1 + c, &e_s), (-c, &e2)])
+                lincomb(&[(ra, &x), (c_eps + c, &e_s), (-c, &e2)])
             }
         };
         i += k;
@@ -88,15 +90,14 @@ pub fn dpm_solver(
     Ok(x)
 }
 
-/// The DDIM (first-order) move from `s` to `t` with noise prediction `e`.
-fn first_order(
-    x: &Array4<f32>,
-    e: &Array4<f32>,
-    s: &crate::schedule::NoiseLevel,
-    t: &crate::schedule::NoiseLevel,
-) -> Array4<f32> {
-    lincomb(&[(t.alpha / s.alpha, x), (-(t.alpha * s.sbar() - t.sigma), e)])
-}
+pub static DPM_SOLVER: SamplerDef = SamplerDef::new(
+    "dpm-solver",
+    "--order (default 3)",
+    "1 per level (a step of order k spans k levels)",
+)
+.summary("DPM-Solver singlestep, noise prediction (Lu et al. 2022a)")
+.options(&[SamplerOption::Order { default: 3, max: 3 }])
+.run(|o, tr, x, progress| dpm_solver(tr, x, o.order, progress));
 
 #[cfg(test)]
 mod tests {

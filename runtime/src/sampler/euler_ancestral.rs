@@ -4,43 +4,34 @@
 
 use ndarray::Array4;
 
-use super::{combine, Progress, Trajectory};
+use super::ops::transfer_coefficients;
+use super::{SamplerDef, SamplerOption, Step, Stochastic, Trajectory};
 use crate::error::Result;
+use crate::schedule::NoiseLevel;
 
-/// Runs Euler ancestral with stochasticity `eta` (1 = full ancestral noise).
-pub fn euler_ancestral(
-    tr: &mut Trajectory<'_>,
-    mut x: Array4<f32>,
-    eta: f64,
-    progress: &mut Progress<'_>,
-) -> Result<Array4<f32>> {
-    let n = tr.steps();
-    for i in 0..n {
-        let (cur, next) = (tr.levels[i], tr.levels[i + 1]);
-        let (s, s_next) = (cur.sbar(), next.sbar());
-        let up = (eta
-            * (s_next * s_next * (s * s - s_next * s_next) / (s * s))
-                .max(0.0)
-                .sqrt())
-        .min(s_next);
-        let down = (s_next * s_next - up * up).max(0.0).sqrt();
-        let d = tr.den.denoise(&x, &cur)?.eps;
-        // In xbar: xbar_next = xbar + (down - s) eps + up z; then x_next = alpha_next xbar_next.
-        x = if up > 0.0 {
-            let z = tr.noise.step(i)?;
-            let a = next.alpha;
-            combine(a / cur.alpha, &x, a * (down - s), &d, a * up, Some(&z))
-        } else {
-            combine(
-                next.alpha / cur.alpha,
-                &x,
-                next.alpha * (down - s),
-                &d,
-                0.0,
-                None,
-            )
-        };
-        progress(i + 1, n);
-    }
-    Ok(x)
+/// One step with stochasticity `eta` (1 = full ancestral noise).
+fn step(tr: &mut Trajectory<'_>, s: Step<'_>, eta: f64) -> Result<Array4<f32>> {
+    let (sb, sb_next) = (s.cur.sbar(), s.next.sbar());
+    let up = (eta
+        * (sb_next * sb_next * (sb * sb - sb_next * sb_next) / (sb * sb))
+            .max(0.0)
+            .sqrt())
+    .min(sb_next);
+    let down = (sb_next * sb_next - up * up).max(0.0).sqrt();
+    // The Euler step goes to the level with sbar = down at the next level's alpha; the noise
+    // then adds alpha_next up z.
+    let a = s.next.alpha;
+    let to = NoiseLevel {
+        sigma: a * down,
+        ..s.next
+    };
+    let (c_x, c_eps) = transfer_coefficients(&s.cur, &to);
+    let terms = [(c_x, s.x), (c_eps, &s.d.eps)];
+    tr.lincomb_with_noise(s.i, &terms, (up > 0.0).then_some(a * up))
 }
+
+pub static EULER_ANCESTRAL: SamplerDef = SamplerDef::new("euler-a", "1", "1")
+    .summary("Euler ancestral (k-diffusion); --eta scales the noise")
+    .options(&[SamplerOption::Eta(1.0)])
+    .stochastic(Stochastic::WithEta)
+    .run(|o, tr, x, progress| tr.walk(x, progress, |tr, s| step(tr, s, o.eta)));

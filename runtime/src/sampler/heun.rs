@@ -4,30 +4,21 @@
 
 use ndarray::Array4;
 
-use super::euler::euler_step;
-use super::{combine, Progress, Trajectory};
+use super::ops::{lincomb, transfer};
+use super::{SamplerDef, Step, Trajectory};
 use crate::error::Result;
 
-/// Runs Heun over the trajectory's levels.
-pub fn heun(
-    tr: &mut Trajectory<'_>,
-    mut x: Array4<f32>,
-    progress: &mut Progress<'_>,
-) -> Result<Array4<f32>> {
-    let n = tr.steps();
-    for i in 0..n {
-        let (cur, next) = (tr.levels[i], tr.levels[i + 1]);
-        let h = next.sbar() - cur.sbar();
-        let d = tr.den.denoise(&x, &cur)?.eps;
-        let euler = euler_step(&x, &d, &cur, &next);
-        x = if next.is_clean() {
-            euler
-        } else {
-            let d2 = tr.den.denoise(&euler, &next)?.eps;
-            let mean = combine(0.5, &d, 0.5, &d2, 0.0, None);
-            combine(next.alpha / cur.alpha, &x, next.alpha * h, &mean, 0.0, None)
-        };
-        progress(i + 1, n);
+/// An Euler predictor, then the transfer along the mean of both ends' slopes.
+fn step(tr: &mut Trajectory<'_>, s: Step<'_>) -> Result<Array4<f32>> {
+    let euler = transfer(s.x, &s.d.eps, &s.cur, &s.next);
+    if s.next.is_clean() {
+        return Ok(euler);
     }
-    Ok(x)
+    let d2 = tr.den.denoise(&euler, &s.next)?.eps;
+    let mean = lincomb(&[(0.5, &s.d.eps), (0.5, &d2)]);
+    Ok(transfer(s.x, &mean, &s.cur, &s.next))
 }
+
+pub static HEUN: SamplerDef = SamplerDef::new("heun", "2", "2 (1 on the last step)")
+    .summary("Heun on the probability-flow ODE (Karras et al. 2022, Alg. 1)")
+    .run(|_, tr, x, progress| tr.walk(x, progress, step));

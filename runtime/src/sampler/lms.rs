@@ -5,8 +5,8 @@ use std::collections::VecDeque;
 
 use ndarray::Array4;
 
-use super::{lincomb, Progress, Trajectory};
-use crate::error::Result;
+use super::ops::lincomb;
+use super::{SamplerDef, SamplerOption, Step, Trajectory};
 
 /// Integral over [a, b] of the Lagrange basis polynomial `j` on `nodes` (exact: 4-point
 /// Gauss–Legendre integrates degree <= 7, and the basis has degree <= 3).
@@ -39,36 +39,34 @@ fn lagrange_integral(nodes: &[f64], j: usize, a: f64, b: f64) -> f64 {
         * half
 }
 
-/// Runs LMS of the given order (1..=4).
-pub fn lms(
-    tr: &mut Trajectory<'_>,
-    x: Array4<f32>,
+/// One LMS step over the last `order` eps values, kept in `history` (most recent first).
+fn step(
+    tr: &Trajectory<'_>,
+    s: Step<'_>,
     order: usize,
-    progress: &mut Progress<'_>,
-) -> Result<Array4<f32>> {
-    let n = tr.steps();
-    let mut x = x;
-    let mut history: VecDeque<Array4<f32>> = VecDeque::with_capacity(order);
-    for i in 0..n {
-        let (cur, next) = (tr.levels[i], tr.levels[i + 1]);
-        history.push_front(tr.den.denoise(&x, &cur)?.eps);
-        history.truncate(order);
-        // xbar_next = xbar + sum_j c_j eps_j, carried in x = alpha xbar to stay O(1) in f32.
-        let nodes: Vec<f64> = (0..history.len())
-            .map(|k| tr.levels[i - k].sbar())
-            .collect();
-        let mut terms: Vec<(f64, &Array4<f32>)> = vec![(next.alpha / cur.alpha, &x)];
-        for (j, d) in history.iter().enumerate() {
-            terms.push((
-                next.alpha * lagrange_integral(&nodes, j, cur.sbar(), next.sbar()),
-                d,
-            ));
-        }
-        x = lincomb(&terms);
-        progress(i + 1, n);
+    history: &mut VecDeque<Array4<f32>>,
+) -> Array4<f32> {
+    history.push_front(s.d.eps);
+    history.truncate(order);
+    // xbar_next = xbar + sum_j c_j eps_j, carried in x = alpha xbar to stay O(1) in f32.
+    let nodes: Vec<f64> = (0..history.len())
+        .map(|k| tr.levels[s.i - k].sbar())
+        .collect();
+    let mut terms: Vec<(f64, &Array4<f32>)> = vec![(s.next.alpha / s.cur.alpha, s.x)];
+    for (j, d) in history.iter().enumerate() {
+        let integral = lagrange_integral(&nodes, j, s.cur.sbar(), s.next.sbar());
+        terms.push((s.next.alpha * integral, d));
     }
-    Ok(x)
+    lincomb(&terms)
 }
+
+pub static LMS: SamplerDef = SamplerDef::new("lms", "--order (default 4)", "1")
+    .summary("linear multistep in sigma/alpha with exact Lagrange integrals")
+    .options(&[SamplerOption::Order { default: 4, max: 4 }])
+    .run(|o, tr, x, progress| {
+        let mut history = VecDeque::with_capacity(o.order);
+        tr.walk(x, progress, |tr, s| Ok(step(tr, s, o.order, &mut history)))
+    });
 
 #[cfg(test)]
 mod tests {

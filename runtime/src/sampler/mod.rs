@@ -1,5 +1,36 @@
 //! Samplers: each one short function over a [`Denoiser`] and a list of [`NoiseLevel`]s ending at
 //! the clean level. A sampler never knows which network, schedule or spacing it drives.
+//!
+//! # Adding a sampler
+//!
+//! A sampler is one file that ends with its registry entry, a `pub static` [`SamplerDef`]: the
+//! row `edgediff samplers` prints, the options it takes with their defaults ([`SamplerOption`]),
+//! when it is stochastic, and its `run` function. Most `run`s are a `Trajectory::walk` over
+//! one step built from the shared maths in `ops` (the DDIM/Euler transfer, the f64 `lincomb`):
+//!
+//! ```ignore
+//! use ndarray::Array4;
+//!
+//! use super::ops::transfer;
+//! use super::{SamplerDef, Step, Trajectory};
+//! use crate::error::Result;
+//!
+//! /// An Euler half step to the middle sbar, then the whole step along the slope there.
+//! fn step(tr: &mut Trajectory<'_>, s: Step<'_>) -> Result<Array4<f32>> {
+//!     let mid = (tr.level_at_sbar)(0.5 * (s.cur.sbar() + s.next.sbar()));
+//!     let half = transfer(s.x, &s.d.eps, &s.cur, &mid);
+//!     let eps = tr.den.denoise(&half, &mid)?.eps;
+//!     Ok(transfer(s.x, &eps, &s.cur, &s.next))
+//! }
+//!
+//! pub static MIDPOINT: SamplerDef = SamplerDef::new("midpoint", "2", "2")
+//!     .summary("explicit midpoint on the probability-flow ODE")
+//!     .run(|_, tr, x, progress| tr.walk(x, progress, step));
+//! ```
+//!
+//! It is registered with one line, `&midpoint::MIDPOINT,` in [`REGISTRY`] (whose order is the
+//! listing's), next to the `pub mod midpoint;` every Rust file needs. [`SamplerKind::new`] then
+//! finds it by name, resolves and checks its options, and runs it; nothing else changes.
 
 pub mod ddim;
 pub mod ddpm;
@@ -10,16 +41,40 @@ pub mod euler_ancestral;
 pub mod heun;
 pub mod lms;
 pub mod ode_adaptive;
+pub(crate) mod ops;
 pub mod pndm;
 pub mod sde;
 pub mod unipc;
 
 use ndarray::Array4;
 
-use crate::denoiser::Denoiser;
+use crate::denoiser::{Denoised, Denoiser};
 use crate::error::{Error, Result};
 use crate::noise::NoiseSource;
 use crate::schedule::NoiseLevel;
+
+use ops::lincomb;
+
+/// Every sampler the runtime has, in the order `edgediff samplers` lists them.
+pub static REGISTRY: &[&SamplerDef] = &[
+    &ddpm::DDPM,
+    &ddim::DDIM,
+    &euler::EULER,
+    &heun::HEUN,
+    &euler_ancestral::EULER_ANCESTRAL,
+    &lms::LMS,
+    &dpm_solver::DPM_SOLVER,
+    &dpmpp::DPMPP_2M,
+    &dpmpp::DPMPP_3M,
+    &ode_adaptive::ODE_ADAPTIVE,
+    &ode_adaptive::ADAPTIVE,
+    &sde::EULER_MARUYAMA,
+    &sde::SDE_HEUN,
+    &sde::PREDICTOR_CORRECTOR,
+    &pndm::PNDM,
+    &unipc::UNIPC,
+    &dpmpp::DPMPP_2M_SDE,
+];
 
 /// Called after each step with (steps done, total steps).
 pub type Progress<'a> = dyn FnMut(usize, usize) + 'a;
@@ -35,153 +90,145 @@ pub struct Trajectory<'a> {
     pub step_counts: Option<Vec<ode_adaptive::StepCount>>,
 }
 
-impl Trajectory<'_> {
+/// One step of a [`Trajectory::walk`]: from `cur` to `next`, the `i`-th (0-based) of `n`, with
+/// the sample `x` at `cur` and the denoiser's answer `d` there.
+pub(crate) struct Step<'x> {
+    pub i: usize,
+    pub n: usize,
+    pub cur: NoiseLevel,
+    pub next: NoiseLevel,
+    pub x: &'x Array4<f32>,
+    pub d: Denoised,
+}
+
+impl<'a> Trajectory<'a> {
     /// Number of steps (levels minus one).
     pub fn steps(&self) -> usize {
         self.levels.len() - 1
     }
+
+    /// Runs `step` from the first level to the last: each call gets x and the denoiser's answer
+    /// at the current level and returns x at the next; `progress` hears of every step. The
+    /// closure gets the trajectory back for its own extra calls and noise.
+    pub(crate) fn walk(
+        &mut self,
+        mut x: Array4<f32>,
+        progress: &mut Progress<'_>,
+        mut step: impl FnMut(&mut Trajectory<'a>, Step<'_>) -> Result<Array4<f32>>,
+    ) -> Result<Array4<f32>> {
+        let n = self.steps();
+        for i in 0..n {
+            let (cur, next) = (self.levels[i], self.levels[i + 1]);
+            let d = self.den.denoise(&x, &cur)?;
+            x = step(
+                self,
+                Step {
+                    i,
+                    n,
+                    cur,
+                    next,
+                    x: &x,
+                    d,
+                },
+            )?;
+            progress(i + 1, n);
+        }
+        Ok(x)
+    }
+
+    /// The f64 linear combination of `terms`, plus `noise` times step `i`'s fresh noise when
+    /// `noise` is given. The noise is drawn only then: seeded streams are sequential, so a draw
+    /// a sampler does not use would shift every later one.
+    pub(crate) fn lincomb_with_noise(
+        &mut self,
+        i: usize,
+        terms: &[(f64, &Array4<f32>)],
+        noise: Option<f64>,
+    ) -> Result<Array4<f32>> {
+        match noise {
+            Some(scale) => {
+                let z = self.noise.step(i)?;
+                let mut all = terms.to_vec();
+                all.push((scale, &z));
+                Ok(lincomb(&all))
+            }
+            None => Ok(lincomb(terms)),
+        }
+    }
 }
 
-/// Which sampler, with its own parameters.
+/// How a sampler runs: from `x` (noise at the trajectory's first level) to its last level.
+pub(crate) type RunFn =
+    fn(&Settings, &mut Trajectory<'_>, Array4<f32>, &mut Progress<'_>) -> Result<Array4<f32>>;
+
+/// A sampler as its file declares it: the description `edgediff samplers` prints, the options
+/// it takes, and how it runs. [`REGISTRY`] lists them all.
+///
+/// A file builds its entry with `SamplerDef::new` and the setters after it; what it does not
+/// set keeps the common case: deterministic, no options, on the given level grid.
+#[derive(Debug)]
+pub struct SamplerDef {
+    name: &'static str,
+    order: &'static str,
+    calls_per_step: &'static str,
+    summary: &'static str,
+    options: &'static [SamplerOption],
+    stochastic: Stochastic,
+    adaptive: bool,
+    check: Option<fn(&SamplerParams) -> Result<()>>,
+    run: Option<RunFn>,
+}
+
+/// An option a sampler takes, with its default.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum SamplerKind {
-    /// DDPM ancestral sampling from the true posterior q(x_s | x_t, x0) (Ho et al. 2020).
-    Ddpm,
-    /// DDIM (Song et al. 2021) with stochasticity eta in [0, 1]; eta = 0 is deterministic.
-    Ddim { eta: f64 },
-    /// Euler on the probability-flow ODE in sigma/alpha (Karras et al. 2022).
-    Euler,
-    /// Heun's second-order method on the probability-flow ODE (Karras et al. 2022).
-    Heun,
-    /// Euler ancestral (k-diffusion), stochasticity eta.
-    EulerAncestral { eta: f64 },
-    /// Linear multistep in sigma/alpha, order 1..=4.
-    Lms { order: usize },
-    /// DPM-Solver singlestep (noise prediction), order 1..=3.
-    DpmSolver { order: usize },
-    /// DPM-Solver++ multistep, ODE (order 1..=3) or SDE (order 1..=2).
-    DpmPlusPlus {
-        order: usize,
-        variant: dpmpp::DpmVariant,
-    },
-    /// Euler–Maruyama on the reverse SDE, final denoise.
-    EulerMaruyama,
-    /// Stochastic Heun (improved Euler) on the reverse SDE.
-    SdeHeun,
-    /// Langevin corrector + Euler–Maruyama predictor with signal-to-noise ratio `snr`.
-    PredictorCorrector { snr: f64 },
-    /// Bogacki–Shampine 3(2) with error control on the probability-flow ODE: one step size
-    /// for the batch (`ode-adaptive`) or one per sample (`adaptive`).
-    OdeAdaptive { tol: ode_adaptive::Tolerance },
-    /// PNDM's PLMS (pseudo linear multistep with a Heun-like first step).
-    Pndm,
-    /// UniPC predictor-corrector (bh2, data prediction), predictor order 1..=3.
-    UniPc { order: usize },
+pub enum SamplerOption {
+    /// `eta` in [0, 1].
+    Eta(f64),
+    /// `order` in 1..=`max`.
+    Order { default: usize, max: usize },
+    /// `snr`, positive.
+    Snr(f64),
+    /// `rtol` and `atol`, both positive and finite.
+    Tolerance { rtol: f64, atol: f64 },
+    /// `min_steps` and `max_steps` with 1 <= min <= max.
+    StepRange { min: usize, max: usize },
 }
 
-/// One line of `edgediff samplers`.
-#[derive(Debug, Clone, Copy)]
-pub struct SamplerInfo {
-    pub name: &'static str,
-    pub order: &'static str,
-    pub stochastic: bool,
-    pub calls_per_step: &'static str,
-    pub summary: &'static str,
+/// When a sampler draws fresh noise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stochastic {
+    /// An ODE solver: the initial noise fixes the output.
+    Never,
+    /// Fresh noise at every step.
+    Always,
+    /// Fresh noise when its `eta` is above 0.
+    WithEta,
 }
 
-/// Every sampler the runtime has, for `edgediff samplers`.
-pub const SAMPLERS: &[SamplerInfo] = &[
-    SamplerInfo {
-        name: "ddpm",
-        order: "1",
-        stochastic: true,
-        calls_per_step: "1",
-        summary: "DDPM ancestral sampling from the true posterior (Ho et al. 2020)",
-    },
-    SamplerInfo {
-        name: "ddim",
-        order: "1",
-        stochastic: false,
-        calls_per_step: "1",
-        summary: "DDIM; --eta in [0, 1] adds DDPM-like noise (Song et al. 2021)",
-    },
-    SamplerInfo {
-        name: "ode-euler",
-        order: "1",
-        stochastic: false,
-        calls_per_step: "1",
-        summary:
-            "Euler on the probability-flow ODE in sigma/alpha (equals DDIM at the same levels)",
-    },
-    SamplerInfo {
-        name: "heun",
-        order: "2",
-        stochastic: false,
-        calls_per_step: "2 (1 on the last step)",
-        summary: "Heun on the probability-flow ODE (Karras et al. 2022, Alg. 1)",
-    },
-    SamplerInfo {
-        name: "euler-a",
-        order: "1",
-        stochastic: true,
-        calls_per_step: "1",
-        summary: "Euler ancestral (k-diffusion); --eta scales the noise",
-    },
-    SamplerInfo {
-        name: "lms",
-        order: "--order (default 4)",
-        stochastic: false,
-        calls_per_step: "1",
-        summary: "linear multistep in sigma/alpha with exact Lagrange integrals",
-    },
-    SamplerInfo {
-        name: "dpm-solver",
-        order: "--order (default 3)",
-        stochastic: false,
-        calls_per_step: "1 per level (a step of order k spans k levels)",
-        summary: "DPM-Solver singlestep, noise prediction (Lu et al. 2022a)",
-    },
-    SamplerInfo {
-        name: "dpm++2m",
-        order: "2",
-        stochastic: false,
-        calls_per_step: "1",
-        summary: "DPM-Solver++ 2M multistep (Lu et al. 2022)",
-    },
-    SamplerInfo {
-        name: "dpm++3m",
-        order: "3",
-        stochastic: false,
-        calls_per_step: "1",
-        summary: "DPM-Solver++ 3M multistep (Lu et al. 2022)",
-    },
-    SamplerInfo { name: "ode-adaptive", order: "3 (embedded 2)", stochastic: false, calls_per_step: "3 per accepted step (FSAL); --rtol/--atol choose the steps", summary: "Bogacki-Shampine 3(2) with error control in log sigma; --spacing is ignored" },
-    SamplerInfo { name: "adaptive", order: "3 (embedded 2)", stochastic: false, calls_per_step: "3 per accepted step, per sample; --min-steps/--max-steps bound them", summary: "per-sample step-size control on the probability-flow ODE; reports each sample's steps" },
-    SamplerInfo { name: "euler-maruyama", order: "1 (weak), 0.5 (strong)", stochastic: true, calls_per_step: "1", summary: "Euler-Maruyama on the reverse SDE, VP or VE, final denoise (Song et al. 2021)" },
-    SamplerInfo { name: "sde-heun", order: "1 (strong, additive noise)", stochastic: true, calls_per_step: "2 (1 on the last step)", summary: "stochastic Heun on the reverse SDE, same noise for both stages" },
-    SamplerInfo { name: "pc", order: "1", stochastic: true, calls_per_step: "2", summary: "predictor-corrector: Langevin corrector (--snr, default 0.16) + reverse-diffusion predictor" },
-    SamplerInfo {
-        name: "pndm",
-        order: "4 (pseudo)",
-        stochastic: false,
-        calls_per_step: "1 (2 on the first step)",
-        summary: "PNDM's PLMS: Adams-Bashforth on eps through the DDIM transfer (Liu et al. 2022)",
-    },
-    SamplerInfo {
-        name: "unipc",
-        order: "--order (default 2), +1 by UniC",
-        stochastic: false,
-        calls_per_step: "1",
-        summary: "UniPC: UniP predictor with the UniC corrector, bh2 (Zhao et al. 2023)",
-    },
-    SamplerInfo {
-        name: "dpm++2m-sde",
-        order: "2 (weak)",
-        stochastic: true,
-        calls_per_step: "1",
-        summary: "SDE DPM-Solver++ 2M, midpoint (Lu et al. 2022)",
-    },
-];
+/// A sampler's options resolved: the caller's values or the sampler's defaults, checked. The
+/// fields of options the sampler does not take are 0.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    pub eta: f64,
+    pub order: usize,
+    pub snr: f64,
+    pub rtol: f64,
+    pub atol: f64,
+    pub min_steps: usize,
+    pub max_steps: usize,
+}
+
+impl Settings {
+    const NONE: Settings = Settings {
+        eta: 0.0,
+        order: 0,
+        snr: 0.0,
+        rtol: 0.0,
+        atol: 0.0,
+        min_steps: 0,
+        max_steps: 0,
+    };
+}
 
 /// A sampler's own options as a caller gives them; each sampler reads the ones it uses (None:
 /// the sampler's default, listed in `edgediff samplers`).
@@ -196,163 +243,287 @@ pub struct SamplerParams {
     pub max_steps: Option<usize>,
 }
 
+impl SamplerDef {
+    /// The sampler users choose by `name`, listed with its `order` of accuracy and its network
+    /// `calls_per_step` (both in the listing's words).
+    const fn new(
+        name: &'static str,
+        order: &'static str,
+        calls_per_step: &'static str,
+    ) -> SamplerDef {
+        SamplerDef {
+            name,
+            order,
+            calls_per_step,
+            summary: "",
+            options: &[],
+            stochastic: Stochastic::Never,
+            adaptive: false,
+            check: None,
+            run: None,
+        }
+    }
+
+    /// What it is, in one line of the listing.
+    const fn summary(self, summary: &'static str) -> SamplerDef {
+        SamplerDef { summary, ..self }
+    }
+
+    /// The options it reads, with their defaults, checked in this order; it ignores the others.
+    const fn options(self, options: &'static [SamplerOption]) -> SamplerDef {
+        SamplerDef { options, ..self }
+    }
+
+    /// When it draws fresh noise during sampling.
+    const fn stochastic(self, stochastic: Stochastic) -> SamplerDef {
+        SamplerDef { stochastic, ..self }
+    }
+
+    /// It chooses its own steps, ignoring the level grid between its ends.
+    const fn adaptive(self) -> SamplerDef {
+        SamplerDef {
+            adaptive: true,
+            ..self
+        }
+    }
+
+    /// A check of the caller's parameters beyond each option's own range, run after those.
+    const fn check(self, check: fn(&SamplerParams) -> Result<()>) -> SamplerDef {
+        SamplerDef {
+            check: Some(check),
+            ..self
+        }
+    }
+
+    /// How it runs.
+    const fn run(self, run: RunFn) -> SamplerDef {
+        SamplerDef {
+            run: Some(run),
+            ..self
+        }
+    }
+
+    /// The name users choose it by.
+    pub const fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// The options it takes, with their defaults.
+    pub const fn takes(&self) -> &'static [SamplerOption] {
+        self.options
+    }
+
+    /// Whether it chooses its own steps (ignoring the level grid between its ends).
+    pub const fn is_adaptive(&self) -> bool {
+        self.adaptive
+    }
+
+    /// Its options at their defaults (evaluated at compile time for the listing and the
+    /// `const` constructors).
+    pub const fn defaults(&self) -> Settings {
+        let mut s = Settings::NONE;
+        let mut k = 0;
+        while k < self.options.len() {
+            match self.options[k] {
+                SamplerOption::Eta(eta) => s.eta = eta,
+                SamplerOption::Order { default, .. } => s.order = default,
+                SamplerOption::Snr(snr) => s.snr = snr,
+                SamplerOption::Tolerance { rtol, atol } => (s.rtol, s.atol) = (rtol, atol),
+                SamplerOption::StepRange { min, max } => (s.min_steps, s.max_steps) = (min, max),
+            }
+            k += 1;
+        }
+        s
+    }
+
+    /// The highest order it takes, if it takes one.
+    const fn max_order(&self) -> Option<usize> {
+        let mut k = 0;
+        while k < self.options.len() {
+            if let SamplerOption::Order { max, .. } = self.options[k] {
+                return Some(max);
+            }
+            k += 1;
+        }
+        None
+    }
+
+    /// Whether it draws fresh noise with `settings`.
+    pub const fn is_stochastic(&self, settings: &Settings) -> bool {
+        match self.stochastic {
+            Stochastic::Never => false,
+            Stochastic::Always => true,
+            Stochastic::WithEta => settings.eta > 0.0,
+        }
+    }
+
+    /// Its row of `edgediff samplers` (stochastic as it is with its defaults).
+    pub const fn info(&self) -> SamplerInfo {
+        SamplerInfo {
+            name: self.name,
+            order: self.order,
+            stochastic: self.is_stochastic(&self.defaults()),
+            calls_per_step: self.calls_per_step,
+            summary: self.summary,
+        }
+    }
+
+    /// The caller's `params` over its defaults, each checked against the option's range.
+    fn resolve(&self, params: &SamplerParams) -> Result<Settings> {
+        let mut s = Settings::NONE;
+        for option in self.options {
+            match *option {
+                SamplerOption::Eta(default) => {
+                    s.eta = params.eta.unwrap_or(default);
+                    if !(0.0..=1.0).contains(&s.eta) {
+                        return Err(Error::out_of_range("eta", s.eta, "is outside [0, 1]"));
+                    }
+                }
+                SamplerOption::Order { default, max } => {
+                    s.order = params.order.unwrap_or(default);
+                    if !(1..=max).contains(&s.order) {
+                        let allowed = format!("is outside 1..={max} for {}", self.name);
+                        return Err(Error::out_of_range("order", s.order, &allowed));
+                    }
+                }
+                SamplerOption::Snr(default) => {
+                    s.snr = params.snr.unwrap_or(default);
+                    if !(s.snr > 0.0 && s.snr.is_finite()) {
+                        return Err(Error::out_of_range("snr", s.snr, "must be positive"));
+                    }
+                }
+                SamplerOption::Tolerance { rtol, atol } => {
+                    let (rtol, atol) = (params.rtol.unwrap_or(rtol), params.atol.unwrap_or(atol));
+                    if !(rtol > 0.0 && atol > 0.0 && rtol.is_finite() && atol.is_finite()) {
+                        return Err(Error::options(
+                            format!("{{0}} {rtol} and {{1}} {atol} must be positive"),
+                            &["rtol", "atol"],
+                        ));
+                    }
+                    (s.rtol, s.atol) = (rtol, atol);
+                }
+                SamplerOption::StepRange { min, max } => {
+                    let min = params.min_steps.unwrap_or(min);
+                    let max = params.max_steps.unwrap_or(max);
+                    if min == 0 || max < min {
+                        return Err(Error::options(
+                            format!("{{0}} {min} and {{1}} {max} need 1 <= min <= max"),
+                            &["min_steps", "max_steps"],
+                        ));
+                    }
+                    (s.min_steps, s.max_steps) = (min, max);
+                }
+            }
+        }
+        if let Some(check) = self.check {
+            check(params)?;
+        }
+        Ok(s)
+    }
+}
+
+/// One line of `edgediff samplers`.
+#[derive(Debug, Clone, Copy)]
+pub struct SamplerInfo {
+    pub name: &'static str,
+    pub order: &'static str,
+    pub stochastic: bool,
+    pub calls_per_step: &'static str,
+    pub summary: &'static str,
+}
+
+/// Every sampler's row of `edgediff samplers`, in [`REGISTRY`] order.
+pub const SAMPLERS: &[SamplerInfo] = &{
+    let empty = SamplerInfo {
+        name: "",
+        order: "",
+        stochastic: false,
+        calls_per_step: "",
+        summary: "",
+    };
+    let mut rows = [empty; REGISTRY.len()];
+    let mut k = 0;
+    while k < rows.len() {
+        rows[k] = REGISTRY[k].info();
+        k += 1;
+    }
+    rows
+};
+
+/// Which sampler, with its options resolved: a registry entry and its [`Settings`].
+#[derive(Clone, Copy)]
+pub struct SamplerKind {
+    def: &'static SamplerDef,
+    settings: Settings,
+}
+
 impl SamplerKind {
+    /// Deterministic DDIM (eta 0), the default sampler.
+    pub const DDIM: SamplerKind = SamplerKind::of(&ddim::DDIM);
+
     /// The sampler called `name` (as `edgediff samplers` lists it) with `params`, checked.
-    pub fn new(name: &str, args: SamplerParams) -> Result<SamplerKind> {
-        let eta = |default: f64| -> Result<f64> {
-            let eta = args.eta.unwrap_or(default);
-            if (0.0..=1.0).contains(&eta) {
-                Ok(eta)
-            } else {
-                Err(Error::out_of_range("eta", eta, "is outside [0, 1]"))
-            }
+    pub fn new(name: &str, params: SamplerParams) -> Result<SamplerKind> {
+        let Some(def) = REGISTRY.iter().find(|d| d.name == name) else {
+            let names: Vec<&str> = REGISTRY.iter().map(|d| d.name).collect();
+            return Err(Error::unknown("sampler", name, &names));
         };
-        let order = |default: usize, max: usize| -> Result<usize> {
-            let order = args.order.unwrap_or(default);
-            if (1..=max).contains(&order) {
-                Ok(order)
-            } else {
-                Err(Error::out_of_range(
-                    "order",
-                    order,
-                    &format!("is outside 1..={max} for {name}"),
-                ))
-            }
-        };
-        use dpmpp::DpmVariant::{Ode, Sde};
-        Ok(match name {
-            "ddpm" => SamplerKind::Ddpm,
-            "ddim" => SamplerKind::Ddim { eta: eta(0.0)? },
-            "ode-euler" => SamplerKind::Euler,
-            "heun" => SamplerKind::Heun,
-            "euler-a" => SamplerKind::EulerAncestral { eta: eta(1.0)? },
-            "lms" => SamplerKind::Lms {
-                order: order(4, 4)?,
-            },
-            "dpm-solver" => SamplerKind::DpmSolver {
-                order: order(3, 3)?,
-            },
-            "dpm++2m" => SamplerKind::DpmPlusPlus {
-                order: order(2, 3)?,
-                variant: Ode,
-            },
-            "dpm++3m" => SamplerKind::DpmPlusPlus {
-                order: order(3, 3)?,
-                variant: Ode,
-            },
-            "dpm++2m-sde" => SamplerKind::DpmPlusPlus {
-                order: order(2, 2)?,
-                variant: Sde,
-            },
-            "pndm" => SamplerKind::Pndm,
-            "ode-adaptive" | "adaptive" => {
-                let per_sample = name == "adaptive";
-                let (rtol, atol) = (args.rtol.unwrap_or(1e-3), args.atol.unwrap_or(1e-3));
-                if !(rtol > 0.0 && atol > 0.0 && rtol.is_finite() && atol.is_finite()) {
-                    return Err(Error::options(
-                        format!("{{0}} {rtol} and {{1}} {atol} must be positive"),
-                        &["rtol", "atol"],
-                    ));
-                }
-                let (min_steps, max_steps) = if per_sample {
-                    (args.min_steps.unwrap_or(2), args.max_steps.unwrap_or(500))
-                } else if args.min_steps.is_some() || args.max_steps.is_some() {
-                    return Err(Error::options(
-                        "{0}/{1} apply to the adaptive sampler",
-                        &["min_steps", "max_steps"],
-                    ));
-                } else {
-                    (1, 10_000)
-                };
-                if min_steps == 0 || max_steps < min_steps {
-                    return Err(Error::options(
-                        format!("{{0}} {min_steps} and {{1}} {max_steps} need 1 <= min <= max"),
-                        &["min_steps", "max_steps"],
-                    ));
-                }
-                SamplerKind::OdeAdaptive {
-                    tol: ode_adaptive::Tolerance {
-                        rtol,
-                        atol,
-                        min_steps,
-                        max_steps,
-                        per_sample,
-                    },
-                }
-            }
-            "euler-maruyama" => SamplerKind::EulerMaruyama,
-            "sde-heun" => SamplerKind::SdeHeun,
-            "pc" => {
-                let snr = args.snr.unwrap_or(0.16);
-                if !(snr > 0.0 && snr.is_finite()) {
-                    return Err(Error::out_of_range("snr", snr, "must be positive"));
-                }
-                SamplerKind::PredictorCorrector { snr }
-            }
-            "unipc" => SamplerKind::UniPc {
-                order: order(2, 3)?,
-            },
-            other => {
-                let names: Vec<&str> = SAMPLERS.iter().map(|s| s.name).collect();
-                return Err(Error::unknown("sampler", other, &names));
-            }
+        Ok(SamplerKind {
+            def,
+            settings: def.resolve(&params)?,
         })
+    }
+
+    /// The sampler `def` with its default options: `SamplerKind::of(&sampler::heun::HEUN)`.
+    pub const fn of(def: &'static SamplerDef) -> SamplerKind {
+        SamplerKind {
+            def,
+            settings: def.defaults(),
+        }
+    }
+
+    /// The same sampler with order `order`: `SamplerKind::of(&unipc::UNIPC).with_order(3)`.
+    ///
+    /// # Panics
+    ///
+    /// If the sampler takes no order or `order` is outside its range (at compile time when
+    /// used in a `const`); [`SamplerKind::new`] is the checked way for orders from input.
+    pub const fn with_order(self, order: usize) -> SamplerKind {
+        match self.def.max_order() {
+            Some(max) if order >= 1 && order <= max => SamplerKind {
+                settings: Settings {
+                    order,
+                    ..self.settings
+                },
+                ..self
+            },
+            _ => panic!("the sampler takes no such order"),
+        }
     }
 
     /// The name `edgediff samplers` lists.
     pub fn name(&self) -> &'static str {
-        use dpmpp::DpmVariant::{Ode, Sde};
-        match self {
-            SamplerKind::Ddpm => "ddpm",
-            SamplerKind::Ddim { .. } => "ddim",
-            SamplerKind::Euler => "ode-euler",
-            SamplerKind::Heun => "heun",
-            SamplerKind::EulerAncestral { .. } => "euler-a",
-            SamplerKind::Lms { .. } => "lms",
-            SamplerKind::DpmSolver { .. } => "dpm-solver",
-            SamplerKind::DpmPlusPlus { variant: Sde, .. } => "dpm++2m-sde",
-            SamplerKind::DpmPlusPlus {
-                order: 3,
-                variant: Ode,
-            } => "dpm++3m",
-            SamplerKind::DpmPlusPlus { .. } => "dpm++2m",
-            SamplerKind::UniPc { .. } => "unipc",
-            SamplerKind::Pndm => "pndm",
-            SamplerKind::OdeAdaptive { tol } if tol.per_sample => "adaptive",
-            SamplerKind::OdeAdaptive { .. } => "ode-adaptive",
-            SamplerKind::EulerMaruyama => "euler-maruyama",
-            SamplerKind::SdeHeun => "sde-heun",
-            SamplerKind::PredictorCorrector { .. } => "pc",
-        }
+        self.def.name
+    }
+
+    /// Its registry entry (description and options).
+    pub fn def(&self) -> &'static SamplerDef {
+        self.def
+    }
+
+    /// Its resolved options.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     /// Whether the sampler draws fresh noise during sampling (so one initial noise does not
     /// fix its output).
     pub fn is_stochastic(&self) -> bool {
-        match *self {
-            SamplerKind::Ddim { eta } | SamplerKind::EulerAncestral { eta } => eta > 0.0,
-            SamplerKind::DpmPlusPlus { variant, .. } => variant == dpmpp::DpmVariant::Sde,
-            SamplerKind::Ddpm
-            | SamplerKind::EulerMaruyama
-            | SamplerKind::SdeHeun
-            | SamplerKind::PredictorCorrector { .. } => true,
-            _ => false,
-        }
+        self.def.is_stochastic(&self.settings)
     }
 
     /// Whether the sampler chooses its own steps (ignoring the level grid between its ends).
     pub fn is_adaptive(&self) -> bool {
-        matches!(self, SamplerKind::OdeAdaptive { .. })
-    }
-
-    /// Network evaluations per sample for a trajectory of `steps` steps.
-    pub fn model_calls(&self, steps: usize) -> usize {
-        match self {
-            SamplerKind::Heun | SamplerKind::SdeHeun => 2 * steps - 1,
-            SamplerKind::PredictorCorrector { .. } => 2 * steps,
-            SamplerKind::Pndm if steps > 1 => steps + 1,
-            _ => steps,
-        }
+        self.def.adaptive
     }
 
     /// Runs the sampler from `x` (noise at `tr.levels[0]`) to the last level.
@@ -362,40 +533,26 @@ impl SamplerKind {
         x: Array4<f32>,
         progress: &mut Progress<'_>,
     ) -> Result<Array4<f32>> {
-        match *self {
-            SamplerKind::Ddpm => ddpm::ddpm(tr, x, progress),
-            SamplerKind::Ddim { eta } => ddim::ddim(tr, x, eta, progress),
-            SamplerKind::Euler => euler::euler(tr, x, progress),
-            SamplerKind::Heun => heun::heun(tr, x, progress),
-            SamplerKind::EulerAncestral { eta } => {
-                euler_ancestral::euler_ancestral(tr, x, eta, progress)
-            }
-            SamplerKind::Lms { order } => lms::lms(tr, x, order, progress),
-            SamplerKind::DpmSolver { order } => dpm_solver::dpm_solver(tr, x, order, progress),
-            SamplerKind::DpmPlusPlus { order, variant } => {
-                dpmpp::dpmpp(tr, x, order, variant, progress)
-            }
-            SamplerKind::UniPc { order } => unipc::unipc(tr, x, order, progress),
-            SamplerKind::Pndm => pndm::pndm(tr, x, progress),
-            SamplerKind::OdeAdaptive { tol } => {
-                let (x, counts) = ode_adaptive::ode_adaptive(tr, x, tol, progress)?;
-                let acc: Vec<usize> = counts.iter().map(|c| c.accepted).collect();
-                log::info!(
-                    "{}: {}..{} accepted steps per sample, {} rejected in all",
-                    self.name(),
-                    acc.iter().min().unwrap_or(&0),
-                    acc.iter().max().unwrap_or(&0),
-                    counts.iter().map(|c| c.rejected).sum::<usize>()
-                );
-                tr.step_counts = Some(counts);
-                Ok(x)
-            }
-            SamplerKind::EulerMaruyama => sde::euler_maruyama(tr, x, progress),
-            SamplerKind::SdeHeun => sde::sde_heun(tr, x, progress),
-            SamplerKind::PredictorCorrector { snr } => {
-                sde::predictor_corrector(tr, x, snr, progress)
-            }
-        }
+        let run = self
+            .def
+            .run
+            .expect("every registered sampler sets run (tested)");
+        run(&self.settings, tr, x, progress)
+    }
+}
+
+impl PartialEq for SamplerKind {
+    fn eq(&self, other: &SamplerKind) -> bool {
+        self.def.name == other.def.name && self.settings == other.settings
+    }
+}
+
+impl std::fmt::Debug for SamplerKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SamplerKind")
+            .field("name", &self.def.name)
+            .field("settings", &self.settings)
+            .finish()
     }
 }
 
@@ -408,49 +565,68 @@ impl std::str::FromStr for SamplerKind {
     }
 }
 
-/// sum_k c_k a_k elementwise, accumulated in f64: the one update every sampler is made of.
-///
-/// Steps from the top of steep schedules (cosine at t = T-1, alpha ~ 1e-2) multiply O(1)
-/// samples by coefficients in the hundreds that then cancel; f32 products would lose ~1e-5.
-pub(crate) fn lincomb(terms: &[(f64, &Array4<f32>)]) -> Array4<f32> {
-    let shape = terms[0].1.raw_dim();
-    let slices: Vec<(f64, std::borrow::Cow<'_, [f32]>)> = terms
-        .iter()
-        .map(|(c, a)| {
-            debug_assert_eq!(a.raw_dim(), shape);
-            let data = match a.as_slice() {
-                Some(s) => std::borrow::Cow::Borrowed(s),
-                None => std::borrow::Cow::Owned(a.iter().copied().collect()),
-            };
-            (*c, data)
-        })
-        .collect();
-    let len = slices[0].1.len();
-    let out: Vec<f32> = (0..len)
-        .map(|i| slices.iter().map(|(c, s)| c * s[i] as f64).sum::<f64>() as f32)
-        .collect();
-    Array4::from_shape_vec(shape, out).expect("same shape as the inputs")
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// a x + b y (+ c z), accumulated in f64 (see [`lincomb`]).
-pub(crate) fn combine(
-    a: f64,
-    x: &Array4<f32>,
-    b: f64,
-    y: &Array4<f32>,
-    c: f64,
-    z: Option<&Array4<f32>>,
-) -> Array4<f32> {
-    match z {
-        Some(z) => lincomb(&[(a, x), (b, y), (c, z)]),
-        None => lincomb(&[(a, x), (b, y)]),
+    #[test]
+    fn names_are_unique_and_every_default_passes_its_own_checks() {
+        for (k, def) in REGISTRY.iter().enumerate() {
+            assert!(
+                REGISTRY[..k].iter().all(|d| d.name != def.name),
+                "{}",
+                def.name
+            );
+            let kind = SamplerKind::new(def.name, SamplerParams::default()).unwrap();
+            assert_eq!(kind, SamplerKind::of(def));
+            assert_eq!(SAMPLERS[k].name, def.name);
+            assert!(def.run.is_some() && !def.summary.is_empty(), "{}", def.name);
+        }
     }
-}
 
-/// Variance of the true posterior q(x_s | x_t, x0) for s < t on any VP or VE schedule:
-/// sigma_{t|s}² sigma_s² / sigma_t² with sigma_{t|s}² = sigma_t² - (alpha_t/alpha_s)² sigma_s².
-pub(crate) fn posterior_variance(cur: &NoiseLevel, next: &NoiseLevel) -> f64 {
-    let a_ts = cur.alpha / next.alpha;
-    let s2_ts = cur.sigma.powi(2) - a_ts.powi(2) * next.sigma.powi(2);
-    (s2_ts * next.sigma.powi(2) / cur.sigma.powi(2)).max(0.0)
+    #[test]
+    fn stochastic_follows_eta() {
+        let ddim = |eta| SamplerKind::new("ddim", with(|p| p.eta = eta));
+        assert!(!ddim(None).unwrap().is_stochastic());
+        assert!(ddim(Some(0.5)).unwrap().is_stochastic());
+        assert!(SAMPLERS.iter().any(|s| s.name == "euler-a" && s.stochastic));
+        assert!(SamplerKind::new("pc", SamplerParams::default())
+            .unwrap()
+            .is_stochastic());
+    }
+
+    /// Default parameters with `set` applied.
+    fn with(set: impl FnOnce(&mut SamplerParams)) -> SamplerParams {
+        let mut p = SamplerParams::default();
+        set(&mut p);
+        p
+    }
+
+    #[test]
+    #[rustfmt::skip] // a table reads better one case a line
+    fn options_are_checked_by_their_library_names() {
+        let cases = [
+            ("lms", with(|p| p.order = Some(5)), "order 5 is outside 1..=4 for lms"),
+            ("ddim", with(|p| p.eta = Some(2.0)), "eta 2 is outside [0, 1]"),
+            ("pc", with(|p| p.snr = Some(0.0)), "snr 0 must be positive"),
+            ("ode-adaptive", with(|p| p.min_steps = Some(3)), "min_steps/max_steps apply to the adaptive sampler"),
+            ("adaptive", with(|p| p.min_steps = Some(0)), "min_steps 0 and max_steps 500 need 1 <= min <= max"),
+        ];
+        for (name, params, message) in cases {
+            let e = SamplerKind::new(name, params).unwrap_err();
+            let a = e.argument().unwrap();
+            assert_eq!(a.to_string(), message);
+            assert!(message.starts_with(a.arg().unwrap()), "{message}");
+        }
+        assert!("nope".parse::<SamplerKind>().is_err());
+    }
+
+    #[test]
+    fn const_constructors_match_the_checked_ones() {
+        const UNIPC3: SamplerKind = SamplerKind::of(&unipc::UNIPC).with_order(3);
+        let checked = SamplerKind::new("unipc", with(|p| p.order = Some(3)));
+        assert_eq!(UNIPC3, checked.unwrap());
+        assert_eq!(SamplerKind::DDIM, "ddim".parse().unwrap());
+        assert_eq!(SamplerKind::DDIM.settings().eta, 0.0);
+    }
 }

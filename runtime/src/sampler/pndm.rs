@@ -7,61 +7,44 @@ use std::collections::VecDeque;
 
 use ndarray::Array4;
 
-use super::{combine, Progress, Trajectory};
+use super::ops::{lincomb, transfer};
+use super::{SamplerDef, Step, Trajectory};
 use crate::error::Result;
-use crate::schedule::NoiseLevel;
 
-/// The DDIM transfer x_t -> x_s with a given eps (PNDM's phi).
-fn transfer(
-    x: &Array4<f32>,
-    eps: &Array4<f32>,
-    cur: &NoiseLevel,
-    next: &NoiseLevel,
-) -> Array4<f32> {
-    combine(
-        next.alpha / cur.alpha,
-        x,
-        next.sigma - next.alpha * cur.sbar(),
-        eps,
-        0.0,
-        None,
-    )
-}
-
-/// Runs PLMS over the trajectory's levels.
-pub fn pndm(
+/// One PLMS step; `ets` holds the last four eps values, most recent first.
+fn step(
     tr: &mut Trajectory<'_>,
-    mut x: Array4<f32>,
-    progress: &mut Progress<'_>,
+    s: Step<'_>,
+    ets: &mut VecDeque<Array4<f32>>,
 ) -> Result<Array4<f32>> {
-    let n = tr.steps();
-    let lv = tr.levels;
-    let mut ets: VecDeque<Array4<f32>> = VecDeque::with_capacity(4);
-    for i in 0..n {
-        let (cur, next) = (&lv[i], &lv[i + 1]);
-        let e = tr.den.denoise(&x, cur)?.eps;
-        ets.push_front(e);
-        ets.truncate(4);
-        let eps = match ets.len() {
-            1 if n > 1 => {
-                // Heun-like start: average eps here and at the Euler-predicted next point.
-                let guess = transfer(&x, &ets[0], cur, next);
-                let e_next = tr.den.denoise(&guess, next)?.eps;
-                combine(0.5, &ets[0], 0.5, &e_next, 0.0, None)
-            }
-            1 => ets[0].clone(),
-            2 => combine(1.5, &ets[0], -0.5, &ets[1], 0.0, None),
-            3 => {
-                let t = combine(23.0 / 12.0, &ets[0], -16.0 / 12.0, &ets[1], 0.0, None);
-                combine(1.0, &t, 5.0 / 12.0, &ets[2], 0.0, None)
-            }
-            _ => {
-                let t = combine(55.0 / 24.0, &ets[0], -59.0 / 24.0, &ets[1], 0.0, None);
-                combine(1.0, &t, 37.0 / 24.0, &ets[2], -9.0 / 24.0, Some(&ets[3]))
-            }
-        };
-        x = transfer(&x, &eps, cur, next);
-        progress(i + 1, n);
-    }
-    Ok(x)
+    ets.push_front(s.d.eps);
+    ets.truncate(4);
+    // The weighted sums are rounded to f32 in two stages, as PLMS has always been computed
+    // here; one lincomb would move results by an ulp.
+    let eps = match ets.len() {
+        1 if s.n > 1 => {
+            // Heun-like start: average eps here and at the Euler-predicted next point.
+            let guess = transfer(s.x, &ets[0], &s.cur, &s.next);
+            let e_next = tr.den.denoise(&guess, &s.next)?.eps;
+            lincomb(&[(0.5, &ets[0]), (0.5, &e_next)])
+        }
+        1 => ets[0].clone(),
+        2 => lincomb(&[(1.5, &ets[0]), (-0.5, &ets[1])]),
+        3 => {
+            let t = lincomb(&[(23.0 / 12.0, &ets[0]), (-16.0 / 12.0, &ets[1])]);
+            lincomb(&[(1.0, &t), (5.0 / 12.0, &ets[2])])
+        }
+        _ => {
+            let t = lincomb(&[(55.0 / 24.0, &ets[0]), (-59.0 / 24.0, &ets[1])]);
+            lincomb(&[(1.0, &t), (37.0 / 24.0, &ets[2]), (-9.0 / 24.0, &ets[3])])
+        }
+    };
+    Ok(transfer(s.x, &eps, &s.cur, &s.next))
 }
+
+pub static PNDM: SamplerDef = SamplerDef::new("pndm", "4 (pseudo)", "1 (2 on the first step)")
+    .summary("PNDM's PLMS: Adams-Bashforth on eps through the DDIM transfer (Liu et al. 2022)")
+    .run(|_, tr, x, progress| {
+        let mut ets = VecDeque::with_capacity(4);
+        tr.walk(x, progress, |tr, s| step(tr, s, &mut ets))
+    });

@@ -7,8 +7,8 @@ use std::collections::VecDeque;
 
 use ndarray::Array4;
 
-use super::{lincomb, Progress, Trajectory};
-use crate::error::Result;
+use super::ops::lincomb;
+use super::{SamplerDef, SamplerOption, Step};
 use crate::schedule::NoiseLevel;
 
 /// The phi-function right-hand side b_k and B(h) for an update over hh = -h (data prediction).
@@ -42,11 +42,12 @@ fn solve_vandermonde(rks: &[f64], b: &[f64]) -> Vec<f64> {
             .max_by(|&p, &q| a[p][col].abs().total_cmp(&a[q][col].abs()))
             .unwrap_or(col);
         a.swap(col, pivot);
-        for row in 0..k {
+        let pivot_row = a[col].clone();
+        for (row, r) in a.iter_mut().enumerate() {
             if row != col {
-                let f = a[row][col] / a[col][col];
-                for c in col..=k {
-                    a[row][c] -= f * a[col][c];
+                let f = r[col] / pivot_row[col];
+                for (v, p) in r[col..].iter_mut().zip(&pivot_row[col..]) {
+                    *v -= f * p;
                 }
             }
         }
@@ -99,46 +100,67 @@ fn update(
     lincomb(&terms)
 }
 
-/// Runs UniPC with predictor order `order` (1..=3) and the UniC corrector.
-pub fn unipc(
-    tr: &mut Trajectory<'_>,
-    mut x: Array4<f32>,
+/// What UniPC carries between steps.
+struct State {
+    /// Predictor order.
     order: usize,
-    progress: &mut Progress<'_>,
-) -> Result<Array4<f32>> {
-    let n = tr.steps();
-    let lv = tr.levels;
-    // Data predictions, most recent first, with their step index.
-    let mut ms: VecDeque<(usize, Array4<f32>)> = VecDeque::with_capacity(order + 1);
-    let mut last: Option<(Array4<f32>, usize)> = None; // corrected sample and order of the last step
-    for i in 0..n {
-        let m_i = tr.den.denoise(&x, &lv[i])?.x0;
-        if let Some((prev_x, prev_order)) = last.take() {
-            let (j, m0) = (&ms[0].0, &ms[0].1);
-            let hist: Vec<(NoiseLevel, &Array4<f32>)> = ms
-                .iter()
-                .skip(1)
-                .take(prev_order - 1)
-                .map(|(k, m)| (lv[*k], m))
-                .collect();
-            x = update(&prev_x, &lv[*j], m0, &lv[i], &hist, Some(&m_i));
-        }
-        ms.push_front((i, m_i));
-        ms.truncate(order);
-        let this_order = order.min(n - i).min(i + 1);
-        let hist: Vec<(NoiseLevel, &Array4<f32>)> = ms
+    /// Data predictions, most recent first, with their step index.
+    ms: VecDeque<(usize, Array4<f32>)>,
+    /// The last step's starting sample and order, for the corrector at the next level.
+    last: Option<(Array4<f32>, usize)>,
+}
+
+impl State {
+    /// The earlier data predictions an update of `order` uses (skipping the newest), with their
+    /// levels.
+    fn history<'m>(
+        &'m self,
+        lv: &[NoiseLevel],
+        order: usize,
+    ) -> Vec<(NoiseLevel, &'m Array4<f32>)> {
+        self.ms
             .iter()
             .skip(1)
-            .take(this_order - 1)
+            .take(order - 1)
             .map(|(k, m)| (lv[*k], m))
-            .collect();
-        let next = update(&x, &lv[i], &ms[0].1, &lv[i + 1], &hist, None);
-        last = Some((x, this_order));
-        x = next;
-        progress(i + 1, n);
+            .collect()
     }
-    Ok(x)
+
+    /// One step: UniC corrects the sample the last step predicted with the model output now in
+    /// hand, then UniP predicts the next level from the corrected sample.
+    fn step(&mut self, lv: &[NoiseLevel], s: Step<'_>) -> Array4<f32> {
+        let i = s.i;
+        let m_i = s.d.x0;
+        let x = match self.last.take() {
+            Some((prev_x, prev_order)) => {
+                let (j, m0) = (&self.ms[0].0, &self.ms[0].1);
+                let hist = self.history(lv, prev_order);
+                update(&prev_x, &lv[*j], m0, &lv[i], &hist, Some(&m_i))
+            }
+            None => s.x.clone(),
+        };
+        self.ms.push_front((i, m_i));
+        self.ms.truncate(self.order);
+        let this_order = self.order.min(s.n - i).min(i + 1);
+        let hist = self.history(lv, this_order);
+        let next = update(&x, &lv[i], &self.ms[0].1, &lv[i + 1], &hist, None);
+        self.last = Some((x, this_order));
+        next
+    }
 }
+
+pub static UNIPC: SamplerDef = SamplerDef::new("unipc", "--order (default 2), +1 by UniC", "1")
+    .summary("UniPC: UniP predictor with the UniC corrector, bh2 (Zhao et al. 2023)")
+    .options(&[SamplerOption::Order { default: 2, max: 3 }])
+    .run(|o, tr, x, progress| {
+        let mut state = State {
+            order: o.order,
+            ms: VecDeque::with_capacity(o.order + 1),
+            last: None,
+        };
+        let lv = tr.levels;
+        tr.walk(x, progress, |_, s| Ok(state.step(lv, s)))
+    });
 
 #[cfg(test)]
 mod tests {
@@ -149,9 +171,13 @@ mod tests {
         let rks = [-0.7, -1.9, 1.0];
         let b = [0.3, -0.2, 0.05];
         let rho = solve_vandermonde(&rks, &b);
-        for i in 0..3 {
-            let lhs: f64 = (0..3).map(|j| rks[j].powi(i as i32) * rho[j]).sum();
-            assert!((lhs - b[i]).abs() < 1e-12);
+        for (i, bi) in b.iter().enumerate() {
+            let lhs: f64 = rks
+                .iter()
+                .zip(&rho)
+                .map(|(r, p)| r.powi(i as i32) * p)
+                .sum();
+            assert!((lhs - bi).abs() < 1e-12);
         }
     }
 }
