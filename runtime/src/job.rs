@@ -80,7 +80,7 @@ pub(crate) fn job_record(
         "sample_shape": meta.sample_shape,
         "n": opts.n,
         "sampler": opts.sampler.name(),
-        "sampler_options": format!("{:?}", opts.sampler),
+        "sampler_options": format!("{:?}", opts.sampler.settings()),
         "steps": opts.timesteps.as_ref().map_or(Value::from(opts.steps), |_| Value::Null),
         "spacing": opts.timesteps.as_ref().map_or(Value::from(format!("{:?}", opts.spacing)), |_| Value::Null),
         "timesteps": opts.timesteps,
