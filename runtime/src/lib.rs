@@ -13,6 +13,10 @@
 //! # Ok::<(), edgediff::Error>(())
 //! ```
 
+// Every unsafe operation sits in its own `unsafe` block with a `// SAFETY:` comment, also
+// inside `unsafe fn`s (the C ABI in `capi` is most of them).
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod backend;
 pub mod calibrate;
 pub mod capi;
