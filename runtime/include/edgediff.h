@@ -281,8 +281,9 @@ void edgediff_request_free(edgediff_request *req);
  * by its field name ("sampler", "steps", "spacing" as a name, "rho", "eta", "order", "snr",
  * "rtol", "atol", "min_steps", "max_steps", "n", "batch_size", "seed", "class_label" or
  * "class" (negative: unconditional), "guidance", "x0_clip" ("none", "range", "dynamic"),
- * "dynamic_threshold", "threshold_max"), and "timesteps" as a comma-separated list. Values
- * are checked when the request runs, except that "sampler" must name a sampler. */
+ * "dynamic_threshold", "threshold_max"), and "timesteps" as a comma-separated list. Names
+ * (of the sampler, spacing, x0_clip) and the syntax of numbers are checked here, ranges when
+ * the request runs. */
 int edgediff_request_set(edgediff_request *req, const char *key, const char *value);
 
 /* Sets the progress callback (NULL: none). */

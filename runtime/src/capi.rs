@@ -630,14 +630,9 @@ impl EdgediffModelParams {
             Provider::Cuda { device_id } | Provider::TensorRt { device_id, .. } => device_id,
             Provider::Cpu => 0,
         };
-        let (trt_cache, trt_fp16) = match &net.provider {
-            Provider::TensorRt {
-                engine_cache, fp16, ..
-            } => (engine_cache.is_some(), *fp16),
-            _ => (false, false),
-        };
-        // A default cache directory would need a static C string; the library has none.
-        debug_assert!(!trt_cache && d.path.is_none() && d.ort_lib.is_none());
+        let trt_fp16 = matches!(net.provider, Provider::TensorRt { fp16: true, .. });
+        // The library's defaults have no path, library or engine cache (a default one would
+        // need a static C string): NULL. tests::defaults_round_trip checks this stays true.
         EdgediffModelParams {
             struct_size: std::mem::size_of::<Self>(),
             path: std::ptr::null(),
@@ -961,8 +956,8 @@ impl EdgediffSampleParams {
         let s = SamplerParams::default();
         let (spacing, rho) = spacing_to_c(d.spacing);
         let (x0_clip, dynamic_threshold, threshold_max) = x0_clip_to_c(d.x0_clip);
-        // A default list of times would need static storage; the library's default has none.
-        debug_assert!(d.timesteps.is_none());
+        // The library's default has no list of times (a default one would need static
+        // storage): NULL. tests::defaults_round_trip checks this stays true.
         EdgediffSampleParams {
             struct_size: std::mem::size_of::<Self>(),
             sampler: static_name(d.sampler.name()),
@@ -1547,14 +1542,13 @@ impl EdgediffRequest {
 #[no_mangle]
 pub unsafe extern "C" fn edgediff_request_new(out: *mut *mut EdgediffRequest) -> c_int {
     guard(|| {
-        let req = register(&LIVE_REQUESTS, EdgediffRequest::new());
-        // SAFETY: the caller passes a writable `out`.
-        let put_ok = unsafe { put(out, req, "out") };
-        if put_ok.is_err() {
-            // SAFETY: `req` was just registered and nobody else has it.
-            unsafe { edgediff_request_free(req) };
+        if out.is_null() {
+            return Err(arg("out is NULL"));
         }
-        put_ok
+        let req = register(&LIVE_REQUESTS, EdgediffRequest::new());
+        // SAFETY: `out` is non-NULL (checked) and writable (caller).
+        unsafe { out.write(req) };
+        Ok(())
     })
 }
 
