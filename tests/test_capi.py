@@ -55,6 +55,31 @@ def test_header_declares_exactly_the_exported_functions(edgediff_bin):
     assert declared <= exported, declared - exported
 
 
+def _fields(body: str, c: bool) -> list[tuple[str, int]]:
+    """(name, size in bytes on 64-bit targets) of each field of a struct body."""
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S) if c else re.sub(r"//.*", "", body)
+    fields = []
+    for decl in filter(None, (d.strip() for d in body.split(";" if c else ","))):
+        name, ty = (re.findall(r"\w+", decl)[-1], decl) if c else decl.removeprefix("pub ").split(":", 1)
+        four = re.fullmatch(r"\s*int\s+\w+", ty) if c else ty.strip() in ("c_int", "i32")
+        fields.append((name.strip(), 4 if four else 8))
+    return fields
+
+
+def test_header_structs_match_the_rust_structs():
+    """Field for field, in order and size: the library copies callers' bytes into these."""
+    header = HEADER.read_text()
+    rust = (ROOT / "runtime" / "src" / "capi.rs").read_text()
+    pairs = 0
+    for c_name, body in re.findall(r"typedef struct (edgediff_\w+) \{(.*?)\} \1;", header, re.S):
+        rust_name = "".join(w.capitalize() for w in c_name.split("_"))
+        m = re.search(rf"pub struct {rust_name} \{{(.*?)\n\}}", rust, re.S)
+        assert m, rust_name
+        assert _fields(body, c=True) == _fields(m.group(1), c=False), c_name
+        pairs += 1
+    assert pairs == 7
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_c_example_matches_the_cli(edgediff_bin, tiny_models, tmp_path, env, shared):
     grid = tmp_path / "grid"
