@@ -168,6 +168,28 @@ int main(int argc, char **argv) {
     bad.init_noise_len = len - 1;
     EXPECT(argument_error(edgediff_sample_with(model, &bad, b, len), "init_noise_len"), "init noise of the wrong size");
     EXPECT(edgediff_sample_with(model, &p, a, len - 1) == EDGEDIFF_ERR_ARGUMENT, "out too small");
+
+    /* Injected noise drives a stochastic sampler: the seed no longer matters. */
+    edgediff_sample_params sp;
+    edgediff_sample_params_init(&sp);
+    sp.sampler = "ddpm";
+    sp.steps = 4;
+    sp.n = p.n;
+    float *steps_noise = calloc(4 * len, sizeof(float));
+    for (size_t i = 0; i < len; i++) c[i] = (float)((int)(i % 7) - 3) / 3.0f;
+    for (size_t i = 0; i < 4 * len; i++) steps_noise[i] = (float)((int)(i % 5) - 2) / 2.0f;
+    sp.init_noise = c;
+    sp.init_noise_len = len;
+    sp.step_noise = steps_noise;
+    sp.step_noise_len = 4 * len;
+    EXPECT(edgediff_sample_with(model, &sp, a, len) == EDGEDIFF_OK, "injected noise");
+    sp.seed = 77;
+    EXPECT(edgediff_sample_with(model, &sp, b, len) == EDGEDIFF_OK && memcmp(a, b, len * sizeof(float)) == 0, "the seed does not matter");
+    sp.step_noise_len = 4 * len - 1;
+    EXPECT(argument_error(edgediff_sample_with(model, &sp, b, len), "step_noise_len"), "step noise of the wrong size");
+    sp.init_noise = NULL;
+    EXPECT(argument_error(edgediff_sample_with(model, &sp, b, len), "init_noise"), "step noise without initial noise");
+    free(steps_noise);
     EXPECT(edgediff_sample_with(model, NULL, a, len) == EDGEDIFF_ERR_ARGUMENT, "NULL params");
 
     /* Inpainting through the params: the kept pixels stay. */
