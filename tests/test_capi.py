@@ -1,7 +1,8 @@
 """The C library: header in sync with the exports, the example built against the static and
 the shared library and compared byte for byte with the CLI, the interface checks of
-tests/c/capi_check.c (errors, cancellation, buffers, two threads on one handle), pkg-config,
-and both programs under valgrind: no invalid reads or writes and nothing definitely, indirectly
+tests/c/capi_check.c (errors, cancellation, buffers, two threads on one handle), the typed
+parameter structs of tests/c/params_check.c against the CLI, pkg-config, and the programs
+under valgrind: no invalid reads or writes and nothing definitely, indirectly
 or possibly lost once the handles are freed (ONNX Runtime's own self-overlapping memcpy is
 and ld.so's over-reading strncmp are suppressed by tests/c/valgrind-ort.supp; what stays
 reachable is the process-wide runtime).
@@ -9,11 +10,13 @@ reachable is the process-wide runtime).
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, run_cli
@@ -37,13 +40,44 @@ def build(src, out, shared: bool) -> None:
 
 
 def test_header_declares_exactly_the_exported_functions(edgediff_bin):
-    declared = set(re.findall(r"\b(edgediff_\w+)\s*\(", HEADER.read_text()))
+    text = HEADER.read_text()
+    # The *_init functions are static inline in the header (they pass the caller's sizeof to
+    # the exported *_init_sized), so they are declared but not exported.
+    inline = set(re.findall(r"static inline int (edgediff_\w+)\s*\(", text))
+    assert inline == {f"edgediff_{k}_params_init" for k in ("model", "sample", "likelihood", "calibrate")}
+    declared = set(re.findall(r"\b(edgediff_\w+)\s*\(", text)) - inline
+    assert {f"{name}_sized" for name in inline} <= declared
     rust = set(re.findall(r'extern "C" fn (edgediff_\w+)', (ROOT / "runtime" / "src" / "capi.rs").read_text()))
     assert declared == rust
     nm = subprocess.run(["nm", "-D", "--defined-only", str(LIB / "libedgediff.so")], capture_output=True,
                         text=True, check=True).stdout
     exported = set(re.findall(r" T (edgediff_\w+)$", nm, re.M))
     assert declared <= exported, declared - exported
+
+
+def _fields(body: str, c: bool) -> list[tuple[str, int]]:
+    """(name, size in bytes on 64-bit targets) of each field of a struct body."""
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S) if c else re.sub(r"//.*", "", body)
+    fields = []
+    for decl in filter(None, (d.strip() for d in body.split(";" if c else ","))):
+        name, ty = (re.findall(r"\w+", decl)[-1], decl) if c else decl.removeprefix("pub ").split(":", 1)
+        four = re.fullmatch(r"\s*int\s+\w+", ty) if c else ty.strip() in ("c_int", "i32")
+        fields.append((name.strip(), 4 if four else 8))
+    return fields
+
+
+def test_header_structs_match_the_rust_structs():
+    """Field for field, in order and size: the library copies callers' bytes into these."""
+    header = HEADER.read_text()
+    rust = (ROOT / "runtime" / "src" / "capi.rs").read_text()
+    pairs = 0
+    for c_name, body in re.findall(r"typedef struct (edgediff_\w+) \{(.*?)\} \1;", header, re.S):
+        rust_name = "".join(w.capitalize() for w in c_name.split("_"))
+        m = re.search(rf"pub struct {rust_name} \{{(.*?)\n\}}", rust, re.S)
+        assert m, rust_name
+        assert _fields(body, c=True) == _fields(m.group(1), c=False), c_name
+        pairs += 1
+    assert pairs == 7
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -69,6 +103,41 @@ def test_c_interface_checks(tiny_models, tmp_path, env):
     assert "all passed" in proc.stdout
 
 
+def test_typed_params_match_the_cli(edgediff_bin, tiny_models, tmp_path, env):
+    """tests/c/params_check.c through the typed structs; its files and figures against the CLI's
+    for the same settings."""
+    exe = tmp_path / "params_check"
+    build(ROOT / "tests" / "c" / "params_check.c", exe, shared=False)
+    out = tmp_path / "c"
+    out.mkdir()
+    model = str(tiny_models["linear"])
+    proc = subprocess.run([str(exe), model, str(out)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "params_check: all passed" in proc.stdout
+    figures = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in proc.stdout.splitlines()
+               if line.split()[0] in ("likelihood", "calibrate", "invert")}
+
+    def cli(*args):
+        return run_cli(edgediff_bin, *args, "--model", model, "-q", env=env).stdout
+
+    cli("sample", "--sampler", "dpm++2m", "--steps", "6", "-n", "3", "--seed", "5", "--batch-size", "2",
+        "--out", str(tmp_path / "sample.npy"))
+    assert (out / "sample.npy").read_bytes() == (tmp_path / "sample.npy").read_bytes()
+    cli("sample", "--steps", "5", "-n", "2", "--seed", "9", "--spacing", "karras", "--rho", "5",
+        "--dynamic-threshold", "0.9", "--threshold-max", "2", "--out", str(tmp_path / "karras.npy"))
+    assert (out / "karras.npy").read_bytes() == (tmp_path / "karras.npy").read_bytes()
+    cli("sample", "--steps", "10", "-n", "3", "--out", str(tmp_path / "images.npy"))
+    assert (out / "images.npy").read_bytes() == (tmp_path / "images.npy").read_bytes()
+    cli("invert", "--image", str(out / "images.npy"), "--steps", "10", "--out", str(tmp_path / "noise.npy"))
+    noise = np.load(tmp_path / "noise.npy")
+    assert np.array_equal(np.fromfile(out / "noise.f32", np.float32).reshape(noise.shape), noise)
+    lik = json.loads(cli("likelihood", "--data", str(out / "images.npy"), "-n", "2", "--steps", "4", "--json"))
+    assert figures["likelihood"] == [lik["log_density_mean"], lik["bits_per_dim_mean"]]
+    cal = json.loads(cli("calibrate", "--steps", "3", "--pilot", "8", "--teacher-steps", "8", "--max-evals", "6",
+                         "--batch-size", "8", "--json"))
+    assert figures["calibrate"] == cal["timesteps"]
+
+
 def test_pkg_config_builds_an_application(tmp_path, env):
     subprocess.run([str(ROOT / "tools" / "install-c"), str(tmp_path / "prefix"), "debug"], check=True,
                    capture_output=True)
@@ -85,7 +154,9 @@ def test_pkg_config_builds_an_application(tmp_path, env):
 def test_under_valgrind(tiny_models, tmp_path, env):
     for name, src, args in [("grid", ROOT / "examples" / "c" / "grid.c",
                              [str(tmp_path / "g.png"), str(tiny_models["linear"]), "4", "3"]),
-                            ("capi_check", ROOT / "tests" / "c" / "capi_check.c", [str(tiny_models["linear"])])]:
+                            ("capi_check", ROOT / "tests" / "c" / "capi_check.c", [str(tiny_models["linear"])]),
+                            ("params_check", ROOT / "tests" / "c" / "params_check.c",
+                             [str(tiny_models["linear"]), str(tmp_path)])]:
         exe = tmp_path / name
         build(src, exe, shared=False)
         proc = subprocess.run(["valgrind", "--leak-check=full", "--errors-for-leak-kinds=definite,indirect,possible",

@@ -4,6 +4,7 @@
  * `cargo build --release`):
  *   gcc examples/c/grid.c -Iruntime/include target/release/libedgediff.a -ldl -lpthread -lm -o grid
  */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,23 +22,47 @@ static int check(int status, const char *what) {
     return status;
 }
 
+/* argv[i] as a count, if given; the default stays otherwise. */
+static int number(int argc, char **argv, int i, const char *what, unsigned long long *out) {
+    if (argc <= i) return EDGEDIFF_OK;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(argv[i], &end, 10);
+    if (errno || *end || argv[i][0] == '-' || end == argv[i]) {
+        fprintf(stderr, "grid: %s: '%s' is not a non-negative integer\n", what, argv[i]);
+        return EDGEDIFF_ERR_ARGUMENT;
+    }
+    *out = v;
+    return EDGEDIFF_OK;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: %s OUT.png [MODEL|-] [N] [STEPS] [SEED] [SAMPLER]\n", argv[0]);
         return 2;
     }
-    const char *model_path = argc > 2 && strcmp(argv[2], "-") != 0 ? argv[2] : NULL;
+    /* Every field starts at the library's default; set only what the command line gives. */
+    edgediff_model_params mp;
+    edgediff_model_params_init(&mp);
+    mp.path = argc > 2 && strcmp(argv[2], "-") != 0 ? argv[2] : NULL;
+
+    edgediff_sample_params p;
+    edgediff_sample_params_init(&p);
+    unsigned long long n = p.n, steps = p.steps, seed = p.seed;
+    int status = number(argc, argv, 3, "N", &n);
+    if (!status) status = number(argc, argv, 4, "STEPS", &steps);
+    if (!status) status = number(argc, argv, 5, "SEED", &seed);
+    if (status) return status;
+    p.n = n;
+    p.steps = steps;
+    p.seed = seed;
+    if (argc > 6) p.sampler = argv[6];
+    p.progress = progress;
+
     edgediff_model *model = NULL;
-    edgediff_request *req = NULL;
-    int status = check(edgediff_model_open(model_path, "cpu", 0, 0, &model), "opening the model");
-    if (!status) status = check(edgediff_request_new(&req), "creating a request");
-    const char *keys[] = {"n", "steps", "seed", "sampler"};
-    for (int i = 0; i < 4 && !status; i++)
-        if (argc > 3 + i) status = check(edgediff_request_set(req, keys[i], argv[3 + i]), keys[i]);
-    if (!status) status = check(edgediff_request_set_progress(req, progress, NULL), "progress");
-    if (!status) status = check(edgediff_sample_to_file(model, req, argv[1]), "sampling");
+    status = check(edgediff_model_open_params(&mp, &model), "opening the model");
+    if (!status) status = check(edgediff_sample_to_file_with(model, &p, argv[1], 0), "sampling");
     if (!status) fprintf(stderr, "wrote %s (edgediff %s)\n", argv[1], edgediff_version());
-    edgediff_request_free(req);
     edgediff_model_free(model);
     return status;
 }

@@ -8,14 +8,41 @@
  * Every function returning int returns a status: EDGEDIFF_OK, or an error whose message
  * edgediff_last_error() gives (per thread, valid until that thread's next edgediff call).
  * NULL handles, NULL buffers, too small buffers and invalid UTF-8 are EDGEDIFF_ERR_ARGUMENT,
- * never a crash; no Rust panic crosses this interface (it becomes EDGEDIFF_ERR_PANIC).
+ * never a crash; no Rust panic crosses this interface (it becomes EDGEDIFF_ERR_PANIC). Sizes
+ * computed from arguments (n * C * H * W) that overflow are EDGEDIFF_ERR_ARGUMENT too.
+ * Messages about an option name it by its field name in the structs below ("eta",
+ * "batch_size"), the library's own name for it.
+ *
+ * Parameter structs (edgediff_model_params, edgediff_sample_params, edgediff_likelihood_params,
+ * edgediff_calibrate_params) are filled with the defaults by their *_init function, then the
+ * caller sets the fields it wants and passes the struct by pointer:
+ *
+ *     edgediff_sample_params p;
+ *     edgediff_sample_params_init(&p);
+ *     p.sampler = "dpm++2m"; p.steps = 20; p.n = 4;
+ *     edgediff_sample_with(model, &p, out, out_len);
+ *
+ * ABI: each struct begins with struct_size, which *_init sets to the sizeof the caller was
+ * compiled with (the *_init functions are inline: they pass sizeof to the exported
+ * *_init_sized). The library reads only the bytes struct_size covers and uses its defaults
+ * for fields past them; later versions only append fields, so a program built against this
+ * header keeps working with newer libraries. A struct_size the library does not know (a
+ * program built against a newer header, or a struct never initialised) is
+ * EDGEDIFF_ERR_ARGUMENT. Result structs (edgediff_likelihood_result, edgediff_calibrate_result)
+ * work the same way: set struct_size = sizeof before the call (`r = {.struct_size = sizeof r}`); the
+ * library writes that many bytes. Pointers in a struct are read during the call only; nothing
+ * keeps them afterwards.
+ *
+ * Unset values: integer sampler options and class labels take EDGEDIFF_UNSET (any negative
+ * value): "the sampler's default" (listed in `edgediff samplers`) or unconditional. Floating-
+ * point options take NaN (NAN from <math.h>) for "unset" / "none".
  *
  * Threads: a model handle may be shared by threads; runs on one handle are serialised by its
  * lock (open one handle per thread to run in parallel). A request belongs to one thread at a
  * time. Handles are checked against the live ones: a freed handle passed again is
  * EDGEDIFF_ERR_ARGUMENT and a second free does nothing (unless a newer handle of the same kind
  * got the same address). Freeing a handle while another thread is inside a call with it is
- * undefined, as for free().
+ * undefined, as for free(). Progress callbacks are called on the thread that made the call.
  */
 #ifndef EDGEDIFF_H
 #define EDGEDIFF_H
@@ -35,6 +62,10 @@ extern "C" {
 #define EDGEDIFF_ERR_CANCELLED 6 /* the progress callback asked to stop */
 #define EDGEDIFF_ERR_PANIC 7     /* an internal error (a bug): please report it */
 
+/* An integer option left to its default; a class label meaning unconditional. */
+#define EDGEDIFF_UNSET (-1)
+#define EDGEDIFF_UNCONDITIONAL (-1)
+
 typedef struct EdgediffModel edgediff_model;
 typedef struct EdgediffRequest edgediff_request;
 
@@ -51,13 +82,94 @@ const char *edgediff_last_error(void);
  * by the default search. One ONNX Runtime per process. */
 int edgediff_init(const char *onnxruntime_path);
 
+/* ---------------------------------------------------------------------------------------
+ * Enums. Struct fields holding them are int (a fixed size whatever the compiler's enums).
+ * Each has name helpers: *_name gives the static name of a value (NULL for none), *_from_name
+ * the value of a name (EDGEDIFF_ERR_ARGUMENT for an unknown one, listing the known ones).
+ */
+
+/* Time-step spacing, as `edgediff sample --spacing`. */
+typedef enum edgediff_spacing {
+    EDGEDIFF_SPACING_LEADING = 0,  /* "leading": t = (steps-1-i) T/steps (DDIM, diffusers) */
+    EDGEDIFF_SPACING_TRAILING = 1, /* "trailing": always starts at T-1 (Lin et al. 2024) */
+    EDGEDIFF_SPACING_LINSPACE = 2, /* "linspace": round(linspace(0, T-1, steps)) */
+    EDGEDIFF_SPACING_KARRAS = 3,   /* "karras": even in sigma^(1/rho) (Karras et al. 2022) */
+    EDGEDIFF_SPACING_LOGSNR = 4    /* "logsnr": even in log-SNR (DPM-Solver) */
+} edgediff_spacing;
+
+const char *edgediff_spacing_name(int spacing);
+int edgediff_spacing_from_name(const char *name, int *out);
+
+/* Execution provider, as `--provider`. GPU providers need a GPU build (cargo features cuda /
+ * tensorrt) and ONNX Runtime's GPU library. */
+typedef enum edgediff_provider {
+    EDGEDIFF_PROVIDER_CPU = 0,     /* "cpu" */
+    EDGEDIFF_PROVIDER_CUDA = 1,    /* "cuda" */
+    EDGEDIFF_PROVIDER_TENSORRT = 2 /* "tensorrt" */
+} edgediff_provider;
+
+const char *edgediff_provider_name(int provider);
+int edgediff_provider_from_name(const char *name, int *out);
+
+/* What to do with x0 predictions outside the model's data range at every step. */
+typedef enum edgediff_x0_clip {
+    EDGEDIFF_X0_CLIP_NONE = 0,   /* leave them (`sample` without clipping flags) */
+    EDGEDIFF_X0_CLIP_RANGE = 1,  /* clamp to the data range (`--clip-x0`) */
+    EDGEDIFF_X0_CLIP_DYNAMIC = 2 /* Imagen's dynamic thresholding (`--dynamic-threshold`) */
+} edgediff_x0_clip;
+
+/* How edgediff_likelihood integrates the probability-flow ODE. */
+typedef enum edgediff_ode_solver {
+    EDGEDIFF_ODE_RK4 = 0,     /* classic Runge-Kutta, `steps` steps uniform in log(sigma/alpha) */
+    EDGEDIFF_ODE_ADAPTIVE = 1 /* Bogacki-Shampine 3(2) with error control (rtol, atol) */
+} edgediff_ode_solver;
+
+/* Hutchinson probe distribution of edgediff_likelihood. */
+typedef enum edgediff_probe {
+    EDGEDIFF_PROBE_RADEMACHER = 0, /* +-1 with equal odds: the lower-variance choice */
+    EDGEDIFF_PROBE_GAUSSIAN = 1    /* standard normal */
+} edgediff_probe;
+
+/* ---------------------------------------------------------------------------------------
+ * Models
+ */
+
+/* How to open a model: the model options every CLI command takes. Defaults in brackets. */
+typedef struct edgediff_model_params {
+    size_t struct_size;    /* set by edgediff_model_params_init */
+    const char *path;      /* the ONNX file [NULL: the embedded default MNIST model] */
+    const char *ort_lib;   /* libonnxruntime.so to load [NULL: ORT_DYLIB_PATH, else .ort/ of the
+                            * repository]; only the first model opened in a process loads it */
+    const char *trt_cache; /* directory for cached TensorRT engines, tensorrt only [NULL] */
+    size_t threads;        /* ONNX Runtime intra-op threads [0: its own choice] */
+    int provider;          /* an edgediff_provider [EDGEDIFF_PROVIDER_CPU] */
+    int device_id;         /* GPU device for cuda and tensorrt [0] */
+    int fallback_cpu;      /* non-zero: run on the CPU, with a warning, when the provider
+                            * cannot be registered, instead of failing [0] */
+    int no_mmap;           /* non-zero: read the file into memory instead of mapping it [0] */
+    int trt_fp16;          /* non-zero: let TensorRT build fp16 engines, tensorrt only [0] */
+    int reserved;          /* 0 (set by init) */
+} edgediff_model_params;
+
+/* Fills *params with the defaults; size is sizeof *params (use edgediff_model_params_init). */
+int edgediff_model_params_init_sized(edgediff_model_params *params, size_t size);
+
+/* Fills *params with the defaults above. */
+static inline int edgediff_model_params_init(edgediff_model_params *params) {
+    return edgediff_model_params_init_sized(params, sizeof *params);
+}
+
+/* Opens a model as params says (loading ONNX Runtime from params->ort_lib first if none is
+ * loaded yet); *out is NULL on failure. */
+int edgediff_model_open_params(const edgediff_model_params *params, edgediff_model **out);
+
 /* Opens a model file (path NULL: the embedded default MNIST model) on provider "cpu", "cuda"
  * or "tensorrt" (NULL: "cpu"); fallback_cpu non-zero runs on the CPU, with a warning, when the
- * provider cannot be registered. */
+ * provider cannot be registered. edgediff_model_open_params with those fields set. */
 int edgediff_model_open(const char *path, const char *provider, int device_id, int fallback_cpu,
                         edgediff_model **out);
 
-/* Opens a model from the bytes of an ONNX file in memory (copied). */
+/* Opens a model from the bytes of an ONNX file in memory (copied), with the default options. */
 int edgediff_model_open_memory(const uint8_t *data, size_t len, edgediff_model **out);
 
 /* Frees a model; NULL is allowed. */
@@ -71,36 +183,128 @@ int edgediff_model_sample_shape(const edgediff_model *model, size_t shape[3]);
 int edgediff_model_metadata_json(const edgediff_model *model, char *buf, size_t cap,
                                  size_t *needed);
 
-/* A request with the CLI's defaults: sampler ddim, 100 steps, trailing spacing, seed 0, n 16,
- * batch size 64, unconditional. */
+/* ---------------------------------------------------------------------------------------
+ * Sampling with typed parameters
+ */
+
+/* Everything `edgediff sample` can set. Defaults in brackets (those of the library's
+ * SampleOptions; `edgediff sample` has the same). Fields a sampler does not use are ignored by
+ * it; "unset" is EDGEDIFF_UNSET for integers and NAN for doubles. */
+typedef struct edgediff_sample_params {
+    size_t struct_size;         /* set by edgediff_sample_params_init */
+    const char *sampler;        /* a name `edgediff samplers` lists ["ddim"] */
+    size_t steps;               /* sampling steps [100] */
+    int spacing;                /* an edgediff_spacing [EDGEDIFF_SPACING_TRAILING] */
+    int x0_clip;                /* an edgediff_x0_clip [EDGEDIFF_X0_CLIP_NONE] */
+    double rho;                 /* rho of EDGEDIFF_SPACING_KARRAS; only with it [unset: 7] */
+    const double *timesteps;    /* explicit schedule times, most noisy first, overriding steps
+                                 * and spacing (e.g. from edgediff_calibrate) [NULL] */
+    size_t num_timesteps;       /* values at timesteps [0] */
+    double eta;                 /* stochasticity in [0, 1] of ddim and euler-a [unset: 0 for
+                                 * ddim, 1 for euler-a] */
+    int64_t order;              /* solver order of lms (1-4), dpm-solver, dpm++2m, dpm++3m,
+                                 * unipc (1-3), dpm++2m-sde (1-2) [unset: the sampler's] */
+    double snr;                 /* signal-to-noise ratio of pc's Langevin corrector [unset: 0.16] */
+    double rtol;                /* relative tolerance of ode-adaptive and adaptive [unset: 1e-3] */
+    double atol;                /* absolute tolerance of ode-adaptive and adaptive [unset: 1e-3] */
+    int64_t min_steps;          /* fewest steps of a sample, adaptive only [unset: 2] */
+    int64_t max_steps;          /* most steps of a sample, adaptive only [unset: 500] */
+    size_t n;                   /* number of samples [16] */
+    size_t batch_size;          /* samples per network call; memory grows with it [64] */
+    uint64_t seed;              /* random seed; the same seed gives the same samples [0] */
+    int64_t class_label;        /* class of a class-conditional model
+                                 * [EDGEDIFF_UNCONDITIONAL: the null label] */
+    double guidance;            /* classifier-free guidance scale >= 0, with class_label
+                                 * [unset: none] */
+    double dynamic_threshold;   /* quantile of |x0| in (0, 1] of EDGEDIFF_X0_CLIP_DYNAMIC,
+                                 * e.g. 0.995; needed by it, refused otherwise [unset] */
+    double threshold_max;       /* upper bound >= 1 of the dynamic threshold in data-range
+                                 * units, EDGEDIFF_X0_CLIP_DYNAMIC only [unset: no bound] */
+    const float *init_noise;    /* initial noise [n, C, H, W] instead of the seeded noise [NULL] */
+    size_t init_noise_len;      /* floats at init_noise: n * C * H * W [0] */
+    const float *step_noise;    /* per-step noise [steps, n, C, H, W] for stochastic samplers,
+                                 * with init_noise [NULL] */
+    size_t step_noise_len;      /* floats at step_noise: a multiple of n * C * H * W [0] */
+    edgediff_progress_fn progress; /* called after every step; non-zero cancels [NULL] */
+    void *progress_user;        /* passed to progress [NULL] */
+} edgediff_sample_params;
+
+/* Fills *params with the defaults; size is sizeof *params (use edgediff_sample_params_init). */
+int edgediff_sample_params_init_sized(edgediff_sample_params *params, size_t size);
+
+/* Fills *params with the defaults above. */
+static inline int edgediff_sample_params_init(edgediff_sample_params *params) {
+    return edgediff_sample_params_init_sized(params, sizeof *params);
+}
+
+/* Generates params->n samples into out (out_len floats >= n * C * H * W; C order, the model's
+ * data range). A cancelling progress callback gives EDGEDIFF_ERR_CANCELLED. */
+int edgediff_sample_with(const edgediff_model *model, const edgediff_sample_params *params,
+                         float *out, size_t out_len);
+
+/* Generates params->n samples into a file as `edgediff sample --out path` does: a .png grid,
+ * a .npy array, or a folder of PNGs; resume non-zero continues an interrupted run into the
+ * same folder or .npy (`--resume`), keeping the samples already written. */
+int edgediff_sample_to_file_with(const edgediff_model *model, const edgediff_sample_params *params,
+                                 const char *path, int resume);
+
+/* Inpaints n images (n * C * H * W floats, data range) where masks (n * H * W floats) is 1,
+ * keeping the pixels where it is 0, into out (out_len >= n * C * H * W), with the sampler,
+ * steps, seed... of params (params->n is not read: n is; init_noise/step_noise are refused);
+ * jumps/resample: RePaint resampling (0, 0: none), as `edgediff inpaint`. */
+int edgediff_inpaint_with(const edgediff_model *model, const edgediff_sample_params *params,
+                          const float *images, const float *masks, size_t n, size_t jumps,
+                          size_t resample, float *out, size_t out_len);
+
+/* DDIM inversion, as `edgediff invert`: the noise (n * C * H * W floats into noise, noise_len
+ * >= that) that deterministic DDIM decodes back to the n images (n * C * H * W floats, data
+ * range). Reads steps, spacing, rho, batch_size, class_label and progress of params; sampler
+ * must be "ddim" with eta unset or 0, and timesteps, guidance, x0_clip, init_noise and
+ * step_noise must be unset (inversion has no use for them). The same params with init_noise
+ * set to the noise decode it again through edgediff_sample_with. progress's return value is
+ * not heeded (inversion cannot be cancelled). */
+int edgediff_invert(const edgediff_model *model, const edgediff_sample_params *params,
+                    const float *images, size_t n, float *noise, size_t noise_len);
+
+/* ---------------------------------------------------------------------------------------
+ * Requests: the same parameters set by name and text (the older interface; a request holds an
+ * edgediff_sample_params with the defaults of edgediff_sample_params_init).
+ */
+
+/* A request with the defaults of edgediff_sample_params_init. */
 int edgediff_request_new(edgediff_request **out);
 
 /* Frees a request; NULL is allowed. */
 void edgediff_request_free(edgediff_request *req);
 
-/* Sets a parameter from text: "sampler", "spacing", "steps", "n", "batch_size", "seed",
- * "order", "eta", "guidance", "class" (negative: unconditional); the names and values of the
- * CLI ("guidance" is classifier-free guidance with "class" on class-conditional models). */
+/* Sets a parameter from text: any field of edgediff_sample_params holding a name or a number,
+ * by its field name ("sampler", "steps", "spacing" as a name, "rho", "eta", "order", "snr",
+ * "rtol", "atol", "min_steps", "max_steps", "n", "batch_size", "seed", "class_label" or
+ * "class" (negative: unconditional), "guidance", "x0_clip" ("none", "range", "dynamic"),
+ * "dynamic_threshold", "threshold_max"), and "timesteps" as a comma-separated list. Names
+ * (of the sampler, spacing, x0_clip) and the syntax of numbers are checked here, ranges when
+ * the request runs. */
 int edgediff_request_set(edgediff_request *req, const char *key, const char *value);
 
 /* Sets the progress callback (NULL: none). */
 int edgediff_request_set_progress(edgediff_request *req, edgediff_progress_fn cb, void *user);
 
-/* Generates n samples into out (out_len floats >= n * C * H * W; C order, data range). */
+/* edgediff_sample_with with the request's parameters. */
 int edgediff_sample(const edgediff_model *model, const edgediff_request *req, float *out,
                     size_t out_len);
 
-/* Generates n samples into a file as `edgediff sample --out path` does: a .png grid, a .npy
- * array, or a folder of PNGs. */
+/* edgediff_sample_to_file_with with the request's parameters, without resuming. */
 int edgediff_sample_to_file(const edgediff_model *model, const edgediff_request *req,
                             const char *path);
 
-/* Inpaints n images (n * C * H * W floats, data range) where masks (n * H * W floats) is 1,
- * keeping the pixels where it is 0, into out (out_len >= n * C * H * W), with the request's
- * sampler, steps and seed; jumps/resample: RePaint resampling (0, 0: none). */
+/* edgediff_inpaint_with with the request's parameters. */
 int edgediff_inpaint(const edgediff_model *model, const edgediff_request *req,
                      const float *images, const float *masks, size_t n, size_t jumps,
                      size_t resample, float *out, size_t out_len);
+
+/* ---------------------------------------------------------------------------------------
+ * Evaluation: ELBO and likelihood
+ */
 
 /* The result of edgediff_elbo, in bits per dimension (means over the images). */
 typedef struct edgediff_elbo_result {
@@ -119,6 +323,110 @@ typedef struct edgediff_elbo_result {
  * with the request's seed, batch_size and progress callback. */
 int edgediff_elbo(const edgediff_model *model, const edgediff_request *req, const float *images,
                   size_t n, size_t timesteps_per_image, edgediff_elbo_result *out);
+
+/* Everything `edgediff likelihood` can set. Defaults in brackets (the library's
+ * LikelihoodOptions; the CLI has the same). */
+typedef struct edgediff_likelihood_params {
+    size_t struct_size;   /* set by edgediff_likelihood_params_init */
+    int solver;           /* an edgediff_ode_solver [EDGEDIFF_ODE_RK4] */
+    int probe;            /* an edgediff_probe [EDGEDIFF_PROBE_RADEMACHER] */
+    size_t steps;         /* RK4 steps, EDGEDIFF_ODE_RK4 only (ignored otherwise) [64] */
+    double rtol;          /* relative tolerance, needed by EDGEDIFF_ODE_ADAPTIVE and refused
+                           * by RK4 [unset] */
+    double atol;          /* absolute tolerance, EDGEDIFF_ODE_ADAPTIVE only [unset: rtol] */
+    size_t probes;        /* Hutchinson probes per image, averaged, 1..=256 [1] */
+    double fd_step;       /* relative finite-difference step in (0, 0.1] [1e-3] */
+    double bins;          /* quantisation bins across the data range for bits/dim, >= 2
+                           * [256: 8-bit images] */
+    size_t batch_size;    /* images per solver batch; each network call holds (1 + 2 probes)
+                           * rows per image [64] */
+    uint64_t seed;        /* seed of the probes [0] */
+    int64_t class_label;  /* class of a class-conditional model [EDGEDIFF_UNCONDITIONAL] */
+    edgediff_progress_fn progress; /* solver steps over all batches; its return value is not
+                                    * heeded (likelihoods cannot be cancelled) [NULL] */
+    void *progress_user;  /* passed to progress [NULL] */
+} edgediff_likelihood_params;
+
+/* What edgediff_likelihood found. */
+typedef struct edgediff_likelihood_result {
+    size_t struct_size;       /* set by the caller: sizeof(edgediff_likelihood_result) */
+    double log_density_mean;  /* mean log p(x) over the images, nats per image */
+    double log_density_se;    /* its standard error (0 for one image) */
+    double bits_per_dim_mean; /* mean bits per dimension, -(log p(x) + D log bin_width) / (D ln 2) */
+    double bits_per_dim_se;   /* its standard error (0 for one image) */
+    size_t dim;               /* D = C * H * W */
+    double bin_width;         /* the bin width in data units */
+    size_t network_calls;     /* network calls, one per solver stage per batch */
+} edgediff_likelihood_result;
+
+/* Fills *params with the defaults; size is sizeof *params (use
+ * edgediff_likelihood_params_init). */
+int edgediff_likelihood_params_init_sized(edgediff_likelihood_params *params, size_t size);
+
+/* Fills *params with the defaults above. */
+static inline int edgediff_likelihood_params_init(edgediff_likelihood_params *params) {
+    return edgediff_likelihood_params_init_sized(params, sizeof *params);
+}
+
+/* log p(x) of n images (n * C * H * W floats in the data range) through the probability-flow
+ * ODE with a Hutchinson trace estimator, as `edgediff likelihood` computes it: the summary
+ * into *result (its struct_size set), and per image into log_density and bits_per_dim (n
+ * doubles each; either may be NULL, and they must be different buffers). */
+int edgediff_likelihood(const edgediff_model *model, const edgediff_likelihood_params *params,
+                        const float *images, size_t n, edgediff_likelihood_result *result,
+                        double *log_density, double *bits_per_dim);
+
+/* ---------------------------------------------------------------------------------------
+ * Calibration: time steps fitted to one model and sampler, for edgediff_sample_params.timesteps
+ */
+
+/* Called after every sampler run of the search with (runs so far, best pilot RMSE, user). */
+typedef void (*edgediff_calibrate_progress_fn)(size_t evals, double best_rmse, void *user);
+
+/* Everything `edgediff calibrate` can set. Defaults in brackets (the library's
+ * CalibrateOptions; the CLI has the same). */
+typedef struct edgediff_calibrate_params {
+    size_t struct_size;    /* set by edgediff_calibrate_params_init */
+    const char *sampler;   /* a deterministic fixed-grid sampler (unipc, dpm++2m, dpm++3m,
+                            * ddim, heun...) ["unipc"] */
+    int64_t order;         /* its solver order [unset: 3 for unipc, else the sampler's default] */
+    size_t steps;          /* time points to place, 2..=1000 [10] */
+    size_t pilot;          /* pilot noises the error is measured on [256] */
+    uint64_t seed;         /* seed of the pilot noises; sample with others to judge it [1] */
+    size_t teacher_steps;  /* Heun steps of the teacher, >= 2 * steps [250] */
+    size_t max_evals;      /* most sampler runs of the search [0: 50 * steps] */
+    size_t batch_size;     /* pilot samples per network call [256] */
+    int64_t class_label;   /* class of a class-conditional model [EDGEDIFF_UNCONDITIONAL] */
+    double guidance;       /* classifier-free guidance scale, with class_label [unset: none] */
+    edgediff_calibrate_progress_fn progress; /* [NULL]; calibration cannot be cancelled */
+    void *progress_user;   /* passed to progress [NULL] */
+} edgediff_calibrate_params;
+
+/* What edgediff_calibrate achieved on the pilot batch. */
+typedef struct edgediff_calibrate_result {
+    size_t struct_size;   /* set by the caller: sizeof(edgediff_calibrate_result) */
+    size_t num_timesteps; /* time points written (params->steps) */
+    double rmse;          /* RMSE to the teacher with the calibrated grid */
+    double rmse_logsnr;   /* with the search's start, uniform log-SNR */
+    double rmse_trailing; /* with the trailing spacing */
+    double teacher_rmse;  /* teacher vs a teacher of half its steps: the floor */
+    size_t evals;         /* sampler runs the search made */
+} edgediff_calibrate_result;
+
+/* Fills *params with the defaults; size is sizeof *params (use edgediff_calibrate_params_init). */
+int edgediff_calibrate_params_init_sized(edgediff_calibrate_params *params, size_t size);
+
+/* Fills *params with the defaults above. */
+static inline int edgediff_calibrate_params_init(edgediff_calibrate_params *params) {
+    return edgediff_calibrate_params_init_sized(params, sizeof *params);
+}
+
+/* Calibrates params->steps time points of params->sampler to the model, as `edgediff
+ * calibrate` does, into timesteps (timesteps_len >= steps doubles; schedule times, most noisy
+ * first): set edgediff_sample_params.timesteps to them, with the same sampler and order.
+ * result (NULL: not wanted; else its struct_size set) gets the figures. */
+int edgediff_calibrate(const edgediff_model *model, const edgediff_calibrate_params *params,
+                       double *timesteps, size_t timesteps_len, edgediff_calibrate_result *result);
 
 #ifdef __cplusplus
 }

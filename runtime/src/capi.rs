@@ -1,25 +1,37 @@
-//! The C interface (`include/edgediff.h`): opaque handles, status codes, a thread-local error
-//! message, and no panic ever crossing the boundary (every entry point runs under
-//! `catch_unwind`). See the header for the contract of each function.
+//! The C interface (`include/edgediff.h`): opaque handles, typed parameter structs, status
+//! codes, a thread-local error message, and no panic ever crossing the boundary (every entry
+//! point runs under [`guard`]). See the header for the contract of each function.
+//!
+//! Every parameter struct begins with its own size (`struct_size`), which the header's inline
+//! `*_init` functions set from the caller's `sizeof`. The library reads only the bytes that size
+//! covers and takes its defaults for the rest, so a field added at the end in a later version
+//! leaves programs built against the older header working. Each struct converts to its library
+//! options in exactly one function ([`sample_options`], [`model_options`],
+//! [`likelihood_options`], [`calibrate_options`]), and its defaults come from the library's own
+//! `Default` impls: nothing here restates a default value.
 
 #![allow(clippy::single_range_in_vec_init)] // one range of samples: all of them
 
 use std::cell::RefCell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use ndarray::Array4;
+use ndarray::{Array4, ArrayD};
 
 use crate::backend::{NetworkOptions, Provider};
+use crate::calibrate::CalibrateOptions;
+use crate::denoiser::X0Clip;
 use crate::error::Error;
 use crate::generate::{generate_chunks, SampleOptions};
-use crate::model::Model;
+use crate::likelihood::{LikelihoodOptions, OdeSolver, Probe};
+use crate::model::{Model, ModelOptions};
+use crate::noise::InjectedNoise;
 use crate::output::generate_to_path;
-use crate::sampler::{SamplerParams, SamplerKind};
+use crate::sampler::{SamplerKind, SamplerParams};
 use crate::spacing::Spacing;
 
 /// Status codes (the CLI's exit codes, plus the C-only ones).
@@ -30,6 +42,15 @@ pub const EDGEDIFF_ERR_IO: c_int = 4;
 pub const EDGEDIFF_ERR_NONFINITE: c_int = 5;
 pub const EDGEDIFF_ERR_CANCELLED: c_int = 6;
 pub const EDGEDIFF_ERR_PANIC: c_int = 7;
+
+/// The value of an integer sampler option (order, min_steps, max_steps) that means "the
+/// sampler's default", and of `class_label` that means unconditional. Any negative value
+/// does; init writes this one. Floating-point options use NaN for the same.
+pub const EDGEDIFF_UNSET: i64 = -1;
+
+// ---------------------------------------------------------------------------------------------
+// Handles, errors and the panic guard
+// ---------------------------------------------------------------------------------------------
 
 /// Addresses of the live handles. Every call checks its handles here, so a freed (or never
 /// opened) handle is an argument error instead of a use after free, and a double free does
@@ -58,13 +79,21 @@ fn set_error(msg: &str) {
 }
 
 fn status_of(e: &Error) -> c_int {
-    match e {
-        Error::Cancelled => EDGEDIFF_ERR_CANCELLED,
-        other => other.exit_code(),
+    // Spelled out rather than passing exit_code() through, so a new exit code cannot become
+    // a status the header does not define.
+    match e.exit_code() {
+        2 => EDGEDIFF_ERR_ARGUMENT,
+        3 => EDGEDIFF_ERR_MODEL,
+        4 => EDGEDIFF_ERR_IO,
+        5 => EDGEDIFF_ERR_NONFINITE,
+        6 => EDGEDIFF_ERR_CANCELLED,
+        _ => EDGEDIFF_ERR_PANIC,
     }
 }
 
-/// Runs `f`, turning errors and panics into a status and the thread's last error.
+/// Runs `f`, turning errors and panics into a status and the thread's last error. Library
+/// errors are shown as they are: they name options by their library names, which are the
+/// names of the C struct fields.
 fn guard(f: impl FnOnce() -> Result<(), Error>) -> c_int {
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => {
@@ -93,86 +122,441 @@ fn arg(msg: &str) -> Error {
     Error::invalid(msg)
 }
 
+// ---------------------------------------------------------------------------------------------
+// Reading caller memory
+// ---------------------------------------------------------------------------------------------
+
 /// A C string argument as UTF-8; NULL and invalid UTF-8 are argument errors.
+///
+/// # Safety
+/// `p` is NULL or points to a NUL-terminated string that outlives `'a`.
 unsafe fn text<'a>(p: *const c_char, what: &str) -> Result<&'a str, Error> {
     if p.is_null() {
         return Err(arg(&format!("{what} is NULL")));
     }
-    CStr::from_ptr(p)
+    // SAFETY: `p` is non-NULL and NUL-terminated by the caller's contract.
+    unsafe { CStr::from_ptr(p) }
         .to_str()
         .map_err(|_| arg(&format!("{what} is not valid UTF-8")))
 }
 
-/// An opened model. Runs on one handle are serialised by its lock; open one handle per thread
-/// to run in parallel.
-pub struct EdgediffModel {
-    model: Mutex<Model>,
+/// An optional C string (NULL: None).
+///
+/// # Safety
+/// As [`text`].
+unsafe fn opt_text<'a>(p: *const c_char, what: &str) -> Result<Option<&'a str>, Error> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: forwarded from the caller.
+    unsafe { text(p, what) }.map(Some)
 }
 
-/// Progress callback: `(steps done, total steps, user pointer)`; a non-zero return cancels.
-pub type EdgediffProgress = Option<unsafe extern "C" fn(usize, usize, *mut c_void) -> c_int>;
-
-/// A sampling request: sampler, steps, seed and the rest, with the CLI's defaults.
-pub struct EdgediffRequest {
-    sampler: String,
-    steps: usize,
-    spacing: Spacing,
-    eta: Option<f64>,
-    order: Option<usize>,
-    seed: u64,
-    n: usize,
-    batch_size: usize,
-    class: Option<i64>,
-    guidance: Option<f64>,
-    progress: EdgediffProgress,
-    user: *mut c_void,
-}
-
-impl EdgediffRequest {
-    fn options(&self) -> Result<SampleOptions, Error> {
-        let sampler = SamplerKind::new(
-            &self.sampler,
-            SamplerParams {
-                eta: self.eta,
-                order: self.order,
-                ..Default::default()
-            },
-        )?;
-        Ok(SampleOptions {
-            sampler,
-            steps: self.steps,
-            spacing: self.spacing,
-            n: self.n,
-            batch_size: self.batch_size,
-            seed: self.seed,
-            class_label: self.class,
-            guidance: self.guidance,
-            ..Default::default()
+/// The product of sizes from caller input, or an argument error naming `what` on overflow.
+fn count(dims: &[usize], what: &str) -> Result<usize, Error> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            let dims: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+            arg(&format!("{what} = {} overflows", dims.join(" * ")))
         })
-    }
+}
 
-    /// The options of a run, with the flag its progress callback sets to cancel it.
-    fn run_options(&self) -> Result<(SampleOptions, Arc<AtomicBool>), Error> {
-        let cancel = Arc::new(AtomicBool::new(false));
-        let opts = SampleOptions {
-            cancel: Some(cancel.clone()),
-            ..self.options()?
-        };
-        Ok((opts, cancel))
+/// Refuses a slice of `len` values of `T` that no allocation can hold (slices may span at most
+/// isize::MAX bytes), so a caller's absurd length is an error instead of undefined behaviour.
+fn check_len<T>(len: usize, what: &str) -> Result<(), Error> {
+    if len > isize::MAX as usize / std::mem::size_of::<T>().max(1) {
+        return Err(arg(&format!("{what}: {len} values cannot fit in memory")));
     }
+    Ok(())
+}
 
-    /// A progress closure calling the C callback; a non-zero answer sets `cancel`.
-    fn progress<'a>(&'a self, cancel: &'a AtomicBool) -> impl FnMut(usize, usize) + 'a {
-        move |done, total| {
-            if let Some(cb) = self.progress {
-                // SAFETY: the caller registered `cb` with `user` for this request.
-                if unsafe { cb(done, total, self.user) } != 0 {
-                    cancel.store(true, Ordering::Relaxed);
-                }
+/// `len` readable values at `p`.
+///
+/// # Safety
+/// `p` is NULL or points to `len` initialised values of `T` that stay unchanged during `'a`.
+unsafe fn slice<'a, T>(p: *const T, len: usize, what: &str) -> Result<&'a [T], Error> {
+    if p.is_null() {
+        return Err(arg(&format!("{what} is NULL")));
+    }
+    check_len::<T>(len, what)?;
+    // SAFETY: non-NULL, `len` values by the caller's contract, at most isize::MAX bytes.
+    Ok(unsafe { std::slice::from_raw_parts(p, len) })
+}
+
+/// `len` writable values at `p`.
+///
+/// # Safety
+/// `p` is NULL or points to `len` writable values of `T` nothing else accesses during `'a`.
+unsafe fn slice_mut<'a, T>(p: *mut T, len: usize, what: &str) -> Result<&'a mut [T], Error> {
+    if p.is_null() {
+        return Err(arg(&format!("{what} is NULL")));
+    }
+    check_len::<T>(len, what)?;
+    // SAFETY: non-NULL, `len` writable values by the caller's contract, at most isize::MAX
+    // bytes, and not aliased during the call.
+    Ok(unsafe { std::slice::from_raw_parts_mut(p, len) })
+}
+
+/// Writes `value` through `out` after checking it is not NULL.
+///
+/// # Safety
+/// `out` is NULL or valid for a write of `T`.
+unsafe fn put<T>(out: *mut T, value: T, what: &str) -> Result<(), Error> {
+    if out.is_null() {
+        return Err(arg(&format!("{what} is NULL")));
+    }
+    // SAFETY: non-NULL and writable by the caller's contract.
+    unsafe { out.write(value) };
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Structs that carry their own size
+// ---------------------------------------------------------------------------------------------
+
+/// A `#[repr(C)]` struct of the header that begins with `size_t struct_size`.
+///
+/// # Safety
+/// Implementors are `#[repr(C)]`, have `struct_size: usize` as their first field, and every
+/// field is valid for any bit pattern (integers, floats, raw pointers, `Option` of function
+/// pointers; enums are stored as `c_int`): the library copies callers' bytes into them.
+unsafe trait SizedStruct: Copy {
+    /// Its name in the header, for messages.
+    const NAME: &'static str;
+    /// The size of the first published version: the smallest `struct_size` accepted. Later
+    /// versions append fields and keep this, so older programs' structs stay readable.
+    const MIN_SIZE: usize;
+}
+
+/// Checks a caller's `struct_size` for `T`.
+fn check_size<T: SizedStruct>(size: usize) -> Result<(), Error> {
+    let max = std::mem::size_of::<T>();
+    if size < T::MIN_SIZE || size > max {
+        let allowed = format!(
+            "is not a size of {} that edgediff {} knows ({}..={max} bytes): call {}_init first; a program built against a newer edgediff.h needs a newer library",
+            T::NAME,
+            crate::VERSION,
+            T::MIN_SIZE,
+            T::NAME
+        );
+        return Err(Error::out_of_range("struct_size", size, &allowed));
+    }
+    Ok(())
+}
+
+/// Writes the first `size` bytes of `value` (with `struct_size` = `size`) to `dst`: the part of
+/// the struct a caller of that size knows.
+///
+/// # Safety
+/// `dst` is NULL or points to `size` writable bytes.
+unsafe fn write_prefix<T: SizedStruct>(
+    dst: *mut T,
+    mut value: T,
+    size: usize,
+) -> Result<(), Error> {
+    if dst.is_null() {
+        return Err(arg(&format!("the {} pointer is NULL", T::NAME)));
+    }
+    check_size::<T>(size)?;
+    // SAFETY: the first field of every SizedStruct is `struct_size: usize`.
+    unsafe { (&raw mut value).cast::<usize>().write(size) };
+    // SAFETY: `dst` holds `size` writable bytes (caller), `value` at least `size` readable
+    // ones (size <= size_of::<T>() was checked), and the two cannot overlap (`value` is ours).
+    unsafe {
+        std::ptr::copy_nonoverlapping((&raw const value).cast::<u8>(), dst.cast::<u8>(), size)
+    };
+    Ok(())
+}
+
+/// The caller's `struct_size` at `src`, checked.
+///
+/// # Safety
+/// `src` is NULL or points to a struct of the header's kind `T`, of any version.
+unsafe fn size_of_struct<T: SizedStruct>(src: *const T) -> Result<usize, Error> {
+    if src.is_null() {
+        return Err(arg(&format!("the {} pointer is NULL", T::NAME)));
+    }
+    // SAFETY: every version of `T` begins with an aligned `size_t struct_size`.
+    let size = unsafe { src.cast::<usize>().read() };
+    check_size::<T>(size)?;
+    Ok(size)
+}
+
+/// Reads a caller's struct: the bytes its `struct_size` covers, over `defaults` for the fields
+/// an older caller does not have.
+///
+/// # Safety
+/// `src` is NULL or points to `struct_size` readable bytes of a `T`.
+unsafe fn read_prefix<T: SizedStruct>(src: *const T, defaults: T) -> Result<T, Error> {
+    // SAFETY: forwarded from the caller.
+    let size = unsafe { size_of_struct(src) }?;
+    let mut out = defaults;
+    // SAFETY: `src` holds `size` readable bytes (caller), `out` has room for them (size <=
+    // size_of::<T>()), they do not overlap, and any bytes are valid for T's fields (the
+    // SizedStruct contract).
+    unsafe { std::ptr::copy_nonoverlapping(src.cast::<u8>(), (&raw mut out).cast::<u8>(), size) };
+    Ok(out)
+}
+
+/// Fills `dst` (a caller's struct of `size` bytes) with `T`'s defaults.
+///
+/// # Safety
+/// `dst` is NULL or points to `size` writable bytes.
+unsafe fn init_sized<T: SizedStruct>(dst: *mut T, defaults: T, size: usize) -> c_int {
+    // SAFETY: forwarded from the caller.
+    guard(|| unsafe { write_prefix(dst, defaults, size) })
+}
+
+/// A NUL-terminated copy of a library name (a sampler's), kept for the life of the process so
+/// the defaults of a struct can point at it.
+fn static_name(name: &'static str) -> *const c_char {
+    static NAMES: Mutex<BTreeMap<&'static str, CString>> = Mutex::new(BTreeMap::new());
+    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    // A CString's buffer does not move when the map rebalances; entries are never removed.
+    names
+        .entry(name)
+        .or_insert_with(|| CString::new(name).unwrap_or_default())
+        .as_ptr()
+}
+
+/// NaN (the C convention for "unset") as None.
+fn opt_f64(v: f64) -> Option<f64> {
+    (!v.is_nan()).then_some(v)
+}
+
+/// None as NaN.
+fn f64_or_unset(v: Option<f64>) -> f64 {
+    v.unwrap_or(f64::NAN)
+}
+
+/// A negative integer (the C convention for "unset") as None.
+fn opt_usize(v: i64) -> Option<usize> {
+    usize::try_from(v).ok()
+}
+
+/// None as [`EDGEDIFF_UNSET`].
+fn usize_or_unset(v: Option<usize>) -> i64 {
+    v.and_then(|v| i64::try_from(v).ok())
+        .unwrap_or(EDGEDIFF_UNSET)
+}
+
+/// A C class label (negative: unconditional) as the library's.
+fn class_of(v: i64) -> Option<i64> {
+    (v >= 0).then_some(v)
+}
+
+// ---------------------------------------------------------------------------------------------
+// C enums and their names
+// ---------------------------------------------------------------------------------------------
+
+/// The C names of an enum's values, index = value, as the library parses them.
+const SPACINGS: [&CStr; 5] = [c"leading", c"trailing", c"linspace", c"karras", c"logsnr"];
+const PROVIDERS: [&CStr; 3] = [c"cpu", c"cuda", c"tensorrt"];
+const X0_CLIPS: [&CStr; 3] = [c"none", c"range", c"dynamic"];
+const X0_CLIP_NONE: c_int = 0;
+const X0_CLIP_RANGE: c_int = 1;
+const X0_CLIP_DYNAMIC: c_int = 2;
+const ODE_SOLVERS: [&CStr; 2] = [c"rk4", c"adaptive"];
+const PROBES: [&CStr; 2] = [c"rademacher", c"gaussian"];
+
+/// The name of value `v` of the enum `names` lists, as a static C string (NULL if none).
+fn enum_name(names: &[&'static CStr], v: c_int) -> *const c_char {
+    usize::try_from(v)
+        .ok()
+        .and_then(|i| names.get(i))
+        .map_or(std::ptr::null(), |s| s.as_ptr())
+}
+
+/// The library name of value `v` of the C enum `field` takes, or an out-of-range error.
+fn enum_value(
+    names: &[&'static CStr],
+    v: c_int,
+    field: &'static str,
+) -> Result<&'static str, Error> {
+    usize::try_from(v)
+        .ok()
+        .and_then(|i| names.get(i).copied())
+        .and_then(|s| s.to_str().ok())
+        .ok_or_else(|| {
+            Error::out_of_range(field, v, &format!("is outside 0..={}", names.len() - 1))
+        })
+}
+
+/// The C value of a library name.
+fn enum_index(names: &[&'static CStr], name: &str) -> Option<c_int> {
+    names
+        .iter()
+        .position(|s| s.to_bytes() == name.as_bytes())
+        .and_then(|i| c_int::try_from(i).ok())
+}
+
+/// The C spacing and Karras rho (NaN unless Karras) of a library spacing.
+fn spacing_to_c(s: Spacing) -> (c_int, f64) {
+    let name = match s {
+        Spacing::Leading => "leading",
+        Spacing::Trailing => "trailing",
+        Spacing::Linspace => "linspace",
+        Spacing::Karras { .. } => "karras",
+        Spacing::LogSnr => "logsnr",
+    };
+    let rho = match s {
+        Spacing::Karras { rho } => rho,
+        _ => f64::NAN,
+    };
+    (enum_index(&SPACINGS, name).unwrap_or(0), rho)
+}
+
+/// The library spacing of a C spacing and rho (NaN: the spacing's default rho).
+fn spacing_from_c(spacing: c_int, rho: f64) -> Result<Spacing, Error> {
+    let parsed: Spacing = enum_value(&SPACINGS, spacing, "spacing")?.parse()?;
+    match (parsed, opt_f64(rho)) {
+        (Spacing::Karras { .. }, Some(rho)) => Ok(Spacing::Karras { rho }),
+        (_, Some(_)) => Err(Error::options(
+            "{0} applies to {1} EDGEDIFF_SPACING_KARRAS",
+            &["rho", "spacing"],
+        )),
+        (s, None) => Ok(s),
+    }
+}
+
+/// The C x0 clipping (mode, dynamic_threshold, threshold_max) of the library's.
+fn x0_clip_to_c(c: X0Clip) -> (c_int, f64, f64) {
+    match c {
+        X0Clip::None => (X0_CLIP_NONE, f64::NAN, f64::NAN),
+        X0Clip::Range => (X0_CLIP_RANGE, f64::NAN, f64::NAN),
+        X0Clip::Dynamic { percentile, max } => (X0_CLIP_DYNAMIC, percentile, max),
+    }
+}
+
+/// The library x0 clipping of the C fields, checked as `edgediff sample` checks its flags.
+fn x0_clip_from_c(mode: c_int, percentile: f64, max: f64) -> Result<X0Clip, Error> {
+    let (percentile, max) = (opt_f64(percentile), opt_f64(max));
+    match mode {
+        X0_CLIP_NONE | X0_CLIP_RANGE if percentile.is_some() || max.is_some() => {
+            Err(Error::options(
+                "{0} and {1} apply to {2} EDGEDIFF_X0_CLIP_DYNAMIC",
+                &["dynamic_threshold", "threshold_max", "x0_clip"],
+            ))
+        }
+        X0_CLIP_NONE => Ok(X0Clip::None),
+        X0_CLIP_RANGE => Ok(X0Clip::Range),
+        X0_CLIP_DYNAMIC => {
+            let Some(p) = percentile else {
+                return Err(Error::options(
+                    "{0} EDGEDIFF_X0_CLIP_DYNAMIC needs {1} (the quantile, e.g. 0.995)",
+                    &["x0_clip", "dynamic_threshold"],
+                ));
+            };
+            // `p` is not NaN (that is None), so the comparisons catch every bad value.
+            if p <= 0.0 || p > 1.0 {
+                return Err(Error::out_of_range(
+                    "dynamic_threshold",
+                    p,
+                    "must be in (0, 1]",
+                ));
+            }
+            // No bound (NaN) is an infinite one.
+            let max = max.unwrap_or(f64::INFINITY);
+            if max < 1.0 {
+                return Err(Error::out_of_range(
+                    "threshold_max",
+                    max,
+                    "must be at least 1",
+                ));
+            }
+            Ok(X0Clip::Dynamic { percentile: p, max })
+        }
+        other => Err(Error::out_of_range("x0_clip", other, "is outside 0..=2")),
+    }
+}
+
+/// The sampler called `name` with `params`; the library's default sampler named with no
+/// parameter set is `default` itself, so what only the default carries survives the trip
+/// through its name (calibration's unipc is of order 3, not unipc's own default 2).
+fn sampler_kind(
+    name: &str,
+    params: SamplerParams,
+    default: SamplerKind,
+) -> Result<SamplerKind, Error> {
+    if name == default.name() && params == SamplerParams::default() {
+        return Ok(default);
+    }
+    SamplerKind::new(name, params)
+}
+
+/// Calls a C progress callback with (done, total); a non-zero answer sets `cancel`.
+fn progress_fn(
+    cb: EdgediffProgress,
+    user: *mut c_void,
+    cancel: &AtomicBool,
+) -> impl FnMut(usize, usize) + '_ {
+    move |done, total| {
+        if let Some(cb) = cb {
+            // SAFETY: the caller registered `cb` to be called with `user` from the thread
+            // that runs the call (the header's contract for progress callbacks).
+            if unsafe { cb(done, total, user) } != 0 {
+                cancel.store(true, Ordering::Relaxed);
             }
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Enum name helpers
+// ---------------------------------------------------------------------------------------------
+
+/// The name of an `edgediff_spacing` ("trailing"), a static string; NULL for no such value.
+#[no_mangle]
+pub extern "C" fn edgediff_spacing_name(spacing: c_int) -> *const c_char {
+    enum_name(&SPACINGS, spacing)
+}
+
+/// The `edgediff_spacing` called `name` into `out`.
+///
+/// # Safety
+/// `name` is NUL-terminated; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn edgediff_spacing_from_name(name: *const c_char, out: *mut c_int) -> c_int {
+    guard(|| {
+        // SAFETY: the caller passes a NUL-terminated string.
+        let name = unsafe { text(name, "name") }?;
+        // The library parses (and words the error); the table maps its names to C values.
+        let (v, _) = spacing_to_c(name.parse()?);
+        // SAFETY: the caller passes a writable `out`.
+        unsafe { put(out, v, "out") }
+    })
+}
+
+/// The name of an `edgediff_provider` ("cuda"), a static string; NULL for no such value.
+#[no_mangle]
+pub extern "C" fn edgediff_provider_name(provider: c_int) -> *const c_char {
+    enum_name(&PROVIDERS, provider)
+}
+
+/// The `edgediff_provider` called `name` into `out`.
+///
+/// # Safety
+/// `name` is NUL-terminated; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn edgediff_provider_from_name(
+    name: *const c_char,
+    out: *mut c_int,
+) -> c_int {
+    guard(|| {
+        // SAFETY: the caller passes a NUL-terminated string.
+        let name = unsafe { text(name, "name") }?;
+        let provider: Provider = name.parse()?;
+        let v = enum_index(&PROVIDERS, provider.name())
+            .ok_or_else(|| arg(&format!("provider '{name}' has no C value")))?;
+        // SAFETY: the caller passes a writable `out`.
+        unsafe { put(out, v, "out") }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Library version and errors, loading ONNX Runtime
+// ---------------------------------------------------------------------------------------------
 
 /// The library version, a static NUL-terminated string.
 #[no_mangle]
@@ -194,18 +578,182 @@ pub extern "C" fn edgediff_last_error() -> *const c_char {
 #[no_mangle]
 pub unsafe extern "C" fn edgediff_init(path: *const c_char) -> c_int {
     guard(|| {
-        let p = if path.is_null() {
-            None
-        } else {
-            Some(PathBuf::from(text(path, "path")?))
-        };
+        // SAFETY: the caller passes NULL or a NUL-terminated string.
+        let p = unsafe { opt_text(path, "path") }?.map(PathBuf::from);
         crate::backend::init_onnxruntime(p.as_deref()).map(|_| ())
     })
 }
 
+// ---------------------------------------------------------------------------------------------
+// Models
+// ---------------------------------------------------------------------------------------------
+
+/// An opened model. Runs on one handle are serialised by its lock; open one handle per thread
+/// to run in parallel.
+pub struct EdgediffModel {
+    model: Mutex<Model>,
+}
+
+/// How to open a model (`edgediff_model_params`): the model options of every CLI command.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct EdgediffModelParams {
+    pub struct_size: usize,
+    /// The ONNX file; NULL: the embedded default model.
+    pub path: *const c_char,
+    /// libonnxruntime.so; NULL: ORT_DYLIB_PATH, else .ort/ of the repository.
+    pub ort_lib: *const c_char,
+    /// TensorRT engine cache directory (tensorrt only); NULL: none.
+    pub trt_cache: *const c_char,
+    /// ONNX Runtime intra-op threads; 0: its own choice.
+    pub threads: usize,
+    /// An `edgediff_provider`.
+    pub provider: c_int,
+    /// GPU device for cuda and tensorrt.
+    pub device_id: c_int,
+    /// Non-zero: run on the CPU, with a warning, when the provider cannot be registered.
+    pub fallback_cpu: c_int,
+    /// Non-zero: read the file into memory instead of mapping it.
+    pub no_mmap: c_int,
+    /// Non-zero: let TensorRT build fp16 engines (tensorrt only).
+    pub trt_fp16: c_int,
+    /// Zero; keeps the struct free of trailing padding, room for a later flag.
+    pub reserved: c_int,
+}
+
+// SAFETY: repr(C), struct_size first, only integers and raw pointers.
+unsafe impl SizedStruct for EdgediffModelParams {
+    const NAME: &'static str = "edgediff_model_params";
+    const MIN_SIZE: usize = std::mem::size_of::<EdgediffModelParams>();
+}
+
+impl EdgediffModelParams {
+    /// `ModelOptions::default()` as C fields.
+    fn defaults() -> Self {
+        let d = ModelOptions::default();
+        let net = &d.network;
+        let device_id = match net.provider {
+            Provider::Cuda { device_id } | Provider::TensorRt { device_id, .. } => device_id,
+            Provider::Cpu => 0,
+        };
+        let trt_fp16 = matches!(net.provider, Provider::TensorRt { fp16: true, .. });
+        // The library's defaults have no path, library or engine cache (a default one would
+        // need a static C string): NULL. tests::defaults_round_trip checks this stays true.
+        EdgediffModelParams {
+            struct_size: std::mem::size_of::<Self>(),
+            path: std::ptr::null(),
+            ort_lib: std::ptr::null(),
+            trt_cache: std::ptr::null(),
+            threads: net.intra_threads,
+            provider: enum_index(&PROVIDERS, net.provider.name()).unwrap_or(0),
+            device_id,
+            fallback_cpu: net.fallback_cpu.into(),
+            no_mmap: net.read_into_memory.into(),
+            trt_fp16: trt_fp16.into(),
+            reserved: 0,
+        }
+    }
+}
+
+/// The library's model options of the C struct: the one conversion.
+///
+/// # Safety
+/// The strings in `p` are NULL or NUL-terminated.
+unsafe fn model_options(p: &EdgediffModelParams) -> Result<ModelOptions, Error> {
+    // SAFETY: the caller's struct holds NULL or NUL-terminated strings (this and the next two).
+    let path = unsafe { opt_text(p.path, "path") }?;
+    // SAFETY: as above.
+    let ort_lib = unsafe { opt_text(p.ort_lib, "ort_lib") }?;
+    // SAFETY: as above.
+    let trt_cache = unsafe { opt_text(p.trt_cache, "trt_cache") }?;
+    let provider = enum_value(&PROVIDERS, p.provider, "provider")?
+        .parse::<Provider>()?
+        .on_device(p.device_id);
+    let provider = match provider {
+        Provider::TensorRt { device_id, .. } => Provider::TensorRt {
+            device_id,
+            engine_cache: trt_cache.map(PathBuf::from),
+            fp16: p.trt_fp16 != 0,
+        },
+        _ if trt_cache.is_some() || p.trt_fp16 != 0 => {
+            return Err(Error::options(
+                "{0} and {1} apply to {2} EDGEDIFF_PROVIDER_TENSORRT",
+                &["trt_cache", "trt_fp16", "provider"],
+            ))
+        }
+        other => other,
+    };
+    Ok(ModelOptions {
+        path: path.map(PathBuf::from),
+        ort_lib: ort_lib.map(PathBuf::from),
+        network: NetworkOptions {
+            intra_threads: p.threads,
+            provider,
+            fallback_cpu: p.fallback_cpu != 0,
+            read_into_memory: p.no_mmap != 0,
+        },
+    })
+}
+
+/// Opens the model `opts` describes into a new live handle at `out` (NULL on failure).
+///
+/// # Safety
+/// `out` is valid for a write.
+unsafe fn open_into(opts: &ModelOptions, out: *mut *mut EdgediffModel) -> Result<(), Error> {
+    // SAFETY: the caller passes a writable `out`; it reads NULL until a model is open.
+    unsafe { put(out, std::ptr::null_mut(), "out") }?;
+    let model = opts.open()?;
+    let handle = register(
+        &LIVE_MODELS,
+        EdgediffModel {
+            model: Mutex::new(model),
+        },
+    );
+    // SAFETY: as above.
+    unsafe { out.write(handle) };
+    Ok(())
+}
+
+/// Fills `params` (`size` bytes, the caller's sizeof) with the defaults; the header's
+/// `edgediff_model_params_init` calls it.
+///
+/// # Safety
+/// `params` points to `size` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn edgediff_model_params_init_sized(
+    params: *mut EdgediffModelParams,
+    size: usize,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    unsafe { init_sized(params, EdgediffModelParams::defaults(), size) }
+}
+
+/// Opens a model as `params` says. Calls `edgediff_init(params->ort_lib)` first.
+///
+/// # Safety
+/// `params` points to an initialised `edgediff_model_params`; `out` is valid for a write.
+#[no_mangle]
+pub unsafe extern "C" fn edgediff_model_open_params(
+    params: *const EdgediffModelParams,
+    out: *mut *mut EdgediffModel,
+) -> c_int {
+    guard(|| {
+        if !out.is_null() {
+            // SAFETY: non-NULL and writable by the caller's contract.
+            unsafe { out.write(std::ptr::null_mut()) };
+        }
+        // SAFETY: the caller passes an initialised struct with valid strings.
+        let p = unsafe { read_prefix(params, EdgediffModelParams::defaults()) }?;
+        // SAFETY: its strings are NULL or NUL-terminated (caller).
+        let opts = unsafe { model_options(&p) }?;
+        // SAFETY: as above.
+        unsafe { open_into(&opts, out) }
+    })
+}
+
 /// Opens a model file (NULL: the embedded default model) on `provider` ("cpu", "cuda",
-/// "tensorrt"; NULL is "cpu"); with `fallback_cpu` non-zero an unavailable provider falls back
-/// to the CPU. Calls `edgediff_init(NULL)` first if ONNX Runtime is not loaded yet.
+/// "tensorrt"; NULL is the default provider); with `fallback_cpu` non-zero an unavailable
+/// provider falls back to the CPU. The same as `edgediff_model_open_params` with those fields.
 ///
 /// # Safety
 /// `path` and `provider` are NULL or NUL-terminated; `out` is a valid pointer.
@@ -218,41 +766,23 @@ pub unsafe extern "C" fn edgediff_model_open(
     out: *mut *mut EdgediffModel,
 ) -> c_int {
     guard(|| {
-        if out.is_null() {
-            return Err(arg("out is NULL"));
+        if !out.is_null() {
+            // SAFETY: non-NULL and writable by the caller's contract.
+            unsafe { out.write(std::ptr::null_mut()) };
         }
-        *out = std::ptr::null_mut();
-        let provider = match (!provider.is_null())
-            .then(|| text(provider, "provider"))
-            .transpose()?
-        {
-            None | Some("cpu") => Provider::Cpu,
-            Some("cuda") => Provider::Cuda { device_id },
-            Some("tensorrt") => Provider::TensorRt {
-                device_id,
-                engine_cache: None,
-                fp16: false,
-            },
-            Some(other) => return Err(arg(&format!("unknown provider '{other}'"))),
-        };
-        let opts = NetworkOptions {
-            provider,
-            fallback_cpu: fallback_cpu != 0,
-            ..Default::default()
-        };
-        crate::backend::init_onnxruntime(None)?;
-        let model = if path.is_null() {
-            Model::open_default(&opts)?
-        } else {
-            Model::open_with(text(path, "path")?, &opts)?
-        };
-        *out = register(
-            &LIVE_MODELS,
-            EdgediffModel {
-                model: Mutex::new(model),
-            },
-        );
-        Ok(())
+        let mut p = EdgediffModelParams::defaults();
+        p.path = path;
+        // SAFETY: the caller passes NULL or a NUL-terminated string.
+        if let Some(name) = unsafe { opt_text(provider, "provider") }? {
+            let provider: Provider = name.parse()?;
+            p.provider = enum_index(&PROVIDERS, provider.name()).unwrap_or(p.provider);
+        }
+        p.device_id = device_id;
+        p.fallback_cpu = fallback_cpu;
+        // SAFETY: `path` is NULL or NUL-terminated (caller), the other strings are NULL.
+        let opts = unsafe { model_options(&p) }?;
+        // SAFETY: as above.
+        unsafe { open_into(&opts, out) }
     })
 }
 
@@ -268,19 +798,21 @@ pub unsafe extern "C" fn edgediff_model_open_memory(
     out: *mut *mut EdgediffModel,
 ) -> c_int {
     guard(|| {
-        if out.is_null() || data.is_null() {
-            return Err(arg("data or out is NULL"));
-        }
-        *out = std::ptr::null_mut();
-        crate::backend::init_onnxruntime(None)?;
-        let bytes = std::slice::from_raw_parts(data, len);
-        let model = Model::from_bytes(bytes, "<memory>", &NetworkOptions::default())?;
-        *out = register(
+        // SAFETY: the caller passes a writable `out`.
+        unsafe { put(out, std::ptr::null_mut(), "out") }?;
+        // SAFETY: the caller passes `len` readable bytes at `data`.
+        let bytes = unsafe { slice(data, len, "data") }?;
+        let opts = ModelOptions::default();
+        crate::backend::init_onnxruntime(opts.ort_lib.as_deref())?;
+        let model = Model::from_bytes(bytes, "<memory>", &opts.network)?;
+        let handle = register(
             &LIVE_MODELS,
             EdgediffModel {
                 model: Mutex::new(model),
             },
         );
+        // SAFETY: as above.
+        unsafe { out.write(handle) };
         Ok(())
     })
 }
@@ -292,10 +824,16 @@ pub unsafe extern "C" fn edgediff_model_open_memory(
 #[no_mangle]
 pub unsafe extern "C" fn edgediff_model_free(model: *mut EdgediffModel) {
     if !model.is_null() && live(&LIVE_MODELS).remove(&(model as usize)) {
-        let _ = catch_unwind(AssertUnwindSafe(|| drop(Box::from_raw(model))));
+        // SAFETY: the handle was live, so it came from Box::into_raw in `register` and is
+        // freed once: it has just left the live set.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(model) })));
     }
 }
 
+/// A live model handle, or an argument error.
+///
+/// # Safety
+/// `m` is NULL or a pointer the caller got from this library (live handles are checked).
 unsafe fn model_ref<'a>(m: *const EdgediffModel) -> Result<&'a EdgediffModel, Error> {
     if m.is_null() {
         return Err(arg("model is NULL"));
@@ -303,7 +841,9 @@ unsafe fn model_ref<'a>(m: *const EdgediffModel) -> Result<&'a EdgediffModel, Er
     if !live(&LIVE_MODELS).contains(&(m as usize)) {
         return Err(arg("model is not a live handle (freed, or never opened)"));
     }
-    Ok(&*m)
+    // SAFETY: a live handle points to a boxed EdgediffModel that no one frees during the call
+    // (freeing a handle in use is undefined, as the header says).
+    Ok(unsafe { &*m })
 }
 
 fn lock(m: &EdgediffModel) -> std::sync::MutexGuard<'_, Model> {
@@ -321,12 +861,11 @@ pub unsafe extern "C" fn edgediff_model_sample_shape(
     shape: *mut usize,
 ) -> c_int {
     guard(|| {
-        let m = model_ref(model)?;
-        if shape.is_null() {
-            return Err(arg("shape is NULL"));
-        }
-        let s = lock(m).metadata().sample_shape;
-        std::ptr::copy_nonoverlapping(s.as_ptr(), shape, 3);
+        // SAFETY: live handles are checked.
+        let m = unsafe { model_ref(model) }?;
+        // SAFETY: the caller passes 3 writable size_t.
+        let dst = unsafe { slice_mut(shape, 3, "shape") }?;
+        dst.copy_from_slice(&lock(m).metadata().sample_shape);
         Ok(())
     })
 }
@@ -344,24 +883,665 @@ pub unsafe extern "C" fn edgediff_model_metadata_json(
     needed: *mut usize,
 ) -> c_int {
     guard(|| {
-        let m = model_ref(model)?;
+        // SAFETY: live handles are checked.
+        let m = unsafe { model_ref(model) }?;
         let json = serde_json::to_string(lock(m).metadata()).map_err(|e| arg(&e.to_string()))?;
         let need = json.len() + 1;
         if !needed.is_null() {
-            *needed = need;
+            // SAFETY: non-NULL and writable by the caller's contract.
+            unsafe { needed.write(need) };
         }
         if buf.is_null() || cap < need {
             return Err(arg(&format!(
                 "the buffer holds {cap} bytes; {need} are needed"
             )));
         }
-        std::ptr::copy_nonoverlapping(json.as_ptr(), buf.cast(), json.len());
-        *buf.add(json.len()) = 0;
+        // SAFETY: `buf` holds `cap` >= `need` writable bytes (caller's contract, checked).
+        let dst = unsafe { slice_mut(buf.cast::<u8>(), need, "buf") }?;
+        dst[..json.len()].copy_from_slice(json.as_bytes());
+        dst[json.len()] = 0;
         Ok(())
     })
 }
 
-/// A new request with the CLI's defaults (ddim, 100 steps, trailing, seed 0, n 16, batch 64).
+// ---------------------------------------------------------------------------------------------
+// Sampling parameters
+// ---------------------------------------------------------------------------------------------
+
+/// Progress callback: `(steps done, total steps, user pointer)`; a non-zero return cancels.
+pub type EdgediffProgress = Option<unsafe extern "C" fn(usize, usize, *mut c_void) -> c_int>;
+
+/// What `edgediff sample` can set (`edgediff_sample_params`). Field names are the library's
+/// option names, so library error messages name the fields; the header documents each.
+/// The field order keeps 64-bit targets free of padding.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct EdgediffSampleParams {
+    pub struct_size: usize,
+    pub sampler: *const c_char,
+    pub steps: usize,
+    /// An `edgediff_spacing`.
+    pub spacing: c_int,
+    /// An `edgediff_x0_clip`.
+    pub x0_clip: c_int,
+    pub rho: f64,
+    pub timesteps: *const f64,
+    pub num_timesteps: usize,
+    pub eta: f64,
+    pub order: i64,
+    pub snr: f64,
+    pub rtol: f64,
+    pub atol: f64,
+    pub min_steps: i64,
+    pub max_steps: i64,
+    pub n: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub class_label: i64,
+    pub guidance: f64,
+    pub dynamic_threshold: f64,
+    pub threshold_max: f64,
+    pub init_noise: *const f32,
+    pub init_noise_len: usize,
+    pub step_noise: *const f32,
+    pub step_noise_len: usize,
+    pub progress: EdgediffProgress,
+    pub progress_user: *mut c_void,
+}
+
+// SAFETY: repr(C), struct_size first, only integers, floats, raw and Option<fn> pointers.
+unsafe impl SizedStruct for EdgediffSampleParams {
+    const NAME: &'static str = "edgediff_sample_params";
+    const MIN_SIZE: usize = std::mem::size_of::<EdgediffSampleParams>();
+}
+
+impl EdgediffSampleParams {
+    /// `SampleOptions::default()` and `SamplerParams::default()` as C fields.
+    fn defaults() -> Self {
+        let d = SampleOptions::default();
+        let s = SamplerParams::default();
+        let (spacing, rho) = spacing_to_c(d.spacing);
+        let (x0_clip, dynamic_threshold, threshold_max) = x0_clip_to_c(d.x0_clip);
+        // The library's default has no list of times (a default one would need static
+        // storage): NULL. tests::defaults_round_trip checks this stays true.
+        EdgediffSampleParams {
+            struct_size: std::mem::size_of::<Self>(),
+            sampler: static_name(d.sampler.name()),
+            steps: d.steps,
+            spacing,
+            x0_clip,
+            rho,
+            timesteps: std::ptr::null(),
+            num_timesteps: 0,
+            eta: f64_or_unset(s.eta),
+            order: usize_or_unset(s.order),
+            snr: f64_or_unset(s.snr),
+            rtol: f64_or_unset(s.rtol),
+            atol: f64_or_unset(s.atol),
+            min_steps: usize_or_unset(s.min_steps),
+            max_steps: usize_or_unset(s.max_steps),
+            n: d.n,
+            batch_size: d.batch_size,
+            seed: d.seed,
+            class_label: d.class_label.unwrap_or(EDGEDIFF_UNSET),
+            guidance: f64_or_unset(d.guidance),
+            dynamic_threshold,
+            threshold_max,
+            init_noise: std::ptr::null(),
+            init_noise_len: 0,
+            step_noise: std::ptr::null(),
+            step_noise_len: 0,
+            progress: None,
+            progress_user: std::ptr::null_mut(),
+        }
+    }
+
+    /// The sampler's own options.
+    fn sampler_params(&self) -> SamplerParams {
+        SamplerParams {
+            eta: opt_f64(self.eta),
+            order: opt_usize(self.order),
+            snr: opt_f64(self.snr),
+            rtol: opt_f64(self.rtol),
+            atol: opt_f64(self.atol),
+            min_steps: opt_usize(self.min_steps),
+            max_steps: opt_usize(self.max_steps),
+        }
+    }
+}
+
+/// The library's sampling options of the C struct: the one conversion, shared by the typed
+/// entry points and the request handles. Noise injection, which needs the model's shape, is
+/// [`injected_noise`].
+///
+/// # Safety
+/// `p.sampler` is NUL-terminated; `p.timesteps` is NULL or holds `p.num_timesteps` values.
+unsafe fn sample_options(p: &EdgediffSampleParams) -> Result<SampleOptions, Error> {
+    let defaults = SampleOptions::default();
+    // SAFETY: the caller's struct holds a NUL-terminated sampler name.
+    let name = unsafe { text(p.sampler, "sampler") }?;
+    let sampler = sampler_kind(name, p.sampler_params(), defaults.sampler)?;
+    let timesteps = if p.timesteps.is_null() {
+        if p.num_timesteps != 0 {
+            return Err(Error::options(
+                format!("{{0}} is NULL but {{1}} is {}", p.num_timesteps),
+                &["timesteps", "num_timesteps"],
+            ));
+        }
+        None
+    } else {
+        // SAFETY: the caller's struct holds `num_timesteps` values at `timesteps`.
+        Some(unsafe { slice(p.timesteps, p.num_timesteps, "timesteps") }?.to_vec())
+    };
+    Ok(SampleOptions {
+        sampler,
+        steps: p.steps,
+        spacing: spacing_from_c(p.spacing, p.rho)?,
+        timesteps,
+        n: p.n,
+        batch_size: p.batch_size,
+        seed: p.seed,
+        class_label: class_of(p.class_label),
+        x0_clip: x0_clip_from_c(p.x0_clip, p.dynamic_threshold, p.threshold_max)?,
+        guidance: opt_f64(p.guidance),
+        ..defaults
+    })
+}
+
+/// The injected noise of `p` for `n` samples of `shape`: `init_noise` holds n * C * H * W
+/// floats, `step_noise` (with it) a whole number of steps of as many.
+///
+/// # Safety
+/// `p.init_noise` and `p.step_noise` are NULL or hold their `_len` floats.
+unsafe fn injected_noise(
+    p: &EdgediffSampleParams,
+    n: usize,
+    [c, h, w]: [usize; 3],
+) -> Result<Option<InjectedNoise>, Error> {
+    if p.init_noise.is_null() {
+        if !p.step_noise.is_null() || p.init_noise_len != 0 || p.step_noise_len != 0 {
+            return Err(Error::options(
+                "{0} and {1} need {2}",
+                &["step_noise", "init_noise_len", "init_noise"],
+            ));
+        }
+        return Ok(None);
+    }
+    let per_step = count(&[n, c, h, w], "n * C * H * W")?;
+    if p.init_noise_len != per_step {
+        return Err(Error::out_of_range(
+            "init_noise_len",
+            p.init_noise_len,
+            &format!("must be n * C * H * W = {n} * {c} * {h} * {w} = {per_step}"),
+        ));
+    }
+    // SAFETY: the caller's struct holds `init_noise_len` floats at `init_noise`.
+    let init = unsafe { slice(p.init_noise, p.init_noise_len, "init_noise") }?;
+    let initial =
+        Array4::from_shape_vec((n, c, h, w), init.to_vec()).map_err(|e| arg(&e.to_string()))?;
+    let steps = if p.step_noise.is_null() {
+        if p.step_noise_len != 0 {
+            return Err(Error::options(
+                format!("{{0}} is NULL but {{1}} is {}", p.step_noise_len),
+                &["step_noise", "step_noise_len"],
+            ));
+        }
+        None
+    } else {
+        if per_step == 0 || p.step_noise_len == 0 || !p.step_noise_len.is_multiple_of(per_step) {
+            return Err(Error::out_of_range(
+                "step_noise_len",
+                p.step_noise_len,
+                &format!("must be a positive multiple of n * C * H * W = {per_step} (one batch per step)"),
+            ));
+        }
+        // SAFETY: the caller's struct holds `step_noise_len` floats at `step_noise`.
+        let noise = unsafe { slice(p.step_noise, p.step_noise_len, "step_noise") }?;
+        let shape = [p.step_noise_len / per_step, n, c, h, w];
+        Some(
+            ArrayD::from_shape_vec(ndarray::IxDyn(&shape), noise.to_vec())
+                .map_err(|e| arg(&e.to_string()))?,
+        )
+    };
+    Ok(Some(InjectedNoise { initial, steps }))
+}
+
+/// One run: the options with the flag its progress callback sets to cancel it.
+struct Run {
+    opts: SampleOptions,
+    cancel: Arc<AtomicBool>,
+    progress: EdgediffProgress,
+    user: *mut c_void,
+}
+
+impl Run {
+    /// # Safety
+    /// As [`sample_options`].
+    unsafe fn new(p: &EdgediffSampleParams) -> Result<Run, Error> {
+        let cancel = Arc::new(AtomicBool::new(false));
+        // SAFETY: forwarded from the caller.
+        let opts = unsafe { sample_options(p) }?;
+        Ok(Run {
+            opts: SampleOptions {
+                cancel: Some(cancel.clone()),
+                ..opts
+            },
+            cancel,
+            progress: p.progress,
+            user: p.progress_user,
+        })
+    }
+
+    fn progress(&self) -> impl FnMut(usize, usize) + '_ {
+        progress_fn(self.progress, self.user, &self.cancel)
+    }
+}
+
+/// Fills `params` (`size` bytes, the caller's sizeof) with the defaults; the header's
+/// `edgediff_sample_params_init` calls it.
+///
+/// # Safety
+/// `params` points to `size` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn edgediff_sample_params_init_sized(
+    params: *mut EdgediffSampleParams,
+    size: usize,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    unsafe { init_sized(params, EdgediffSampleParams::defaults(), size) }
+}
+
+/// Reads the caller's sampling parameters.
+///
+/// # Safety
+/// `params` is NULL or points to an initialised `edgediff_sample_params`.
+unsafe fn read_sample_params(
+    params: *const EdgediffSampleParams,
+) -> Result<EdgediffSampleParams, Error> {
+    // SAFETY: forwarded from the caller.
+    unsafe { read_prefix(params, EdgediffSampleParams::defaults()) }
+}
+
+/// Samples as `p` says into `out` (`out_len` floats, at least n * C * H * W).
+///
+/// # Safety
+/// The pointers in `p` are valid as the header says; `out` holds `out_len` writable floats.
+unsafe fn sample_into(
+    m: &EdgediffModel,
+    p: &EdgediffSampleParams,
+    out: *mut f32,
+    out_len: usize,
+) -> Result<(), Error> {
+    // SAFETY: forwarded from the caller.
+    let run = unsafe { Run::new(p) }?;
+    let mut model = lock(m);
+    let shape @ [c, h, w] = model.metadata().sample_shape;
+    let per = count(&[c, h, w], "C * H * W")?;
+    let need = count(&[p.n, c, h, w], "n * C * H * W")?;
+    if out.is_null() {
+        return Err(arg("out is NULL"));
+    }
+    if out_len < need {
+        return Err(arg(&format!(
+            "out holds {out_len} floats; {} samples of [{c}, {h}, {w}] need {need}",
+            p.n
+        )));
+    }
+    // SAFETY: forwarded from the caller.
+    let injected = unsafe { injected_noise(p, p.n, shape) }?;
+    // SAFETY: `out` holds `out_len` >= `need` writable floats (caller, checked).
+    let dst = unsafe { slice_mut(out, need, "out") }?;
+    let mut progress = run.progress();
+    generate_chunks(
+        &mut model,
+        &run.opts,
+        injected.as_ref(),
+        &[0..p.n],
+        &mut progress,
+        &mut |first, x: Array4<f32>| {
+            let x = x.as_standard_layout();
+            dst[first * per..first * per + x.len()]
+                .copy_from_slice(x.as_slice().expect("standard layout"));
+            Ok(())
+        },
+    )?;
+    Ok(())
+}
+
+/// Samples as `p` says into a file, as `edgediff sample --out path [--resume]` does.
+///
+/// # Safety
+/// The pointers in `p` are valid as the header says; `path` is NUL-terminated.
+unsafe fn sample_to_file(
+    m: &EdgediffModel,
+    p: &EdgediffSampleParams,
+    path: *const c_char,
+    resume: bool,
+) -> Result<(), Error> {
+    // SAFETY: the caller passes a NUL-terminated path.
+    let path = PathBuf::from(unsafe { text(path, "path") }?);
+    // SAFETY: forwarded from the caller.
+    let run = unsafe { Run::new(p) }?;
+    let mut model = lock(m);
+    let shape = model.metadata().sample_shape;
+    // SAFETY: forwarded from the caller.
+    let injected = unsafe { injected_noise(p, p.n, shape) }?;
+    let mut progress = run.progress();
+    generate_to_path(
+        &mut model,
+        &run.opts,
+        injected.as_ref(),
+        &path,
+        resume,
+        &mut progress,
+    )?;
+    Ok(())
+}
+
+/// Inpaints `n` images with masks (one channel) as `p` says into `out`.
+///
+/// # Safety
+/// The pointers in `p` are valid as the header says; `images` holds n * C * H * W floats,
+/// `masks` n * H * W, `out` `out_len` writable floats.
+#[allow(clippy::too_many_arguments)] // the C signature
+unsafe fn inpaint_into(
+    m: &EdgediffModel,
+    p: &EdgediffSampleParams,
+    images: *const f32,
+    masks: *const f32,
+    n: usize,
+    resampling: crate::inpaint::Resampling,
+    out: *mut f32,
+    out_len: usize,
+) -> Result<(), Error> {
+    if !p.init_noise.is_null() || !p.step_noise.is_null() {
+        return Err(Error::options(
+            "{0} and {1} do not apply to inpainting",
+            &["init_noise", "step_noise"],
+        ));
+    }
+    // SAFETY: forwarded from the caller.
+    let run = unsafe { Run::new(p) }?;
+    let mut model = lock(m);
+    let [c, h, w] = model.metadata().sample_shape;
+    let need = count(&[n, c, h, w], "n * C * H * W")?;
+    let mask_len = count(&[n, h, w], "n * H * W")?;
+    if out.is_null() {
+        return Err(arg("out is NULL"));
+    }
+    if out_len < need {
+        return Err(arg(&format!(
+            "out holds {out_len} floats; {need} are needed"
+        )));
+    }
+    // SAFETY: the caller passes n * C * H * W floats at `images` and n * H * W at `masks`.
+    let imgs = unsafe { slice(images, need, "images") }?;
+    // SAFETY: as above.
+    let mks = unsafe { slice(masks, mask_len, "masks") }?;
+    let imgs =
+        Array4::from_shape_vec((n, c, h, w), imgs.to_vec()).map_err(|e| arg(&e.to_string()))?;
+    let mks =
+        Array4::from_shape_vec((n, 1, h, w), mks.to_vec()).map_err(|e| arg(&e.to_string()))?;
+    let mut progress = run.progress();
+    let (x, _) = crate::inpaint::inpaint(
+        &mut model,
+        &run.opts,
+        &imgs,
+        &mks,
+        resampling,
+        &mut progress,
+    )?;
+    let x = x.as_standard_layout();
+    // SAFETY: `out` holds `out_len` >= `need` = x.len() writable floats (caller, checked).
+    unsafe { slice_mut(out, x.len(), "out") }?
+        .copy_from_slice(x.as_slice().expect("standard layout"));
+    Ok(())
+}
+
+/// Samples `params->n` samples into `out`.
+///
+/// # Safety
+/// `model` is a valid handle; `params` an initialised struct whose pointers are valid as the
+/// header says; `out` holds `out_len` writable floats.
+#[no_mangle]
+pub unsafe extern "C" fn edgediff_sample_with(
+    model: *const EdgediffModel,
+    params: *const EdgediffSampleParams,
+    out: *mut f32,
+    out_len: usize,
+) -> c_int {
+    guard(|| {
+        // SAFETY: `model` is NULL or from this library; live handles are checked.
+        let m = unsafe { model_ref(model) }?;
+        // SAFETY: `params` is NULL or an initialised struct (caller).
+        let p = unsafe { read_sample_params(params) }?;
+        // SAFETY: the pointers in `p` and the buffers are valid as the header says (caller).
+        unsafe { sample_into(m, &p, out, out_len) }
+    })
+}
+
+/// Samples `params->n` samples into a file, as `edgediff sample --out path` does; with
+/// `resume` non-zero, continues an interrupted run into the same folder or .npy.
+///
+/// # Safety
+/// `model` is a valid handle; `params` an initialised struct whose pointers are valid as the
+/// header says; `path` is NUL-terminated.
+#[no_mangle]
+pub unsafe extern "C" fn edgediff_sample_to_file_with(
+    model: *const EdgediffModel,
+    params: *const EdgediffSampleParams,
+    path: *const c_char,
+    resume: c_int,
+) -> c_int {
+    guard(|| {
+        // SAFETY: `model` is NULL or from this library; live handles are checked.
+        let m = unsafe { model_ref(model) }?;
+        // SAFETY: `params` is NULL or an initialised struct (caller).
+        let p = unsafe { read_sample_params(params) }?;
+        // SAFETY: the pointers in `p` and the buffers are valid as the header says (caller).
+        unsafe { sample_to_file(m, &p, path, resume != 0) }
+    })
+}
+
+/// Inpaints `n` images where `masks` is 1 with the sampler, steps, seed... of `params`.
+///
+/// # Safety
+/// `model` is a valid handle; `params` an initialised struct; the buffers hold the sizes
+/// the header states.
+#[no_mangle]
+pub unsafe extern "C" fn edgediff_inpaint_with(
+    model: *const EdgediffModel,
+    params: *const EdgediffSampleParams,
+    images: *const f32,
+    masks: *const f32,
+    n: usize,
+    jumps: usize,
+    resample: usize,
+    out: *mut f32,
+    out_len: usize,
+) -> c_int {
+    guard(|| {
+        // SAFETY: `model` is NULL or from this library; live handles are checked.
+        let m = unsafe { model_ref(model) }?;
+        // SAFETY: `params` is NULL or an initialised struct (caller).
+        let p = unsafe { read_sample_params(params) }?;
+        let resampling = crate::inpaint::Resampling { jumps, resample };
+        // SAFETY: the pointers in `p` and the buffers are valid as the header says (caller).
+        unsafe { inpaint_into(m, &p, images, masks, n, resampling, out, out_len) }
+    })
+}
+
+/// Inverts `n` images to the noise DDIM decodes back to them, as `edgediff invert` does.
+///
+/// # Safety
+/// `model` is a valid handle; `params` an initialised struct; `images` holds n * C * H * W
+/// floats and `noise` `noise_len` writable ones.
+#[no_mangle]
+pub unsafe extern "C" fn edgediff_invert(
+    model: *const EdgediffModel,
+    params: *const EdgediffSampleParams,
+    images: *const f32,
+    n: usize,
+    noise: *mut f32,
+    noise_len: usize,
+) -> c_int {
+    guard(|| {
+        // SAFETY: `model` is NULL or from this library; live handles are checked.
+        let m = unsafe { model_ref(model) }?;
+        // SAFETY: `params` is NULL or an initialised struct (caller).
+        let p = unsafe { read_sample_params(params) }?;
+        // SAFETY: the struct's sampler name is NUL-terminated.
+        let sampler = unsafe { text(p.sampler, "sampler") }?;
+        // Inversion is of deterministic DDIM: refuse what it would silently ignore, so the
+        // same params decode the noise again (with init_noise set to it).
+        if sampler != "ddim" || opt_f64(p.eta).is_some_and(|e| e != 0.0) {
+            return Err(Error::options(
+                "inversion is of deterministic DDIM: {0} must be ddim with {1} unset or 0",
+                &["sampler", "eta"],
+            ));
+        }
+        let unused = [
+            ("timesteps", !p.timesteps.is_null()),
+            ("guidance", opt_f64(p.guidance).is_some()),
+            ("x0_clip", p.x0_clip != X0_CLIP_NONE),
+            ("init_noise", !p.init_noise.is_null()),
+            ("step_noise", !p.step_noise.is_null()),
+        ];
+        if let Some((field, _)) = unused.iter().find(|(_, set)| *set) {
+            return Err(Error::options("{0} does not apply to inversion", &[*field]));
+        }
+        // SAFETY: the caller's struct is valid as the header says.
+        let run = unsafe { Run::new(&p) }?;
+        let mut model = lock(m);
+        let [c, h, w] = model.metadata().sample_shape;
+        let need = count(&[n, c, h, w], "n * C * H * W")?;
+        if noise.is_null() {
+            return Err(arg("noise is NULL"));
+        }
+        if noise_len < need {
+            return Err(arg(&format!(
+                "noise holds {noise_len} floats; {need} are needed"
+            )));
+        }
+        // SAFETY: the caller passes n * C * H * W floats at `images`.
+        let imgs = unsafe { slice(images, need, "images") }?;
+        let imgs =
+            Array4::from_shape_vec((n, c, h, w), imgs.to_vec()).map_err(|e| arg(&e.to_string()))?;
+        // edit::invert takes no cancel flag: the callback's answer is not heeded.
+        let mut progress = run.progress();
+        let o = &run.opts;
+        let z = crate::edit::invert(
+            &mut model,
+            &imgs,
+            o.steps,
+            o.spacing,
+            o.batch_size,
+            o.class_label,
+            &mut progress,
+        )?;
+        let z = z.as_standard_layout();
+        // SAFETY: `noise` holds `noise_len` >= `need` = z.len() writable floats (checked).
+        unsafe { slice_mut(noise, z.len(), "noise") }?
+            .copy_from_slice(z.as_slice().expect("standard layout"));
+        Ok(())
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request handles: text-keyed setters over the same struct
+// ---------------------------------------------------------------------------------------------
+
+/// A sampling request: an `edgediff_sample_params` with the defaults, set by key and text, and
+/// the storage its pointers point into.
+pub struct EdgediffRequest {
+    params: EdgediffSampleParams,
+    sampler: CString,
+    timesteps: Option<Vec<f64>>,
+}
+
+impl EdgediffRequest {
+    fn new() -> Self {
+        let params = EdgediffSampleParams::defaults();
+        // SAFETY: the defaults' sampler is a static NUL-terminated name.
+        let sampler = unsafe { CStr::from_ptr(params.sampler) }.to_owned();
+        EdgediffRequest {
+            params,
+            sampler,
+            timesteps: None,
+        }
+    }
+
+    /// The request as sampling parameters, pointing into `self`.
+    fn params(&self) -> EdgediffSampleParams {
+        let (timesteps, num_timesteps) = match &self.timesteps {
+            Some(ts) => (ts.as_ptr(), ts.len()),
+            None => (std::ptr::null(), 0),
+        };
+        EdgediffSampleParams {
+            sampler: self.sampler.as_ptr(),
+            timesteps,
+            num_timesteps,
+            ..self.params
+        }
+    }
+
+    /// Sets the field `key` from text.
+    fn set(&mut self, key: &str, value: &str) -> Result<(), Error> {
+        // One parser for every number; the message names the key and the kind expected.
+        fn num<T: std::str::FromStr>(key: &str, v: &str, kind: &str) -> Result<T, Error> {
+            v.trim()
+                .parse()
+                .map_err(|_| arg(&format!("{key}: '{v}' is not {kind}")))
+        }
+        let size = |v: &str| -> Result<usize, Error> {
+            usize::try_from(num::<i64>(key, v, "an integer")?)
+                .map_err(|_| arg(&format!("{key}: '{v}' must not be negative")))
+        };
+        let int = |v: &str| -> Result<i64, Error> {
+            i64::try_from(size(v)?).map_err(|_| arg(&format!("{key}: '{v}' is too large")))
+        };
+        let p = &mut self.params;
+        match key {
+            "sampler" => {
+                SamplerKind::new(value, SamplerParams::default())?;
+                self.sampler = CString::new(value).map_err(|_| arg("sampler holds a NUL"))?;
+            }
+            "spacing" => p.spacing = spacing_to_c(value.parse()?).0,
+            "rho" => p.rho = num(key, value, "a number")?,
+            "timesteps" => {
+                let ts = value
+                    .split(',')
+                    .map(|t| num::<f64>(key, t, "a comma-separated list of numbers"))
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.timesteps = Some(ts);
+            }
+            "steps" => p.steps = size(value)?,
+            "n" => p.n = size(value)?,
+            "batch_size" => p.batch_size = size(value)?,
+            "seed" => p.seed = num(key, value, "an unsigned integer")?,
+            "order" => p.order = int(value)?,
+            "min_steps" => p.min_steps = int(value)?,
+            "max_steps" => p.max_steps = int(value)?,
+            "eta" => p.eta = num(key, value, "a number")?,
+            "snr" => p.snr = num(key, value, "a number")?,
+            "rtol" => p.rtol = num(key, value, "a number")?,
+            "atol" => p.atol = num(key, value, "a number")?,
+            "class" | "class_label" => p.class_label = num(key, value, "an integer")?,
+            "guidance" => p.guidance = num(key, value, "a number")?,
+            "x0_clip" => {
+                p.x0_clip = enum_index(&X0_CLIPS, value.trim()).ok_or_else(|| {
+                    Error::unknown("x0_clip", value, &["none", "range", "dynamic"])
+                })?
+            }
+            "dynamic_threshold" => p.dynamic_threshold = num(key, value, "a number")?,
+            "threshold_max" => p.threshold_max = num(key, value, "a number")?,
+            other => return Err(arg(&format!("unknown request parameter '{other}'"))),
+        }
+        Ok(())
+    }
+}
+
+/// A new request with the defaults of `edgediff_sample_params_init`.
 ///
 /// # Safety
 /// `out` is a valid pointer.
@@ -371,23 +1551,9 @@ pub unsafe extern "C" fn edgediff_request_new(out: *mut *mut EdgediffRequest) ->
         if out.is_null() {
             return Err(arg("out is NULL"));
         }
-        *out = register(
-            &LIVE_REQUESTS,
-            EdgediffRequest {
-                sampler: "ddim".into(),
-                steps: 100,
-                spacing: Spacing::Trailing,
-                eta: None,
-                order: None,
-                seed: 0,
-                n: 16,
-                batch_size: 64,
-                class: None,
-                guidance: None,
-                progress: None,
-                user: std::ptr::null_mut(),
-            },
-        );
+        let req = register(&LIVE_REQUESTS, EdgediffRequest::new());
+        // SAFETY: `out` is non-NULL (checked) and writable (caller).
+        unsafe { out.write(req) };
         Ok(())
     })
 }
@@ -399,7 +1565,9 @@ pub unsafe extern "C" fn edgediff_request_new(out: *mut *mut EdgediffRequest) ->
 #[no_mangle]
 pub unsafe extern "C" fn edgediff_request_free(req: *mut EdgediffRequest) {
     if !req.is_null() && live(&LIVE_REQUESTS).remove(&(req as usize)) {
-        let _ = catch_unwind(AssertUnwindSafe(|| drop(Box::from_raw(req))));
+        // SAFETY: the handle was live, so it came from Box::into_raw in `register` and is
+        // freed once: it has just left the live set.
+        let _ = catch_unwind(AssertUnwindSafe(|| drop(unsafe { Box::from_raw(req) })));
     }
 }
 
@@ -415,20 +1583,27 @@ fn check_request(r: *const EdgediffRequest) -> Result<(), Error> {
     Ok(())
 }
 
+/// # Safety
+/// `r` is NULL or a pointer from this library; the request is used by one thread at a time.
 unsafe fn req_mut<'a>(r: *mut EdgediffRequest) -> Result<&'a mut EdgediffRequest, Error> {
     check_request(r)?;
-    Ok(&mut *r)
+    // SAFETY: a live request is a boxed EdgediffRequest that one thread uses at a time (the
+    // header's rule), so this is the only reference.
+    Ok(unsafe { &mut *r })
 }
 
+/// # Safety
+/// As [`req_mut`].
 unsafe fn req_ref<'a>(r: *const EdgediffRequest) -> Result<&'a EdgediffRequest, Error> {
     check_request(r)?;
-    Ok(&*r)
+    // SAFETY: a live request is a boxed EdgediffRequest not freed during the call.
+    Ok(unsafe { &*r })
 }
 
-/// Sets a request parameter by name: "sampler", "spacing" (text), "steps", "n", "batch_size",
-/// "seed", "order" (integers), "eta", "guidance" (numbers), "class" (integer; negative:
-/// unconditional).
-/// The value is given as text, e.g. `edgediff_request_set(req, "steps", "50")`.
+/// Sets a request parameter by name and text: any field of `edgediff_sample_params` that
+/// holds a name or a number ("sampler", "spacing", "steps", "eta", "x0_clip"...; "class" for
+/// "class_label"), "timesteps" as a comma-separated list, e.g.
+/// `edgediff_request_set(req, "steps", "50")`.
 ///
 /// # Safety
 /// `req` is a valid handle; `key` and `value` are NUL-terminated.
@@ -439,35 +1614,11 @@ pub unsafe extern "C" fn edgediff_request_set(
     value: *const c_char,
 ) -> c_int {
     guard(|| {
-        let r = req_mut(req)?;
-        let (key, value) = (text(key, "key")?, text(value, "value")?);
-        // One parser for every number; the message names the key and the kind expected.
-        fn num<T: std::str::FromStr>(key: &str, v: &str, kind: &str) -> Result<T, Error> {
-            v.trim()
-                .parse()
-                .map_err(|_| arg(&format!("{key}: '{v}' is not {kind}")))
-        }
-        let size = |v: &str| -> Result<usize, Error> {
-            usize::try_from(num::<i64>(key, v, "an integer")?)
-                .map_err(|_| arg(&format!("{key}: '{v}' must not be negative")))
-        };
-        match key {
-            "sampler" => {
-                SamplerKind::new(value, SamplerParams::default())?;
-                r.sampler = value.into();
-            }
-            "spacing" => r.spacing = value.parse()?,
-            "steps" => r.steps = size(value)?,
-            "n" => r.n = size(value)?,
-            "batch_size" => r.batch_size = size(value)?,
-            "seed" => r.seed = num(key, value, "an unsigned integer")?,
-            "order" => r.order = Some(size(value)?),
-            "eta" => r.eta = Some(num(key, value, "a number")?),
-            "class" => r.class = Some(num::<i64>(key, value, "an integer")?).filter(|&k| k >= 0),
-            "guidance" => r.guidance = Some(num(key, value, "a number")?),
-            other => return Err(arg(&format!("unknown request parameter '{other}'"))),
-        }
-        Ok(())
+        // SAFETY: `req` is NULL or from this library; live handles are checked.
+        let r = unsafe { req_mut(req) }?;
+        // SAFETY: the caller passes NUL-terminated strings.
+        let (key, value) = unsafe { (text(key, "key")?, text(value, "value")?) };
+        r.set(key, value)
     })
 }
 
@@ -483,9 +1634,10 @@ pub unsafe extern "C" fn edgediff_request_set_progress(
     user: *mut c_void,
 ) -> c_int {
     guard(|| {
-        let r = req_mut(req)?;
-        r.progress = cb;
-        r.user = user;
+        // SAFETY: the caller's contract above; live handles are checked.
+        let r = unsafe { req_mut(req) }?;
+        r.params.progress = cb;
+        r.params.progress_user = user;
         Ok(())
     })
 }
@@ -503,38 +1655,13 @@ pub unsafe extern "C" fn edgediff_sample(
     out_len: usize,
 ) -> c_int {
     guard(|| {
-        let m = model_ref(model)?;
-        let r = req_ref(req)?;
-        if out.is_null() {
-            return Err(arg("out is NULL"));
-        }
-        let mut model = lock(m);
-        let [c, h, w] = model.metadata().sample_shape;
-        let need = r.n * c * h * w;
-        if out_len < need {
-            return Err(arg(&format!(
-                "out holds {out_len} floats; {} samples of [{c}, {h}, {w}] need {need}",
-                r.n
-            )));
-        }
-        let (opts, cancel) = r.run_options()?;
-        let dst = std::slice::from_raw_parts_mut(out, need);
-        let per = c * h * w;
-        let mut progress = r.progress(&cancel);
-        generate_chunks(
-            &mut model,
-            &opts,
-            None,
-            &[0..r.n],
-            &mut progress,
-            &mut |first, x: Array4<f32>| {
-                let x = x.as_standard_layout();
-                dst[first * per..first * per + x.len()]
-                    .copy_from_slice(x.as_slice().expect("standard layout"));
-                Ok(())
-            },
-        )?;
-        Ok(())
+        // SAFETY: `model` is NULL or from this library; live handles are checked.
+        let m = unsafe { model_ref(model) }?;
+        // SAFETY: as for `model`.
+        let r = unsafe { req_ref(req) }?;
+        // SAFETY: the request's params point into the request, alive for the call; the
+        // caller's buffers are valid as the header says.
+        unsafe { sample_into(m, &r.params(), out, out_len) }
     })
 }
 
@@ -550,14 +1677,13 @@ pub unsafe extern "C" fn edgediff_sample_to_file(
     path: *const c_char,
 ) -> c_int {
     guard(|| {
-        let m = model_ref(model)?;
-        let r = req_ref(req)?;
-        let path = PathBuf::from(text(path, "path")?);
-        let mut model = lock(m);
-        let (opts, cancel) = r.run_options()?;
-        let mut progress = r.progress(&cancel);
-        generate_to_path(&mut model, &opts, None, &path, false, &mut progress)?;
-        Ok(())
+        // SAFETY: `model` is NULL or from this library; live handles are checked.
+        let m = unsafe { model_ref(model) }?;
+        // SAFETY: as for `model`.
+        let r = unsafe { req_ref(req) }?;
+        // SAFETY: the request's params point into the request, alive for the call; the
+        // caller's buffers are valid as the header says.
+        unsafe { sample_to_file(m, &r.params(), path, false) }
     })
 }
 
@@ -580,45 +1706,19 @@ pub unsafe extern "C" fn edgediff_inpaint(
     out_len: usize,
 ) -> c_int {
     guard(|| {
-        let m = model_ref(model)?;
-        let r = req_ref(req)?;
-        if images.is_null() || masks.is_null() || out.is_null() {
-            return Err(arg("images, masks or out is NULL"));
-        }
-        let mut model = lock(m);
-        let [c, h, w] = model.metadata().sample_shape;
-        if out_len < n * c * h * w {
-            return Err(arg(&format!(
-                "out holds {out_len} floats; {} are needed",
-                n * c * h * w
-            )));
-        }
-        let imgs = Array4::from_shape_vec(
-            (n, c, h, w),
-            std::slice::from_raw_parts(images, n * c * h * w).to_vec(),
-        )
-        .map_err(|e| arg(&e.to_string()))?;
-        let mks = Array4::from_shape_vec(
-            (n, 1, h, w),
-            std::slice::from_raw_parts(masks, n * h * w).to_vec(),
-        )
-        .map_err(|e| arg(&e.to_string()))?;
-        let (opts, cancel) = r.run_options()?;
-        let mut progress = r.progress(&cancel);
-        let (x, _) = crate::inpaint::inpaint(
-            &mut model,
-            &opts,
-            &imgs,
-            &mks,
-            crate::inpaint::Resampling { jumps, resample },
-            &mut progress,
-        )?;
-        let x = x.as_standard_layout();
-        std::slice::from_raw_parts_mut(out, x.len())
-            .copy_from_slice(x.as_slice().expect("standard layout"));
-        Ok(())
+        // SAFETY: `model` is NULL or from this library; live handles are checked.
+        let m = unsafe { model_ref(model) }?;
+        // SAFETY: as for `model`.
+        let r = unsafe { req_ref(req) }?;
+        let resampling = crate::inpaint::Resampling { jumps, resample };
+        // SAFETY: as in edgediff_sample; the buffers are the caller's.
+        unsafe { inpaint_into(m, &r.params(), images, masks, n, resampling, out, out_len) }
     })
 }
+
+// ---------------------------------------------------------------------------------------------
+// ELBO
+// ---------------------------------------------------------------------------------------------
 
 /// The result of `edgediff_elbo`, in bits per dimension (means over the images).
 #[repr(C)]
@@ -655,35 +1755,34 @@ pub unsafe extern "C" fn edgediff_elbo(
     out: *mut EdgediffElboResult,
 ) -> c_int {
     guard(|| {
-        let m = model_ref(model)?;
-        let r = req_ref(req)?;
-        if images.is_null() || out.is_null() {
-            return Err(arg("images or out is NULL"));
+        // SAFETY: `model` is NULL or from this library; live handles are checked.
+        let m = unsafe { model_ref(model) }?;
+        // SAFETY: as for `model`.
+        let p = unsafe { req_ref(req) }?.params();
+        if out.is_null() {
+            return Err(arg("out is NULL"));
         }
         let mut model = lock(m);
         let [c, h, w] = model.metadata().sample_shape;
-        let count = n
-            .checked_mul(c * h * w)
-            .ok_or_else(|| arg("n * C * H * W overflows"))?;
-        let imgs = ndarray::ArrayView4::from_shape(
-            (n, c, h, w),
-            std::slice::from_raw_parts(images, count),
-        )
-        .map_err(|e| arg(&e.to_string()))?;
+        let len = count(&[n, c, h, w], "n * C * H * W")?;
+        // SAFETY: the caller passes n * C * H * W floats at `images`.
+        let imgs = unsafe { slice(images, len, "images") }?;
+        let imgs =
+            ndarray::ArrayView4::from_shape((n, c, h, w), imgs).map_err(|e| arg(&e.to_string()))?;
         let cancel = Arc::new(AtomicBool::new(false));
         let opts = crate::elbo::ElboOptions {
             timesteps: match timesteps_per_image {
                 0 => crate::elbo::TimestepSampling::All,
                 k => crate::elbo::TimestepSampling::Draws(k),
             },
-            seed: r.seed,
-            batch_size: r.batch_size,
+            seed: p.seed,
+            batch_size: p.batch_size,
             cancel: Some(cancel.clone()),
             ..Default::default()
         };
-        let mut progress = r.progress(&cancel);
+        let mut progress = progress_fn(p.progress, p.progress_user, &cancel);
         let s = crate::elbo::elbo(&mut model, imgs, &opts, None, &mut progress)?.summary();
-        *out = EdgediffElboResult {
+        let result = EdgediffElboResult {
             bits_per_dim: s.bits_per_dim,
             standard_error: s.standard_error.unwrap_or(f64::NAN),
             mc_standard_error: s.mc_standard_error.unwrap_or(f64::NAN),
@@ -691,6 +1790,528 @@ pub unsafe extern "C" fn edgediff_elbo(
             kl: s.kl,
             reconstruction: s.reconstruction,
         };
+        // SAFETY: `out` is non-NULL (checked) and writable (caller).
+        unsafe { put(out, result, "out") }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Likelihood
+// ---------------------------------------------------------------------------------------------
+
+/// What `edgediff likelihood` can set (`edgediff_likelihood_params`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct EdgediffLikelihoodParams {
+    pub struct_size: usize,
+    /// An `edgediff_ode_solver`.
+    pub solver: c_int,
+    /// An `edgediff_probe`.
+    pub probe: c_int,
+    pub steps: usize,
+    pub rtol: f64,
+    pub atol: f64,
+    pub probes: usize,
+    pub fd_step: f64,
+    pub bins: f64,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub class_label: i64,
+    pub progress: EdgediffProgress,
+    pub progress_user: *mut c_void,
+}
+
+// SAFETY: repr(C), struct_size first, only integers, floats, raw and Option<fn> pointers.
+unsafe impl SizedStruct for EdgediffLikelihoodParams {
+    const NAME: &'static str = "edgediff_likelihood_params";
+    const MIN_SIZE: usize = std::mem::size_of::<EdgediffLikelihoodParams>();
+}
+
+impl EdgediffLikelihoodParams {
+    /// `LikelihoodOptions::default()` as C fields.
+    fn defaults() -> Self {
+        let d = LikelihoodOptions::default();
+        let (solver, steps, rtol, atol) = match d.solver {
+            OdeSolver::Rk4 { steps } => ("rk4", steps, f64::NAN, f64::NAN),
+            OdeSolver::Adaptive { rtol, atol } => {
+                ("adaptive", crate::likelihood::DEFAULT_STEPS, rtol, atol)
+            }
+        };
+        let probe = match d.probe {
+            Probe::Rademacher => "rademacher",
+            Probe::Gaussian => "gaussian",
+        };
+        EdgediffLikelihoodParams {
+            struct_size: std::mem::size_of::<Self>(),
+            solver: enum_index(&ODE_SOLVERS, solver).unwrap_or(0),
+            probe: enum_index(&PROBES, probe).unwrap_or(0),
+            steps,
+            rtol,
+            atol,
+            probes: d.probes,
+            fd_step: d.fd_step,
+            bins: d.bins,
+            batch_size: d.batch_size,
+            seed: d.seed,
+            class_label: d.class_label.unwrap_or(EDGEDIFF_UNSET),
+            progress: None,
+            progress_user: std::ptr::null_mut(),
+        }
+    }
+}
+
+/// The library's likelihood options of the C struct: the one conversion.
+fn likelihood_options(p: &EdgediffLikelihoodParams) -> Result<LikelihoodOptions, Error> {
+    let (rtol, atol) = (opt_f64(p.rtol), opt_f64(p.atol));
+    let solver = match enum_value(&ODE_SOLVERS, p.solver, "solver")? {
+        "rk4" if rtol.is_some() || atol.is_some() => {
+            return Err(Error::options(
+                "{0} and {1} apply to {2} EDGEDIFF_ODE_ADAPTIVE",
+                &["rtol", "atol", "solver"],
+            ))
+        }
+        "rk4" => OdeSolver::Rk4 { steps: p.steps },
+        _ => {
+            let Some(rtol) = rtol else {
+                return Err(Error::options(
+                    "{0} EDGEDIFF_ODE_ADAPTIVE needs {1}",
+                    &["solver", "rtol"],
+                ));
+            };
+            // As `edgediff likelihood`: the absolute tolerance defaults to the relative one.
+            OdeSolver::Adaptive {
+                rtol,
+                atol: atol.unwrap_or(rtol),
+            }
+        }
+    };
+    let opts = LikelihoodOptions {
+        solver,
+        probes: p.probes,
+        probe: enum_value(&PROBES, p.probe, "probe")?.parse()?,
+        fd_step: p.fd_step,
+        batch_size: p.batch_size,
+        seed: p.seed,
+        class_label: class_of(p.class_label),
+        bins: p.bins,
+    };
+    opts.validate()?;
+    Ok(opts)
+}
+
+/// What `edgediff_likelihood` found (`edgediff_likelihood_result`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct EdgediffLikelihoodResult {
+    pub struct_size: usize,
+    pub log_density_mean: f64,
+    pub log_density_se: f64,
+    pub bits_per_dim_mean: f64,
+    pub bits_per_dim_se: f64,
+    pub dim: usize,
+    pub bin_width: f64,
+    pub network_calls: usize,
+}
+
+// SAFETY: repr(C), struct_size first, only integers and floats.
+unsafe impl SizedStruct for EdgediffLikelihoodResult {
+    const NAME: &'static str = "edgediff_likelihood_result";
+    const MIN_SIZE: usize = std::mem::size_of::<EdgediffLikelihoodResult>();
+}
+
+/// Fills `params` (`size` bytes, the caller's sizeof) with the defaults; the header's
+/// `edgediff_likelihood_params_init` calls it.
+///
+/// # Safety
+/// `params` points to `size` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn edgediff_likelihood_params_init_sized(
+    params: *mut EdgediffLikelihoodParams,
+    size: usize,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    unsafe { init_sized(params, EdgediffLikelihoodParams::defaults(), size) }
+}
+
+/// log p(x) of `n` images by the probability-flow ODE, as `edgediff likelihood` computes it.
+///
+/// # Safety
+/// `model` is a valid handle; `params` an initialised struct; `images` holds n * C * H * W
+/// floats; `result` a struct with its `struct_size` set; `log_density` and `bits_per_dim` are
+/// NULL or hold `n` writable doubles.
+#[no_mangle]
+pub unsafe extern "C" fn edgediff_likelihood(
+    model: *const EdgediffModel,
+    params: *const EdgediffLikelihoodParams,
+    images: *const f32,
+    n: usize,
+    result: *mut EdgediffLikelihoodResult,
+    log_density: *mut f64,
+    bits_per_dim: *mut f64,
+) -> c_int {
+    guard(|| {
+        // SAFETY: `model` is NULL or from this library; live handles are checked.
+        let m = unsafe { model_ref(model) }?;
+        // SAFETY: `params` is NULL or an initialised struct (caller).
+        let p = unsafe { read_prefix(params, EdgediffLikelihoodParams::defaults()) }?;
+        // SAFETY: `result` is NULL or a struct with its struct_size set (caller).
+        let result_size = unsafe { size_of_struct(result) }?;
+        let opts = likelihood_options(&p)?;
+        let mut model = lock(m);
+        let [c, h, w] = model.metadata().sample_shape;
+        let len = count(&[n, c, h, w], "n * C * H * W")?;
+        // SAFETY: the caller passes n * C * H * W floats at `images`.
+        let imgs = unsafe { slice(images, len, "images") }?;
+        let imgs =
+            Array4::from_shape_vec((n, c, h, w), imgs.to_vec()).map_err(|e| arg(&e.to_string()))?;
+        // The per-image outputs, checked before the (long) run; one buffer for both would
+        // be two mutable slices of the same memory.
+        if !log_density.is_null() && log_density == bits_per_dim {
+            return Err(Error::options(
+                "{0} and {1} are the same buffer",
+                &["log_density", "bits_per_dim"],
+            ));
+        }
+        let outs = [(log_density, "log_density"), (bits_per_dim, "bits_per_dim")];
+        let mut dsts = Vec::new();
+        for (ptr, what) in outs {
+            // SAFETY: NULL or `n` writable doubles (caller).
+            dsts.push(
+                (!ptr.is_null())
+                    .then(|| unsafe { slice_mut(ptr, n, what) })
+                    .transpose()?,
+            );
+        }
+        // log_likelihood takes no cancel flag: the callback's answer is not heeded.
+        let cancel = AtomicBool::new(false);
+        let mut progress = progress_fn(p.progress, p.progress_user, &cancel);
+        let report = crate::likelihood::log_likelihood(&mut model, &imgs, &opts, &mut progress)?;
+        let nats: Vec<f64> = report.images.iter().map(|i| i.log_density).collect();
+        let bpd: Vec<f64> = report.images.iter().map(|i| i.bits_per_dim).collect();
+        let (log_density_mean, log_density_se) = crate::likelihood::mean_and_se(&nats);
+        let (bits_per_dim_mean, bits_per_dim_se) = crate::likelihood::mean_and_se(&bpd);
+        for (dst, values) in dsts.into_iter().zip([&nats, &bpd]) {
+            if let Some(dst) = dst {
+                dst.copy_from_slice(values);
+            }
+        }
+        let r = EdgediffLikelihoodResult {
+            struct_size: result_size,
+            log_density_mean,
+            log_density_se,
+            bits_per_dim_mean,
+            bits_per_dim_se,
+            dim: report.dim,
+            bin_width: report.bin_width,
+            network_calls: report.network_calls,
+        };
+        // SAFETY: `result` holds `result_size` writable bytes (its struct_size, checked).
+        unsafe { write_prefix(result, r, result_size) }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Calibration
+// ---------------------------------------------------------------------------------------------
+
+/// Calibration progress: `(sampler runs so far, best pilot RMSE so far, user pointer)`.
+pub type EdgediffCalibrateProgress = Option<unsafe extern "C" fn(usize, f64, *mut c_void)>;
+
+/// What `edgediff calibrate` can set (`edgediff_calibrate_params`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct EdgediffCalibrateParams {
+    pub struct_size: usize,
+    pub sampler: *const c_char,
+    pub order: i64,
+    pub steps: usize,
+    pub pilot: usize,
+    pub seed: u64,
+    pub teacher_steps: usize,
+    pub max_evals: usize,
+    pub batch_size: usize,
+    pub class_label: i64,
+    pub guidance: f64,
+    pub progress: EdgediffCalibrateProgress,
+    pub progress_user: *mut c_void,
+}
+
+// SAFETY: repr(C), struct_size first, only integers, floats, raw and Option<fn> pointers.
+unsafe impl SizedStruct for EdgediffCalibrateParams {
+    const NAME: &'static str = "edgediff_calibrate_params";
+    const MIN_SIZE: usize = std::mem::size_of::<EdgediffCalibrateParams>();
+}
+
+impl EdgediffCalibrateParams {
+    /// `CalibrateOptions::default()` as C fields; the default sampler's order stays unset and
+    /// comes back through [`sampler_kind`].
+    fn defaults() -> Self {
+        let d = CalibrateOptions::default();
+        EdgediffCalibrateParams {
+            struct_size: std::mem::size_of::<Self>(),
+            sampler: static_name(d.sampler.name()),
+            order: EDGEDIFF_UNSET,
+            steps: d.steps,
+            pilot: d.pilot,
+            seed: d.seed,
+            teacher_steps: d.teacher_steps,
+            max_evals: d.max_evals,
+            batch_size: d.batch_size,
+            class_label: d.class_label.unwrap_or(EDGEDIFF_UNSET),
+            guidance: f64_or_unset(d.guidance),
+            progress: None,
+            progress_user: std::ptr::null_mut(),
+        }
+    }
+}
+
+/// The library's calibration options of the C struct: the one conversion.
+///
+/// # Safety
+/// `p.sampler` is NUL-terminated.
+unsafe fn calibrate_options(p: &EdgediffCalibrateParams) -> Result<CalibrateOptions, Error> {
+    let defaults = CalibrateOptions::default();
+    // SAFETY: the caller's struct holds a NUL-terminated sampler name.
+    let name = unsafe { text(p.sampler, "sampler") }?;
+    let params = SamplerParams {
+        order: opt_usize(p.order),
+        ..Default::default()
+    };
+    Ok(CalibrateOptions {
+        sampler: sampler_kind(name, params, defaults.sampler)?,
+        steps: p.steps,
+        pilot: p.pilot,
+        seed: p.seed,
+        teacher_steps: p.teacher_steps,
+        max_evals: p.max_evals,
+        batch_size: p.batch_size,
+        class_label: class_of(p.class_label),
+        guidance: opt_f64(p.guidance),
+    })
+}
+
+/// What `edgediff_calibrate` achieved on the pilot batch (`edgediff_calibrate_result`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct EdgediffCalibrateResult {
+    pub struct_size: usize,
+    pub num_timesteps: usize,
+    pub rmse: f64,
+    pub rmse_logsnr: f64,
+    pub rmse_trailing: f64,
+    pub teacher_rmse: f64,
+    pub evals: usize,
+}
+
+// SAFETY: repr(C), struct_size first, only integers and floats.
+unsafe impl SizedStruct for EdgediffCalibrateResult {
+    const NAME: &'static str = "edgediff_calibrate_result";
+    const MIN_SIZE: usize = std::mem::size_of::<EdgediffCalibrateResult>();
+}
+
+/// Fills `params` (`size` bytes, the caller's sizeof) with the defaults; the header's
+/// `edgediff_calibrate_params_init` calls it.
+///
+/// # Safety
+/// `params` points to `size` writable bytes.
+#[no_mangle]
+pub unsafe extern "C" fn edgediff_calibrate_params_init_sized(
+    params: *mut EdgediffCalibrateParams,
+    size: usize,
+) -> c_int {
+    // SAFETY: forwarded from the caller.
+    unsafe { init_sized(params, EdgediffCalibrateParams::defaults(), size) }
+}
+
+/// Calibrates `params->steps` time points into `timesteps`, as `edgediff calibrate` does.
+///
+/// # Safety
+/// `model` is a valid handle; `params` an initialised struct; `timesteps` holds
+/// `timesteps_len` writable doubles; `result` is NULL or a struct with its `struct_size` set.
+#[no_mangle]
+pub unsafe extern "C" fn edgediff_calibrate(
+    model: *const EdgediffModel,
+    params: *const EdgediffCalibrateParams,
+    timesteps: *mut f64,
+    timesteps_len: usize,
+    result: *mut EdgediffCalibrateResult,
+) -> c_int {
+    guard(|| {
+        // SAFETY: `model` is NULL or from this library; live handles are checked.
+        let m = unsafe { model_ref(model) }?;
+        // SAFETY: `params` is NULL or an initialised struct (caller).
+        let p = unsafe { read_prefix(params, EdgediffCalibrateParams::defaults()) }?;
+        // SAFETY: its sampler name is NUL-terminated (caller).
+        let opts = unsafe { calibrate_options(&p) }?;
+        let result_size = (!result.is_null())
+            // SAFETY: a non-NULL `result` has its struct_size set (caller).
+            .then(|| unsafe { size_of_struct(result) })
+            .transpose()?;
+        if timesteps_len < opts.steps {
+            return Err(arg(&format!(
+                "timesteps holds {timesteps_len} values; steps {} needs as many",
+                opts.steps
+            )));
+        }
+        // SAFETY: the caller passes `timesteps_len` writable doubles.
+        let dst = unsafe { slice_mut(timesteps, timesteps_len, "timesteps") }?;
+        let mut model = lock(m);
+        let (cb, user) = (p.progress, p.progress_user);
+        let cal = crate::calibrate::calibrate(&mut model, &opts, &mut |evals, best| {
+            if let Some(cb) = cb {
+                // SAFETY: the caller registered `cb` to be called with `user` from this thread.
+                unsafe { cb(evals, best, user) }
+            }
+        })?;
+        let k = cal.timesteps.len();
+        if k > dst.len() {
+            return Err(arg(&format!(
+                "timesteps holds {timesteps_len} values; {k} are needed"
+            )));
+        }
+        dst[..k].copy_from_slice(&cal.timesteps);
+        if let Some(size) = result_size {
+            let r = EdgediffCalibrateResult {
+                struct_size: size,
+                num_timesteps: k,
+                rmse: cal.rmse,
+                rmse_logsnr: cal.rmse_logsnr,
+                rmse_trailing: cal.rmse_trailing,
+                teacher_rmse: cal.teacher_rmse,
+                evals: cal.evals,
+            };
+            // SAFETY: `result` holds `size` writable bytes (its struct_size, checked).
+            unsafe { write_prefix(result, r, size) }?;
+        }
         Ok(())
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPACING_KARRAS: c_int = 3;
+
+    /// The C defaults convert back to the library's own (one source of defaults).
+    #[test]
+    fn defaults_round_trip() {
+        // SAFETY: the defaults hold a static sampler name and no other pointer.
+        let s = unsafe { sample_options(&EdgediffSampleParams::defaults()) }.unwrap();
+        assert_eq!(format!("{s:?}"), format!("{:?}", SampleOptions::default()));
+        // SAFETY: the test's structs hold static strings and no other pointer.
+        let m = unsafe { model_options(&EdgediffModelParams::defaults()) }.unwrap();
+        assert_eq!(format!("{m:?}"), format!("{:?}", ModelOptions::default()));
+        let l = likelihood_options(&EdgediffLikelihoodParams::defaults()).unwrap();
+        assert_eq!(
+            format!("{l:?}"),
+            format!("{:?}", LikelihoodOptions::default())
+        );
+        // SAFETY: as above.
+        let c = unsafe { calibrate_options(&EdgediffCalibrateParams::defaults()) }.unwrap();
+        assert_eq!(
+            format!("{c:?}"),
+            format!("{:?}", CalibrateOptions::default())
+        );
+    }
+
+    #[test]
+    fn messages_name_the_c_fields() {
+        let mut p = EdgediffSampleParams::defaults();
+        p.eta = 2.0;
+        // SAFETY: as in defaults_round_trip.
+        let e = unsafe { sample_options(&p) }.unwrap_err();
+        assert_eq!(e.to_string(), "invalid argument: eta 2 is outside [0, 1]");
+        let mut p = EdgediffSampleParams::defaults();
+        p.rho = 3.0;
+        // SAFETY: the test's structs hold static strings and no other pointer.
+        let e = unsafe { sample_options(&p) }.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid argument: rho applies to spacing EDGEDIFF_SPACING_KARRAS"
+        );
+        p.spacing = SPACING_KARRAS;
+        // SAFETY: the test's structs hold static strings and no other pointer.
+        let s = unsafe { sample_options(&p) }.unwrap();
+        assert_eq!(s.spacing, Spacing::Karras { rho: 3.0 });
+        p.x0_clip = X0_CLIP_DYNAMIC;
+        // SAFETY: the test's structs hold static strings and no other pointer.
+        let e = unsafe { sample_options(&p) }.unwrap_err();
+        assert!(e
+            .to_string()
+            .contains("x0_clip EDGEDIFF_X0_CLIP_DYNAMIC needs dynamic_threshold"));
+        p.dynamic_threshold = 1.5;
+        // SAFETY: the test's structs hold static strings and no other pointer.
+        let e = unsafe { sample_options(&p) }.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid argument: dynamic_threshold 1.5 must be in (0, 1]"
+        );
+        p.spacing = 9;
+        // SAFETY: the test's structs hold static strings and no other pointer.
+        let e = unsafe { sample_options(&p) }.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid argument: spacing 9 is outside 0..=4"
+        );
+    }
+
+    #[test]
+    fn struct_size_is_checked_and_prefixes_read() {
+        let d = EdgediffSampleParams::defaults();
+        let mut p = d;
+        p.struct_size = 8;
+        // SAFETY: `p` is a whole struct, so any accepted size is readable.
+        let e = unsafe { read_prefix(&p, d) }.unwrap_err();
+        assert!(e
+            .to_string()
+            .contains("struct_size 8 is not a size of edgediff_sample_params"));
+        p.struct_size = std::mem::size_of::<EdgediffSampleParams>() + 8;
+        // SAFETY: as above (sizes beyond the struct are refused before any read).
+        assert!(unsafe { read_prefix(&p, d) }.is_err());
+        p.struct_size = std::mem::size_of::<EdgediffSampleParams>();
+        p.steps = 7;
+        // SAFETY: as above (sizes beyond the struct are refused before any read).
+        assert_eq!(unsafe { read_prefix(&p, d) }.unwrap().steps, 7);
+        // SAFETY: NULL is refused before any read.
+        assert!(unsafe { read_prefix(std::ptr::null::<EdgediffSampleParams>(), d) }.is_err());
+    }
+
+    #[test]
+    fn sizes_multiplied_from_caller_input_do_not_overflow() {
+        let e = count(&[usize::MAX / 2, 3, 1, 1], "n * C * H * W").unwrap_err();
+        assert!(e.to_string().contains("overflows"), "{e}");
+        assert_eq!(count(&[4, 1, 8, 8], "n * C * H * W").unwrap(), 256);
+        assert!(check_len::<f32>(usize::MAX / 4, "out").is_err());
+    }
+
+    #[test]
+    fn enum_names_match_the_library() {
+        for (i, s) in SPACINGS.iter().enumerate() {
+            let spacing: Spacing = s.to_str().unwrap().parse().unwrap();
+            assert_eq!(spacing_to_c(spacing).0, i as c_int);
+        }
+        for s in PROVIDERS {
+            let p: Provider = s.to_str().unwrap().parse().unwrap();
+            assert_eq!(p.name(), s.to_str().unwrap());
+        }
+        for s in PROBES {
+            s.to_str().unwrap().parse::<Probe>().unwrap();
+        }
+        assert!(edgediff_spacing_name(5).is_null() && edgediff_provider_name(-1).is_null());
+    }
+
+    #[test]
+    fn layouts_have_no_padding() {
+        // 64-bit targets: every field 8 bytes but the pairs of ints, so adding a field later
+        // cannot land in padding an older caller left uninitialised.
+        if std::mem::size_of::<usize>() == 8 {
+            assert_eq!(std::mem::size_of::<EdgediffSampleParams>(), 27 * 8);
+            assert_eq!(std::mem::size_of::<EdgediffModelParams>(), 5 * 8 + 6 * 4);
+            assert_eq!(std::mem::size_of::<EdgediffLikelihoodParams>(), 13 * 8);
+            assert_eq!(std::mem::size_of::<EdgediffCalibrateParams>(), 13 * 8);
+        }
+    }
 }

@@ -22,6 +22,10 @@
 //! and [`classifier`] (sample quality); [`npy`], [`image`] and [`output`] read and write the
 //! files the CLI uses.
 
+// Every unsafe operation sits in its own `unsafe` block with a `// SAFETY:` comment, also
+// inside `unsafe fn`s (the C ABI in `capi` is most of them).
+#![deny(unsafe_op_in_unsafe_fn)]
+
 mod backend;
 pub mod calibrate;
 mod capi;
