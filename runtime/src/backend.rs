@@ -11,9 +11,12 @@ use ort::value::{Tensor, TensorElementType, TensorRef, ValueType};
 
 use crate::error::{Error, Result, ORT_VERSION};
 
-/// The process-wide ONNX Runtime: which library was loaded (or why none could be).
-static ORT_ENV: OnceLock<std::result::Result<(PathBuf, ort::environment::Environment), String>> =
-    OnceLock::new();
+/// The process-wide ONNX Runtime: which library was loaded. Only success is kept: a failed
+/// load (a wrong path) may be retried with another.
+static ORT_ENV: OnceLock<(PathBuf, ort::environment::Environment)> = OnceLock::new();
+
+/// Serialises loading, so two threads never load two libraries.
+static ORT_LOADING: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Where the ONNX Runtime library is looked for, in order, when no path is given.
 pub fn ort_library_candidates() -> Vec<PathBuf> {
@@ -38,37 +41,44 @@ pub fn ort_library_candidates() -> Vec<PathBuf> {
 }
 
 /// Loads ONNX Runtime once per process, from `explicit`, else `ORT_DYLIB_PATH`, else the first
-/// of [`ort_library_candidates`] that exists. Later calls return the first outcome; a later call
-/// naming a different library than the one loaded is an error (one runtime per process).
+/// of [`ort_library_candidates`] that exists. Once one is loaded, later calls return it, and a
+/// call naming a different library is an error (one runtime per process); a failed load is
+/// not remembered, so the next call tries again (with the path it gives).
 pub fn init_onnxruntime(explicit: Option<&Path>) -> Result<PathBuf> {
-    let outcome = ORT_ENV.get_or_init(|| load(explicit));
-    match outcome {
-        Ok((path, _)) => {
-            if let Some(p) = explicit {
-                if p != path {
-                    return Err(Error::OrtLibrary {
-                        detail: format!(
-                            "{} was asked for, but {} is already loaded in this process (only one ONNX Runtime per process)",
-                            p.display(),
-                            path.display()
-                        ),
-                    });
+    let loaded = match ORT_ENV.get() {
+        Some(v) => v,
+        None => {
+            let _one_at_a_time = ORT_LOADING.lock().unwrap_or_else(|p| p.into_inner());
+            match ORT_ENV.get() {
+                Some(v) => v, // another thread loaded it meanwhile
+                None => {
+                    let v = load(explicit).map_err(|detail| Error::OrtLibrary { detail })?;
+                    ORT_ENV.get_or_init(|| v)
                 }
             }
-            Ok(path.clone())
         }
-        Err(detail) => Err(Error::OrtLibrary {
-            detail: detail.clone(),
-        }),
+    };
+    let path = &loaded.0;
+    if let Some(p) = explicit {
+        if p != path {
+            return Err(Error::OrtLibrary {
+                detail: format!(
+                    "{} was asked for, but {} is already loaded in this process (only one ONNX Runtime per process)",
+                    p.display(),
+                    path.display()
+                ),
+            });
+        }
     }
+    Ok(path.clone())
 }
 
 /// The process's ONNX Runtime environment, loading the library by the default search if needed.
 pub(crate) fn environment() -> Result<&'static ort::environment::Environment> {
     init_onnxruntime(None)?;
     match ORT_ENV.get() {
-        Some(Ok((_, env))) => Ok(env),
-        _ => unreachable!("init_onnxruntime succeeded"),
+        Some((_, env)) => Ok(env),
+        None => unreachable!("init_onnxruntime succeeded"),
     }
 }
 
@@ -125,6 +135,9 @@ enum TimeType {
     F32,
     F16,
 }
+
+/// Most intra-op threads a session may ask for.
+pub const MAX_THREADS: usize = 1024;
 
 /// Session options for opening a network.
 #[derive(Debug, Clone, Default)]
@@ -323,6 +336,14 @@ impl Network {
         in_place: bool,
     ) -> Result<ort::session::builder::SessionBuilder> {
         let env = environment()?;
+        if opts.intra_threads > MAX_THREADS {
+            // ONNX Runtime would try to start them all, and a run would crawl for minutes.
+            return Err(Error::out_of_range(
+                "threads",
+                opts.intra_threads,
+                &format!("must be in 0..={MAX_THREADS} (0: ONNX Runtime's choice)"),
+            ));
+        }
         let mut builder = Session::builder(env).map_err(Error::ort("creating a session"))?;
         if opts.intra_threads > 0 {
             builder = builder
@@ -388,8 +409,8 @@ impl Network {
                 Ok(b) => b,
                 Err(e) => {
                     let lib = match ORT_ENV.get() {
-                        Some(Ok((path, _))) => path.display().to_string(),
-                        _ => "the loaded one".into(),
+                        Some((path, _)) => path.display().to_string(),
+                        None => "the loaded one".into(),
                     };
                     fallback(format!(
                         "{e} The ONNX Runtime library ({lib}) must be a GPU build: the onnxruntime-gpu wheel's libonnxruntime.so with libonnxruntime_providers_{}.so beside it, and CUDA 13/cuDNN 9 (and TensorRT for tensorrt) on the library path; give it with --ort-lib.",

@@ -330,21 +330,46 @@ pub(crate) fn prepare(
         Some(ts) => levels(model.schedule(), &validate_timesteps(model, ts)?),
         None => spaced_levels(model.schedule(), opts.spacing, opts.steps)?,
     };
-    let [c, h, w] = meta.sample_shape;
     if let Some(inj) = injected {
-        if inj.initial.shape() != [opts.n, c, h, w] {
-            return Err(Error::options(
-                format!(
-                    "{{0}} has shape {:?}; expected [{}, {c}, {h}, {w}]",
-                    inj.initial.shape(),
-                    opts.n
-                ),
-                &["init_noise"],
-            ));
-        }
+        check_injected(inj, opts.n, meta.sample_shape)?;
     }
     guidance_for(&meta, opts)?;
     Ok((labels, lv))
+}
+
+/// Checks injected noise against the run before anything uses it: shapes (a wrong one would
+/// index out of range, or read noise from the wrong offsets) and finiteness.
+fn check_injected(inj: &InjectedNoise, n: usize, [c, h, w]: [usize; 3]) -> Result<()> {
+    if inj.initial.shape() != [n, c, h, w] {
+        return Err(Error::options(
+            format!(
+                "{{0}} has shape {:?}; expected [{n}, {c}, {h}, {w}]",
+                inj.initial.shape(),
+            ),
+            &["init_noise"],
+        ));
+    }
+    if let Some(steps) = &inj.steps {
+        if steps.ndim() != 5 || steps.shape()[1..] != [n, c, h, w] {
+            return Err(Error::options(
+                format!(
+                    "{{0}} has shape {:?}; expected [steps, {n}, {c}, {h}, {w}] (the initial noise's [n, C, H, W] after the steps)",
+                    steps.shape(),
+                ),
+                &["step_noise"],
+            ));
+        }
+    }
+    let arrays = [("init_noise", Some(inj.initial.view().into_dyn())), ("step_noise", inj.steps.as_ref().map(|s| s.view()))];
+    for (arg, a) in arrays {
+        if let Some((index, v)) = a.and_then(crate::npy::first_non_finite) {
+            return Err(Error::options(
+                format!("{{0}} holds {v} at {index:?}; noise must be finite"),
+                &[arg],
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The label each network call gets: `class` checked against the model, the null label when

@@ -15,6 +15,10 @@ use crate::noise::SeededNoise;
 use crate::sampler::Trajectory;
 use crate::schedule::NoiseLevel;
 
+/// Most extra passes RePaint resampling may make over each jump (RePaint itself used 9); the
+/// bound keeps `steps * (1 + resample)` far from overflow and a run finite.
+pub const MAX_RESAMPLE: usize = 1000;
+
 /// RePaint resampling: every `jumps` steps, go back up and redo them `resample` more times
 /// (`jumps` 0: no resampling).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -139,6 +143,20 @@ pub fn inpaint(
         }
     });
     let steps = lv.len() - 1;
+    if resampling.jumps > steps {
+        return Err(Error::out_of_range(
+            "jumps",
+            resampling.jumps,
+            &format!("must be in 0..={steps} (the run's steps)"),
+        ));
+    }
+    if resampling.resample > MAX_RESAMPLE {
+        return Err(Error::out_of_range(
+            "resample",
+            resampling.resample,
+            &format!("must be in 0..={MAX_RESAMPLE}"),
+        ));
+    }
     let rounds = if resampling.jumps > 0 {
         1 + resampling.resample
     } else {

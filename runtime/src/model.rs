@@ -98,6 +98,12 @@ impl Model {
                 detail: "no such file".into(),
             });
         }
+        if path.is_dir() {
+            return Err(Error::ModelFile {
+                path: path.into(),
+                detail: "it is a directory; give the .onnx (or .ort) file".into(),
+            });
+        }
         let (network, raw) = Network::open(path, opts)?;
         Model::from_network(network, raw, path)
     }
@@ -162,6 +168,15 @@ impl Model {
                     i + 1
                 )));
             }
+        }
+        let sample_bytes = 4 * metadata.sample_len();
+        if sample_bytes > crate::generate::MAX_BATCH_BYTES {
+            return Err(contract(format!(
+                "sample_shape {:?} makes one sample {:.1} GiB, more than the {} GiB a batch array may hold",
+                metadata.sample_shape,
+                sample_bytes as f64 / (1u64 << 30) as f64,
+                crate::generate::MAX_BATCH_BYTES >> 30
+            )));
         }
         let wants_labels = matches!(metadata.conditioning, Some(Conditioning::Class { .. }));
         if wants_labels != network.has_class_labels() {

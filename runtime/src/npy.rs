@@ -185,6 +185,26 @@ pub fn npy_bytes(shape: &[usize], data: impl Iterator<Item = f32>) -> Vec<u8> {
     out
 }
 
+/// The index and value of the first NaN or infinity in `a`, if any.
+pub fn first_non_finite(a: ndarray::ArrayViewD<'_, f32>) -> Option<(Vec<usize>, f32)> {
+    a.indexed_iter()
+        .find(|(_, v)| !v.is_finite())
+        .map(|(i, &v)| (ndarray::Dimension::slice(&i).to_vec(), v))
+}
+
+/// Reads a 4-D array (see [`read_npy4`]) that must hold only finite values: inputs such as
+/// noise and images, where a NaN would otherwise surface as the network's fault.
+pub fn read_npy4_finite(path: &Path, what: &str) -> Result<ndarray::Array4<f32>> {
+    let a = read_npy4(path, what)?;
+    if let Some((index, v)) = first_non_finite(a.view().into_dyn()) {
+        return Err(Error::BadInput {
+            path: path.into(),
+            detail: format!("holds {v} at {index:?}; the values must be finite"),
+        });
+    }
+    Ok(a)
+}
+
 /// Writes `bytes` to `path` through a temporary file and a rename, so a reader never sees a
 /// half-written file and a failure leaves any previous file intact.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

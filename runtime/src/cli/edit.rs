@@ -4,13 +4,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use argh::FromArgs;
-use ndarray::{s, Array4, Axis, Ix4};
+use ndarray::{s, Array4, Axis};
 
 use super::{model_command, write_all, Bar};
 use edgediff::{Error, Result};
 use edgediff::generate::{generate, SampleOptions};
 use edgediff::noise::{InjectedNoise, NoiseSource, SeededNoise};
-use edgediff::npy::{npy_bytes, read_npy, read_npy4, write_atomic};
+use edgediff::npy::{npy_bytes, read_npy4_finite, write_atomic};
 use edgediff::sampler::{SamplerParams, SamplerKind};
 use edgediff::spacing::Spacing;
 
@@ -106,6 +106,9 @@ pub(super) struct InterpolateCmd {
 }
 }
 
+/// Most frames one strip may have.
+const MAX_FRAMES: usize = 10_000;
+
 /// Reads the images given to `invert` into `[n, C, H, W]`.
 fn load_images(paths: &[PathBuf], shape: [usize; 3], range: [f64; 2]) -> Result<Array4<f32>> {
     let is_npy = |p: &PathBuf| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
@@ -113,7 +116,7 @@ fn load_images(paths: &[PathBuf], shape: [usize; 3], range: [f64; 2]) -> Result<
         [] => Err(Error::invalid(
             "give --image (a PNG, repeatable, or one .npy)",
         )),
-        [p] if is_npy(p) => read_npy4(p, "images must be 4-D [n, C, H, W]"),
+        [p] if is_npy(p) => read_npy4_finite(p, "images must be 4-D [n, C, H, W]"),
         _ if paths.iter().any(is_npy) => Err(Error::invalid(
             "give either PNG files or a single .npy to --image",
         )),
@@ -217,9 +220,7 @@ fn noise_from(path: &Path, index: usize, shape: [usize; 3]) -> Result<Array4<f32
         path: path.into(),
         detail,
     };
-    let a = read_npy(path)?
-        .into_dimensionality::<Ix4>()
-        .map_err(|_| bad("a noise file must be 4-D [n, C, H, W]".into()))?;
+    let a = read_npy4_finite(path, "a noise file must be 4-D [n, C, H, W]")?;
     if a.shape()[1..] != shape {
         return Err(bad(format!(
             "noise has shape {:?}; the model takes [n, {}, {}, {}]",
@@ -253,6 +254,14 @@ pub(super) fn interpolate(cmd: InterpolateCmd) -> Result<()> {
         )));
     }
     let spacing: Spacing = cmd.spacing.parse()?;
+    if !(2..=MAX_FRAMES).contains(&cmd.frames) {
+        // Checked before the frames are allocated: 1e8 frames would be hundreds of GB.
+        return Err(Error::out_of_range(
+            "frames",
+            cmd.frames,
+            &format!("must be in 2..={MAX_FRAMES}"),
+        ));
+    }
     let mut model = cmd.open_model()?;
     let meta = model.metadata().clone();
     let shape = meta.sample_shape;
@@ -270,7 +279,7 @@ pub(super) fn interpolate(cmd: InterpolateCmd) -> Result<()> {
         steps: cmd.steps,
         spacing,
         n: cmd.frames,
-        batch_size: cmd.frames,
+        batch_size: cmd.frames.min(SampleOptions::default().batch_size),
         class_label: cmd.class,
         ..Default::default()
     };
@@ -364,7 +373,7 @@ fn load_masks(paths: &[PathBuf], n: usize, hw: [usize; 2]) -> Result<Array4<f32>
             ))
         }
         [p] if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy")) => {
-            read_npy4(p, "a mask .npy must be 4-D [n, 1 or C, H, W]")?
+            read_npy4_finite(p, "a mask .npy must be 4-D [n, 1 or C, H, W]")?
         }
         _ => load_images(paths, [1, hw[0], hw[1]], [0.0, 1.0]).map_err(|e| match e {
             Error::BadInput { path, detail } => Error::BadInput {

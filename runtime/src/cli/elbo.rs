@@ -18,7 +18,7 @@ model_command! {
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "elbo")]
 /// The negative ELBO of 8-bit images in bits/dim (Ho et al. 2020, eq. 5): the prior term L_T,
-/// the KL terms L_1..L_{T-1} (Monte Carlo over timesteps, or all of them), and the discretized
+/// the KL terms L_1..L_(T-1) (Monte Carlo over timesteps, or all of them), and the discretized
 /// decoder's L_0, with standard errors. Discrete-schedule models only.
 pub(super) struct ElboCmd {
     /// the images: uint8 .npy [N, H, W] or [N, C, H, W] of raw 0..255 pixels, or float32

@@ -12,7 +12,7 @@ use edgediff::denoiser::X0Clip;
 use edgediff::{Error, Result};
 use edgediff::generate::SampleOptions;
 use edgediff::noise::InjectedNoise;
-use edgediff::npy::{read_npy, read_npy4};
+use edgediff::npy::{first_non_finite, read_npy, read_npy4_finite};
 use edgediff::output::{generate_to_path, write_all};
 use edgediff::sampler::{SamplerParams, SamplerKind, SAMPLERS};
 use edgediff::spacing::Spacing;
@@ -205,7 +205,7 @@ fn parse_timesteps(text: &str) -> Result<Vec<f64>> {
 }
 
 fn load_injected(init: &Path, steps: Option<&Path>) -> Result<InjectedNoise> {
-    let initial = read_npy4(init, "--init-noise must be 4-D [n, C, H, W]")?;
+    let initial = read_npy4_finite(init, "--init-noise must be 4-D [n, C, H, W]")?;
     let steps = match steps {
         Some(p) => {
             let a = read_npy(p)?;
@@ -215,6 +215,12 @@ fn load_injected(init: &Path, steps: Option<&Path>) -> Result<InjectedNoise> {
                     path: p.into(),
                     detail: "--step-noise must be 5-D [steps, n, C, H, W]".into(),
                 })?;
+            if let Some((index, v)) = first_non_finite(a.view()) {
+                return Err(Error::BadInput {
+                    path: p.into(),
+                    detail: format!("holds {v} at {index:?}; the values must be finite"),
+                });
+            }
             Some(a)
         }
         None => None,

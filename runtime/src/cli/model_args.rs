@@ -28,7 +28,7 @@ macro_rules! model_command {
             /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
             #[argh(option)]
             ort_lib: Option<std::path::PathBuf>,
-            /// ONNX Runtime intra-op threads (default 0: its own choice)
+            /// ONNX Runtime intra-op threads, 0..=1024 (default 0: its own choice)
             #[argh(option, default = "0")]
             threads: usize,
             /// execution provider: cpu (default), cuda or tensorrt (GPU builds: --features cuda/tensorrt)
