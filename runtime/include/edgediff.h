@@ -43,6 +43,14 @@
  * EDGEDIFF_ERR_ARGUMENT and a second free does nothing (unless a newer handle of the same kind
  * got the same address). Freeing a handle while another thread is inside a call with it is
  * undefined, as for free(). Progress callbacks are called on the thread that made the call.
+ *
+ * Re-entry: a progress callback must not call back into edgediff (the run holds its model's
+ * lock and uses its request and buffers). Any such call, except edgediff_version and
+ * edgediff_last_error, does nothing and returns EDGEDIFF_ERR_ARGUMENT (the free functions just
+ * return), with edgediff_last_error() saying why; to stop a run, return non-zero instead.
+ *
+ * ONNX Runtime: a failed edgediff_init (a wrong path) is not remembered; a later call may try
+ * another path. Once one library is loaded it stays: a different path is then an error.
  */
 #ifndef EDGEDIFF_H
 #define EDGEDIFF_H

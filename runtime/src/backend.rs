@@ -94,7 +94,7 @@ fn load(
                 .find(|p| p.exists())
                 .ok_or_else(|| {
                     format!(
-                        "no --ort-lib given, ORT_DYLIB_PATH unset, and none of these exist: {}",
+                        "no library path given, ORT_DYLIB_PATH unset, and none of these exist: {}",
                         ort_library_candidates()
                             .iter()
                             .map(|p| p.display().to_string())
@@ -413,7 +413,7 @@ impl Network {
                         None => "the loaded one".into(),
                     };
                     fallback(format!(
-                        "{e} The ONNX Runtime library ({lib}) must be a GPU build: the onnxruntime-gpu wheel's libonnxruntime.so with libonnxruntime_providers_{}.so beside it, and CUDA 13/cuDNN 9 (and TensorRT for tensorrt) on the library path; give it with --ort-lib.",
+                        "{e} The ONNX Runtime library ({lib}) must be a GPU build: the onnxruntime-gpu wheel's libonnxruntime.so with libonnxruntime_providers_{}.so beside it, and CUDA 13/cuDNN 9 (and TensorRT for tensorrt) on the library path; give its path as the ONNX Runtime library (ort_lib).",
                         opts.provider.name()
                     ))?
                 }

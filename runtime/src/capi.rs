@@ -95,6 +95,10 @@ fn status_of(e: &Error) -> c_int {
 /// errors are shown as they are: they name options by their library names, which are the
 /// names of the C struct fields.
 fn guard(f: impl FnOnce() -> Result<(), Error>) -> c_int {
+    if IN_CALLBACK.get() {
+        set_error(REENTRY);
+        return EDGEDIFF_ERR_ARGUMENT;
+    }
     match catch_unwind(AssertUnwindSafe(f)) {
         Ok(Ok(())) => {
             set_error("");
@@ -116,6 +120,24 @@ fn guard(f: impl FnOnce() -> Result<(), Error>) -> c_int {
             EDGEDIFF_ERR_PANIC
         }
     }
+}
+
+thread_local! {
+    /// Set while this thread runs a caller's progress callback.
+    static IN_CALLBACK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Why a call from inside a progress callback is refused: the run holds its model's lock
+/// (a run on it would deadlock) and is using its request and buffers (freeing them would be
+/// a use after free).
+const REENTRY: &str = "called from inside a progress callback: edgediff functions (but edgediff_version and edgediff_last_error) cannot be called there; return from the callback first (a non-zero return cancels the run)";
+
+/// Runs a caller's callback with re-entry into the library refused.
+fn in_callback<R>(f: impl FnOnce() -> R) -> R {
+    IN_CALLBACK.set(true);
+    let out = f();
+    IN_CALLBACK.set(false);
+    out
 }
 
 fn arg(msg: &str) -> Error {
@@ -448,24 +470,7 @@ fn x0_clip_from_c(mode: c_int, percentile: f64, max: f64) -> Result<X0Clip, Erro
                     &["x0_clip", "dynamic_threshold"],
                 ));
             };
-            // `p` is not NaN (that is None), so the comparisons catch every bad value.
-            if p <= 0.0 || p > 1.0 {
-                return Err(Error::out_of_range(
-                    "dynamic_threshold",
-                    p,
-                    "must be in (0, 1]",
-                ));
-            }
-            // No bound (NaN) is an infinite one.
-            let max = max.unwrap_or(f64::INFINITY);
-            if max < 1.0 {
-                return Err(Error::out_of_range(
-                    "threshold_max",
-                    max,
-                    "must be at least 1",
-                ));
-            }
-            Ok(X0Clip::Dynamic { percentile: p, max })
+            X0Clip::dynamic(p, max) // no bound (NaN, so None) is an infinite one
         }
         other => Err(Error::out_of_range("x0_clip", other, "is outside 0..=2")),
     }
@@ -495,7 +500,7 @@ fn progress_fn(
         if let Some(cb) = cb {
             // SAFETY: the caller registered `cb` to be called with `user` from the thread
             // that runs the call (the header's contract for progress callbacks).
-            if unsafe { cb(done, total, user) } != 0 {
+            if in_callback(|| unsafe { cb(done, total, user) }) != 0 {
                 cancel.store(true, Ordering::Relaxed);
             }
         }
@@ -823,6 +828,10 @@ pub unsafe extern "C" fn edgediff_model_open_memory(
 /// `model` is NULL or a handle from `edgediff_model_open*` not freed before.
 #[no_mangle]
 pub unsafe extern "C" fn edgediff_model_free(model: *mut EdgediffModel) {
+    if IN_CALLBACK.get() {
+        set_error(REENTRY);
+        return;
+    }
     if !model.is_null() && live(&LIVE_MODELS).remove(&(model as usize)) {
         // SAFETY: the handle was live, so it came from Box::into_raw in `register` and is
         // freed once: it has just left the live set.
@@ -1564,6 +1573,10 @@ pub unsafe extern "C" fn edgediff_request_new(out: *mut *mut EdgediffRequest) ->
 /// `req` is NULL or a handle from `edgediff_request_new` not freed before.
 #[no_mangle]
 pub unsafe extern "C" fn edgediff_request_free(req: *mut EdgediffRequest) {
+    if IN_CALLBACK.get() {
+        set_error(REENTRY);
+        return;
+    }
     if !req.is_null() && live(&LIVE_REQUESTS).remove(&(req as usize)) {
         // SAFETY: the handle was live, so it came from Box::into_raw in `register` and is
         // freed once: it has just left the live set.
@@ -1642,6 +1655,27 @@ pub unsafe extern "C" fn edgediff_request_set_progress(
     })
 }
 
+/// Runs `typed` on the params a request handle holds: the request API is the typed one over
+/// a stored struct. A bad handle is reported as any call's error.
+///
+/// # Safety
+/// `req` is NULL or a pointer from this library (live handles are checked).
+unsafe fn with_request(
+    req: *const EdgediffRequest,
+    typed: impl FnOnce(&EdgediffSampleParams) -> c_int,
+) -> c_int {
+    let mut params = None;
+    let status = guard(|| {
+        // SAFETY: `req` is NULL or from this library; live handles are checked.
+        params = Some(unsafe { req_ref(req) }?.params());
+        Ok(())
+    });
+    match params {
+        Some(p) => typed(&p),
+        None => status,
+    }
+}
+
 /// Runs the request into `out`, `out_len` floats, which must hold n * C * H * W values
 /// (samples in the model's data range, C order).
 ///
@@ -1654,15 +1688,9 @@ pub unsafe extern "C" fn edgediff_sample(
     out: *mut f32,
     out_len: usize,
 ) -> c_int {
-    guard(|| {
-        // SAFETY: `model` is NULL or from this library; live handles are checked.
-        let m = unsafe { model_ref(model) }?;
-        // SAFETY: as for `model`.
-        let r = unsafe { req_ref(req) }?;
-        // SAFETY: the request's params point into the request, alive for the call; the
-        // caller's buffers are valid as the header says.
-        unsafe { sample_into(m, &r.params(), out, out_len) }
-    })
+    // SAFETY: the request's params point into the request, alive for the call; the rest is
+    // the caller's, valid as the header says.
+    unsafe { with_request(req, |p| edgediff_sample_with(model, p, out, out_len)) }
 }
 
 /// Runs the request into a file: a `.png` grid, a `.npy` array, or a folder of PNGs, exactly
@@ -1676,15 +1704,8 @@ pub unsafe extern "C" fn edgediff_sample_to_file(
     req: *const EdgediffRequest,
     path: *const c_char,
 ) -> c_int {
-    guard(|| {
-        // SAFETY: `model` is NULL or from this library; live handles are checked.
-        let m = unsafe { model_ref(model) }?;
-        // SAFETY: as for `model`.
-        let r = unsafe { req_ref(req) }?;
-        // SAFETY: the request's params point into the request, alive for the call; the
-        // caller's buffers are valid as the header says.
-        unsafe { sample_to_file(m, &r.params(), path, false) }
-    })
+    // SAFETY: as in edgediff_sample.
+    unsafe { with_request(req, |p| edgediff_sample_to_file_with(model, p, path, 0)) }
 }
 
 /// Inpaints `n` images (`images`, n * C * H * W floats in the data range) where `masks`
@@ -1705,15 +1726,12 @@ pub unsafe extern "C" fn edgediff_inpaint(
     out: *mut f32,
     out_len: usize,
 ) -> c_int {
-    guard(|| {
-        // SAFETY: `model` is NULL or from this library; live handles are checked.
-        let m = unsafe { model_ref(model) }?;
-        // SAFETY: as for `model`.
-        let r = unsafe { req_ref(req) }?;
-        let resampling = crate::inpaint::Resampling { jumps, resample };
-        // SAFETY: as in edgediff_sample; the buffers are the caller's.
-        unsafe { inpaint_into(m, &r.params(), images, masks, n, resampling, out, out_len) }
-    })
+    // SAFETY: as in edgediff_sample.
+    unsafe {
+        with_request(req, |p| {
+            edgediff_inpaint_with(model, p, images, masks, n, jumps, resample, out, out_len)
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2160,7 +2178,7 @@ pub unsafe extern "C" fn edgediff_calibrate(
         let cal = crate::calibrate::calibrate(&mut model, &opts, &mut |evals, best| {
             if let Some(cb) = cb {
                 // SAFETY: the caller registered `cb` to be called with `user` from this thread.
-                unsafe { cb(evals, best, user) }
+                in_callback(|| unsafe { cb(evals, best, user) })
             }
         })?;
         let k = cal.timesteps.len();
@@ -2247,7 +2265,7 @@ mod tests {
         let e = unsafe { sample_options(&p) }.unwrap_err();
         assert_eq!(
             e.to_string(),
-            "invalid argument: dynamic_threshold 1.5 must be in (0, 1]"
+            "invalid argument: dynamic_threshold 1.5 must be in (0, 1] and threshold_max inf at least 1"
         );
         p.spacing = 9;
         // SAFETY: the test's structs hold static strings and no other pointer.

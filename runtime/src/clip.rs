@@ -5,7 +5,7 @@
 use ndarray::{Array4, Axis, Zip};
 
 use crate::denoiser::{Denoised, Denoiser};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::schedule::NoiseLevel;
 
 /// What to do with x0 predictions outside the model's data range.
@@ -23,6 +23,27 @@ pub enum X0Clip {
 }
 
 impl X0Clip {
+    /// Dynamic thresholding at quantile `percentile` in (0, 1] of |x0|, the threshold at most
+    /// `max` (at least 1; None: unbounded), checked.
+    ///
+    /// ```
+    /// use edgediff::X0Clip;
+    /// assert!(X0Clip::dynamic(0.995, None).is_ok());
+    /// let e = X0Clip::dynamic(1.5, Some(2.0)).unwrap_err();
+    /// assert_eq!(e.argument().unwrap().args, ["dynamic_threshold", "threshold_max"]);
+    /// ```
+    pub fn dynamic(percentile: f64, max: Option<f64>) -> Result<X0Clip> {
+        let max = max.unwrap_or(f64::INFINITY);
+        if !(percentile > 0.0 && percentile <= 1.0 && max >= 1.0) {
+            // Both named: either may be the one at fault (false for NaN too).
+            return Err(Error::options(
+                format!("{{0}} {percentile} must be in (0, 1] and {{1}} {max} at least 1"),
+                &["dynamic_threshold", "threshold_max"],
+            ));
+        }
+        Ok(X0Clip::Dynamic { percentile, max })
+    }
+
     /// Applies the clipping to a batch of x0 predictions with data range [lo, hi].
     pub fn apply(&self, x0: &mut Array4<f32>, [lo, hi]: [f64; 2]) {
         match *self {

@@ -11,11 +11,11 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum Error {
     /// No ONNX Runtime shared library could be found or loaded.
-    #[error("ONNX Runtime library not found or not loadable: {detail}\n  fix: run `tools/fetch-onnxruntime` (puts libonnxruntime.so.{ORT_VERSION} into .ort/), or point --ort-lib / ORT_DYLIB_PATH at a libonnxruntime.so of version 1.31 or newer (API 31)")]
+    #[error("{}", self.message_with(&plain))]
     OrtLibrary { detail: String },
 
     /// An execution provider could not be registered.
-    #[error("the {provider} execution provider is unavailable: {detail} (or allow the fallback to the cpu to run there instead)")]
+    #[error("{}", self.message_with(&plain))]
     Provider {
         provider: &'static str,
         detail: String,
@@ -47,7 +47,7 @@ pub enum Error {
 
     /// An option is out of range, malformed, unknown, or does not fit the model or another
     /// option: which one and why is in the [`ArgumentError`].
-    #[error("invalid argument: {0}")]
+    #[error("{}", self.message_with(&plain))]
     InvalidArgument(Box<ArgumentError>),
 
     /// The network produced NaN or infinity.
@@ -62,6 +62,14 @@ pub enum Error {
     #[error("{context}: {source}")]
     Io {
         context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// Writing a batch to a partial `.npy` failed; the batches before it are kept there.
+    #[error("{}", self.message_with(&plain))]
+    PartialWrite {
+        partial: PathBuf,
         #[source]
         source: std::io::Error,
     },
@@ -134,6 +142,11 @@ impl From<ArgumentError> for Error {
     fn from(a: ArgumentError) -> Error {
         Error::InvalidArgument(Box::new(a))
     }
+}
+
+/// Option names as the library spells them (Display's naming).
+fn plain(name: &str) -> String {
+    name.to_string()
 }
 
 /// The ONNX Runtime version the project fetches and tests against.
@@ -225,6 +238,16 @@ impl Error {
                 "the {provider} execution provider is unavailable: {detail} (or pass {} cpu to run on the CPU instead)",
                 name("fallback")
             ),
+            Error::OrtLibrary { detail } => format!(
+                "ONNX Runtime library not found or not loadable: {detail}\n  fix: run `tools/fetch-onnxruntime` (puts libonnxruntime.so.{ORT_VERSION} into .ort/), or point {} / ORT_DYLIB_PATH at a libonnxruntime.so of version 1.31 or newer (API 31)",
+                name("ort_lib")
+            ),
+            Error::PartialWrite { partial, source } => format!(
+                "writing {} (the samples before this batch are kept there; fix the cause and rerun with {}): {source}",
+                partial.display(),
+                name("resume")
+            ),
+            // Variants whose Display is this function must not reach here (it would recurse).
             other => other.to_string(),
         }
     }
@@ -239,7 +262,10 @@ impl Error {
             | Error::ModelFile { .. }
             | Error::Metadata { .. }
             | Error::Contract { .. } => 3,
-            Error::Io { .. } | Error::BadInput { .. } | Error::OutputBusy { .. } => 4,
+            Error::Io { .. }
+            | Error::BadInput { .. }
+            | Error::OutputBusy { .. }
+            | Error::PartialWrite { .. } => 4,
             Error::NonFinite { .. } => 5,
             Error::Cancelled => 6,
         }

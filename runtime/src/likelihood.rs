@@ -171,14 +171,7 @@ impl LikelihoodOptions {
                 let allowed = format!("must be in 1..={MAX_STEPS}");
                 return Err(Error::out_of_range("steps", steps, &allowed));
             }
-            OdeSolver::Adaptive { rtol, atol }
-                if !(rtol > 0.0 && atol > 0.0 && rtol < 1.0 && atol.is_finite()) =>
-            {
-                return Err(Error::options(
-                    format!("{{0}} {rtol} and {{1}} {atol} must be positive (rtol below 1)"),
-                    &["rtol", "atol"],
-                ));
-            }
+            OdeSolver::Adaptive { rtol, atol } => crate::sampler::check_tolerances(rtol, atol)?,
             _ => {}
         }
         if !(self.fd_step > 0.0 && self.fd_step <= 0.1) {

@@ -366,10 +366,10 @@ impl Output {
                     f.write_all(&bytes)?;
                     f.sync_data()
                 })()
-                .map_err(io(format!(
-                    "writing {} (the samples before this batch are kept there; fix the cause and rerun with --resume)",
-                    partial.display()
-                )))?;
+                .map_err(|source| Error::PartialWrite {
+                    partial: partial.clone(),
+                    source,
+                })?;
                 self.npy_samples += x.shape()[0];
             }
         }

@@ -20,6 +20,18 @@ static int cancel_at_3(size_t done, size_t total, void *user) {
     return done >= 3;
 }
 
+/* A callback that tries to re-enter the library: sampling on the model the run holds (which
+ * would deadlock) and freeing the request in use (a use after free). Both must be refused. */
+struct reentry { edgediff_request *req; float *buf; int sample_status, calls; };
+static int reenter(size_t done, size_t total, void *user) {
+    (void)done; (void)total;
+    struct reentry *r = user;
+    r->calls++;
+    r->sample_status = edgediff_sample(model, r->req, r->buf, len);
+    edgediff_request_free(r->req);
+    return 0;
+}
+
 static edgediff_request *request(const char *seed) {
     edgediff_request *req = NULL;
     edgediff_request_new(&req);
@@ -39,6 +51,10 @@ static void *worker(void *out) {
 int main(int argc, char **argv) {
     if (argc < 2) return 2;
     EXPECT(strlen(edgediff_version()) > 0, "version");
+    /* A failed init is not remembered: the default search still works afterwards. */
+    EXPECT(edgediff_init("/nonexistent/libonnxruntime.so") == EDGEDIFF_ERR_MODEL, "init from a wrong path");
+    EXPECT(strstr(edgediff_last_error(), "/nonexistent/libonnxruntime.so") != NULL, "the message names the path");
+    EXPECT(edgediff_init(NULL) == EDGEDIFF_OK, "init retried by the default search");
     EXPECT(edgediff_model_open(argv[1], "vulkan", 0, 0, &model) == EDGEDIFF_ERR_ARGUMENT && model == NULL, "bad provider");
     EXPECT(edgediff_model_open("/nonexistent.onnx", NULL, 0, 0, &model) == EDGEDIFF_ERR_MODEL, "missing file");
     EXPECT(strstr(edgediff_last_error(), "nonexistent") != NULL, "message names the file");
@@ -72,6 +88,12 @@ int main(int argc, char **argv) {
     size_t seen = 0;
     edgediff_request_set_progress(req, cancel_at_3, &seen);
     EXPECT(edgediff_sample(model, req, a, len) == EDGEDIFF_ERR_CANCELLED && seen == 3, "cancel at step 3 (saw %zu)", seen);
+    struct reentry re = {req, b, -1, 0};
+    edgediff_request_set_progress(req, reenter, &re);
+    EXPECT(edgediff_sample(model, req, a, len) == EDGEDIFF_OK && re.calls == 5, "a run whose callback re-enters completes");
+    EXPECT(re.sample_status == EDGEDIFF_ERR_ARGUMENT, "sampling from inside a callback is refused (%d)", re.sample_status);
+    EXPECT(memcmp(a, one, len * sizeof(float)) == 0, "the outer run is unaffected");
+    EXPECT(edgediff_request_set(req, "n", "4") == EDGEDIFF_OK, "the request freed from its callback is still live");
     edgediff_request_set_progress(req, NULL, NULL);
     edgediff_request_set(req, "steps", "0");
     EXPECT(edgediff_sample(model, req, a, len) == EDGEDIFF_ERR_ARGUMENT, "steps 0");

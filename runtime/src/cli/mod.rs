@@ -365,16 +365,7 @@ fn x0_clip(clip: bool, percentile: Option<f64>, max: Option<f64>) -> Result<X0Cl
         )),
         (true, None, None) => Ok(X0Clip::Range),
         (false, None, None) => Ok(X0Clip::None),
-        (false, Some(p), max) => {
-            let max = max.unwrap_or(f64::INFINITY);
-            let valid = p > 0.0 && p <= 1.0 && max >= 1.0; // false for NaN too
-            if !valid {
-                return Err(Error::invalid(format!(
-                    "--dynamic-threshold {p} must be in (0, 1] and --threshold-max {max} at least 1"
-                )));
-            }
-            Ok(X0Clip::Dynamic { percentile: p, max })
-        }
+        (false, Some(p), max) => X0Clip::dynamic(p, max),
     }
 }
 

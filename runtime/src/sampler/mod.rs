@@ -394,12 +394,7 @@ impl SamplerDef {
                 }
                 SamplerOption::Tolerance { rtol, atol } => {
                     let (rtol, atol) = (params.rtol.unwrap_or(rtol), params.atol.unwrap_or(atol));
-                    if !(rtol > 0.0 && atol > 0.0 && rtol.is_finite() && atol.is_finite()) {
-                        return Err(Error::options(
-                            format!("{{0}} {rtol} and {{1}} {atol} must be positive"),
-                            &["rtol", "atol"],
-                        ));
-                    }
+                    check_tolerances(rtol, atol)?;
                     (s.rtol, s.atol) = (rtol, atol);
                 }
                 SamplerOption::StepRange { min, max } => {
@@ -554,6 +549,22 @@ impl std::fmt::Debug for SamplerKind {
             .field("settings", &self.settings)
             .finish()
     }
+}
+
+/// The tightest error tolerance an ODE solver accepts: float32 samples (resolution 1.2e-7)
+/// cannot be solved more exactly, and a tighter one only makes a run crawl to its step cap.
+pub const MIN_TOLERANCE: f64 = 1e-7;
+
+/// Checks `rtol` and `atol` of an error-controlled solver: each in [[`MIN_TOLERANCE`], 1].
+pub(crate) fn check_tolerances(rtol: f64, atol: f64) -> Result<()> {
+    let ok = |t: f64| (MIN_TOLERANCE..=1.0).contains(&t); // false for NaN
+    if ok(rtol) && ok(atol) {
+        return Ok(());
+    }
+    Err(Error::options(
+        format!("{{0}} {rtol} and {{1}} {atol} must be in [{MIN_TOLERANCE:e}, 1] (float32 samples cannot be solved more exactly)"),
+        &["rtol", "atol"],
+    ))
 }
 
 impl std::str::FromStr for SamplerKind {
