@@ -147,6 +147,27 @@ def cases():
          lambda t, m: do(os.symlink(t / "elsewhere", t / ".out.npy.partial"), ["--model", str(m)]), 4),
         ("out-is-directory", "a .npy output path that is an existing directory",
          lambda t, m: do((t / "d.npy").mkdir(), ["--model", str(m), "--out", str(t / "d.npy")]), 2),
+        ("step-noise-shape", "per-step noise for another number of samples",
+         lambda t, m: do(np.save(t / "z.npy", np.zeros((2, 1, 8, 8), np.float32)),
+                         np.save(t / "s.npy", np.zeros((3, 4, 1, 8, 8), np.float32)),
+                         ["--model", str(m), "--sampler", "ddpm", "--init-noise", str(t / "z.npy"),
+                          "--step-noise", str(t / "s.npy")]), 2),
+        ("init-noise-nan", "initial noise holding NaN (the file is at fault, not the network)",
+         lambda t, m: do(np.save(t / "z.npy", np.where(np.arange(128).reshape(2, 1, 8, 8) == 10, np.nan, 0.0)
+                                 .astype(np.float32)), ["--model", str(m), "--init-noise", str(t / "z.npy")]), 4),
+        ("frames-huge", "interpolate: an absurd number of frames (checked before allocating them)",
+         lambda t, m: ["interpolate", "--model", str(m), "--frames", "100000000"], 2),
+        ("resample-overflow", "inpaint: a resampling count that would overflow",
+         lambda t, m: do(np.save(t / "img.npy", np.zeros((2, 1, 8, 8), np.float32)),
+                         np.save(t / "mask.npy", np.ones((2, 1, 8, 8), np.float32)),
+                         ["inpaint", "--model", str(m), "--image", str(t / "img.npy"), "--mask", str(t / "mask.npy"),
+                          "--jumps", "1", "--resample", "18446744073709551615"]), 2),
+        ("threads-huge", "an absurd number of ONNX Runtime threads",
+         lambda t, m: ["--model", str(m), "--threads", "100000"], 2),
+        ("rtol-tiny", "an error tolerance below float32 resolution (it would crawl to the step cap)",
+         lambda t, m: ["--model", str(m), "--sampler", "ode-adaptive", "--rtol", "1e-300", "--atol", "1e-300"], 2),
+        ("model-directory", "a directory given as the model",
+         lambda t, m: ["--model", str(t)], 3),
     ]
 
 

@@ -140,3 +140,62 @@ def test_records_say_how_an_output_was_made(edgediff_bin, tiny_models, tmp_path)
     record = json.loads((tmp_path / "a.npy.job.json").read_text())
     assert record["seed"] == 3 and record["steps"] == 5 and record["n"] == 9 and record["complete"] is True
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy").shape, (9, 1, 8, 8))
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 1, 8, 8), (3, 4, 1, 4, 4), (3, 4, 3, 8, 8), (4, 1, 8, 8)])
+def test_step_noise_of_the_wrong_shape_is_refused_before_sampling(edgediff_bin, tiny_models, tmp_path, shape):
+    """These used to panic (exit 101, a partial left) or, with the wrong channels, exit 0 having
+    read noise from the wrong offsets."""
+    np.save(tmp_path / "z.npy", np.zeros((4, 1, 8, 8), np.float32))
+    np.save(tmp_path / "s.npy", np.zeros(shape, np.float32))
+    proc = run_cli(edgediff_bin, "sample", "--model", str(tiny_models["linear"]), "--sampler", "ddpm", "-n", "4",
+                   "--steps", "3", "--init-noise", str(tmp_path / "z.npy"), "--step-noise", str(tmp_path / "s.npy"),
+                   "-q", "--out", str(tmp_path / "x.npy"), check=False)
+    assert proc.returncode in (2, 4) and "--step-noise" in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npy", "z.npy"]
+
+
+def _nan_at(path: Path, shape: tuple[int, ...], flat: int) -> None:
+    a = np.zeros(shape, np.float32)
+    a.reshape(-1)[flat] = np.inf
+    np.save(path, a)
+
+
+@pytest.mark.parametrize("command", [
+    ["invert", "--image", "BAD"],
+    ["interpolate", "--from", "BAD"],
+    ["inpaint", "--image", "BAD", "--mask", "GOOD"],
+    ["sample", "--init-noise", "BAD"],
+])
+def test_a_non_finite_input_file_is_named_not_blamed_on_the_network(edgediff_bin, tiny_models, tmp_path, command):
+    _nan_at(tmp_path / "bad.npy", (2, 1, 8, 8), 70)
+    np.save(tmp_path / "good.npy", np.ones((2, 1, 8, 8), np.float32))
+    args = [str(tmp_path / "bad.npy") if a == "BAD" else str(tmp_path / "good.npy") if a == "GOOD" else a
+            for a in command]
+    proc = run_cli(edgediff_bin, *args, "--model", str(tiny_models["linear"]), "--steps", "2", "-q",
+                   "--out", str(tmp_path / "out.npy"), check=False)
+    assert proc.returncode == 4, proc.stderr
+    assert str(tmp_path / "bad.npy") in proc.stderr and "inf at [1, 0, 0, 6]" in proc.stderr, proc.stderr
+    assert not (tmp_path / "out.npy").exists()
+
+
+@pytest.mark.parametrize("args", [
+    ["likelihood", "--data", "DATA", "--rtol", "1e-300"],
+    ["sample", "--sampler", "adaptive", "--atol", "1e-300"],
+    ["sample", "--threads", "100000"],
+    ["inpaint", "--image", "DATA", "--mask", "DATA", "--jumps", "3", "--steps", "2"],
+])
+def test_unbounded_arguments_are_refused_up_front(edgediff_bin, tiny_models, tmp_path, args):
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 8, 8), np.float32))
+    args = [str(tmp_path / "x.npy") if a == "DATA" else a for a in args]
+    proc = run_cli(edgediff_bin, *args, "--model", str(tiny_models["linear"]), "-q", check=False)
+    assert proc.returncode == 2 and "must be in" in proc.stderr, proc.stderr
+
+
+def test_version_help_and_the_help_text(edgediff_bin):
+    version = run_cli(edgediff_bin, "--version").stdout
+    assert version.startswith("edgediff ") and version.split()[1][0].isdigit()
+    short, long = run_cli(edgediff_bin, "-h").stdout, run_cli(edgediff_bin, "--help").stdout
+    assert short == long and "Commands:" in long
+    assert "{{" not in long and "L_1..L_(T-1)" in long  # argh used to print L_{{T-1}} here
+    assert run_cli(edgediff_bin, "sample", "-h").stdout == run_cli(edgediff_bin, "sample", "--help").stdout

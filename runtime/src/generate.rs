@@ -438,6 +438,13 @@ fn validate_timesteps(model: &Model, ts: &[f64]) -> Result<Vec<f64>> {
     if ts.is_empty() {
         return bad("the list is empty".into());
     }
+    if ts.len() > crate::spacing::MAX_STEPS {
+        return bad(format!(
+            "{} times; at most {} (as for steps)",
+            ts.len(),
+            crate::spacing::MAX_STEPS
+        ));
+    }
     let hi = model
         .schedule()
         .num_train_timesteps()

@@ -38,13 +38,16 @@ impl FromStr for Spacing {
     }
 }
 
+/// Most steps (or explicit time steps) a run may take.
+pub const MAX_STEPS: usize = 100_000;
+
 /// The schedule times a sampler visits, from most to least noisy, for `steps` model calls.
 pub fn timesteps(schedule: &Schedule, spacing: Spacing, steps: usize) -> Result<Vec<f64>> {
     if steps == 0 {
         return Err(Error::options("{0} must be at least 1", &["steps"]));
     }
     let Some(t_train) = schedule.num_train_timesteps() else {
-        if steps > 100_000 {
+        if steps > MAX_STEPS {
             return Err(Error::out_of_range(
                 "steps",
                 steps,
@@ -134,7 +137,7 @@ pub fn spaced_levels(
 
 /// `steps` fractions evenly from 0 to 1 inclusive.
 fn even(steps: usize) -> Result<impl Iterator<Item = f64>> {
-    if steps == 0 || steps > 100_000 {
+    if steps == 0 || steps > MAX_STEPS {
         return Err(Error::out_of_range("steps", steps, "must be in 1..=100000"));
     }
     Ok((0..steps).map(move |i| {

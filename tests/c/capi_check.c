@@ -95,6 +95,9 @@ int main(int argc, char **argv) {
     EXPECT(memcmp(a, one, len * sizeof(float)) == 0, "the outer run is unaffected");
     EXPECT(edgediff_request_set(req, "n", "4") == EDGEDIFF_OK, "the request freed from its callback is still live");
     edgediff_request_set_progress(req, NULL, NULL);
+    /* RePaint counts that would overflow (steps * (1 + resample)) are refused, not wrapped. */
+    EXPECT(edgediff_inpaint(model, req, one, a, N, 1, (size_t)-1, b, len) == EDGEDIFF_ERR_ARGUMENT
+           && strstr(edgediff_last_error(), "resample"), "resample overflow");
     edgediff_request_set(req, "steps", "0");
     EXPECT(edgediff_sample(model, req, a, len) == EDGEDIFF_ERR_ARGUMENT, "steps 0");
     edgediff_request_free(req);

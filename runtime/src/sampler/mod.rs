@@ -562,7 +562,7 @@ pub(crate) fn check_tolerances(rtol: f64, atol: f64) -> Result<()> {
         return Ok(());
     }
     Err(Error::options(
-        format!("{{0}} {rtol} and {{1}} {atol} must be in [{MIN_TOLERANCE:e}, 1] (float32 samples cannot be solved more exactly)"),
+        format!("{{0}} {rtol:e} and {{1}} {atol:e} must be in [{MIN_TOLERANCE:e}, 1] (float32 samples cannot be solved more exactly)"),
         &["rtol", "atol"],
     ))
 }
