@@ -199,3 +199,28 @@ def test_version_help_and_the_help_text(edgediff_bin):
     assert short == long and "Commands:" in long
     assert "{{" not in long and "L_1..L_(T-1)" in long  # argh used to print L_{{T-1}} here
     assert run_cli(edgediff_bin, "sample", "-h").stdout == run_cli(edgediff_bin, "sample", "--help").stdout
+
+
+def test_a_model_declaring_an_impossible_sample_is_refused_at_open(edgediff_bin, tmp_path):
+    """It used to open, then say "use at most --batch-size 0" at sampling."""
+    import onnx
+    import torch
+    from edgediff_export.metadata import make_metadata, write_metadata
+    from edgediff_export.schedules import schedule_metadata
+
+    class Twice(torch.nn.Module):
+        def forward(self, sample, timestep):
+            return sample * 2 + 0 * timestep.float().sum()
+
+    dst = tmp_path / "m.onnx"
+    torch.onnx.export(Twice(), (torch.randn(2, 1, 8, 8), torch.tensor([1, 2])), str(dst),
+                      input_names=["sample", "timestep"], output_names=["out"], opset_version=17, dynamo=False,
+                      dynamic_axes={"sample": {0: "N", 2: "H", 3: "W"}, "timestep": {0: "N"},
+                                    "out": {0: "N", 2: "H", 3: "W"}})
+    proto = onnx.load(str(dst))
+    write_metadata(proto, make_metadata(name="huge", description="", prediction="epsilon", time_input="index",
+                                        schedule=schedule_metadata("linear"), sample_shape=[1, 65536, 65536]))
+    onnx.save(proto, str(dst))
+    proc = run_cli(edgediff_bin, "sample", "--model", str(dst), "-q", "--out", str(tmp_path / "x.npy"), check=False)
+    assert proc.returncode == 3 and "makes one sample 16.0 GiB" in proc.stderr, proc.stderr
+    assert not (tmp_path / "x.npy").exists()
