@@ -142,13 +142,15 @@ pub const MAX_THREADS: usize = 1024;
 /// Session options for opening a network.
 #[derive(Debug, Clone, Default)]
 pub struct NetworkOptions {
-    /// Intra-op threads; 0 lets ONNX Runtime choose.
+    /// Intra-op threads, at most [`MAX_THREADS`]. Default: 0, ONNX Runtime's choice.
     pub intra_threads: usize,
-    /// Where the network runs.
+    /// Where the network runs. Default: [`Provider::Cpu`].
     pub provider: Provider,
     /// Run on the CPU (with a warning) when `provider` cannot be registered, instead of failing.
+    /// Default: off.
     pub fallback_cpu: bool,
-    /// Read the file into memory instead of mapping it (see [`Network::open`]).
+    /// Read the file into memory instead of mapping it (mapping lets an ORT-format file be used
+    /// in place, weights included). Default: off.
     pub read_into_memory: bool,
 }
 

@@ -2,7 +2,7 @@
 //!
 //! A model file carries its own description (schedule, prediction type, time input, shape,
 //! conditioning) in its `edgediff` metadata; [`ModelOptions::open`] (or [`Model::open`])
-//! validates it against the graph, and [`generate`] draws samples as a [`SampleOptions`]
+//! validates it against the graph, and [`generate()`] draws samples as a [`SampleOptions`]
 //! request says: any [`SamplerKind`] over any [`Spacing`]. The CLI and the C library fill the
 //! same two types, so whatever one can do the other can. Errors are [`Error`]s; an invalid
 //! option is an [`ArgumentError`] that names the option by its field name here (`batch_size`).
@@ -53,7 +53,9 @@ pub mod sampler;
 pub mod schedule;
 pub mod spacing;
 
-pub use backend::{init_onnxruntime, ort_library_candidates, NetworkOptions, Provider, SampleType};
+pub use backend::{
+    init_onnxruntime, ort_library_candidates, NetworkOptions, Provider, SampleType, MAX_THREADS,
+};
 pub use denoiser::X0Clip;
 pub use edit::{invert, slerp};
 pub use error::{ArgumentError, ArgumentKind, Error, Result, ORT_VERSION};
