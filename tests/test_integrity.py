@@ -224,3 +224,22 @@ def test_a_model_declaring_an_impossible_sample_is_refused_at_open(edgediff_bin,
     proc = run_cli(edgediff_bin, "sample", "--model", str(dst), "-q", "--out", str(tmp_path / "x.npy"), check=False)
     assert proc.returncode == 3 and "makes one sample 16.0 GiB" in proc.stderr, proc.stderr
     assert not (tmp_path / "x.npy").exists()
+
+
+@pytest.mark.parametrize("args,code", [
+    (["likelihood", "--data", "DATA", "--per-image", "/nonexistent-dir/x.csv"], 4),
+    (["calibrate", "--steps", "2", "-o", "/nonexistent-dir/t.txt"], 4),
+    (["invert", "--image", "DATA", "-o", "TMP"], 2),
+    (["invert", "--image", "DATA", "--reconstruction", "/nonexistent-dir/r.png"], 4),
+    (["interpolate", "-o", "/nonexistent-dir/s.png"], 4),
+    (["inpaint", "--image", "DATA", "--mask", "DATA", "-o", "/nonexistent-dir/o.npy"], 4),
+])
+def test_outputs_written_at_the_end_are_checked_before_the_work(edgediff_bin, tiny_models, tmp_path, args, code):
+    """These commands write their one output after all the network calls; a destination that
+    cannot take it used to fail only then."""
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 8, 8), np.float32))
+    args = [str(tmp_path / "x.npy") if a == "DATA" else str(tmp_path) if a == "TMP" else a for a in args]
+    proc = run_cli(edgediff_bin, *args, "--model", str(tiny_models["linear"]), "-q", "--json", check=False)
+    assert proc.returncode == code, proc.stderr
+    assert proc.stdout == "", "no work was reported: the check came first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.npy"]

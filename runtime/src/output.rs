@@ -125,6 +125,32 @@ fn check_destination(path: &Path, kind: OutKind) -> Result<()> {
     Ok(())
 }
 
+/// Checks, before any work, that an output written at the end of a command (a `.png` grid, a
+/// `.npy`, a folder of PNGs) can be written at `path`: the destination is of the right kind and
+/// a file can be created beside it.
+pub fn check_output(path: &Path) -> Result<()> {
+    let kind = OutKind::of(path);
+    check_destination(path, kind)?;
+    match kind {
+        OutKind::Folder => Ok(()), // created, parents and all, when written
+        OutKind::Grid | OutKind::Npy => check_file(path),
+    }
+}
+
+/// Checks, before any work, that the single file `path` (a table, a list, a `.npy`) can be
+/// written: not a directory, and its directory takes a new file.
+pub fn check_file(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::invalid(format!(
+            "{} is a directory; give a file name",
+            path.display()
+        )));
+    }
+    let (_, tmp) = crate::files::create_temp(path).map_err(io(format!("writing {}", path.display())))?;
+    let _ = std::fs::remove_file(tmp);
+    Ok(())
+}
+
 /// Whether `file` holds a whole PNG of a sample of `shape`: a resumed folder keeps only those.
 fn is_whole_sample(file: &Path, shape: [usize; 3], range: [f64; 2]) -> bool {
     std::fs::read(file)

@@ -85,6 +85,9 @@ pub(super) fn calibrate_cmd(cmd: CalibrateCmd) -> Result<()> {
         class_label: cmd.class,
         guidance: cmd.guidance,
     };
+    if let Some(path) = &cmd.out {
+        edgediff::output::check_file(path)?; // written at the end: checked before the work
+    }
     let mut model = cmd.open_model()?;
     if model.integer_time() {
         log::warn!(

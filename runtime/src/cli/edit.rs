@@ -139,6 +139,11 @@ fn load_images(paths: &[PathBuf], shape: [usize; 3], range: [f64; 2]) -> Result<
 
 pub(super) fn invert(cmd: InvertCmd) -> Result<()> {
     let spacing: Spacing = cmd.spacing.parse()?;
+    // The outputs are written at the end: check them before the work.
+    edgediff::output::check_file(&cmd.out)?;
+    if let Some(path) = &cmd.reconstruction {
+        edgediff::output::check_output(path)?;
+    }
     let mut model = cmd.open_model()?;
     let meta = model.metadata().clone();
     let images = load_images(&cmd.image, meta.sample_shape, meta.data_range)?;
@@ -262,6 +267,7 @@ pub(super) fn interpolate(cmd: InterpolateCmd) -> Result<()> {
             &format!("must be in 2..={MAX_FRAMES}"),
         ));
     }
+    edgediff::output::check_output(&cmd.out)?; // written at the end: checked before the work
     let mut model = cmd.open_model()?;
     let meta = model.metadata().clone();
     let shape = meta.sample_shape;
@@ -402,6 +408,7 @@ pub(super) fn inpaint(cmd: InpaintCmd) -> Result<()> {
         },
     )?;
     let spacing: Spacing = cmd.spacing.parse()?;
+    edgediff::output::check_output(&cmd.out)?; // written at the end: checked before the work
     let mut model = cmd.open_model()?;
     let meta = model.metadata().clone();
     let [_, h, w] = meta.sample_shape;

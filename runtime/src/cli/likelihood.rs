@@ -110,6 +110,9 @@ pub(super) fn likelihood(cmd: LikelihoodCmd) -> Result<()> {
         None => available,
     };
     let data = data.slice(s![0..n, .., .., ..]).to_owned();
+    if let Some(path) = &cmd.per_image {
+        edgediff::output::check_file(path)?; // written at the end: checked before the work
+    }
     let mut model = cmd.open_model()?;
     if model.integer_time() {
         log::warn!(
