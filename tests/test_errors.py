@@ -164,7 +164,7 @@ def cases():
                           "--jumps", "1", "--resample", "18446744073709551615"]), 2),
         ("threads-huge", "an absurd number of ONNX Runtime threads",
          lambda t, m: ["--model", str(m), "--threads", "100000"], 2),
-        ("rtol-tiny", "an error tolerance below float32 resolution (it would crawl to the step cap)",
+        ("rtol-tiny", "an absurdly small error tolerance (the run would crawl to its step cap)",
          lambda t, m: ["--model", str(m), "--sampler", "ode-adaptive", "--rtol", "1e-300", "--atol", "1e-300"], 2),
         ("model-directory", "a directory given as the model",
          lambda t, m: ["--model", str(t)], 3),
