@@ -97,3 +97,79 @@ def test_unsupported_pipeline_classes_are_refused_by_name(tiny_pipeline, tmp_pat
     proc = export(bad, tmp_path / "out", check=False)
     assert proc.returncode == 2
     assert "StableDiffusionXLPipeline is SDXL" in proc.stderr
+
+
+PROMPT, NEGATIVE, GUIDANCE, STEPS = "a lighthouse at dusk", "blurry low quality", 7.5, 10
+TOL = 1e-3
+
+
+def diffusers_images(src: Path, scheduler: str, latents: np.ndarray) -> tuple[np.ndarray, list]:
+    """StableDiffusionPipeline's images in [-1, 1] from `latents`, and the scheduler's times."""
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(src), safety_checker=None,
+                                                             requires_safety_checker=False)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        images = pipe(PROMPT, negative_prompt=NEGATIVE, guidance_scale=GUIDANCE,
+                      num_inference_steps=STEPS, latents=torch.from_numpy(latents),
+                      num_images_per_prompt=latents.shape[0],
+                      output_type="pt").images
+    pipe.scheduler.set_timesteps(STEPS)
+    return images.numpy() * 2 - 1, [float(t) for t in pipe.scheduler.timesteps]
+
+
+# diffusers' scheduler -> edgediff's sampler. DDIM and Euler run on the pipeline's defaults
+# (leading spacing, steps_offset 1, set_alpha_to_one false) with no flag; DPMSolverMultistep's
+# "leading" divides by steps + 1 (its own definition), so its times are passed explicitly.
+SAMPLERS = [("DDIMScheduler", "ddim", False), ("EulerDiscreteScheduler", "ode-euler", False),
+            ("DPMSolverMultistepScheduler", "dpm++2m", True)]
+
+
+@pytest.mark.parametrize("scheduler,sampler,explicit", SAMPLERS, ids=[s[1] for s in SAMPLERS])
+def test_images_match_diffusers_pipeline(edgediff_bin, tiny_pipeline, tmp_path, scheduler, sampler,
+                                         explicit):
+    src, out = tiny_pipeline
+    latents = np.random.default_rng(5).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    ref, times = diffusers_images(src, scheduler, latents)
+    np.save(tmp_path / "init.npy", latents)
+    extra = ["--timesteps", ",".join(f"{t:g}" for t in times)] if explicit else ["--steps", str(STEPS)]
+    run_cli(edgediff_bin, "sample", "--model", str(out), "--prompt", PROMPT, "--negative-prompt",
+            NEGATIVE, "--guidance", str(GUIDANCE), "--sampler", sampler, "--init-noise",
+            str(tmp_path / "init.npy"), "--out", str(tmp_path / "img.npy"), "-q", *extra)
+    got = np.load(tmp_path / "img.npy")
+    assert got.shape == ref.shape == (2, 3, 16, 16)
+    err = float(np.abs(got - ref).max())
+    inside = float(np.mean(np.abs(ref) < 0.999))
+    print(f"parity {sampler} vs {scheduler}: max abs difference {err:.2e} "
+          f"({inside:.0%} of pixels inside (-1, 1))")
+    assert err <= TOL, f"max abs difference {err:.2e}"
+    assert inside > 0.5, "the images saturate: the comparison would prove little"
+
+
+def test_guidance_and_the_negative_prompt_change_the_images(edgediff_bin, tiny_pipeline, tmp_path):
+    _, out = tiny_pipeline
+    runs = {}
+    for name, args in {"guided": ["--negative-prompt", NEGATIVE], "plain": ["--guidance", "1"],
+                       "other": ["--negative-prompt", "a red dog"]}.items():
+        run_cli(edgediff_bin, "sample", "--model", str(out), "--prompt", PROMPT, "--steps", "5",
+                "-n", "1", "--out", str(tmp_path / f"{name}.npy"), "-q", *args)
+        runs[name] = np.load(tmp_path / f"{name}.npy")
+    assert np.abs(runs["guided"] - runs["plain"]).max() > 1e-3
+    assert np.abs(runs["guided"] - runs["other"]).max() > 1e-3
+
+
+def test_an_optimum_folder_without_edgediff_json_loads_the_same(edgediff_bin, tiny_pipeline, tmp_path):
+    import shutil
+    _, out = tiny_pipeline
+    bare = tmp_path / "optimum"
+    shutil.copytree(out, bare)
+    (bare / "edgediff.json").unlink()
+    info = json.loads(run_cli(edgediff_bin, "info", "--model", str(bare), "--json").stdout)
+    ours = json.loads(run_cli(edgediff_bin, "info", "--model", str(out), "--json").stdout)
+    assert info["conditioning"] == ours["conditioning"] == {"type": "text", "max_length": 77,
+                                                            "hidden_size": 32}
+    assert info["schedule"] == ours["schedule"] and info["sample_shape"] == [4, 8, 8]
+    for d in (bare, out):
+        run_cli(edgediff_bin, "sample", "--model", str(d), "--prompt", PROMPT, "--steps", "4",
+                "-n", "1", "--out", str(tmp_path / f"{d.name}.npy"), "-q")
+    assert np.array_equal(np.load(tmp_path / "optimum.npy"), np.load(tmp_path / f"{out.name}.npy"))
