@@ -85,3 +85,25 @@ def build(out: Path, seed: int = 0, hidden_size: int = 32, cross_attention_dim: 
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(out))
     return out
+
+
+_EXPORTED: dict[str, Path] = {}
+
+
+def exported(root: Path | None = None) -> Path:
+    """The tiny pipeline exported by `edgediff-export diffusers` (under `root`, else a new
+    temporary folder), built once per process."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    if "dir" not in _EXPORTED:
+        root = root or Path(tempfile.mkdtemp(prefix="edgediff-sd-"))
+        src = build(root / "tiny")
+        out = root / "tiny-edgediff"
+        repo = Path(__file__).resolve().parents[1]
+        env = {**os.environ, "PYTHONPATH": str(repo / "exporter" / "src")}
+        subprocess.run([sys.executable, "-m", "edgediff_export.export", "diffusers", str(src),
+                        "--out", str(out)], check=True, capture_output=True, env=env)
+        _EXPORTED["dir"] = out
+    return _EXPORTED["dir"]
