@@ -151,10 +151,8 @@ impl ClipTokenizer {
             } else {
                 3
             };
-            if k != kind || k == 2 || k == 0 {
-                if !cur.is_empty() {
-                    words.push(std::mem::take(&mut cur));
-                }
+            if (k != kind || k == 2 || k == 0) && !cur.is_empty() {
+                words.push(std::mem::take(&mut cur));
             }
             if k != 0 {
                 cur.push(c);
