@@ -52,6 +52,7 @@ pub mod output;
 pub mod sampler;
 pub mod schedule;
 pub mod spacing;
+pub mod text;
 
 pub use backend::{init_onnxruntime, ort_library_candidates, NetworkOptions, Provider, SampleType};
 pub use denoiser::X0Clip;
