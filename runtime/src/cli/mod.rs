@@ -25,6 +25,7 @@ mod edit;
 mod elbo;
 mod likelihood;
 mod schedule;
+mod tokenize;
 
 /// edgediff: sample from self-describing ONNX diffusion models.
 ///
@@ -51,6 +52,7 @@ enum Command {
     Calibrate(calibrate::CalibrateCmd),
     Info(InfoCmd),
     Samplers(SamplersCmd),
+    Tokenize(tokenize::TokenizeCmd),
 }
 
 #[derive(FromArgs, Debug)]
@@ -195,6 +197,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Compare(cmd) => compare::compare(cmd),
         Command::Calibrate(cmd) => calibrate::calibrate_cmd(cmd),
         Command::Info(cmd) => info(cmd),
+        Command::Tokenize(cmd) => tokenize::tokenize(cmd),
         Command::Samplers(cmd) => {
             list_samplers(cmd.json);
             Ok(())
