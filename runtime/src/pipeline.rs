@@ -37,9 +37,18 @@ pub const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline", "ORTStable
 /// Families whose graphs or conditioning differ from Stable Diffusion 1.x/2.x (two text
 /// encoders, added time ids, transformers instead of a U-Net): named when refused.
 const REFUSED: &[(&str, &str)] = &[
-    ("StableDiffusionXL", "SDXL (two text encoders and added size/time conditioning)"),
-    ("StableDiffusion3", "Stable Diffusion 3 (an MMDiT transformer and three text encoders)"),
-    ("Flux", "Flux (a rectified-flow transformer with T5 and CLIP text encoders)"),
+    (
+        "StableDiffusionXL",
+        "SDXL (two text encoders and added size/time conditioning)",
+    ),
+    (
+        "StableDiffusion3",
+        "Stable Diffusion 3 (an MMDiT transformer and three text encoders)",
+    ),
+    (
+        "Flux",
+        "Flux (a rectified-flow transformer with T5 and CLIP text encoders)",
+    ),
 ];
 
 /// The VAE's latent scaling: the sampler's latents are `scaling_factor * (z - shift_factor)`
@@ -140,57 +149,116 @@ impl PipelineConfig {
         let text = read_json(&dir.join("text_encoder/config.json"))?;
         let tok = read_json(&dir.join("tokenizer/tokenizer_config.json")).unwrap_or_default();
         let num = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64());
-        let int = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
+        let int =
+            |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
         let n = int(&sc, "num_train_timesteps").unwrap_or(1000);
-        let (b0, b1) = (num(&sc, "beta_start").unwrap_or(1e-4), num(&sc, "beta_end").unwrap_or(0.02));
-        let schedule = match sc.get("beta_schedule").and_then(|v| v.as_str()).unwrap_or("linear") {
-            "linear" => ScheduleSpec::Linear { num_train_timesteps: n, beta_start: b0, beta_end: b1 },
-            "scaled_linear" => ScheduleSpec::Quadratic { num_train_timesteps: n, beta_start: b0, beta_end: b1 },
-            "squaredcos_cap_v2" => ScheduleSpec::Cosine { num_train_timesteps: n, s: 0.008, max_beta: 0.999 },
-            "sigmoid" => ScheduleSpec::Sigmoid { num_train_timesteps: n, beta_start: b0, beta_end: b1 },
-            other => return Err(bad(sc_file, format!("beta_schedule {other:?} is not supported"))),
+        let (b0, b1) = (
+            num(&sc, "beta_start").unwrap_or(1e-4),
+            num(&sc, "beta_end").unwrap_or(0.02),
+        );
+        let schedule = match sc
+            .get("beta_schedule")
+            .and_then(|v| v.as_str())
+            .unwrap_or("linear")
+        {
+            "linear" => ScheduleSpec::Linear {
+                num_train_timesteps: n,
+                beta_start: b0,
+                beta_end: b1,
+            },
+            "scaled_linear" => ScheduleSpec::Quadratic {
+                num_train_timesteps: n,
+                beta_start: b0,
+                beta_end: b1,
+            },
+            "squaredcos_cap_v2" => ScheduleSpec::Cosine {
+                num_train_timesteps: n,
+                s: 0.008,
+                max_beta: 0.999,
+            },
+            "sigmoid" => ScheduleSpec::Sigmoid {
+                num_train_timesteps: n,
+                beta_start: b0,
+                beta_end: b1,
+            },
+            other => {
+                return Err(bad(
+                    sc_file,
+                    format!("beta_schedule {other:?} is not supported"),
+                ))
+            }
         };
-        let prediction = match sc.get("prediction_type").and_then(|v| v.as_str()).unwrap_or("epsilon") {
+        let prediction = match sc
+            .get("prediction_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("epsilon")
+        {
             "epsilon" => Prediction::Epsilon,
             "v_prediction" => Prediction::V,
             "sample" => Prediction::Sample,
-            other => return Err(bad(sc_file, format!("prediction_type {other:?} is not supported"))),
+            other => {
+                return Err(bad(
+                    sc_file,
+                    format!("prediction_type {other:?} is not supported"),
+                ))
+            }
         };
         let size = match unet.get("sample_size") {
-            Some(serde_json::Value::Array(a)) if a.len() == 2 => {
-                [a[0].as_u64().unwrap_or(0) as usize, a[1].as_u64().unwrap_or(0) as usize]
-            }
+            Some(serde_json::Value::Array(a)) if a.len() == 2 => [
+                a[0].as_u64().unwrap_or(0) as usize,
+                a[1].as_u64().unwrap_or(0) as usize,
+            ],
             Some(v) => [v.as_u64().unwrap_or(0) as usize; 2],
             None => [0, 0],
         };
         let channels = int(&unet, "in_channels").unwrap_or(4);
-        let factor = 1usize << vae
-            .get("block_out_channels")
-            .and_then(|v| v.as_array())
-            .map_or(3, |a| a.len().saturating_sub(1));
+        let factor = 1usize
+            << vae
+                .get("block_out_channels")
+                .and_then(|v| v.as_array())
+                .map_or(3, |a| a.len().saturating_sub(1));
         let hidden = int(&text, "hidden_size")
             .ok_or_else(|| bad("text_encoder/config.json", "no hidden_size".into()))?;
-        let max_length = int(&tok, "model_max_length").filter(|&l| l < 10_000).unwrap_or(77);
+        let max_length = int(&tok, "model_max_length")
+            .filter(|&l| l < 10_000)
+            .unwrap_or(77);
         Ok(PipelineConfig {
             format_version: 1,
             kind: "text-to-image".into(),
             pipeline: None,
-            name: dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            name: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             description: "optimum ONNX pipeline folder (configs read from its JSON files)".into(),
             prediction,
             schedule,
             num_train_timesteps: n,
-            spacing: sc.get("timestep_spacing").and_then(|v| v.as_str()).unwrap_or("leading").into(),
+            spacing: sc
+                .get("timestep_spacing")
+                .and_then(|v| v.as_str())
+                .unwrap_or("leading")
+                .into(),
             steps_offset: int(&sc, "steps_offset").unwrap_or(0),
-            set_alpha_to_one: sc.get("set_alpha_to_one").and_then(|v| v.as_bool()).unwrap_or(true),
+            set_alpha_to_one: sc
+                .get("set_alpha_to_one")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(true),
             latent_shape: [channels, size[0], size[1]],
-            image_shape: [int(&vae, "out_channels").unwrap_or(3), size[0] * factor, size[1] * factor],
+            image_shape: [
+                int(&vae, "out_channels").unwrap_or(3),
+                size[0] * factor,
+                size[1] * factor,
+            ],
             data_range: [-1.0, 1.0],
             vae: VaeScaling {
                 scaling_factor: num(&vae, "scaling_factor").unwrap_or(0.18215),
                 shift_factor: num(&vae, "shift_factor"),
             },
-            text: TextConfig { max_length, hidden_size: hidden },
+            text: TextConfig {
+                max_length,
+                hidden_size: hidden,
+            },
             guidance: default_guidance(),
         })
     }
@@ -210,7 +278,9 @@ impl PipelineConfig {
                 max_length: self.text.max_length,
                 hidden_size: self.text.hidden_size,
             }),
-            extra: serde_json::to_value(self).ok().map(|p| serde_json::json!({ "pipeline": p })),
+            extra: serde_json::to_value(self)
+                .ok()
+                .map(|p| serde_json::json!({ "pipeline": p })),
         }
     }
 }
@@ -283,7 +353,10 @@ impl Pipeline {
             detail,
         };
         if config.kind != "text-to-image" {
-            return Err(contract(format!("kind {:?} is not supported (text-to-image)", config.kind)));
+            return Err(contract(format!(
+                "kind {:?} is not supported (text-to-image)",
+                config.kind
+            )));
         }
         config.spacing()?;
         for part in ["unet", "text_encoder", "vae_decoder"] {
@@ -308,11 +381,12 @@ impl Pipeline {
         }
         let metadata = config.unet_metadata();
         // Every check of the metadata record applies to the derived one too.
-        ModelMetadata::from_json(&serde_json::to_string(&metadata).unwrap_or_default())
-            .map_err(|detail| Error::Metadata {
+        ModelMetadata::from_json(&serde_json::to_string(&metadata).unwrap_or_default()).map_err(
+            |detail| Error::Metadata {
                 path: manifest.clone(),
                 detail,
-            })?;
+            },
+        )?;
         let (network, _) = Network::open(&dir.join("unet/model.onnx"), opts)?;
         match network.context_shape {
             None => {
@@ -377,7 +451,8 @@ impl Pipeline {
     /// The text encoder's `last_hidden_state` `[N, L, D]` for token ids `[N, L]`.
     pub fn encode_ids(&mut self, ids: Array2<i64>) -> Result<Array3<f32>> {
         let path = self.dir.join("text_encoder/model.onnx");
-        let input = TensorRef::from_array_view(ids.view()).map_err(Error::ort("input_ids tensor"))?;
+        let input =
+            TensorRef::from_array_view(ids.view()).map_err(Error::ort("input_ids tensor"))?;
         let outputs = self
             .text_encoder
             .run(ort::inputs!["input_ids" => input])
@@ -418,7 +493,8 @@ impl Pipeline {
         // Divided, not multiplied by the reciprocal: diffusers divides, and this keeps its rounding.
         let z = latents.mapv(|v| v / scale + shift);
         let path = self.dir.join("vae_decoder/model.onnx");
-        let input = TensorRef::from_array_view(z.view()).map_err(Error::ort("latent_sample tensor"))?;
+        let input =
+            TensorRef::from_array_view(z.view()).map_err(Error::ort("latent_sample tensor"))?;
         let outputs = self
             .vae_decoder
             .run(ort::inputs!["latent_sample" => input])
