@@ -6,6 +6,7 @@ when the document and the program disagree. Paths in messages appear as $TMP and
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -168,7 +169,34 @@ def cases():
          lambda t, m: ["--model", str(m), "--sampler", "ode-adaptive", "--rtol", "1e-300", "--atol", "1e-300"], 2),
         ("model-directory", "a directory given as the model",
          lambda t, m: ["--model", str(t)], 3),
+        ("prompt-no-text", "a prompt for a model without text conditioning",
+         lambda t, m: ["--model", str(m), "--prompt", "a cat"], 2),
+        ("class-text", "a class label for a text-to-image pipeline",
+         lambda t, m: ["--model", str(_pipeline(t)), "--class", "3"], 2),
+        ("pipeline-no-vae", "a pipeline folder without vae_decoder",
+         lambda t, m: ["--model", str(_pipeline(t, lambda d: shutil.rmtree(d / "vae_decoder")))], 3),
+        ("pipeline-sdxl", "an unsupported pipeline class (SDXL), refused by name",
+         lambda t, m: ["--model", str(_pipeline(t, lambda d: _edit_json(
+             d / "model_index.json", _class_name="StableDiffusionXLPipeline")))], 3),
+        ("pipeline-hidden-size", "a text encoder wider than the U-Net's cross-attention (optimum folder)",
+         lambda t, m: ["--model", str(_pipeline(t, lambda d: ((d / "edgediff.json").unlink(), _edit_json(
+             d / "text_encoder" / "config.json", hidden_size=64))))], 3),
     ]
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _pipeline(t: Path, edit=None) -> Path:
+    """A copy in `t` of the tiny exported text-to-image pipeline (tests/sd_tiny.py), edited."""
+    import sd_tiny
+    src = sd_tiny.exported()
+    dst = t / "pipe"
+    shutil.copytree(src, dst)
+    if edit is not None:
+        edit(dst)
+    return dst
 
 
 def _made_with_seed_1(t: Path, m: Path) -> list[str]:

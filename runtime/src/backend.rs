@@ -1,11 +1,12 @@
 //! The network backend: one ONNX Runtime environment per process, and a session per model that
-//! takes `sample`/`timestep`(/`class_labels`) and returns one tensor shaped like `sample`.
+//! takes `sample`/`timestep`(/`class_labels` or `encoder_hidden_states`) and returns one tensor
+//! shaped like `sample`; plus plain sessions for a pipeline's other graphs (text encoder, VAE).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use half::f16;
-use ndarray::{Array1, Array4, ArrayView4, Ix4};
+use ndarray::{Array1, Array4, ArrayView3, ArrayView4, Ix4};
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, TensorRef, ValueType};
 
@@ -269,6 +270,8 @@ pub struct Network {
     sample_type: SampleType,
     time_type: TimeType,
     has_class_labels: bool,
+    /// `[L, D]` of the `encoder_hidden_states` input (-1 where dynamic), when the graph has it.
+    pub(crate) context_shape: Option<[i64; 2]>,
     /// `[C, H, W]` as the graph declares it (-1 where dynamic).
     pub(crate) declared_shape: Vec<i64>,
     /// Identifies the model file's bytes (see `job::model_fingerprint`).
@@ -384,13 +387,23 @@ impl Network {
             })
     }
 
-    fn build(
-        bytes: &[u8],
-        keep: ModelBytes,
-        in_place: bool,
-        path: &Path,
-        opts: &NetworkOptions,
-    ) -> Result<(Network, Option<String>)> {
+    /// A session for one graph of a pipeline folder outside the denoiser contract (text
+    /// encoder, VAE), on the same provider and threads as the U-Net. The file is mapped while
+    /// ONNX Runtime parses it into its own buffers.
+    pub(crate) fn graph_session(path: &Path, opts: &NetworkOptions) -> Result<Session> {
+        let model_file = |detail: String| Error::ModelFile {
+            path: path.into(),
+            detail,
+        };
+        let file = std::fs::File::open(path).map_err(|e| model_file(e.to_string()))?;
+        // SAFETY: read-only mapping, used only during this call (ONNX Runtime copies an .onnx
+        // file's contents while parsing it).
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| model_file(e.to_string()))?;
+        Network::session(&map, false, path, opts)
+    }
+
+    /// A session on `opts.provider` (or the CPU when it is unavailable and `fallback_cpu`).
+    fn session(bytes: &[u8], in_place: bool, path: &Path, opts: &NetworkOptions) -> Result<Session> {
         let fallback = |why: String| -> Result<ort::session::builder::SessionBuilder> {
             if !opts.fallback_cpu {
                 return Err(Error::Provider {
@@ -422,12 +435,22 @@ impl Network {
             },
             Err(why) => fallback(why)?,
         };
-        let session = builder
+        builder
             .commit_from_memory(bytes)
             .map_err(|e| Error::ModelFile {
                 path: path.into(),
                 detail: format!("ONNX Runtime cannot parse it as an ONNX model ({e})"),
-            })?;
+            })
+    }
+
+    fn build(
+        bytes: &[u8],
+        keep: ModelBytes,
+        in_place: bool,
+        path: &Path,
+        opts: &NetworkOptions,
+    ) -> Result<(Network, Option<String>)> {
+        let session = Network::session(bytes, in_place, path, opts)?;
         let raw_meta = session
             .metadata()
             .map_err(Error::ort("reading model metadata"))?
@@ -470,7 +493,25 @@ impl Network {
             }
         };
         let has_class_labels = find("class_labels").is_some();
-        let known = ["sample", "timestep", "class_labels"];
+        let context_shape = match find("encoder_hidden_states") {
+            None => None,
+            Some(input) => match tensor_info(input.dtype()) {
+                Some((TensorElementType::Float32, shape)) if shape.len() == 3 => {
+                    Some([shape[1], shape[2]])
+                }
+                other => {
+                    return Err(contract(format!(
+                        "input 'encoder_hidden_states' is {other:?}; expected float32 [N, L, D]"
+                    )))
+                }
+            },
+        };
+        if has_class_labels && context_shape.is_some() {
+            return Err(contract(
+                "the graph takes both 'class_labels' and 'encoder_hidden_states'; the contract allows one conditioning".into(),
+            ));
+        }
+        let known = ["sample", "timestep", "class_labels", "encoder_hidden_states"];
         if let Some(extra) = session.inputs().iter().find(|o| !known.contains(&o.name())) {
             return Err(contract(format!(
                 "unexpected input '{}' (the contract allows {known:?})",
@@ -490,6 +531,7 @@ impl Network {
             sample_type,
             time_type,
             has_class_labels,
+            context_shape,
             declared_shape,
             fingerprint: crate::job::model_fingerprint(bytes),
             path: path.into(),
@@ -508,12 +550,14 @@ impl Network {
     }
 
     /// Runs the network on a batch. `time` is the network's own time input per sample (already
-    /// mapped by the caller); integer inputs get it rounded.
+    /// mapped by the caller); integer inputs get it rounded. `context` is the
+    /// `encoder_hidden_states` `[N, L, D]` of a text-conditioned graph, one row per sample.
     pub fn run(
         &mut self,
         x: ArrayView4<f32>,
         time: &[f64],
         class_labels: Option<&[i64]>,
+        context: Option<ArrayView3<f32>>,
     ) -> Result<Array4<f32>> {
         let n = x.shape()[0];
         debug_assert_eq!(time.len(), n);
@@ -564,6 +608,23 @@ impl Network {
                 "class_labels".into(),
                 Tensor::from_array(Array1::from_iter(labels.iter().copied()))
                     .map_err(Error::ort("class_labels tensor"))?
+                    .into(),
+            ));
+        }
+        let (c, context_std);
+        if self.context_shape.is_some() {
+            c = context.ok_or_else(|| Error::invalid("this model needs encoder_hidden_states"))?;
+            if c.shape()[0] != n {
+                return Err(Error::invalid(format!(
+                    "encoder_hidden_states has {} rows for a batch of {n}",
+                    c.shape()[0]
+                )));
+            }
+            context_std = c.as_standard_layout();
+            inputs.push((
+                "encoder_hidden_states".into(),
+                TensorRef::from_array_view(context_std.view())
+                    .map_err(Error::ort("encoder_hidden_states tensor"))?
                     .into(),
             ));
         }

@@ -6,7 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use ndarray::{concatenate, s, Array4, ArrayView4, Axis, Zip};
+use ndarray::{concatenate, s, Array3, Array4, ArrayView3, ArrayView4, Axis, Zip};
 
 use crate::error::{Error, Result};
 use crate::metadata::{Prediction, TimeInput};
@@ -165,6 +165,12 @@ pub struct ModelDenoiser<'m> {
     class_labels: Option<Vec<i64>>,
     /// The labels [`Denoiser::denoise_pair`] evaluates besides `class_labels`.
     uncond_labels: Option<Vec<i64>>,
+    /// The text encoder's hidden states `[n, L, D]`, one row per sample, for text-conditioned
+    /// U-Nets (the prompt's).
+    context: Option<Array3<f32>>,
+    /// The hidden states [`Denoiser::denoise_pair`] evaluates besides `context` (the negative
+    /// prompt's).
+    uncond_context: Option<Array3<f32>>,
     /// Global index of the batch's first sample, for error messages.
     first_sample: usize,
     calls: usize,
@@ -179,6 +185,8 @@ impl<'m> ModelDenoiser<'m> {
             model,
             class_labels,
             uncond_labels: None,
+            context: None,
+            uncond_context: None,
             first_sample,
             calls: 0,
             cancel: None,
@@ -190,6 +198,15 @@ impl<'m> ModelDenoiser<'m> {
     /// Without them a pair is the conditional answer twice.
     pub fn with_unconditional(mut self, labels: Option<Vec<i64>>) -> Self {
         self.uncond_labels = labels;
+        self
+    }
+
+    /// The hidden states `[n, L, D]` (one row per sample) a text-conditioned U-Net gets, and
+    /// those of the unconditional answer of [`Denoiser::denoise_pair`] (the negative prompt's,
+    /// for classifier-free guidance); without `uncond` a pair is the conditional answer twice.
+    pub fn with_text(mut self, cond: Array3<f32>, uncond: Option<Array3<f32>>) -> Self {
+        self.context = Some(cond);
+        self.uncond_context = uncond;
         self
     }
 
@@ -229,8 +246,9 @@ impl<'m> ModelDenoiser<'m> {
         x: ArrayView4<f32>,
         times: &[f64],
         labels: Option<&[i64]>,
+        context: Option<ArrayView3<f32>>,
     ) -> Result<Array4<f32>> {
-        let out = self.model.network.run(x, times, labels)?;
+        let out = self.model.network.run(x, times, labels, context)?;
         self.calls += 1;
         Ok(out)
     }
@@ -258,6 +276,17 @@ impl<'m> ModelDenoiser<'m> {
     }
 }
 
+/// The rows `rows` of `all` (all of them when `rows` is empty).
+fn pick_rows(all: &Option<Array3<f32>>, rows: &[usize]) -> Option<Array3<f32>> {
+    all.as_ref().map(|all| {
+        if rows.is_empty() {
+            all.clone()
+        } else {
+            all.select(Axis(0), rows)
+        }
+    })
+}
+
 /// The entries of `all` at `rows` (all of them when `rows` is empty).
 fn pick(all: &Option<Vec<i64>>, rows: &[usize]) -> Option<Vec<i64>> {
     all.as_ref().map(|all| {
@@ -279,7 +308,13 @@ impl Denoiser for ModelDenoiser<'_> {
         self.check_cancel()?;
         let times = self.network_times(levels);
         let labels = pick(&self.class_labels, rows);
-        let out = self.run(x.view(), &times, labels.as_deref())?;
+        let context = pick_rows(&self.context, rows);
+        let out = self.run(
+            x.view(),
+            &times,
+            labels.as_deref(),
+            context.as_ref().map(|c| c.view()),
+        )?;
         self.check_finite(&[&out], &times, rows)?;
         Ok(self.to_denoised(out, x, levels))
     }
@@ -290,21 +325,43 @@ impl Denoiser for ModelDenoiser<'_> {
         rows: &[usize],
         levels: &[NoiseLevel],
     ) -> Result<DenoisedPair> {
-        let (Some(cond), Some(uncond)) = (
+        // Labels for class-conditional graphs, hidden states for text-conditioned ones.
+        let labels2: Option<Vec<i64>>;
+        let context2: Option<Array3<f32>>;
+        match (
             pick(&self.class_labels, rows),
             pick(&self.uncond_labels, rows),
-        ) else {
-            return self.denoise_rows(x, rows, levels).map(DenoisedPair::same);
-        };
+            pick_rows(&self.context, rows),
+            pick_rows(&self.uncond_context, rows),
+        ) {
+            (Some(cond), Some(uncond), _, _) => {
+                labels2 = Some(cond.into_iter().chain(uncond).collect());
+                context2 = None;
+            }
+            (_, _, Some(cond), Some(uncond)) => {
+                labels2 = None;
+                // diffusers puts the negative prompt first; the order changes nothing but
+                // which half is which, so ours keeps the conditional half first, as for labels.
+                context2 = Some(
+                    concatenate(Axis(0), &[cond.view(), uncond.view()])
+                        .map_err(|e| Error::invalid(e.to_string()))?,
+                );
+            }
+            _ => return self.denoise_rows(x, rows, levels).map(DenoisedPair::same),
+        }
         self.check_cancel()?;
         let n = x.shape()[0];
         let times = self.network_times(levels);
-        // The batch twice, first under its own labels, then under the unconditional ones.
+        // The batch twice, first under its own conditioning, then under the unconditional one.
         let both = concatenate(Axis(0), &[x.view(), x.view()])
             .map_err(|e| Error::invalid(e.to_string()))?;
         let times2: Vec<f64> = times.iter().chain(&times).copied().collect();
-        let labels2: Vec<i64> = cond.into_iter().chain(uncond).collect();
-        let out = self.run(both.view(), &times2, Some(&labels2))?;
+        let out = self.run(
+            both.view(),
+            &times2,
+            labels2.as_deref(),
+            context2.as_ref().map(|c| c.view()),
+        )?;
         let (c, u) = out.view().split_at(Axis(0), n);
         let (c, u) = (c.to_owned(), u.to_owned());
         self.check_finite(&[&c, &u], &times, rows)?;

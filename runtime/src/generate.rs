@@ -1,6 +1,6 @@
 //! The sampling entry point shared by the CLI and the C ABI: options in, samples out.
 
-use ndarray::{concatenate, Array4, Axis};
+use ndarray::{concatenate, Array3, Array4, Axis};
 
 use crate::clip::Clipped;
 use crate::denoiser::{Denoiser, ModelDenoiser, X0Clip};
@@ -12,7 +12,7 @@ use crate::noise::{InjectedNoise, NoiseSource, SeededNoise};
 use crate::sampler::ode_adaptive::StepCount;
 use crate::sampler::{SamplerKind, Trajectory};
 use crate::schedule::{NoiseLevel, Schedule};
-use crate::spacing::{levels, spaced_levels, Spacing};
+use crate::spacing::{levels, spaced_levels_offset, Spacing};
 
 /// A sampling request: what to generate and how. The CLI's `sample` and C's
 /// `edgediff_sample_params_init` both start from [`SampleOptions::default`], so the defaults
@@ -52,9 +52,22 @@ pub struct SampleOptions {
     /// Clipping or dynamic thresholding of x0 predictions at every step. Default: none.
     pub x0_clip: X0Clip,
     /// Classifier-free guidance scale for class-conditional models with `class_label` (1 is
-    /// plain conditional sampling; each step then evaluates the network on a doubled batch).
-    /// Default: None.
+    /// plain conditional sampling; each step then evaluates the network on a doubled batch),
+    /// and for text-to-image pipelines (None: the pipeline's default, 7.5 for Stable Diffusion;
+    /// as in diffusers, a scale of 1 or less samples from the prompt alone). Default: None.
     pub guidance: Option<f64>,
+    /// The text prompt of a text-to-image pipeline (None: the empty prompt). Default: None.
+    pub prompt: Option<String>,
+    /// The prompt guidance steers away from (None: the empty prompt, the unconditional
+    /// embedding). Default: None.
+    pub negative_prompt: Option<String>,
+    /// diffusers' `steps_offset`, added to every time step of leading spacing. Default: 0
+    /// ([`SampleOptions::for_model`]: the pipeline's scheduler's, 1 for Stable Diffusion).
+    pub steps_offset: usize,
+    /// diffusers' `set_alpha_to_one` for DDIM: true ends at alpha-bar 1 (clean data), false at
+    /// alpha-bar of training step 0, as Stable Diffusion's scheduler does. Default: true
+    /// ([`SampleOptions::for_model`]: the pipeline's scheduler's).
+    pub set_alpha_to_one: bool,
     /// When set, the run stops with [`Error::Cancelled`] before its next network call.
     /// Default: None.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -73,8 +86,30 @@ impl Default for SampleOptions {
             class_label: None,
             x0_clip: X0Clip::None,
             guidance: None,
+            prompt: None,
+            negative_prompt: None,
+            steps_offset: 0,
+            set_alpha_to_one: true,
             cancel: None,
         }
+    }
+}
+
+impl SampleOptions {
+    /// The defaults for `model`: [`SampleOptions::default`], with a text-to-image pipeline's
+    /// scheduler settings (spacing, steps_offset, set_alpha_to_one) in place of the library's,
+    /// so a run with only a sampler and steps gives what diffusers' scheduler of the same
+    /// config gives.
+    pub fn for_model(model: &Model) -> SampleOptions {
+        let mut opts = SampleOptions::default();
+        if let Some(p) = model.pipeline() {
+            if let Ok(spacing) = p.spacing() {
+                opts.spacing = spacing;
+            }
+            opts.steps_offset = p.steps_offset;
+            opts.set_alpha_to_one = p.set_alpha_to_one;
+        }
+        opts
     }
 }
 
@@ -228,6 +263,7 @@ pub(crate) fn run_batches(
     let schedule = model.schedule().clone();
     let level_at_sbar = move |s: f64| schedule.level_for_sbar(s);
     let guidance = guidance_for(&meta, opts)?;
+    let text = text_conditioning(model, opts)?;
     let batches: Vec<(usize, usize)> = ranges
         .iter()
         .flat_map(|r| {
@@ -255,8 +291,20 @@ pub(crate) fn run_batches(
         let mut net = ModelDenoiser::new(model, plan.label.map(|k| vec![k; m]), first)
             .with_cancel(opts.cancel.clone())
             .with_unconditional(guidance.map(|(_, null)| vec![null; m]));
+        let mut scale = guidance.map(|(w, _)| w);
+        if let Some(t) = &text {
+            // One row per sample: the same prompt for all today, a prompt per sample later.
+            let rows = |e: &Array3<f32>| e.broadcast((m, e.shape()[1], e.shape()[2])).map(|v| v.to_owned());
+            let cond = rows(&t.cond).ok_or_else(|| Error::invalid("prompt embedding shape"))?;
+            let uncond = match &t.uncond {
+                Some(u) => Some(rows(u).ok_or_else(|| Error::invalid("prompt embedding shape"))?),
+                None => None,
+            };
+            net = net.with_text(cond, uncond);
+            scale = t.guidance;
+        }
         let mut den = Clipped::new(
-            Guided::new(&mut net, guidance.map(|(w, _)| w)),
+            Guided::new(&mut net, scale),
             opts.x0_clip,
             meta.data_range,
         );
@@ -277,9 +325,44 @@ pub(crate) fn run_batches(
                 .extend(counts);
         }
         report.network_calls += net.calls();
+        // A pipeline's latents become images batch by batch, so memory stays one batch.
+        let out = match model.pipeline.as_mut() {
+            Some(p) => p.decode(&out)?,
+            None => out,
+        };
         sink(first, out)?;
     }
     Ok(report)
+}
+
+/// A text-to-image run's conditioning: the hidden states of the prompt and (with guidance) of
+/// the negative prompt, each `[1, L, D]`, encoded once per run.
+struct TextConditioning {
+    cond: Array3<f32>,
+    uncond: Option<Array3<f32>>,
+    guidance: Option<f64>,
+}
+
+/// The prompts' hidden states for a pipeline (None for single-file models). As diffusers'
+/// StableDiffusionPipeline: an absent negative prompt is the empty string's embedding, and
+/// guidance applies when its scale exceeds 1 (otherwise the negative prompt is not encoded).
+fn text_conditioning(model: &mut Model, opts: &SampleOptions) -> Result<Option<TextConditioning>> {
+    let Some(p) = model.pipeline.as_mut() else {
+        return Ok(None);
+    };
+    let w = opts.guidance.unwrap_or(p.config().guidance);
+    let cond = p.encode_prompt(opts.prompt.as_deref().unwrap_or(""))?;
+    let (uncond, guidance) = if w > 1.0 {
+        let negative = opts.negative_prompt.as_deref().unwrap_or("");
+        (Some(p.encode_prompt(negative)?), Some(w))
+    } else {
+        (None, None)
+    };
+    Ok(Some(TextConditioning {
+        cond,
+        uncond,
+        guidance,
+    }))
 }
 
 /// Checks `opts` (and injected noise) against the model without running it: what
@@ -325,11 +408,50 @@ pub(crate) fn prepare(
             ),
         ));
     }
+    let text = matches!(meta.conditioning, Some(Conditioning::Text { .. }));
+    let [c, h, w] = model.output_shape();
+    let image_bytes = opts.batch_size.min(opts.n).saturating_mul(4 * c * h * w);
+    if image_bytes > MAX_BATCH_BYTES {
+        return Err(Error::out_of_range(
+            "batch_size",
+            opts.batch_size.min(opts.n),
+            &format!(
+                "needs {:.1} GiB per batch of decoded images; use at most {}",
+                image_bytes as f64 / (1u64 << 30) as f64,
+                MAX_BATCH_BYTES / (4 * c * h * w)
+            ),
+        ));
+    }
+    for (arg, given) in [
+        ("prompt", opts.prompt.is_some()),
+        ("negative_prompt", opts.negative_prompt.is_some()),
+    ] {
+        if given && !text {
+            return Err(Error::options(
+                "{0} given but the model has no text conditioning",
+                &[arg],
+            ));
+        }
+    }
     let labels = class_label_for(&meta, opts.class_label)?;
-    let lv = match &opts.timesteps {
+    let mut lv = match &opts.timesteps {
         Some(ts) => levels(model.schedule(), &validate_timesteps(model, ts)?),
-        None => spaced_levels(model.schedule(), opts.spacing, opts.steps)?,
+        None => spaced_levels_offset(model.schedule(), opts.spacing, opts.steps, opts.steps_offset)?,
     };
+    if !opts.set_alpha_to_one && opts.sampler.name() == "ddim" {
+        // diffusers' DDIM with set_alpha_to_one false: the last step goes to alpha-bar of
+        // training step 0 (its final_alpha_cumprod), not to clean data. Only DDIM: diffusers'
+        // other schedulers (Euler, DPM-Solver, ...) end at sigma 0 whatever this setting.
+        let Some(_) = model.schedule().num_train_timesteps() else {
+            return Err(Error::options(
+                "{0} false applies to discrete schedules",
+                &["set_alpha_to_one"],
+            ));
+        };
+        if let Some(last) = lv.last_mut() {
+            *last = model.schedule().level(0.0);
+        }
+    }
     if let Some(inj) = injected {
         check_injected(inj, opts.n, meta.sample_shape)?;
     }
@@ -411,6 +533,8 @@ pub(crate) fn guidance_for(
         ));
     }
     match (&meta.conditioning, opts.class_label) {
+        // Text guidance takes the negative prompt's embedding, not a label (run_batches).
+        (Some(Conditioning::Text { .. }), _) => Ok(None),
         (Some(Conditioning::Class { null_label, .. }), Some(_)) => Ok(Some((w, *null_label))),
         (Some(Conditioning::Class { .. }), None) => Err(Error::options(
             "{0} needs {1} K (guidance steers towards a class)",

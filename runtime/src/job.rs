@@ -91,10 +91,24 @@ pub(crate) fn job_record(
         "init_noise": init,
         "step_noise": steps,
     });
-    match v {
-        Value::Object(m) => m,
-        _ => unreachable!("json! of an object literal"),
+    let Value::Object(mut m) = v else {
+        unreachable!("json! of an object literal")
+    };
+    // Recorded only when set away from their defaults: a record written before they existed
+    // describes a run with the defaults, and stays resumable.
+    if let Some(p) = &opts.prompt {
+        m.insert("prompt".into(), json!(p));
     }
+    if let Some(p) = &opts.negative_prompt {
+        m.insert("negative_prompt".into(), json!(p));
+    }
+    if opts.steps_offset != 0 {
+        m.insert("steps_offset".into(), json!(opts.steps_offset));
+    }
+    if !opts.set_alpha_to_one {
+        m.insert("set_alpha_to_one".into(), json!(false));
+    }
+    m
 }
 
 /// Where the record of the output at `path` (a file or a folder) lives: `NAME.job.json`
@@ -168,6 +182,10 @@ const KEYS: &[&str] = &[
     "seed",
     "class_label",
     "x0_clip",
+    "prompt",
+    "negative_prompt",
+    "steps_offset",
+    "set_alpha_to_one",
     "guidance",
     "init_noise",
     "step_noise",

@@ -49,9 +49,11 @@ mod model;
 pub mod noise;
 pub mod npy;
 pub mod output;
+pub mod pipeline;
 pub mod sampler;
 pub mod schedule;
 pub mod spacing;
+pub mod text;
 
 pub use backend::{
     init_onnxruntime, ort_library_candidates, NetworkOptions, Provider, SampleType, MAX_THREADS,
@@ -62,6 +64,7 @@ pub use error::{ArgumentError, ArgumentKind, Error, Result, ORT_VERSION};
 pub use generate::{generate, generate_with_report, Report, SampleOptions};
 pub use model::{Model, ModelOptions};
 pub use sampler::{SamplerKind, SamplerParams};
+pub use pipeline::{Pipeline, PipelineConfig};
 pub use spacing::Spacing;
 
 /// The crate version.

@@ -94,6 +94,12 @@ pub enum Conditioning {
     Class { num_classes: usize, null_label: i64 },
     /// Embedding sequences `[N, L, D]`.
     Embedding { dim: usize },
+    /// A text prompt: a pipeline folder's text encoder turns `max_length` token ids into
+    /// `[max_length, hidden_size]` hidden states, the U-Net's `encoder_hidden_states`.
+    Text {
+        max_length: usize,
+        hidden_size: usize,
+    },
 }
 
 /// The parsed metadata record.

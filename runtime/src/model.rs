@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use crate::backend::{Network, NetworkOptions};
 use crate::error::{Error, Result};
 use crate::metadata::{Conditioning, ModelMetadata};
+use crate::pipeline::{Pipeline, PipelineConfig};
 use crate::schedule::Schedule;
 
 /// Which model to open and how: the options every command that loads a model takes (the CLI's
@@ -70,6 +71,8 @@ pub struct Model {
     metadata: ModelMetadata,
     schedule: Schedule,
     path: PathBuf,
+    /// The graphs around the U-Net of a text-to-image folder (text encoder, VAE decoder).
+    pub(crate) pipeline: Option<Pipeline>,
 }
 
 impl Model {
@@ -99,9 +102,12 @@ impl Model {
             });
         }
         if path.is_dir() {
+            if crate::pipeline::is_pipeline_dir(path) {
+                return Model::open_pipeline(path, opts);
+            }
             return Err(Error::ModelFile {
                 path: path.into(),
-                detail: "it is a directory; give the .onnx (or .ort) file".into(),
+                detail: "it is a directory without model_index.json; give the .onnx (or .ort) file, or a pipeline folder".into(),
             });
         }
         let (network, raw) = Network::open(path, opts)?;
@@ -132,6 +138,40 @@ impl Model {
     ) -> Result<Model> {
         let (network, raw) = Network::from_bytes(bytes, label.as_ref(), opts)?;
         Model::from_network(network, raw, label.as_ref())
+    }
+
+    /// Opens a text-to-image folder (see [`crate::pipeline`]): the U-Net is the network, in
+    /// latent space; the text encoder and VAE decoder come with it.
+    fn open_pipeline(dir: &Path, opts: &NetworkOptions) -> Result<Model> {
+        let (network, metadata, pipeline) = Pipeline::open(dir, opts)?;
+        let schedule = Schedule::from_spec(&metadata.schedule).map_err(|detail| Error::Metadata {
+            path: dir.into(),
+            detail,
+        })?;
+        Ok(Model {
+            network,
+            metadata,
+            schedule,
+            path: dir.into(),
+            pipeline: Some(pipeline),
+        })
+    }
+
+    /// The record of a text-to-image folder; None for a single-file model.
+    pub fn pipeline(&self) -> Option<&PipelineConfig> {
+        self.pipeline.as_ref().map(|p| p.config())
+    }
+
+    /// The graphs around the U-Net of a text-to-image folder, to encode prompts and decode
+    /// latents directly.
+    pub fn pipeline_mut(&mut self) -> Option<&mut Pipeline> {
+        self.pipeline.as_mut()
+    }
+
+    /// `[C, H, W]` of what sampling outputs: the decoded images of a pipeline, else the sample.
+    pub fn output_shape(&self) -> [usize; 3] {
+        self.pipeline()
+            .map_or(self.metadata.sample_shape, |p| p.image_shape)
     }
 
     fn from_network(network: Network, raw: Option<String>, path: &Path) -> Result<Model> {
@@ -178,6 +218,16 @@ impl Model {
                 crate::generate::MAX_BATCH_BYTES >> 30
             )));
         }
+        if network.context_shape.is_some() {
+            return Err(contract(
+                "the graph takes 'encoder_hidden_states': a text-conditioned U-Net runs from a pipeline folder (edgediff-export diffusers DIR --out OUT), not as a single file".into(),
+            ));
+        }
+        if matches!(metadata.conditioning, Some(Conditioning::Text { .. })) {
+            return Err(contract(
+                "metadata conditioning is text, which only a pipeline folder (text encoder, U-Net, VAE) provides".into(),
+            ));
+        }
         let wants_labels = matches!(metadata.conditioning, Some(Conditioning::Class { .. }));
         if wants_labels != network.has_class_labels() {
             return Err(contract(format!(
@@ -195,6 +245,7 @@ impl Model {
             metadata,
             schedule,
             path: path.into(),
+            pipeline: None,
         })
     }
 
@@ -223,7 +274,7 @@ impl Model {
         t: f64,
     ) -> Result<ndarray::Array4<f32>> {
         let n = x.shape()[0];
-        self.network.run(x, &vec![t; n], None)
+        self.network.run(x, &vec![t; n], None, None)
     }
 
     /// The file the model came from.

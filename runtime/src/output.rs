@@ -482,7 +482,7 @@ pub fn generate_to_path(
     let (mut output, todo) = Output::create(
         path,
         opts.n,
-        meta.sample_shape,
+        model.output_shape(),
         meta.data_range,
         resume,
         None,

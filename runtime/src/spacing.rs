@@ -104,6 +104,41 @@ pub fn levels(schedule: &Schedule, timesteps: &[f64]) -> Vec<NoiseLevel> {
         .collect()
 }
 
+/// [`spaced_levels`] with diffusers' `steps_offset` added to every leading time step (Stable
+/// Diffusion's scheduler uses 1: 10 steps visit 901, 801, ..., 1). diffusers adds it to
+/// leading spacing only; an offset that would pass the last training index is refused.
+pub fn spaced_levels_offset(
+    schedule: &Schedule,
+    spacing: Spacing,
+    steps: usize,
+    steps_offset: usize,
+) -> Result<Vec<NoiseLevel>> {
+    if steps_offset == 0 || spacing != Spacing::Leading {
+        return spaced_levels(schedule, spacing, steps);
+    }
+    let Some(t_train) = schedule.num_train_timesteps() else {
+        return Err(Error::options(
+            "{0} applies to discrete schedules (training indices)",
+            &["steps_offset"],
+        ));
+    };
+    let ts: Vec<f64> = timesteps(schedule, spacing, steps)?
+        .into_iter()
+        .map(|t| t + steps_offset as f64)
+        .collect();
+    if ts[0] > (t_train - 1) as f64 {
+        return Err(Error::options(
+            format!(
+                "{{0}} {steps_offset} moves the first of {steps} leading steps to {}, past the last training index {}",
+                ts[0],
+                t_train - 1
+            ),
+            &["steps_offset"],
+        ));
+    }
+    Ok(levels(schedule, &ts))
+}
+
 /// The `steps` noise levels a spacing visits, followed by [`NoiseLevel::CLEAN`].
 pub fn spaced_levels(
     schedule: &Schedule,
@@ -181,6 +216,23 @@ mod tests {
         );
         let all = timesteps(&s, Spacing::Trailing, 1000).unwrap();
         assert_eq!(all, (0..1000).rev().map(|t| t as f64).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn steps_offset_shifts_leading_steps_as_diffusers_does() {
+        let s = linear();
+        // diffusers' DDIMScheduler(steps_offset=1).set_timesteps(10): 901, 801, ..., 1.
+        let lv = spaced_levels_offset(&s, Spacing::Leading, 10, 1).unwrap();
+        let ts: Vec<f64> = lv[..10].iter().map(|l| l.t).collect();
+        assert_eq!(ts, (0..10).rev().map(|i| (i * 100 + 1) as f64).collect::<Vec<_>>());
+        assert!(lv[10].is_clean());
+        // Trailing ignores it, as in diffusers; 1000 leading steps cannot shift.
+        assert_eq!(
+            spaced_levels_offset(&s, Spacing::Trailing, 4, 1).unwrap(),
+            spaced_levels(&s, Spacing::Trailing, 4).unwrap()
+        );
+        let e = spaced_levels_offset(&s, Spacing::Leading, 1000, 1).unwrap_err();
+        assert_eq!(e.argument().and_then(|a| a.arg()), Some("steps_offset"));
     }
 
     #[test]

@@ -371,7 +371,10 @@ def import_folder(unet: Path, scheduler: Path | None, out: Path, name: str | Non
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--unet", type=Path, required=True,
+    p.add_argument("pipeline", type=Path, nargs="?", default=None,
+                   help="a diffusers StableDiffusionPipeline folder (model_index.json, unet/, vae/, "
+                        "text_encoder/, tokenizer/, scheduler/): exported as a text-to-image folder")
+    p.add_argument("--unet", type=Path, default=None,
                    help="a diffusers pipeline folder (model_index.json, unet/, scheduler/) or a "
                         "UNet2DModel folder (config.json + diffusion_pytorch_model.safetensors/.bin)")
     p.add_argument("--scheduler", type=Path, default=None,
@@ -389,6 +392,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(a: argparse.Namespace) -> dict:
     """The CLI handler: a clear message and exit status 2 for folders it cannot import."""
     try:
+        if (a.pipeline is None) == (a.unet is None):
+            raise DiffusersImportError("give either a StableDiffusionPipeline folder (DIR --out OUT) "
+                                       "or --unet (a UNet2DModel), not both or neither")
+        if a.pipeline is not None:
+            from .pipeline_export import export_pipeline
+            if a.precision != "fp32":
+                raise DiffusersImportError("--precision fp16 is not supported for pipelines yet")
+            return export_pipeline(a.pipeline, a.out, a.name, a.description)
         return import_folder(a.unet, a.scheduler, a.out, a.name, a.description, a.null_class)
     except DiffusersImportError as e:
         raise SystemExit(_fail(str(e))) from None

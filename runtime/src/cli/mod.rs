@@ -25,6 +25,7 @@ mod edit;
 mod elbo;
 mod likelihood;
 mod schedule;
+mod tokenize;
 
 /// edgediff: sample from self-describing ONNX diffusion models.
 ///
@@ -51,6 +52,7 @@ enum Command {
     Calibrate(calibrate::CalibrateCmd),
     Info(InfoCmd),
     Samplers(SamplersCmd),
+    Tokenize(tokenize::TokenizeCmd),
 }
 
 #[derive(FromArgs, Debug)]
@@ -73,7 +75,8 @@ struct SampleCmd {
     /// number of sampling steps (default 100)
     #[argh(option)]
     steps: Option<usize>,
-    /// time-step spacing: leading, trailing, linspace, karras or logsnr (default trailing)
+    /// time-step spacing: leading, trailing, linspace, karras or logsnr (default trailing; a
+    /// pipeline folder's: its scheduler's spacing, steps offset and final alpha)
     #[argh(option)]
     spacing: Option<String>,
     /// rho of the karras spacing (default 7)
@@ -115,9 +118,16 @@ struct SampleCmd {
     /// class label for class-conditional models
     #[argh(option)]
     class: Option<i64>,
-    /// classifier-free guidance scale with --class (1: plain conditional; e.g. 3)
+    /// classifier-free guidance scale with --class (1: plain conditional; e.g. 3) or with a
+    /// text-to-image pipeline (default there 7.5)
     #[argh(option)]
     guidance: Option<f64>,
+    /// text prompt for a text-to-image pipeline folder
+    #[argh(option)]
+    prompt: Option<String>,
+    /// prompt guidance steers away from (default: the empty prompt)
+    #[argh(option)]
+    negative_prompt: Option<String>,
     /// clip x0 predictions to the model's data range at every step
     #[argh(switch)]
     clip_x0: bool,
@@ -187,6 +197,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Compare(cmd) => compare::compare(cmd),
         Command::Calibrate(cmd) => calibrate::calibrate_cmd(cmd),
         Command::Info(cmd) => info(cmd),
+        Command::Tokenize(cmd) => tokenize::tokenize(cmd),
         Command::Samplers(cmd) => {
             list_samplers(cmd.json);
             Ok(())
@@ -285,10 +296,10 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         },
     )?;
     let spacing = match (cmd.rho, cmd.spacing.as_deref()) {
-        (Some(rho), Some("karras")) => Spacing::Karras { rho },
+        (Some(rho), Some("karras")) => Some(Spacing::Karras { rho }),
         (Some(_), _) => return Err(Error::invalid("--rho applies to --spacing karras")),
-        (None, Some(name)) => name.parse()?,
-        (None, None) => defaults.spacing,
+        (None, Some(name)) => Some(name.parse()?),
+        (None, None) => None,
     };
     let timesteps = cmd.timesteps.as_deref().map(parse_timesteps).transpose()?;
     let injected = match (&cmd.init_noise, &cmd.step_noise) {
@@ -305,10 +316,16 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         .map_or(cmd.n.unwrap_or(defaults.n), |inj| inj.initial.shape()[0]);
     let model_opts = cmd.model_options()?;
     let mut model = model_opts.open()?;
+    // A pipeline's scheduler settings are its defaults (the library's otherwise); a --spacing
+    // given replaces them all, as a scheduler of another spacing would have no offset.
+    let defaults = match spacing {
+        None => SampleOptions::for_model(&model),
+        Some(_) => defaults,
+    };
     let opts = SampleOptions {
         sampler,
         steps: cmd.steps.unwrap_or(defaults.steps),
-        spacing,
+        spacing: spacing.unwrap_or(defaults.spacing),
         timesteps,
         n,
         batch_size: cmd.batch_size.unwrap_or(defaults.batch_size),
@@ -316,6 +333,8 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         class_label: cmd.class,
         x0_clip: x0_clip(cmd.clip_x0, cmd.dynamic_threshold, cmd.threshold_max)?,
         guidance: cmd.guidance,
+        prompt: cmd.prompt,
+        negative_prompt: cmd.negative_prompt,
         ..defaults
     };
     let start = Instant::now();
@@ -432,5 +451,12 @@ fn info(cmd: InfoCmd) -> Result<()> {
             .map_or("none".to_string(), |c| format!("{c:?}"))
     );
     println!("network:      sample {:?}", model.sample_type());
+    if let Some(p) = model.pipeline() {
+        println!("pipeline:     {} (text-to-image)", p.pipeline.as_deref().unwrap_or("from the folder's configs"));
+        println!("image shape:  {:?} (latents {:?})", p.image_shape, p.latent_shape);
+        println!("scheduler:    {} spacing, steps offset {}, set_alpha_to_one {}", p.spacing, p.steps_offset, p.set_alpha_to_one);
+        println!("vae:          scaling factor {}, shift {:?}", p.vae.scaling_factor, p.vae.shift_factor);
+        println!("text:         {} tokens x {}; default guidance {}", p.text.max_length, p.text.hidden_size, p.guidance);
+    }
     Ok(())
 }

@@ -1,0 +1,525 @@
+//! Text-to-image latent diffusion (the Stable Diffusion family): a model folder of several
+//! graphs in the layout of optimum's ONNX export, which `edgediff-export diffusers DIR` writes
+//! too:
+//!
+//! ```text
+//! DIR/model_index.json                   the pipeline class (SDXL, SD3, Flux are refused by name)
+//! DIR/edgediff.json                      the manifest; absent (optimum): derived from the configs below
+//! DIR/text_encoder/model.onnx            input_ids int64 [N, L] -> last_hidden_state [N, L, D]
+//! DIR/unet/model.onnx                    sample, timestep, encoder_hidden_states -> out_sample
+//! DIR/vae_decoder/model.onnx             latent_sample [N, C, h, w] -> sample [N, 3, H, W]
+//! DIR/tokenizer/                         vocab.json merges.txt tokenizer_config.json special_tokens_map.json
+//! DIR/scheduler/scheduler_config.json    diffusers' scheduler config
+//! DIR/<graph>/config.json                the part's diffusers/transformers config
+//! ```
+//!
+//! The U-Net is the [`crate::Model`]'s network, so every sampler runs in latent space over the
+//! same [`crate::denoiser::Denoiser`] as for pixel models; the pipeline adds what surrounds the
+//! sampling: the prompts' hidden states (once per run) and the VAE decoding of each finished
+//! batch of latents.
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array2, Array3, Array4, Axis, Ix3, Ix4};
+use ort::session::Session;
+use ort::value::TensorRef;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Network, NetworkOptions};
+use crate::error::{Error, Result};
+use crate::metadata::{Conditioning, ModelMetadata, Prediction, ScheduleSpec, TimeInput};
+use crate::spacing::Spacing;
+use crate::text::ClipTokenizer;
+
+/// The pipeline classes this runtime runs.
+pub const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline", "ORTStableDiffusionPipeline"];
+
+/// Families whose graphs or conditioning differ from Stable Diffusion 1.x/2.x (two text
+/// encoders, added time ids, transformers instead of a U-Net): named when refused.
+const REFUSED: &[(&str, &str)] = &[
+    (
+        "StableDiffusionXL",
+        "SDXL (two text encoders and added size/time conditioning)",
+    ),
+    (
+        "StableDiffusion3",
+        "Stable Diffusion 3 (an MMDiT transformer and three text encoders)",
+    ),
+    (
+        "Flux",
+        "Flux (a rectified-flow transformer with T5 and CLIP text encoders)",
+    ),
+];
+
+/// The VAE's latent scaling: the sampler's latents are `scaling_factor * (z - shift_factor)`
+/// of the VAE's own latents z.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VaeScaling {
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+}
+
+/// The text encoder's shape: `max_length` token ids in, `hidden_size` per token out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TextConfig {
+    pub max_length: usize,
+    pub hidden_size: usize,
+}
+
+/// `edgediff.json`: what the runtime needs of a text-to-image folder, as the exporter writes it
+/// (format_version 1), or as [`PipelineConfig::derive`] reads it from an optimum folder's
+/// configs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineConfig {
+    pub format_version: u32,
+    /// "text-to-image".
+    pub kind: String,
+    #[serde(default)]
+    pub pipeline: Option<String>,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub prediction: Prediction,
+    pub schedule: ScheduleSpec,
+    pub num_train_timesteps: usize,
+    /// diffusers' `timestep_spacing`: leading, trailing or linspace.
+    pub spacing: String,
+    /// diffusers' `steps_offset`, added to leading time steps.
+    #[serde(default)]
+    pub steps_offset: usize,
+    /// diffusers' `set_alpha_to_one`: false makes DDIM end at alpha-bar of step 0, not at 1.
+    #[serde(default = "yes")]
+    pub set_alpha_to_one: bool,
+    /// `[C, h, w]` of the latents the U-Net denoises.
+    pub latent_shape: [usize; 3],
+    /// `[C, H, W]` of the decoded images.
+    pub image_shape: [usize; 3],
+    pub data_range: [f64; 2],
+    pub vae: VaeScaling,
+    pub text: TextConfig,
+    /// The guidance scale when none is asked for (StableDiffusionPipeline's 7.5).
+    #[serde(default = "default_guidance")]
+    pub guidance: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_guidance() -> f64 {
+    7.5
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::ModelFile {
+        path: path.into(),
+        detail: e.to_string(),
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Metadata {
+        path: path.into(),
+        detail: format!("not valid JSON ({e})"),
+    })
+}
+
+impl PipelineConfig {
+    /// The spacing as the samplers' [`Spacing`].
+    pub fn spacing(&self) -> Result<Spacing> {
+        match self.spacing.as_str() {
+            "leading" | "trailing" | "linspace" => self.spacing.parse(),
+            other => Err(Error::invalid(format!(
+                "the pipeline's timestep_spacing {other:?} is not supported (leading, trailing, linspace)"
+            ))),
+        }
+    }
+
+    /// The record of an optimum folder (no edgediff.json), from the parts' JSON configs: the
+    /// scheduler's betas, prediction type and spacing, the U-Net's latent shape, the VAE's
+    /// scaling and upsampling, the text encoder's width and the tokenizer's length.
+    pub fn derive(dir: &Path) -> Result<PipelineConfig> {
+        let bad = |file: &str, detail: String| Error::Metadata {
+            path: dir.join(file),
+            detail,
+        };
+        let sc_file = "scheduler/scheduler_config.json";
+        let sc = read_json(&dir.join(sc_file))?;
+        let unet = read_json(&dir.join("unet/config.json"))?;
+        let vae = read_json(&dir.join("vae_decoder/config.json"))?;
+        let text = read_json(&dir.join("text_encoder/config.json"))?;
+        let tok = read_json(&dir.join("tokenizer/tokenizer_config.json")).unwrap_or_default();
+        let num = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_f64());
+        let int =
+            |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).map(|x| x as usize);
+        let n = int(&sc, "num_train_timesteps").unwrap_or(1000);
+        let (b0, b1) = (
+            num(&sc, "beta_start").unwrap_or(1e-4),
+            num(&sc, "beta_end").unwrap_or(0.02),
+        );
+        let schedule = match sc
+            .get("beta_schedule")
+            .and_then(|v| v.as_str())
+            .unwrap_or("linear")
+        {
+            "linear" => ScheduleSpec::Linear {
+                num_train_timesteps: n,
+                beta_start: b0,
+                beta_end: b1,
+            },
+            "scaled_linear" => ScheduleSpec::Quadratic {
+                num_train_timesteps: n,
+                beta_start: b0,
+                beta_end: b1,
+            },
+            "squaredcos_cap_v2" => ScheduleSpec::Cosine {
+                num_train_timesteps: n,
+                s: 0.008,
+                max_beta: 0.999,
+            },
+            "sigmoid" => ScheduleSpec::Sigmoid {
+                num_train_timesteps: n,
+                beta_start: b0,
+                beta_end: b1,
+            },
+            other => {
+                return Err(bad(
+                    sc_file,
+                    format!("beta_schedule {other:?} is not supported"),
+                ))
+            }
+        };
+        let prediction = match sc
+            .get("prediction_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("epsilon")
+        {
+            "epsilon" => Prediction::Epsilon,
+            "v_prediction" => Prediction::V,
+            "sample" => Prediction::Sample,
+            other => {
+                return Err(bad(
+                    sc_file,
+                    format!("prediction_type {other:?} is not supported"),
+                ))
+            }
+        };
+        let size = match unet.get("sample_size") {
+            Some(serde_json::Value::Array(a)) if a.len() == 2 => [
+                a[0].as_u64().unwrap_or(0) as usize,
+                a[1].as_u64().unwrap_or(0) as usize,
+            ],
+            Some(v) => [v.as_u64().unwrap_or(0) as usize; 2],
+            None => [0, 0],
+        };
+        let channels = int(&unet, "in_channels").unwrap_or(4);
+        let factor = 1usize
+            << vae
+                .get("block_out_channels")
+                .and_then(|v| v.as_array())
+                .map_or(3, |a| a.len().saturating_sub(1));
+        let hidden = int(&text, "hidden_size")
+            .ok_or_else(|| bad("text_encoder/config.json", "no hidden_size".into()))?;
+        let max_length = int(&tok, "model_max_length")
+            .filter(|&l| l < 10_000)
+            .unwrap_or(77);
+        Ok(PipelineConfig {
+            format_version: 1,
+            kind: "text-to-image".into(),
+            pipeline: None,
+            name: dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            description: "optimum ONNX pipeline folder (configs read from its JSON files)".into(),
+            prediction,
+            schedule,
+            num_train_timesteps: n,
+            spacing: sc
+                .get("timestep_spacing")
+                .and_then(|v| v.as_str())
+                .unwrap_or("leading")
+                .into(),
+            steps_offset: int(&sc, "steps_offset").unwrap_or(0),
+            set_alpha_to_one: sc
+                .get("set_alpha_to_one")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(true),
+            latent_shape: [channels, size[0], size[1]],
+            image_shape: [
+                int(&vae, "out_channels").unwrap_or(3),
+                size[0] * factor,
+                size[1] * factor,
+            ],
+            data_range: [-1.0, 1.0],
+            vae: VaeScaling {
+                scaling_factor: num(&vae, "scaling_factor").unwrap_or(0.18215),
+                shift_factor: num(&vae, "shift_factor"),
+            },
+            text: TextConfig {
+                max_length,
+                hidden_size: hidden,
+            },
+            guidance: default_guidance(),
+        })
+    }
+
+    /// The model contract's metadata of the U-Net: it samples the latents.
+    pub(crate) fn unet_metadata(&self) -> ModelMetadata {
+        ModelMetadata {
+            format_version: 1,
+            name: self.name.clone(),
+            description: self.description.clone(),
+            prediction: self.prediction,
+            time_input: TimeInput::Index,
+            schedule: self.schedule.clone(),
+            sample_shape: self.latent_shape,
+            data_range: self.data_range,
+            conditioning: Some(Conditioning::Text {
+                max_length: self.text.max_length,
+                hidden_size: self.text.hidden_size,
+            }),
+            extra: serde_json::to_value(self)
+                .ok()
+                .map(|p| serde_json::json!({ "pipeline": p })),
+        }
+    }
+}
+
+/// The graphs around the U-Net: text encoder, tokenizer, VAE decoder.
+pub struct Pipeline {
+    config: PipelineConfig,
+    dir: PathBuf,
+    tokenizer: ClipTokenizer,
+    text_encoder: Session,
+    vae_decoder: Session,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("dir", &self.dir)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// Whether `dir` is a pipeline folder (it has a model_index.json).
+pub(crate) fn is_pipeline_dir(dir: &Path) -> bool {
+    dir.join("model_index.json").is_file()
+}
+
+/// Refuses pipeline classes other than Stable Diffusion's text-to-image, naming the family.
+fn check_class(dir: &Path) -> Result<()> {
+    let index = read_json(&dir.join("model_index.json"))?;
+    let class = index
+        .get("_class_name")
+        .and_then(|v| v.as_str())
+        .unwrap_or("(none)");
+    if SUPPORTED_PIPELINES.contains(&class) {
+        return Ok(());
+    }
+    let family = REFUSED
+        .iter()
+        .find(|(prefix, _)| class.contains(prefix))
+        .map_or(String::new(), |(_, what)| format!(" is {what}"));
+    Err(Error::Contract {
+        path: dir.join("model_index.json"),
+        detail: format!(
+            "the pipeline class {class}{family}; edgediff runs {} folders (Stable Diffusion 1.x/2.x and their fine-tunes)",
+            SUPPORTED_PIPELINES[0]
+        ),
+    })
+}
+
+impl Pipeline {
+    /// Opens the folder's U-Net as a [`Network`] and the rest as a [`Pipeline`], checking that
+    /// the parts fit together (the text encoder's width is the U-Net's cross-attention width).
+    pub(crate) fn open(
+        dir: &Path,
+        opts: &NetworkOptions,
+    ) -> Result<(Network, ModelMetadata, Pipeline)> {
+        check_class(dir)?;
+        let manifest = dir.join("edgediff.json");
+        let config: PipelineConfig = if manifest.is_file() {
+            serde_json::from_value(read_json(&manifest)?).map_err(|e| Error::Metadata {
+                path: manifest.clone(),
+                detail: format!("malformed field: {e}"),
+            })?
+        } else {
+            PipelineConfig::derive(dir)?
+        };
+        let contract = |detail: String| Error::Contract {
+            path: dir.into(),
+            detail,
+        };
+        if config.kind != "text-to-image" {
+            return Err(contract(format!(
+                "kind {:?} is not supported (text-to-image)",
+                config.kind
+            )));
+        }
+        config.spacing()?;
+        for part in ["unet", "text_encoder", "vae_decoder"] {
+            if !dir.join(part).join("model.onnx").is_file() {
+                return Err(Error::ModelFile {
+                    path: dir.join(part).join("model.onnx"),
+                    detail: format!(
+                        "the pipeline folder has no {part} graph ({part}/model.onnx); export the whole pipeline"
+                    ),
+                });
+            }
+        }
+        // The U-Net's config names its cross-attention width; the graph's declared input too.
+        let cross = read_json(&dir.join("unet/config.json"))
+            .ok()
+            .and_then(|c| c.get("cross_attention_dim").and_then(|v| v.as_u64()));
+        let hidden = config.text.hidden_size;
+        if let Some(cross) = cross.filter(|&c| c as usize != hidden) {
+            return Err(contract(format!(
+                "the text encoder's hidden size {hidden} differs from the U-Net's cross-attention size {cross}: the parts do not belong together"
+            )));
+        }
+        let metadata = config.unet_metadata();
+        // Every check of the metadata record applies to the derived one too.
+        ModelMetadata::from_json(&serde_json::to_string(&metadata).unwrap_or_default()).map_err(
+            |detail| Error::Metadata {
+                path: manifest.clone(),
+                detail,
+            },
+        )?;
+        let (network, _) = Network::open(&dir.join("unet/model.onnx"), opts)?;
+        match network.context_shape {
+            None => {
+                return Err(contract(
+                    "unet/model.onnx has no 'encoder_hidden_states' input; a text-to-image U-Net needs one".into(),
+                ))
+            }
+            Some([l, d]) => {
+                if d >= 0 && d as usize != hidden {
+                    return Err(contract(format!(
+                        "the text encoder's hidden size {hidden} differs from the U-Net's cross-attention size {d} (unet/model.onnx): the parts do not belong together"
+                    )));
+                }
+                if l >= 0 && l as usize != config.text.max_length {
+                    return Err(contract(format!(
+                        "the U-Net takes {l} tokens of text but the tokenizer makes {}",
+                        config.text.max_length
+                    )));
+                }
+            }
+        }
+        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+        if tokenizer.max_length() != config.text.max_length {
+            return Err(contract(format!(
+                "the tokenizer makes {} tokens but the manifest says {}",
+                tokenizer.max_length(),
+                config.text.max_length
+            )));
+        }
+        let text_encoder = Network::graph_session(&dir.join("text_encoder/model.onnx"), opts)?;
+        let vae_decoder = Network::graph_session(&dir.join("vae_decoder/model.onnx"), opts)?;
+        Ok((
+            network,
+            metadata,
+            Pipeline {
+                config,
+                dir: dir.into(),
+                tokenizer,
+                text_encoder,
+                vae_decoder,
+            },
+        ))
+    }
+
+    /// The folder's record.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.config
+    }
+
+    /// The hidden states `[1, L, D]` of `prompt` (tokenized and padded to L); a prompt longer
+    /// than L tokens is truncated with a warning naming what was dropped.
+    pub fn encode_prompt(&mut self, prompt: &str) -> Result<Array3<f32>> {
+        let encoded = self.tokenizer.encode(prompt);
+        if let Some(warning) = encoded.warning() {
+            log::warn!("{warning}");
+        }
+        let ids = Array2::from_shape_vec((1, encoded.ids.len()), encoded.ids)
+            .map_err(|e| Error::invalid(e.to_string()))?;
+        self.encode_ids(ids)
+    }
+
+    /// The text encoder's `last_hidden_state` `[N, L, D]` for token ids `[N, L]`.
+    pub fn encode_ids(&mut self, ids: Array2<i64>) -> Result<Array3<f32>> {
+        let path = self.dir.join("text_encoder/model.onnx");
+        let input =
+            TensorRef::from_array_view(ids.view()).map_err(Error::ort("input_ids tensor"))?;
+        let outputs = self
+            .text_encoder
+            .run(ort::inputs!["input_ids" => input])
+            .map_err(Error::ort("running the text encoder"))?;
+        let out = outputs
+            .get("last_hidden_state")
+            .unwrap_or(&outputs[0])
+            .try_extract_array::<f32>()
+            .map_err(Error::ort("reading the text encoder's output"))?
+            .to_owned()
+            .into_dimensionality::<Ix3>()
+            .map_err(|_| Error::Contract {
+                path: path.clone(),
+                detail: "last_hidden_state is not [N, L, D]".into(),
+            })?;
+        if out.shape()[2] != self.config.text.hidden_size {
+            return Err(Error::Contract {
+                path,
+                detail: format!(
+                    "the text encoder's hidden size {} differs from the U-Net's cross-attention size {}",
+                    out.shape()[2],
+                    self.config.text.hidden_size
+                ),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Images `[N, C, H, W]` in the data range from sampled latents `[N, c, h, w]`: the VAE
+    /// decodes `latents / scaling_factor + shift_factor`, and its output is clamped to the data
+    /// range, as diffusers' image post-processing does (VAE decoders overshoot it).
+    pub fn decode(&mut self, latents: &Array4<f32>) -> Result<Array4<f32>> {
+        let VaeScaling {
+            scaling_factor,
+            shift_factor,
+        } = self.config.vae;
+        let (scale, shift) = (scaling_factor as f32, shift_factor.unwrap_or(0.0) as f32);
+        // Divided, not multiplied by the reciprocal: diffusers divides, and this keeps its rounding.
+        let z = latents.mapv(|v| v / scale + shift);
+        let path = self.dir.join("vae_decoder/model.onnx");
+        let input =
+            TensorRef::from_array_view(z.view()).map_err(Error::ort("latent_sample tensor"))?;
+        let outputs = self
+            .vae_decoder
+            .run(ort::inputs!["latent_sample" => input])
+            .map_err(Error::ort("running the VAE decoder"))?;
+        let out = outputs[0]
+            .try_extract_array::<f32>()
+            .map_err(Error::ort("reading the VAE decoder's output"))?
+            .to_owned()
+            .into_dimensionality::<Ix4>()
+            .map_err(|_| Error::Contract {
+                path: path.clone(),
+                detail: "the VAE decoder's output is not [N, C, H, W]".into(),
+            })?;
+        let [c, h, w] = self.config.image_shape;
+        if out.shape()[1..] != [c, h, w] || out.len_of(Axis(0)) != latents.len_of(Axis(0)) {
+            return Err(Error::Contract {
+                path,
+                detail: format!(
+                    "the VAE decoder gave {:?}; the manifest's image_shape is {:?}",
+                    out.shape(),
+                    self.config.image_shape
+                ),
+            });
+        }
+        let [lo, hi] = self.config.data_range;
+        Ok(out.mapv(|v| v.clamp(lo as f32, hi as f32)))
+    }
+}

@@ -1,0 +1,175 @@
+"""Text-to-image (issue 18): a tiny random StableDiffusionPipeline exported by
+`edgediff-export diffusers DIR --out OUT` and sampled by the runtime, against diffusers.
+
+The pipeline is built from configs in the test (tests/sd_tiny.py, ~10 s, no download);
+diffusers and transformers are test-only dependencies (tools/requirements.txt).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sd_tiny
+from conftest import ROOT, run_cli
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+EXPORTER = {"PYTHONPATH": str(ROOT / "exporter" / "src")}
+
+
+def export(src: Path, out: Path, check: bool = True) -> subprocess.CompletedProcess:
+    import os
+    env = {**os.environ, **EXPORTER}
+    proc = subprocess.run([sys.executable, "-m", "edgediff_export.export", "diffusers", str(src),
+                           "--out", str(out)], capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"export failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory) -> tuple[Path, Path]:
+    """(the diffusers folder, our exported folder)."""
+    d = tmp_path_factory.mktemp("sd")
+    src = sd_tiny.build(d / "tiny")
+    out = d / "tiny-edgediff"
+    proc = export(src, out)
+    print(proc.stderr[-600:])
+    return src, out
+
+
+def test_export_writes_the_optimum_layout_and_checks_every_graph(tiny_pipeline):
+    src, out = tiny_pipeline
+    for f in ("model_index.json", "edgediff.json", "text_encoder/model.onnx", "unet/model.onnx",
+              "vae_decoder/model.onnx", "vae_encoder/model.onnx", "scheduler/scheduler_config.json",
+              "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer_config.json",
+              "tokenizer/special_tokens_map.json", "unet/config.json", "vae_decoder/config.json",
+              "text_encoder/config.json"):
+        assert (out / f).is_file(), f
+    m = json.loads((out / "edgediff.json").read_text())
+    assert m["kind"] == "text-to-image"
+    assert m["schedule"] == {"kind": "quadratic", "num_train_timesteps": 1000,
+                             "beta_start": 0.00085, "beta_end": 0.012}
+    assert (m["spacing"], m["steps_offset"], m["set_alpha_to_one"]) == ("leading", 1, False)
+    assert m["latent_shape"] == [4, 8, 8] and m["image_shape"] == [3, 16, 16]
+    assert m["vae"] == {"scaling_factor": 0.18215, "shift_factor": None}
+    assert m["text"] == {"max_length": 77, "hidden_size": 32}
+    # The exported vocabulary is the tokenizer's own: transformers loads it to the same ids.
+    from transformers import CLIPTokenizer
+    ours = CLIPTokenizer(str(out / "tokenizer" / "vocab.json"), str(out / "tokenizer" / "merges.txt"))
+    theirs = CLIPTokenizer.from_pretrained(str(src / "tokenizer"))
+    for text in ("a photo of a cat", "", "the lighthouse at dusk, blurry!", "zebra 123"):
+        assert ours(text).input_ids == theirs(text).input_ids, text
+
+
+def test_text_encoder_hidden_states_match_transformers(tiny_pipeline):
+    import onnxruntime as ort
+    from transformers import CLIPTextModel, CLIPTokenizer
+    src, out = tiny_pipeline
+    tok = CLIPTokenizer.from_pretrained(str(src / "tokenizer"))
+    ids = tok(["a lighthouse at dusk", "", "blurry low quality"], padding="max_length",
+              max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = CLIPTextModel.from_pretrained(str(src / "text_encoder"))(ids).last_hidden_state.numpy()
+    sess = ort.InferenceSession(str(out / "text_encoder" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(["last_hidden_state"], {"input_ids": ids.numpy()})[0]
+    err = float(np.abs(got - ref).max())
+    print(f"text encoder max abs difference {err:.2e}")
+    assert err < 1e-4
+
+
+def test_unsupported_pipeline_classes_are_refused_by_name(tiny_pipeline, tmp_path):
+    src, _ = tiny_pipeline
+    import shutil
+    bad = tmp_path / "xl"
+    shutil.copytree(src, bad)
+    index = json.loads((bad / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLPipeline"
+    (bad / "model_index.json").write_text(json.dumps(index))
+    proc = export(bad, tmp_path / "out", check=False)
+    assert proc.returncode == 2
+    assert "StableDiffusionXLPipeline is SDXL" in proc.stderr
+
+
+PROMPT, NEGATIVE, GUIDANCE, STEPS = "a lighthouse at dusk", "blurry low quality", 7.5, 10
+TOL = 1e-3
+
+
+def diffusers_images(src: Path, scheduler: str, latents: np.ndarray) -> tuple[np.ndarray, list]:
+    """StableDiffusionPipeline's images in [-1, 1] from `latents`, and the scheduler's times."""
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(src), safety_checker=None,
+                                                             requires_safety_checker=False)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        images = pipe(PROMPT, negative_prompt=NEGATIVE, guidance_scale=GUIDANCE,
+                      num_inference_steps=STEPS, latents=torch.from_numpy(latents),
+                      num_images_per_prompt=latents.shape[0],
+                      output_type="pt").images
+    pipe.scheduler.set_timesteps(STEPS)
+    return images.numpy() * 2 - 1, [float(t) for t in pipe.scheduler.timesteps]
+
+
+# diffusers' scheduler -> edgediff's sampler. DDIM and Euler run on the pipeline's defaults
+# (leading spacing, steps_offset 1, set_alpha_to_one false) with no flag; DPMSolverMultistep's
+# "leading" divides by steps + 1 (its own definition), so its times are passed explicitly.
+SAMPLERS = [("DDIMScheduler", "ddim", False), ("EulerDiscreteScheduler", "ode-euler", False),
+            ("DPMSolverMultistepScheduler", "dpm++2m", True)]
+
+
+@pytest.mark.parametrize("scheduler,sampler,explicit", SAMPLERS, ids=[s[1] for s in SAMPLERS])
+def test_images_match_diffusers_pipeline(edgediff_bin, tiny_pipeline, tmp_path, scheduler, sampler,
+                                         explicit):
+    src, out = tiny_pipeline
+    latents = np.random.default_rng(5).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    ref, times = diffusers_images(src, scheduler, latents)
+    np.save(tmp_path / "init.npy", latents)
+    extra = ["--timesteps", ",".join(f"{t:g}" for t in times)] if explicit else ["--steps", str(STEPS)]
+    run_cli(edgediff_bin, "sample", "--model", str(out), "--prompt", PROMPT, "--negative-prompt",
+            NEGATIVE, "--guidance", str(GUIDANCE), "--sampler", sampler, "--init-noise",
+            str(tmp_path / "init.npy"), "--out", str(tmp_path / "img.npy"), "-q", *extra)
+    got = np.load(tmp_path / "img.npy")
+    assert got.shape == ref.shape == (2, 3, 16, 16)
+    err = float(np.abs(got - ref).max())
+    inside = float(np.mean(np.abs(ref) < 0.999))
+    print(f"parity {sampler} vs {scheduler}: max abs difference {err:.2e} "
+          f"({inside:.0%} of pixels inside (-1, 1))")
+    assert err <= TOL, f"max abs difference {err:.2e}"
+    assert inside > 0.5, "the images saturate: the comparison would prove little"
+
+
+def test_guidance_and_the_negative_prompt_change_the_images(edgediff_bin, tiny_pipeline, tmp_path):
+    _, out = tiny_pipeline
+    runs = {}
+    for name, args in {"guided": ["--negative-prompt", NEGATIVE], "plain": ["--guidance", "1"],
+                       "other": ["--negative-prompt", "a red dog"]}.items():
+        run_cli(edgediff_bin, "sample", "--model", str(out), "--prompt", PROMPT, "--steps", "5",
+                "-n", "1", "--out", str(tmp_path / f"{name}.npy"), "-q", *args)
+        runs[name] = np.load(tmp_path / f"{name}.npy")
+    assert np.abs(runs["guided"] - runs["plain"]).max() > 1e-3
+    assert np.abs(runs["guided"] - runs["other"]).max() > 1e-3
+
+
+def test_an_optimum_folder_without_edgediff_json_loads_the_same(edgediff_bin, tiny_pipeline, tmp_path):
+    import shutil
+    _, out = tiny_pipeline
+    bare = tmp_path / "optimum"
+    shutil.copytree(out, bare)
+    (bare / "edgediff.json").unlink()
+    info = json.loads(run_cli(edgediff_bin, "info", "--model", str(bare), "--json").stdout)
+    ours = json.loads(run_cli(edgediff_bin, "info", "--model", str(out), "--json").stdout)
+    assert info["conditioning"] == ours["conditioning"] == {"type": "text", "max_length": 77,
+                                                            "hidden_size": 32}
+    assert info["schedule"] == ours["schedule"] and info["sample_shape"] == [4, 8, 8]
+    for d in (bare, out):
+        run_cli(edgediff_bin, "sample", "--model", str(d), "--prompt", PROMPT, "--steps", "4",
+                "-n", "1", "--out", str(tmp_path / f"{d.name}.npy"), "-q")
+    assert np.array_equal(np.load(tmp_path / "optimum.npy"), np.load(tmp_path / f"{out.name}.npy"))
