@@ -94,7 +94,8 @@ pub struct Encoded {
     /// `bos`, the tokens, `eos`, padding: exactly [`ClipTokenizer::max_length`] ids.
     pub ids: Vec<i64>,
     /// The text cut off at the end (None if it fit): the prompt from the first character of the
-    /// first dropped token on, as the caller wrote it (not lower-cased).
+    /// first dropped token on, as the caller wrote it (not lower-cased). Where that token lies in
+    /// a word that NFC changes (decomposed accents), from the start of that word.
     pub truncated: Option<String>,
 }
 
@@ -178,9 +179,12 @@ pub struct ClipTokenizer {
     max_length: usize,
     vocab_size: usize,
     pattern: Regex,
-    /// BPE results of words seen before: (token id, start of the token in the word's bytes).
-    cache: Mutex<HashMap<Box<[u8]>, Box<[(u32, u32)]>>>,
+    /// BPE results of words seen before.
+    cache: Mutex<WordCache>,
 }
+
+/// A word's bytes -> its tokens as (id, start of the token in the word's bytes).
+type WordCache = HashMap<Box<[u8]>, Box<[(u32, u32)]>>;
 
 impl std::fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -452,8 +456,9 @@ impl ClipTokenizer {
     fn bpe(&self, word: &[u8], f: &mut dyn FnMut(u32, usize) -> ControlFlow<()>) -> ControlFlow<()> {
         let cacheable = word.len() <= CACHE_WORD_BYTES;
         if cacheable {
-            let hit = self.lock_cache().get(word).cloned();
-            if let Some(tokens) = hit {
+            // `f` only collects ids (it never reaches the cache), so it may run under the lock.
+            let cache = self.lock_cache();
+            if let Some(tokens) = cache.get(word) {
                 return tokens.iter().try_for_each(|&(id, at)| f(id, at as usize));
             }
         }
@@ -470,7 +475,7 @@ impl ClipTokenizer {
         ControlFlow::Continue(())
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<Box<[u8]>, Box<[(u32, u32)]>>> {
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, WordCache> {
         // A panic while holding the lock cannot leave a half-written entry (insert is one call),
         // so a poisoned cache is still a valid one.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
@@ -743,6 +748,13 @@ mod tests {
         let long = Encoded { ids: vec![0; 77], truncated: Some("x".repeat(250)) };
         assert!(long.warning().unwrap().ends_with("... (50 more characters)'"));
         assert_eq!(Encoded { ids: vec![], truncated: None }.warning(), None);
+    }
+
+    #[test]
+    fn shareable_between_threads() {
+        // The pipeline may hold one tokenizer in a model shared by threads (the C API's).
+        fn check<T: Send + Sync>() {}
+        check::<ClipTokenizer>();
     }
 
     #[test]
