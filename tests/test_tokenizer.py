@@ -21,13 +21,12 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import unicodedata
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT
 
 EXPORTER_SRC = ROOT / "exporter" / "src"
 
@@ -296,7 +295,8 @@ def _decoder(d: Path):  # transformers 4.3x saves: added_tokens_decoder in token
 
 
 @pytest.mark.parametrize("name", ["sd2-pad", "textual-inversion", "legacy-sd15", "added-tokens-decoder",
-                                  "max-length-16", "tokenizer-json", "tokenizer-json-ti"])
+                                  "max-length-16", "tokenizer-json", "tokenizer-json-ti",
+                                  "tokenizer-json-normalized"])
 def test_folder_variants(edgediff_bin, clip_dir, tmp_path, name):
     if name == "sd2-pad":
         d = write_vocab(tmp_path / name, "--pad-token", "!")
@@ -318,6 +318,11 @@ def test_folder_variants(edgediff_bin, clip_dir, tmp_path, name):
                   f"CLIPTokenizer.from_pretrained({str(src)!r}).save_pretrained({str(d)!r})")
         subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
         assert not (d / "vocab.json").exists() and (d / "tokenizer.json").exists()
+        if name == "tokenizer-json-normalized":  # the hub's openai/clip-vit-* tokenizer.json flags
+            tj = json.loads((d / "tokenizer.json").read_text())
+            for t in tj["added_tokens"]:
+                t["normalized"] = True
+            (d / "tokenizer.json").write_text(json.dumps(tj))
     max_length = 16 if name == "max-length-16" else 77
     ref = reference(tmp_path, d, VARIANT_STRINGS, max_length)
     rows, _ = edgediff_tokenize(edgediff_bin, d, VARIANT_STRINGS)
