@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use argh::FromArgs;
 
@@ -34,10 +35,16 @@ pub(super) fn tokenize(cmd: TokenizeCmd) -> Result<()> {
     let stdin = std::io::stdin();
     let source = Path::new("<stdin>");
     let mut out = std::io::stdout().lock();
+    // Time in encode alone (not reading, JSON, writing), logged at the end: RUST_LOG=info.
+    let mut encoding = Duration::ZERO;
+    let mut prompts = 0usize;
     for (i, line) in prompt_lines(stdin.lock(), source).enumerate() {
         let line = line?;
         let prompt = if cmd.json_input { json_string(&line, i + 1, source)? } else { line };
+        let start = Instant::now();
         let e = tok.encode(&prompt);
+        encoding += start.elapsed();
+        prompts += 1;
         let text = if cmd.json {
             serde_json::json!({ "ids": e.ids, "truncated": e.truncated }).to_string()
         } else {
@@ -49,6 +56,11 @@ pub(super) fn tokenize(cmd: TokenizeCmd) -> Result<()> {
             .and_then(|()| out.flush())
             .map_err(Error::io("writing the token ids"))?;
     }
+    log::info!(
+        "encoded {prompts} prompts in {:.6} s ({:.2} us per prompt)",
+        encoding.as_secs_f64(),
+        encoding.as_secs_f64() * 1e6 / prompts.max(1) as f64
+    );
     Ok(())
 }
 

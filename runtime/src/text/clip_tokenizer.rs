@@ -13,11 +13,13 @@
 //!    stay and are tokenised as punctuation.
 //! 3. **Added tokens marked `normalized`** (textual-inversion tokens) are cut out of the
 //!    normalised text, matched in their own normalised form.
-//! 4. **Pre-tokenisation** by CLIP's pattern: `'s|'t|'re|'ve|'m|'ll|'d`, runs of letters
-//!    `\p{L}+`, single digits `\p{N}` (so "2024" is four tokens), runs of anything else but
-//!    space; spaces separate and vanish. CLIP's own pattern also lists the two special tokens,
-//!    but transformers follows it by GPT-2's byte-level split, which cuts such a match into
-//!    `<|`, `endoftext`, `|>` again: the same as leaving them out, as done here.
+//! 4. **Pre-tokenisation** by CLIP's pattern: the two special tokens' text,
+//!    `'s|'t|'re|'ve|'m|'ll|'d`, runs of letters `\p{L}+`, single digits `\p{N}` (so "2024" is
+//!    four tokens), runs of anything else but space; spaces separate and vanish. transformers
+//!    then applies GPT-2's byte-level split to each piece, which changes only the special
+//!    tokens' text (the one piece that mixes letters and punctuation): `<|endoftext|>` becomes
+//!    `<|`, `endoftext`, `|>`. (It still matters that the pattern matched it whole: in
+//!    `<|endoftext|>!!` the `!!` stays a word of its own rather than joining `|>`.)
 //! 5. **Byte-level BPE** on each word: its UTF-8 bytes as GPT-2's printable byte symbols, the
 //!    last one with the end-of-word suffix `</w>`, then the merge rules applied best rank first
 //!    (leftmost among equals) until none applies.
@@ -46,7 +48,7 @@ const SUFFIX: &str = "</w>";
 
 /// CLIP's pre-tokenisation pattern, on text whose whitespace is already single spaces (so
 /// `[^ ...]` is the `[^\s ...]` of the original; see step 4 of the module docs).
-const PATTERN: &str = r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^ \p{L}\p{N}]+";
+const PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^ \p{L}\p{N}]+";
 
 /// Words up to this many bytes are cached (longer ones are rare and would bloat the cache).
 const CACHE_WORD_BYTES: usize = 64;
@@ -92,7 +94,8 @@ pub struct Encoded {
     /// `bos`, the tokens, `eos`, padding: exactly [`ClipTokenizer::max_length`] ids.
     pub ids: Vec<i64>,
     /// The text cut off at the end (None if it fit): the prompt from the first character of the
-    /// first dropped token on, as the caller wrote it (not lower-cased).
+    /// first dropped token on, as the caller wrote it (not lower-cased). Where that token lies in
+    /// a word that NFC changes (decomposed accents), from the start of that word.
     pub truncated: Option<String>,
 }
 
@@ -176,9 +179,12 @@ pub struct ClipTokenizer {
     max_length: usize,
     vocab_size: usize,
     pattern: Regex,
-    /// BPE results of words seen before: (token id, start of the token in the word's bytes).
-    cache: Mutex<HashMap<Box<[u8]>, Box<[(u32, u32)]>>>,
+    /// BPE results of words seen before.
+    cache: Mutex<WordCache>,
 }
+
+/// A word's bytes -> its tokens as (id, start of the token in the word's bytes).
+type WordCache = HashMap<Box<[u8]>, Box<[(u32, u32)]>>;
 
 impl std::fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -261,6 +267,18 @@ pub(super) fn normalize(text: &str, base: usize) -> (String, Vec<usize>) {
         pos += word_len;
     }
     (out, offs)
+}
+
+/// GPT-2's byte-level split of one CLIP word (see step 4): the special tokens' text in three,
+/// every other word whole. Yields (offset in the word, part).
+fn byte_level_split(word: &str) -> impl Iterator<Item = (usize, &str)> {
+    let n = word.len();
+    let parts = if word == BOS || word == EOS {
+        [(0, &word[..2]), (2, &word[2..n - 2]), (n - 2, &word[n - 2..])]
+    } else {
+        [(0, word), (n, ""), (n, "")]
+    };
+    parts.into_iter().filter(|(_, p)| !p.is_empty())
 }
 
 /// A piece of text between added tokens, or an added token: what [`split_added`] yields.
@@ -421,7 +439,10 @@ impl ClipTokenizer {
                     Piece::Text(s, e) => {
                         for word in self.pattern.find_iter(&norm[s..e]) {
                             let first = s + word.start();
-                            self.bpe(word.as_str().as_bytes(), &mut |id, at| f(id, offs[first + at]))?;
+                            for (at, part) in byte_level_split(word.as_str()) {
+                                let first = first + at;
+                                self.bpe(part.as_bytes(), &mut |id, at| f(id, offs[first + at]))?;
+                            }
                         }
                         ControlFlow::Continue(())
                     }
@@ -435,8 +456,9 @@ impl ClipTokenizer {
     fn bpe(&self, word: &[u8], f: &mut dyn FnMut(u32, usize) -> ControlFlow<()>) -> ControlFlow<()> {
         let cacheable = word.len() <= CACHE_WORD_BYTES;
         if cacheable {
-            let hit = self.lock_cache().get(word).cloned();
-            if let Some(tokens) = hit {
+            // `f` only collects ids (it never reaches the cache), so it may run under the lock.
+            let cache = self.lock_cache();
+            if let Some(tokens) = cache.get(word) {
                 return tokens.iter().try_for_each(|&(id, at)| f(id, at as usize));
             }
         }
@@ -453,7 +475,7 @@ impl ClipTokenizer {
         ControlFlow::Continue(())
     }
 
-    fn lock_cache(&self) -> std::sync::MutexGuard<'_, HashMap<Box<[u8]>, Box<[(u32, u32)]>>> {
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, WordCache> {
         // A panic while holding the lock cannot leave a half-written entry (insert is one call),
         // so a poisoned cache is still a valid one.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
@@ -726,6 +748,13 @@ mod tests {
         let long = Encoded { ids: vec![0; 77], truncated: Some("x".repeat(250)) };
         assert!(long.warning().unwrap().ends_with("... (50 more characters)'"));
         assert_eq!(Encoded { ids: vec![], truncated: None }.warning(), None);
+    }
+
+    #[test]
+    fn shareable_between_threads() {
+        // The pipeline may hold one tokenizer in a model shared by threads (the C API's).
+        fn check<T: Send + Sync>() {}
+        check::<ClipTokenizer>();
     }
 
     #[test]

@@ -25,6 +25,9 @@ use serde_json::Value;
 use super::clip_tokenizer::{AddedToken, Culprit, Parts, BOS, DEFAULT_MAX_LENGTH, EOS, MAX_MAX_LENGTH};
 use crate::{Error, Result};
 
+/// Merge rules, best first.
+type Merges = Vec<(String, String)>;
+
 /// The roles of special tokens, in transformers' order, with CLIP's defaults.
 const ROLES: [(&str, &str); 4] = [("bos_token", BOS), ("eos_token", EOS), ("unk_token", EOS), ("pad_token", EOS)];
 
@@ -101,7 +104,7 @@ fn vocab_from(v: &Value) -> std::result::Result<HashMap<String, u32>, String> {
 }
 
 /// `merges.txt`: an optional `#version` line, then "a b" per line, best first.
-pub(super) fn read_merges_txt(path: &Path) -> Result<Vec<(String, String)>> {
+pub(super) fn read_merges_txt(path: &Path) -> Result<Merges> {
     let text = read_text(path)?;
     let mut merges = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -294,7 +297,7 @@ fn added_token(t: &Value, id: u32) -> std::result::Result<AddedToken, String> {
 
 /// The vocabulary, merges and added tokens of a `tokenizer.json`, after checking that it
 /// describes CLIP's tokenisation.
-fn read_tokenizer_json(path: &Path) -> Result<(HashMap<String, u32>, Vec<(String, String)>, Vec<AddedToken>)> {
+fn read_tokenizer_json(path: &Path) -> Result<(HashMap<String, u32>, Merges, Vec<AddedToken>)> {
     let j = read_json(path)?;
     let model = j.get("model").ok_or_else(|| bad(path, "has no \"model\""))?;
     let is = |v: Option<&Value>, want: &str| v.and_then(Value::as_str) == Some(want);

@@ -8,8 +8,8 @@
 //! # Why our own code, not the `tokenizers` crate
 //! - **Dependency weight.** `tokenizers` with its default features compiles Oniguruma (C) and
 //!   esaxx (C++) from source and pulls rayon, indicatif and four model types with their
-//!   trainers: a C/C++ toolchain in every build (cross-compiling for a Jetson
-//!   included) and megabytes in the binary, for one small algorithm. Here it is std, `regex`
+//!   trainers: a C/C++ toolchain in every build (cross-compiling for a Jetson included) and a
+//!   large dependency tree, for one small algorithm. Here it is std, `regex`
 //!   (already in the tree; only its Unicode general-category tables are added, for `\p{L}` and
 //!   `\p{N}`) and `unicode-normalization` (the NFC tables).
 //! - **Exactness.** CLIP's tokenisation is small and fully specified by transformers'
@@ -17,14 +17,16 @@
 //!   CLIP's split pattern, byte-level BPE with a `</w>` end-of-word suffix, added tokens matched
 //!   before and after normalisation). Each step is written out and commented below, and the
 //!   parity test (`tests/test_tokenizer.py`) compares ids with transformers on over a thousand
-//!   strings and on every assigned Unicode code point, so a difference shows up as a test failure
-//!   rather than hiding in a general-purpose library's configuration.
+//!   strings and on every assigned Unicode code point (sampled in the large ideograph
+//!   blocks), so a difference shows up as a test failure rather than hiding in a
+//!   general-purpose library's configuration.
 //! - **Speed.** Only the prompt's first 77 tokens are needed: encoding stops at the first token
-//!   past the limit (a 10 MB prompt costs as much as a 77-token one), merges run on token ids with
-//!   a priority queue (n log n in the word's length, not n²), and words are cached.
+//!   past the limit, so the BPE work of a long prompt is that of what fits (the rest is only
+//!   lower-cased and NFC-checked); merges run on token ids with a priority queue (n log n in a
+//!   word's length, not n²), and words are cached.
 //!
 //! # Which reference, and why (transformers 5, no ftfy)
-//! transformers 4.x had two CLIP tokenizers: a slow Python one that ran `ftfy.fix_text` when
+//! transformers 4.x (to 4.57) had two CLIP tokenizers: a slow Python one that ran `ftfy.fix_text` when
 //! ftfy was importable and a BERT-style `BasicTokenizer` clean-up otherwise (which also put
 //! spaces around CJK characters and dropped control characters), and a fast one backed by
 //! `tokenizers`. transformers 5 (the one that installs beside diffusers 0.42, which needs
