@@ -403,7 +403,12 @@ impl Network {
     }
 
     /// A session on `opts.provider` (or the CPU when it is unavailable and `fallback_cpu`).
-    fn session(bytes: &[u8], in_place: bool, path: &Path, opts: &NetworkOptions) -> Result<Session> {
+    fn session(
+        bytes: &[u8],
+        in_place: bool,
+        path: &Path,
+        opts: &NetworkOptions,
+    ) -> Result<Session> {
         let fallback = |why: String| -> Result<ort::session::builder::SessionBuilder> {
             if !opts.fallback_cpu {
                 return Err(Error::Provider {
@@ -511,7 +516,12 @@ impl Network {
                 "the graph takes both 'class_labels' and 'encoder_hidden_states'; the contract allows one conditioning".into(),
             ));
         }
-        let known = ["sample", "timestep", "class_labels", "encoder_hidden_states"];
+        let known = [
+            "sample",
+            "timestep",
+            "class_labels",
+            "encoder_hidden_states",
+        ];
         if let Some(extra) = session.inputs().iter().find(|o| !known.contains(&o.name())) {
             return Err(contract(format!(
                 "unexpected input '{}' (the contract allows {known:?})",
@@ -602,8 +612,8 @@ impl Network {
             )),
         }
         if self.has_class_labels {
-            let labels = class_labels
-                .ok_or_else(|| Error::invalid("this model needs class labels"))?;
+            let labels =
+                class_labels.ok_or_else(|| Error::invalid("this model needs class labels"))?;
             inputs.push((
                 "class_labels".into(),
                 Tensor::from_array(Array1::from_iter(labels.iter().copied()))

@@ -4,7 +4,7 @@
 
 use ndarray::{Array4, Axis, Zip};
 
-use crate::denoiser::{Denoised, Denoiser};
+use crate::denoiser::{Denoised, Denoiser, Rows};
 use crate::error::{Error, Result};
 use crate::schedule::NoiseLevel;
 
@@ -98,16 +98,11 @@ impl<D> Clipped<D> {
 }
 
 impl<D: Denoiser> Denoiser for Clipped<D> {
-    fn denoise_rows(
-        &mut self,
-        x: &Array4<f32>,
-        rows: &[usize],
-        levels: &[NoiseLevel],
-    ) -> Result<Denoised> {
-        let mut d = self.inner.denoise_rows(x, rows, levels)?;
+    fn denoise_rows(&mut self, x: &Array4<f32>, at: Rows<'_>) -> Result<Denoised> {
+        let mut d = self.inner.denoise_rows(x, at)?;
         if self.clip != X0Clip::None {
             self.clip.apply(&mut d.x0, self.range);
-            eps_from_x0(&mut d, x, levels);
+            eps_from_x0(&mut d, x, at.levels);
         }
         Ok(d)
     }
@@ -154,12 +149,8 @@ mod tests {
     struct Identity;
 
     impl Denoiser for Identity {
-        fn denoise_rows(
-            &mut self,
-            x: &Array4<f32>,
-            _rows: &[usize],
-            _levels: &[NoiseLevel],
-        ) -> Result<Denoised> {
+        fn denoise_rows(&mut self, x: &Array4<f32>, at: Rows<'_>) -> Result<Denoised> {
+            let _ = at;
             Ok(Denoised {
                 x0: x.clone(),
                 eps: Array4::zeros(x.raw_dim()),
@@ -183,7 +174,13 @@ mod tests {
             },
         ];
         let d = Clipped::new(Identity, X0Clip::Range, [-1.0, 1.0])
-            .denoise_rows(&x, &[], &levels)
+            .denoise_rows(
+                &x,
+                Rows {
+                    index: &[],
+                    levels: &levels,
+                },
+            )
             .unwrap();
         assert!(d.x0.iter().all(|v| (-1.0..=1.0).contains(v)));
         for (j, l) in levels.iter().enumerate() {
@@ -195,7 +192,13 @@ mod tests {
         }
         // Without clipping the answer passes through untouched.
         let d = Clipped::new(Identity, X0Clip::None, [-1.0, 1.0])
-            .denoise_rows(&x, &[], &levels)
+            .denoise_rows(
+                &x,
+                Rows {
+                    index: &[],
+                    levels: &levels,
+                },
+            )
             .unwrap();
         assert_eq!(d.x0, x);
         assert!(d.eps.iter().all(|&e| e == 0.0));

@@ -43,21 +43,32 @@ impl DenoisedPair {
     }
 }
 
+/// Which rows of a batch a denoiser is asked about, each at its own noise level.
+#[derive(Debug, Clone, Copy)]
+pub struct Rows<'a> {
+    /// The rows' indices in the batch the denoiser was built for (empty: all rows, in order);
+    /// for per-row conditioning and error messages.
+    pub index: &'a [usize],
+    /// Row j's noise level.
+    pub levels: &'a [NoiseLevel],
+}
+
 /// D(x, t): what every sampler calls.
 pub trait Denoiser {
     /// Predicts x0 and eps for the batch `x` at noise level `level` (never the clean level).
     fn denoise(&mut self, x: &Array4<f32>, level: &NoiseLevel) -> Result<Denoised> {
-        self.denoise_rows(x, &[], &vec![*level; x.shape()[0]])
+        self.denoise_rows(
+            x,
+            Rows {
+                index: &[],
+                levels: &vec![*level; x.shape()[0]],
+            },
+        )
     }
 
     /// Predicts x0 and eps for rows `rows` of the batch (all rows when empty), row j of `x`
     /// at its own level `levels[j]`: for solvers whose samples keep their own time.
-    fn denoise_rows(
-        &mut self,
-        x: &Array4<f32>,
-        rows: &[usize],
-        levels: &[NoiseLevel],
-    ) -> Result<Denoised>;
+    fn denoise_rows(&mut self, x: &Array4<f32>, at: Rows<'_>) -> Result<Denoised>;
 
     /// [`Denoiser::denoise_rows`] under the batch's own conditioning and under the one guidance
     /// steers away from, for guidance to combine. [`ModelDenoiser`] answers both with one
@@ -66,13 +77,8 @@ pub trait Denoiser {
     /// unconditional model, so both answers are the same and guidance leaves them unchanged.
     /// A wrapper placed between guidance and the model must forward this method, or the
     /// default would silently drop the second conditioning.
-    fn denoise_pair(
-        &mut self,
-        x: &Array4<f32>,
-        rows: &[usize],
-        levels: &[NoiseLevel],
-    ) -> Result<DenoisedPair> {
-        self.denoise_rows(x, rows, levels).map(DenoisedPair::same)
+    fn denoise_pair(&mut self, x: &Array4<f32>, at: Rows<'_>) -> Result<DenoisedPair> {
+        self.denoise_rows(x, at).map(DenoisedPair::same)
     }
 }
 
@@ -83,22 +89,12 @@ impl<D: Denoiser + ?Sized> Denoiser for &mut D {
         (**self).denoise(x, level)
     }
 
-    fn denoise_rows(
-        &mut self,
-        x: &Array4<f32>,
-        rows: &[usize],
-        levels: &[NoiseLevel],
-    ) -> Result<Denoised> {
-        (**self).denoise_rows(x, rows, levels)
+    fn denoise_rows(&mut self, x: &Array4<f32>, at: Rows<'_>) -> Result<Denoised> {
+        (**self).denoise_rows(x, at)
     }
 
-    fn denoise_pair(
-        &mut self,
-        x: &Array4<f32>,
-        rows: &[usize],
-        levels: &[NoiseLevel],
-    ) -> Result<DenoisedPair> {
-        (**self).denoise_pair(x, rows, levels)
+    fn denoise_pair(&mut self, x: &Array4<f32>, at: Rows<'_>) -> Result<DenoisedPair> {
+        (**self).denoise_pair(x, at)
     }
 }
 
@@ -299,12 +295,11 @@ fn pick(all: &Option<Vec<i64>>, rows: &[usize]) -> Option<Vec<i64>> {
 }
 
 impl Denoiser for ModelDenoiser<'_> {
-    fn denoise_rows(
-        &mut self,
-        x: &Array4<f32>,
-        rows: &[usize],
-        levels: &[NoiseLevel],
-    ) -> Result<Denoised> {
+    fn denoise_rows(&mut self, x: &Array4<f32>, at: Rows<'_>) -> Result<Denoised> {
+        let Rows {
+            index: rows,
+            levels,
+        } = at;
         self.check_cancel()?;
         let times = self.network_times(levels);
         let labels = pick(&self.class_labels, rows);
@@ -319,12 +314,11 @@ impl Denoiser for ModelDenoiser<'_> {
         Ok(self.to_denoised(out, x, levels))
     }
 
-    fn denoise_pair(
-        &mut self,
-        x: &Array4<f32>,
-        rows: &[usize],
-        levels: &[NoiseLevel],
-    ) -> Result<DenoisedPair> {
+    fn denoise_pair(&mut self, x: &Array4<f32>, at: Rows<'_>) -> Result<DenoisedPair> {
+        let Rows {
+            index: rows,
+            levels,
+        } = at;
         // Labels for class-conditional graphs, hidden states for text-conditioned ones.
         let labels2: Option<Vec<i64>>;
         let context2: Option<Array3<f32>>;
@@ -347,7 +341,7 @@ impl Denoiser for ModelDenoiser<'_> {
                         .map_err(|e| Error::invalid(e.to_string()))?,
                 );
             }
-            _ => return self.denoise_rows(x, rows, levels).map(DenoisedPair::same),
+            _ => return self.denoise_rows(x, at).map(DenoisedPair::same),
         }
         self.check_cancel()?;
         let n = x.shape()[0];

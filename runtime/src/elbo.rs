@@ -59,7 +59,7 @@ use std::sync::Arc;
 
 use ndarray::{s, Array4, ArrayView4, ArrayView5, Axis};
 
-use crate::denoiser::{Denoiser, ModelDenoiser};
+use crate::denoiser::{Denoiser, ModelDenoiser, Rows};
 use crate::error::{Error, Result};
 use crate::gaussian::{discretized_gaussian_log_prob, gaussian_kl, prior_kl, Bin};
 use crate::generate::{class_label_for, MAX_BATCH_BYTES};
@@ -841,7 +841,13 @@ fn evaluate_batch(
             *x = (a * plan.x0(i, d) + s * e as f64) as f32;
         }
     }
-    let pred = den.denoise_rows(&xt, &rows, &lv)?;
+    let pred = den.denoise_rows(
+        &xt,
+        Rows {
+            index: &rows,
+            levels: &lv,
+        },
+    )?;
     for (r, &(i, j)) in jobs.iter().enumerate() {
         let (a, s) = (lv[r].alpha, lv[r].sigma);
         // x̂_0 in f64 from the network's eps and the very x_t it saw.

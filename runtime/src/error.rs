@@ -278,26 +278,42 @@ mod tests {
 
     #[test]
     fn names_render_per_caller() {
-        let e = Error::options("{0} and {1} exclude each other", &["clip_x0", "dynamic_threshold"]);
-        assert_eq!(e.to_string(), "invalid argument: clip_x0 and dynamic_threshold exclude each other");
+        let e = Error::options(
+            "{0} and {1} exclude each other",
+            &["clip_x0", "dynamic_threshold"],
+        );
+        assert_eq!(
+            e.to_string(),
+            "invalid argument: clip_x0 and dynamic_threshold exclude each other"
+        );
         let flag = |a: &str| format!("--{}", a.replace('_', "-"));
         assert_eq!(
             e.message_with(&flag),
             "invalid argument: --clip-x0 and --dynamic-threshold exclude each other"
         );
         let r = Error::out_of_range("eta", 2, "is outside [0, 1]");
-        assert_eq!(r.message_with(&flag), "invalid argument: --eta 2 is outside [0, 1]");
+        assert_eq!(
+            r.message_with(&flag),
+            "invalid argument: --eta 2 is outside [0, 1]"
+        );
         let a = r.argument().unwrap();
         assert_eq!(a.arg(), Some("eta"));
         assert_eq!(
             a.kind,
-            ArgumentKind::OutOfRange { value: "2".into(), allowed: "is outside [0, 1]".into() }
+            ArgumentKind::OutOfRange {
+                value: "2".into(),
+                allowed: "is outside [0, 1]".into()
+            }
         );
     }
 
     #[test]
     fn unknown_lists_what_is_expected() {
-        let e = Error::unknown("spacing", "odd", &["leading", "trailing", "linspace", "karras", "logsnr"]);
+        let e = Error::unknown(
+            "spacing",
+            "odd",
+            &["leading", "trailing", "linspace", "karras", "logsnr"],
+        );
         assert_eq!(
             e.to_string(),
             "invalid argument: unknown spacing 'odd'; expected leading, trailing, linspace, karras or logsnr"

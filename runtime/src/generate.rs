@@ -200,17 +200,25 @@ pub fn generate_chunks(
         steps_per_batch: lv.len() - 1,
         injected,
     };
-    run_batches(model, opts, &plan, ranges, progress, sink, &mut |b, x, progress| {
-        let mut tr = Trajectory {
-            den: b.den,
-            noise: b.noise,
-            levels: b.levels,
-            level_at_sbar: b.level_at_sbar,
-            step_counts: None,
-        };
-        let out = opts.sampler.run(&mut tr, x, &mut |i, _| progress(i))?;
-        Ok((out, tr.step_counts.take()))
-    })
+    run_batches(
+        model,
+        opts,
+        &plan,
+        ranges,
+        progress,
+        sink,
+        &mut |b, x, progress| {
+            let mut tr = Trajectory {
+                den: b.den,
+                noise: b.noise,
+                levels: b.levels,
+                level_at_sbar: b.level_at_sbar,
+                step_counts: None,
+            };
+            let out = opts.sampler.run(&mut tr, x, &mut |i, _| progress(i))?;
+            Ok((out, tr.step_counts.take()))
+        },
+    )
 }
 
 /// What every batch of a run shares: the label each network call gets, the levels, the
@@ -294,7 +302,10 @@ pub(crate) fn run_batches(
         let mut scale = guidance.map(|(w, _)| w);
         if let Some(t) = &text {
             // One row per sample: the same prompt for all today, a prompt per sample later.
-            let rows = |e: &Array3<f32>| e.broadcast((m, e.shape()[1], e.shape()[2])).map(|v| v.to_owned());
+            let rows = |e: &Array3<f32>| {
+                e.broadcast((m, e.shape()[1], e.shape()[2]))
+                    .map(|v| v.to_owned())
+            };
             let cond = rows(&t.cond).ok_or_else(|| Error::invalid("prompt embedding shape"))?;
             let uncond = match &t.uncond {
                 Some(u) => Some(rows(u).ok_or_else(|| Error::invalid("prompt embedding shape"))?),
@@ -303,11 +314,7 @@ pub(crate) fn run_batches(
             net = net.with_text(cond, uncond);
             scale = t.guidance;
         }
-        let mut den = Clipped::new(
-            Guided::new(&mut net, scale),
-            opts.x0_clip,
-            meta.data_range,
-        );
+        let mut den = Clipped::new(Guided::new(&mut net, scale), opts.x0_clip, meta.data_range);
         let mut batch = Batch {
             first,
             len: m,
@@ -436,7 +443,12 @@ pub(crate) fn prepare(
     let labels = class_label_for(&meta, opts.class_label)?;
     let mut lv = match &opts.timesteps {
         Some(ts) => levels(model.schedule(), &validate_timesteps(model, ts)?),
-        None => spaced_levels_offset(model.schedule(), opts.spacing, opts.steps, opts.steps_offset)?,
+        None => spaced_levels_offset(
+            model.schedule(),
+            opts.spacing,
+            opts.steps,
+            opts.steps_offset,
+        )?,
     };
     if !opts.set_alpha_to_one && opts.sampler.name() == "ddim" {
         // diffusers' DDIM with set_alpha_to_one false: the last step goes to alpha-bar of
@@ -482,7 +494,10 @@ fn check_injected(inj: &InjectedNoise, n: usize, [c, h, w]: [usize; 3]) -> Resul
             ));
         }
     }
-    let arrays = [("init_noise", Some(inj.initial.view().into_dyn())), ("step_noise", inj.steps.as_ref().map(|s| s.view()))];
+    let arrays = [
+        ("init_noise", Some(inj.initial.view().into_dyn())),
+        ("step_noise", inj.steps.as_ref().map(|s| s.view())),
+    ];
     for (arg, a) in arrays {
         if let Some((index, v)) = a.and_then(crate::npy::first_non_finite) {
             return Err(Error::options(

@@ -25,9 +25,8 @@
 
 use ndarray::{Array4, Zip};
 
-use crate::denoiser::{Denoised, DenoisedPair, Denoiser};
+use crate::denoiser::{Denoised, DenoisedPair, Denoiser, Rows};
 use crate::error::Result;
-use crate::schedule::NoiseLevel;
 
 /// `inner` guided with scale `w`: each call evaluates the batch under both conditionings (one
 /// network call on a doubled batch for a [`crate::denoiser::ModelDenoiser`]) and combines them.
@@ -45,15 +44,10 @@ impl<D> Guided<D> {
 }
 
 impl<D: Denoiser> Denoiser for Guided<D> {
-    fn denoise_rows(
-        &mut self,
-        x: &Array4<f32>,
-        rows: &[usize],
-        levels: &[NoiseLevel],
-    ) -> Result<Denoised> {
+    fn denoise_rows(&mut self, x: &Array4<f32>, at: Rows<'_>) -> Result<Denoised> {
         match self.scale {
-            None => self.inner.denoise_rows(x, rows, levels),
-            Some(w) => Ok(combine(self.inner.denoise_pair(x, rows, levels)?, w)),
+            None => self.inner.denoise_rows(x, at),
+            Some(w) => Ok(combine(self.inner.denoise_pair(x, at)?, w)),
         }
     }
 }
@@ -81,6 +75,7 @@ mod tests {
     use super::*;
     use crate::denoiser::{to_x0_eps, DenoisedPair};
     use crate::metadata::Prediction;
+    use crate::schedule::NoiseLevel;
 
     /// A two-conditioning denoiser from fixed raw outputs: what a network would answer.
     struct Fixed {
@@ -90,21 +85,13 @@ mod tests {
     }
 
     impl Denoiser for Fixed {
-        fn denoise_rows(
-            &mut self,
-            x: &Array4<f32>,
-            _rows: &[usize],
-            levels: &[NoiseLevel],
-        ) -> Result<Denoised> {
+        fn denoise_rows(&mut self, x: &Array4<f32>, at: Rows<'_>) -> Result<Denoised> {
+            let Rows { levels, .. } = at;
             Ok(to_x0_eps(self.pred, self.cond.clone(), x, &levels[0]))
         }
 
-        fn denoise_pair(
-            &mut self,
-            x: &Array4<f32>,
-            _rows: &[usize],
-            levels: &[NoiseLevel],
-        ) -> Result<DenoisedPair> {
+        fn denoise_pair(&mut self, x: &Array4<f32>, at: Rows<'_>) -> Result<DenoisedPair> {
+            let Rows { levels, .. } = at;
             Ok(DenoisedPair {
                 cond: to_x0_eps(self.pred, self.cond.clone(), x, &levels[0]),
                 uncond: to_x0_eps(self.pred, self.uncond.clone(), x, &levels[0]),
@@ -163,12 +150,8 @@ mod tests {
         // The default pair answers the same twice: any scale gives back that answer.
         struct One;
         impl Denoiser for One {
-            fn denoise_rows(
-                &mut self,
-                x: &Array4<f32>,
-                _rows: &[usize],
-                _levels: &[NoiseLevel],
-            ) -> Result<Denoised> {
+            fn denoise_rows(&mut self, x: &Array4<f32>, at: Rows<'_>) -> Result<Denoised> {
+                let _ = at;
                 Ok(Denoised {
                     x0: x.mapv(|v| v * 0.5),
                     eps: x.mapv(|v| v - 1.0),

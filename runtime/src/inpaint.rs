@@ -7,7 +7,7 @@
 
 use ndarray::{s, Array4, Axis, Zip};
 
-use crate::denoiser::{Denoised, Denoiser};
+use crate::denoiser::{Denoised, Denoiser, Rows};
 use crate::error::{Error, Result};
 use crate::generate::{prepare, run_batches, BatchPlan, Report, SampleOptions};
 use crate::model::Model;
@@ -37,12 +37,11 @@ struct Pinned<'a> {
 }
 
 impl Denoiser for Pinned<'_> {
-    fn denoise_rows(
-        &mut self,
-        x: &Array4<f32>,
-        rows: &[usize],
-        levels: &[NoiseLevel],
-    ) -> Result<Denoised> {
+    fn denoise_rows(&mut self, x: &Array4<f32>, at: Rows<'_>) -> Result<Denoised> {
+        let Rows {
+            index: rows,
+            levels,
+        } = at;
         let pick = |a: &Array4<f32>| {
             if rows.is_empty() {
                 a.clone()
@@ -61,7 +60,7 @@ impl Denoiser for Pinned<'_> {
                 .and(z.index_axis(Axis(0), j))
                 .for_each(|x, &k, &m, &z| *x = m * (a * k + sg * z) + (1.0 - m) * *x);
         }
-        let mut d = self.inner.denoise_rows(&xp, rows, levels)?;
+        let mut d = self.inner.denoise_rows(&xp, at)?;
         // The sampler gets x0 = the image on the known pixels and eps measured from its own x
         // (not the re-noised input): every update of the form x' = A x + B eps then keeps the
         // known pixels a noised copy of the image, reaching it exactly at sigma = 0.
@@ -216,7 +215,9 @@ pub fn inpaint(
                         step_counts: None,
                     };
                     let base = done;
-                    x = opts.sampler.run(&mut tr, x, &mut |i, _| progress(base + i))?;
+                    x = opts
+                        .sampler
+                        .run(&mut tr, x, &mut |i, _| progress(base + i))?;
                     done += end - start;
                     if end == steps {
                         break; // the last segment ends clean: nothing to go back up from

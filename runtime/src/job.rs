@@ -229,8 +229,15 @@ mod tests {
         rec.insert("seed".into(), json!(2));
         let e = check_record(&at, Path::new("x.npy"), &rec).unwrap_err();
         assert_eq!(e.argument().unwrap().args, vec!["resume", "seed"]);
-        assert!(e.to_string().contains("was made with seed 1, this run has 2"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("was made with seed 1, this run has 2"),
+            "{e}"
+        );
         let missing = check_record(&dir.path().join("none"), Path::new("x.npy"), &rec);
-        assert!(missing.unwrap_err().to_string().contains("has no job record"));
+        assert!(missing
+            .unwrap_err()
+            .to_string()
+            .contains("has no job record"));
     }
 }

@@ -63,8 +63,8 @@ pub use edit::{invert, slerp};
 pub use error::{ArgumentError, ArgumentKind, Error, Result, ORT_VERSION};
 pub use generate::{generate, generate_with_report, Report, SampleOptions};
 pub use model::{Model, ModelOptions};
-pub use sampler::{SamplerKind, SamplerParams};
 pub use pipeline::{Pipeline, PipelineConfig};
+pub use sampler::{SamplerKind, SamplerParams};
 pub use spacing::Spacing;
 
 /// The crate version.

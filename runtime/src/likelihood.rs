@@ -72,7 +72,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
-use crate::denoiser::{Denoiser, ModelDenoiser};
+use crate::denoiser::{Denoiser, ModelDenoiser, Rows};
 use crate::error::{Error, Result};
 use crate::generate::{class_label_for, prior_std, MAX_BATCH_BYTES};
 use crate::model::Model;
@@ -374,7 +374,13 @@ impl Rhs<'_> {
         let rows: Vec<usize> = (0..1 + 2 * k).flat_map(|_| 0..m).collect();
         let eps = self
             .den
-            .denoise_rows(&big, &rows, &vec![level; rows.len()])?
+            .denoise_rows(
+                &big,
+                Rows {
+                    index: &rows,
+                    levels: &vec![level; rows.len()],
+                },
+            )?
             .eps;
         let g = eps
             .slice(s![0..m, .., .., ..])
@@ -626,12 +632,8 @@ mod tests {
     }
 
     impl Denoiser for Mixture {
-        fn denoise_rows(
-            &mut self,
-            x: &Array4<f32>,
-            _rows: &[usize],
-            levels: &[NoiseLevel],
-        ) -> Result<Denoised> {
+        fn denoise_rows(&mut self, x: &Array4<f32>, at: Rows<'_>) -> Result<Denoised> {
+            let Rows { levels, .. } = at;
             let mut eps = Array4::zeros(x.raw_dim());
             for (j, l) in levels.iter().enumerate() {
                 let row: Vec<f64> = x.index_axis(Axis(0), j).iter().map(|&v| v as f64).collect();

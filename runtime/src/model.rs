@@ -144,10 +144,11 @@ impl Model {
     /// latent space; the text encoder and VAE decoder come with it.
     fn open_pipeline(dir: &Path, opts: &NetworkOptions) -> Result<Model> {
         let (network, metadata, pipeline) = Pipeline::open(dir, opts)?;
-        let schedule = Schedule::from_spec(&metadata.schedule).map_err(|detail| Error::Metadata {
-            path: dir.into(),
-            detail,
-        })?;
+        let schedule =
+            Schedule::from_spec(&metadata.schedule).map_err(|detail| Error::Metadata {
+                path: dir.into(),
+                detail,
+            })?;
         Ok(Model {
             network,
             metadata,

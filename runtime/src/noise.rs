@@ -124,9 +124,7 @@ impl NoiseSource for InjectedNoise {
             .index_axis(Axis(0), step)
             .to_owned()
             .into_dimensionality::<Ix4>()
-            .map_err(|_| {
-                Error::options("{0} must be shaped [steps, N, C, H, W]", &["step_noise"])
-            })
+            .map_err(|_| Error::options("{0} must be shaped [steps, N, C, H, W]", &["step_noise"]))
     }
 }
 

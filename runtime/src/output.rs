@@ -93,7 +93,10 @@ const NAME_MAX: usize = 255;
 /// sampling.)
 fn check_destination(path: &Path, kind: OutKind) -> Result<()> {
     let shown = path.display();
-    let dir_meant = path.as_os_str().to_string_lossy().ends_with(std::path::MAIN_SEPARATOR);
+    let dir_meant = path
+        .as_os_str()
+        .to_string_lossy()
+        .ends_with(std::path::MAIN_SEPARATOR);
     let is_dir = path.is_dir();
     match kind {
         OutKind::Grid | OutKind::Npy if dir_meant || is_dir => {
@@ -117,7 +120,10 @@ fn check_destination(path: &Path, kind: OutKind) -> Result<()> {
         // `.NAME.job.json` is the longest companion; `.NAME.RANDOM16.tmp` the next.
         if name + ".job.json".len() + 1 > NAME_MAX || name + 22 > NAME_MAX {
             return Err(Error::options(
-                format!("{{0}} {shown}: the file name is too long ({name} bytes; at most {} here)", NAME_MAX - 22),
+                format!(
+                    "{{0}} {shown}: the file name is too long ({name} bytes; at most {} here)",
+                    NAME_MAX - 22
+                ),
                 &["out"],
             ));
         }
@@ -146,7 +152,8 @@ pub fn check_file(path: &Path) -> Result<()> {
             path.display()
         )));
     }
-    let (_, tmp) = crate::files::create_temp(path).map_err(io(format!("writing {}", path.display())))?;
+    let (_, tmp) =
+        crate::files::create_temp(path).map_err(io(format!("writing {}", path.display())))?;
     let _ = std::fs::remove_file(tmp);
     Ok(())
 }
@@ -176,9 +183,7 @@ impl Output {
         let kind = OutKind::of(path);
         check_destination(path, kind)?;
         let record = match (&job, kind) {
-            (Some(j), OutKind::Folder | OutKind::Npy) => {
-                Some((job::record_path(path)?, j.clone()))
-            }
+            (Some(j), OutKind::Folder | OutKind::Npy) => Some((job::record_path(path)?, j.clone())),
             _ => None,
         };
         let mut out = Output {
@@ -430,8 +435,7 @@ impl Output {
         match self.kind {
             OutKind::Grid => {
                 let views: Vec<_> = self.grid.iter().map(|a| a.view()).collect();
-                let x = concatenate(Axis(0), &views)
-                    .map_err(|e| Error::invalid(e.to_string()))?;
+                let x = concatenate(Axis(0), &views).map_err(|e| Error::invalid(e.to_string()))?;
                 write_atomic(&self.path, &grid_png(x.view(), self.range, self.grid_cols)?)?;
                 Ok(vec![self.path])
             }
@@ -518,7 +522,8 @@ pub fn write_all(
     grid_cols: Option<usize>,
 ) -> Result<Vec<PathBuf>> {
     let [_, c, h, w] = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
-    let (mut out, _) = Output::create(path, x.shape()[0], [c, h, w], range, false, grid_cols, None)?;
+    let (mut out, _) =
+        Output::create(path, x.shape()[0], [c, h, w], range, false, grid_cols, None)?;
     out.write(0, x.clone())?;
     out.finish()
 }
@@ -538,17 +543,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.npy");
         let x = Array4::from_shape_fn((5, 1, 2, 2), |(i, _, j, k)| (i * 4 + j * 2 + k) as f32);
-        let (mut out, todo) = Output::create(&path, 5, [1, 2, 2], [0.0, 1.0], false, None, None).unwrap();
+        let (mut out, todo) =
+            Output::create(&path, 5, [1, 2, 2], [0.0, 1.0], false, None, None).unwrap();
         assert_eq!(todo, vec![0..5]);
         out.write(0, x.slice(ndarray::s![0..2, .., .., ..]).to_owned())
             .unwrap();
         drop(out); // a crash: the partial file holds 2 samples
         let partial = dir.path().join(".x.npy.partial");
         // Half a sample more, as if killed mid-write.
-        let mut f = std::fs::OpenOptions::new().append(true).open(&partial).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&partial)
+            .unwrap();
         f.write_all(&[0u8; 6]).unwrap();
         assert!(!path.exists());
-        let (mut out, todo) = Output::create(&path, 5, [1, 2, 2], [0.0, 1.0], true, None, None).unwrap();
+        let (mut out, todo) =
+            Output::create(&path, 5, [1, 2, 2], [0.0, 1.0], true, None, None).unwrap();
         assert_eq!(todo, vec![2..5]);
         out.write(2, x.slice(ndarray::s![2..5, .., .., ..]).to_owned())
             .unwrap();

@@ -224,7 +224,13 @@ mod tests {
         // diffusers' DDIMScheduler(steps_offset=1).set_timesteps(10): 901, 801, ..., 1.
         let lv = spaced_levels_offset(&s, Spacing::Leading, 10, 1).unwrap();
         let ts: Vec<f64> = lv[..10].iter().map(|l| l.t).collect();
-        assert_eq!(ts, (0..10).rev().map(|i| (i * 100 + 1) as f64).collect::<Vec<_>>());
+        assert_eq!(
+            ts,
+            (0..10)
+                .rev()
+                .map(|i| (i * 100 + 1) as f64)
+                .collect::<Vec<_>>()
+        );
         assert!(lv[10].is_clean());
         // Trailing ignores it, as in diffusers; 1000 leading steps cannot shift.
         assert_eq!(

@@ -20,8 +20,32 @@ fn cases() -> u32 {
 
 /// (flag, values it is tried with); an empty value list is a switch.
 const FLAGS: &[(&str, &[&str])] = &[
-    ("--sampler", &["ddim", "ddpm", "pc", "adaptive", "ode-adaptive", "unipc", "magic", ""]),
-    ("--steps", &["0", "1", "2", "3", "1001", "-3", "nan", "18446744073709551616"]),
+    (
+        "--sampler",
+        &[
+            "ddim",
+            "ddpm",
+            "pc",
+            "adaptive",
+            "ode-adaptive",
+            "unipc",
+            "magic",
+            "",
+        ],
+    ),
+    (
+        "--steps",
+        &[
+            "0",
+            "1",
+            "2",
+            "3",
+            "1001",
+            "-3",
+            "nan",
+            "18446744073709551616",
+        ],
+    ),
     ("--spacing", &["trailing", "karras", "logsnr", "odd"]),
     ("--rho", &["7", "0", "-1", "inf"]),
     ("--timesteps", &["999,500,1", "1,500", "", "x", "999,999"]),

@@ -7,9 +7,9 @@ use argh::FromArgs;
 
 use super::model_command;
 use edgediff::calibrate::{calibrate, default_max_evals, CalibrateOptions};
-use edgediff::Result;
 use edgediff::npy::write_atomic;
-use edgediff::sampler::{SamplerParams, SamplerKind};
+use edgediff::sampler::{SamplerKind, SamplerParams};
+use edgediff::Result;
 
 model_command! {
 #[derive(FromArgs, Debug)]

@@ -13,14 +13,14 @@ use ndarray::{s, Ix4};
 
 use super::{model_command, Bar};
 use edgediff::classifier::{domain_scores, Classifier, DomainScores};
-use edgediff::{Error, Result};
 use edgediff::fid::GaussianStats;
 use edgediff::generate::{check_options, SampleOptions};
 use edgediff::image::grid_png;
 use edgediff::npy::{read_npy, read_npy4, write_atomic};
 use edgediff::output::generate_to_path;
-use edgediff::sampler::{SamplerParams, SamplerKind};
+use edgediff::sampler::{SamplerKind, SamplerParams};
 use edgediff::spacing::Spacing;
+use edgediff::{Error, Result};
 
 model_command! {
 #[derive(FromArgs, Debug)]
@@ -206,8 +206,8 @@ pub(super) fn compare(cmd: CompareCmd) -> Result<()> {
         }
     }
     if cmd.json {
-        let text = serde_json::to_string_pretty(&rows)
-            .map_err(|e| Error::invalid(e.to_string()))?;
+        let text =
+            serde_json::to_string_pretty(&rows).map_err(|e| Error::invalid(e.to_string()))?;
         println!("{text}");
     } else if !cmd.quiet {
         eprintln!(
@@ -281,8 +281,7 @@ fn run_cell(
                 _ => {}
             }
         }
-        let text =
-            serde_json::to_vec_pretty(&fresh).map_err(|e| Error::invalid(e.to_string()))?;
+        let text = serde_json::to_vec_pretty(&fresh).map_err(|e| Error::invalid(e.to_string()))?;
         write_atomic(&setup_path, &text)?;
     }
     let start = Instant::now();
@@ -307,8 +306,7 @@ fn run_cell(
         generated,
         ..fresh
     };
-    let text =
-        serde_json::to_vec_pretty(&record).map_err(|e| Error::invalid(e.to_string()))?;
+    let text = serde_json::to_vec_pretty(&record).map_err(|e| Error::invalid(e.to_string()))?;
     write_atomic(&record_path, &text)?;
     Ok(record)
 }
@@ -379,7 +377,6 @@ fn write_tables(out: &Path, rows: &[Row]) -> Result<()> {
         ));
     }
     write_atomic(&out.join("results.csv"), csv.as_bytes())?;
-    let json =
-        serde_json::to_vec_pretty(rows).map_err(|e| Error::invalid(e.to_string()))?;
+    let json = serde_json::to_vec_pretty(rows).map_err(|e| Error::invalid(e.to_string()))?;
     write_atomic(&out.join("results.json"), &json)
 }

@@ -7,12 +7,12 @@ use argh::FromArgs;
 use ndarray::{s, Array4, Axis};
 
 use super::{model_command, write_all, Bar};
-use edgediff::{Error, Result};
 use edgediff::generate::{generate, SampleOptions};
 use edgediff::noise::{InjectedNoise, NoiseSource, SeededNoise};
 use edgediff::npy::{npy_bytes, read_npy4_finite, write_atomic};
-use edgediff::sampler::{SamplerParams, SamplerKind};
+use edgediff::sampler::{SamplerKind, SamplerParams};
 use edgediff::spacing::Spacing;
+use edgediff::{Error, Result};
 
 model_command! {
 #[derive(FromArgs, Debug)]
@@ -125,11 +125,12 @@ fn load_images(paths: &[PathBuf], shape: [usize; 3], range: [f64; 2]) -> Result<
             for (i, p) in paths.iter().enumerate() {
                 let bytes =
                     std::fs::read(p).map_err(Error::io(format!("reading {}", p.display())))?;
-                let img =
-                    edgediff::image::read_png(&bytes, shape, range).map_err(|e| Error::BadInput {
+                let img = edgediff::image::read_png(&bytes, shape, range).map_err(|e| {
+                    Error::BadInput {
                         path: p.clone(),
                         detail: e.to_string(),
-                    })?;
+                    }
+                })?;
                 out.index_axis_mut(Axis(0), i).assign(&img);
             }
             Ok(out)
@@ -373,11 +374,7 @@ pub(super) struct InpaintCmd {
 /// Reads masks: PNGs (white = fill) or a .npy; one mask is used for every image.
 fn load_masks(paths: &[PathBuf], n: usize, hw: [usize; 2]) -> Result<Array4<f32>> {
     let masks = match paths {
-        [] => {
-            return Err(Error::invalid(
-                "give --mask (a PNG, white = fill)",
-            ))
-        }
+        [] => return Err(Error::invalid("give --mask (a PNG, white = fill)")),
         [p] if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy")) => {
             read_npy4_finite(p, "a mask .npy must be 4-D [n, 1 or C, H, W]")?
         }

@@ -11,8 +11,8 @@ use edgediff::elbo::{
     elbo as compute_elbo, ElboOptions, ElboReport, PixelScale, Proposal, ReverseVariance,
     TimestepSampling, DEFAULT_DECODER_DRAWS, DEFAULT_TIMESTEPS_PER_IMAGE,
 };
-use edgediff::{Error, Result};
 use edgediff::npy::{read_npy, read_npy_u8_or_float, NpyArray};
+use edgediff::{Error, Result};
 
 model_command! {
 #[derive(FromArgs, Debug)]

@@ -7,11 +7,11 @@ use argh::FromArgs;
 use ndarray::s;
 
 use super::{model_command, Bar};
-use edgediff::{Error, Result};
 use edgediff::likelihood::{
     log_likelihood, mean_and_se, LikelihoodOptions, OdeSolver, DEFAULT_FD_STEP, DEFAULT_STEPS,
 };
 use edgediff::npy::{read_npy4, write_atomic};
+use edgediff::{Error, Result};
 
 model_command! {
 #[derive(FromArgs, Debug)]
@@ -72,9 +72,7 @@ fn solver(cmd: &LikelihoodCmd) -> Result<OdeSolver> {
         (Some(_), Some(_), _) | (Some(_), _, Some(_)) => Err(Error::invalid(
             "give either --steps (RK4) or --rtol/--atol (adaptive), not both",
         )),
-        (None, None, Some(_)) => Err(Error::invalid(
-            "--atol needs --rtol (the adaptive solver)",
-        )),
+        (None, None, Some(_)) => Err(Error::invalid("--atol needs --rtol (the adaptive solver)")),
         (steps, None, None) => Ok(OdeSolver::Rk4 {
             steps: steps.unwrap_or(DEFAULT_STEPS),
         }),

@@ -9,13 +9,13 @@ use model_args::model_command;
 use ndarray::Ix5;
 
 use edgediff::denoiser::X0Clip;
-use edgediff::{Error, Result};
 use edgediff::generate::SampleOptions;
 use edgediff::noise::InjectedNoise;
 use edgediff::npy::{first_non_finite, read_npy, read_npy4_finite};
 use edgediff::output::{generate_to_path, write_all};
-use edgediff::sampler::{SamplerParams, SamplerKind, SAMPLERS};
+use edgediff::sampler::{SamplerKind, SamplerParams, SAMPLERS};
 use edgediff::spacing::Spacing;
+use edgediff::{Error, Result};
 
 mod model_args;
 
@@ -177,7 +177,10 @@ pub fn flag(name: &str) -> String {
         "class_label" => "--class".into(),
         "fallback" => "--fallback".into(),
         // Names of a job record's entries (job.rs) that are not one flag each.
-        "sampler_options" => "the sampler's options (--eta --order --snr --rtol --atol --min-steps --max-steps)".into(),
+        "sampler_options" => {
+            "the sampler's options (--eta --order --snr --rtol --atol --min-steps --max-steps)"
+                .into()
+        }
         "x0_clip" => "--clip-x0/--dynamic-threshold".into(),
         "sample_shape" => "--model".into(),
         other => format!("--{}", other.replace('_', "-")),
@@ -304,11 +307,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
     let timesteps = cmd.timesteps.as_deref().map(parse_timesteps).transpose()?;
     let injected = match (&cmd.init_noise, &cmd.step_noise) {
         (Some(init), steps) => Some(load_injected(init, steps.as_deref())?),
-        (None, Some(_)) => {
-            return Err(Error::invalid(
-                "--step-noise needs --init-noise",
-            ))
-        }
+        (None, Some(_)) => return Err(Error::invalid("--step-noise needs --init-noise")),
         (None, None) => None,
     };
     let n = injected
@@ -429,8 +428,7 @@ fn info(cmd: InfoCmd) -> Result<()> {
     let model = opts.open()?;
     let m = model.metadata();
     if cmd.json {
-        let text =
-            serde_json::to_string_pretty(m).map_err(|e| Error::invalid(e.to_string()))?;
+        let text = serde_json::to_string_pretty(m).map_err(|e| Error::invalid(e.to_string()))?;
         println!("{text}");
         return Ok(());
     }
@@ -452,11 +450,26 @@ fn info(cmd: InfoCmd) -> Result<()> {
     );
     println!("network:      sample {:?}", model.sample_type());
     if let Some(p) = model.pipeline() {
-        println!("pipeline:     {} (text-to-image)", p.pipeline.as_deref().unwrap_or("from the folder's configs"));
-        println!("image shape:  {:?} (latents {:?})", p.image_shape, p.latent_shape);
-        println!("scheduler:    {} spacing, steps offset {}, set_alpha_to_one {}", p.spacing, p.steps_offset, p.set_alpha_to_one);
-        println!("vae:          scaling factor {}, shift {:?}", p.vae.scaling_factor, p.vae.shift_factor);
-        println!("text:         {} tokens x {}; default guidance {}", p.text.max_length, p.text.hidden_size, p.guidance);
+        println!(
+            "pipeline:     {} (text-to-image)",
+            p.pipeline.as_deref().unwrap_or("from the folder's configs")
+        );
+        println!(
+            "image shape:  {:?} (latents {:?})",
+            p.image_shape, p.latent_shape
+        );
+        println!(
+            "scheduler:    {} spacing, steps offset {}, set_alpha_to_one {}",
+            p.spacing, p.steps_offset, p.set_alpha_to_one
+        );
+        println!(
+            "vae:          scaling factor {}, shift {:?}",
+            p.vae.scaling_factor, p.vae.shift_factor
+        );
+        println!(
+            "text:         {} tokens x {}; default guidance {}",
+            p.text.max_length, p.text.hidden_size, p.guidance
+        );
     }
     Ok(())
 }

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use argh::FromArgs;
 
-use edgediff::{Error, Result};
 use edgediff::metadata::ScheduleSpec;
 use edgediff::npy::write_atomic;
 use edgediff::schedule::Schedule;
+use edgediff::{Error, Result};
 
 #[derive(FromArgs, Debug)]
 #[argh(subcommand, name = "schedule")]

@@ -30,7 +30,11 @@ pub(super) struct TokenizeCmd {
 
 pub(super) fn tokenize(cmd: TokenizeCmd) -> Result<()> {
     let nested = cmd.tokenizer.join("tokenizer");
-    let dir = if nested.is_dir() && !has_vocabulary(&cmd.tokenizer) { nested } else { cmd.tokenizer };
+    let dir = if nested.is_dir() && !has_vocabulary(&cmd.tokenizer) {
+        nested
+    } else {
+        cmd.tokenizer
+    };
     let tok = ClipTokenizer::from_dir(&dir)?;
     let stdin = std::io::stdin();
     let source = Path::new("<stdin>");
@@ -40,7 +44,11 @@ pub(super) fn tokenize(cmd: TokenizeCmd) -> Result<()> {
     let mut prompts = 0usize;
     for (i, line) in prompt_lines(stdin.lock(), source).enumerate() {
         let line = line?;
-        let prompt = if cmd.json_input { json_string(&line, i + 1, source)? } else { line };
+        let prompt = if cmd.json_input {
+            json_string(&line, i + 1, source)?
+        } else {
+            line
+        };
         let start = Instant::now();
         let e = tok.encode(&prompt);
         encoding += start.elapsed();

@@ -19,6 +19,7 @@ use ndarray::{Array4, Axis};
 
 use super::ops::{bs3_step, lincomb, scaled_error_sq, step_factor};
 use super::{Progress, SamplerDef, SamplerOption, Settings, Trajectory};
+use crate::denoiser::Rows;
 use crate::error::{Error, Result};
 use crate::schedule::NoiseLevel;
 
@@ -132,7 +133,13 @@ impl<'t, 'a> Ode<'t, 'a> {
         let eps = self
             .tr
             .den
-            .denoise_rows(&scale_rows(xbar, &alphas), rows, &levels)?
+            .denoise_rows(
+                &scale_rows(xbar, &alphas),
+                Rows {
+                    index: rows,
+                    levels: &levels,
+                },
+            )?
             .eps;
         Ok(scale_rows(&eps, &sbars))
     }

@@ -48,7 +48,8 @@ const SUFFIX: &str = "</w>";
 
 /// CLIP's pre-tokenisation pattern, on text whose whitespace is already single spaces (so
 /// `[^ ...]` is the `[^\s ...]` of the original; see step 4 of the module docs).
-const PATTERN: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^ \p{L}\p{N}]+";
+const PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^ \p{L}\p{N}]+";
 
 /// Words up to this many bytes are cached (longer ones are rare and would bloat the cache).
 const CACHE_WORD_BYTES: usize = 64;
@@ -109,7 +110,13 @@ impl Encoded {
         let mut shown: String = dropped
             .chars()
             .take(SHOWN)
-            .map(|c| if c.is_control() { c.escape_debug().to_string() } else { c.to_string() })
+            .map(|c| {
+                if c.is_control() {
+                    c.escape_debug().to_string()
+                } else {
+                    c.to_string()
+                }
+            })
             .collect();
         let rest = dropped.chars().count().saturating_sub(SHOWN);
         if rest > 0 {
@@ -195,7 +202,10 @@ impl std::fmt::Debug for ClipTokenizer {
             .field("bos", &self.bos)
             .field("eos", &self.eos)
             .field("pad", &self.pad)
-            .field("added_tokens", &(self.added_raw.len() + self.added_norm.len()))
+            .field(
+                "added_tokens",
+                &(self.added_raw.len() + self.added_norm.len()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -237,7 +247,9 @@ pub(super) fn normalize(text: &str, base: usize) -> (String, Vec<usize>) {
     let mut rest = text;
     let mut pos = base;
     while !rest.is_empty() {
-        let ws = rest.find(|c: char| !c.is_whitespace()).unwrap_or(rest.len());
+        let ws = rest
+            .find(|c: char| !c.is_whitespace())
+            .unwrap_or(rest.len());
         if ws > 0 {
             out.push(' ');
             offs.push(pos);
@@ -274,7 +286,11 @@ pub(super) fn normalize(text: &str, base: usize) -> (String, Vec<usize>) {
 fn byte_level_split(word: &str) -> impl Iterator<Item = (usize, &str)> {
     let n = word.len();
     let parts = if word == BOS || word == EOS {
-        [(0, &word[..2]), (2, &word[2..n - 2]), (n - 2, &word[n - 2..])]
+        [
+            (0, &word[..2]),
+            (2, &word[2..n - 2]),
+            (n - 2, &word[n - 2..]),
+        ]
     } else {
         [(0, word), (n, ""), (n, "")]
     };
@@ -297,7 +313,11 @@ fn split_added(
     f: &mut dyn FnMut(Piece) -> ControlFlow<()>,
 ) -> ControlFlow<()> {
     if tokens.is_empty() {
-        return if text.is_empty() { ControlFlow::Continue(()) } else { f(Piece::Text(0, text.len())) };
+        return if text.is_empty() {
+            ControlFlow::Continue(())
+        } else {
+            f(Piece::Text(0, text.len()))
+        };
     }
     let mut start = 0;
     let mut at = 0;
@@ -338,7 +358,10 @@ impl ClipTokenizer {
     /// is wrong with it.
     pub fn from_dir(dir: &Path) -> Result<ClipTokenizer> {
         let (parts, source) = super::folder::read_dir(dir)?;
-        Self::build(parts).map_err(|(culprit, detail)| Error::BadInput { path: source.path(culprit), detail })
+        Self::build(parts).map_err(|(culprit, detail)| Error::BadInput {
+            path: source.path(culprit),
+            detail,
+        })
     }
 
     /// From `vocab.json` (token -> id) and `merges.txt` (a `#version` header line, then one
@@ -375,11 +398,13 @@ impl ClipTokenizer {
         check_max_length(max_length)?;
         let mut ids = HashMap::with_capacity(vocab.len());
         for (token, id) in vocab {
-            let id = u32::try_from(id)
-                .map_err(|_| Error::invalid(format!("vocabulary id {id} of {token:?} is not in 0..2^32")))?;
+            let id = u32::try_from(id).map_err(|_| {
+                Error::invalid(format!("vocabulary id {id} of {token:?} is not in 0..2^32"))
+            })?;
             ids.insert(token, id);
         }
-        Self::build(plain_parts(ids, merges, max_length, pad_token)).map_err(|(_, detail)| Error::invalid(detail))
+        Self::build(plain_parts(ids, merges, max_length, pad_token))
+            .map_err(|(_, detail)| Error::invalid(detail))
     }
 
     /// The ids' count of every [`encode`](Self::encode): the text encoder's sequence length.
@@ -429,7 +454,11 @@ impl ClipTokenizer {
 
     /// Calls `f(id, start)` on each token of `text` in order (`start`: the byte offset in `text`
     /// of the character the token begins in) until it breaks.
-    fn tokens(&self, text: &str, f: &mut dyn FnMut(u32, usize) -> ControlFlow<()>) -> ControlFlow<()> {
+    fn tokens(
+        &self,
+        text: &str,
+        f: &mut dyn FnMut(u32, usize) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
         split_added(text, &self.added_raw, &mut |piece| match piece {
             Piece::Token(id, at) => f(id, at),
             Piece::Text(start, end) => {
@@ -453,7 +482,11 @@ impl ClipTokenizer {
 
     /// Step 5 on one word: its tokens as (id, start in the word's bytes), from the cache when
     /// the word was seen before.
-    fn bpe(&self, word: &[u8], f: &mut dyn FnMut(u32, usize) -> ControlFlow<()>) -> ControlFlow<()> {
+    fn bpe(
+        &self,
+        word: &[u8],
+        f: &mut dyn FnMut(u32, usize) -> ControlFlow<()>,
+    ) -> ControlFlow<()> {
         let cacheable = word.len() <= CACHE_WORD_BYTES;
         if cacheable {
             // `f` only collects ids (it never reaches the cache), so it may run under the lock.
@@ -496,10 +529,16 @@ impl ClipTokenizer {
         const NONE: usize = usize::MAX;
         let mut symbols: Vec<Symbol> = Vec::with_capacity(word.len());
         for (i, &b) in word.iter().enumerate() {
-            let table = if i + 1 == word.len() { &self.byte_end } else { &self.byte_mid };
+            let table = if i + 1 == word.len() {
+                &self.byte_end
+            } else {
+                &self.byte_mid
+            };
             // A byte without a symbol becomes the unknown token, or vanishes without one (as
             // tokenizers does); CLIP's vocabulary has them all.
-            let Some(id) = table[usize::from(b)].or(self.unk) else { continue };
+            let Some(id) = table[usize::from(b)].or(self.unk) else {
+                continue;
+            };
             let n = symbols.len();
             symbols.push(Symbol {
                 id,
@@ -547,13 +586,26 @@ impl ClipTokenizer {
                 }
             }
         }
-        symbols.iter().filter(|s| s.alive).map(|s| (s.id, s.start)).collect()
+        symbols
+            .iter()
+            .filter(|s| s.alive)
+            .map(|s| (s.id, s.start))
+            .collect()
     }
 
     /// Checks the parts and builds the lookup tables; the error says which part is at fault and
     /// the detail of the message.
     pub(super) fn build(parts: Parts) -> std::result::Result<ClipTokenizer, (Culprit, String)> {
-        let Parts { vocab, merges, max_length, bos, eos, pad, unk, added } = parts;
+        let Parts {
+            vocab,
+            merges,
+            max_length,
+            bos,
+            eos,
+            pad,
+            unk,
+            added,
+        } = parts;
         let lookup = |token: &str, role: &str| -> std::result::Result<u32, (Culprit, String)> {
             added
                 .iter()
@@ -564,7 +616,11 @@ impl ClipTokenizer {
                     (Culprit::Specials, format!("the {role} token {token:?} is neither in the vocabulary nor an added token"))
                 })
         };
-        let (bos, eos, pad) = (lookup(&bos, "bos")?, lookup(&eos, "eos")?, lookup(&pad, "pad")?);
+        let (bos, eos, pad) = (
+            lookup(&bos, "bos")?,
+            lookup(&eos, "eos")?,
+            lookup(&pad, "pad")?,
+        );
         let unk = unk.map(|u| lookup(&u, "unk")).transpose()?;
         let symbols = byte_symbols();
         let mut byte_mid = [None; 256];
@@ -621,19 +677,32 @@ fn check_max_length(max_length: usize) -> Result<()> {
     if (2..=MAX_MAX_LENGTH).contains(&max_length) {
         Ok(())
     } else {
-        Err(Error::out_of_range("max_length", max_length, &format!("is outside 2..={MAX_MAX_LENGTH}")))
+        Err(Error::out_of_range(
+            "max_length",
+            max_length,
+            &format!("is outside 2..={MAX_MAX_LENGTH}"),
+        ))
     }
 }
 
 /// The parts of a bare vocabulary: CLIP's bos/eos (eos also unk, when the vocabulary has it)
 /// and `pad`, each a special token matched in the raw text, as transformers sets them up from
 /// plain strings.
-fn plain_parts(vocab: HashMap<String, u32>, merges: Vec<(String, String)>, max_length: usize, pad: &str) -> Parts {
+fn plain_parts(
+    vocab: HashMap<String, u32>,
+    merges: Vec<(String, String)>,
+    max_length: usize,
+    pad: &str,
+) -> Parts {
     let mut added: Vec<AddedToken> = vec![];
     for t in [BOS, EOS, pad] {
         if let Some(&id) = vocab.get(t) {
             if !added.iter().any(|a| a.content == t) {
-                added.push(AddedToken { content: t.to_string(), id, normalized: false });
+                added.push(AddedToken {
+                    content: t.to_string(),
+                    id,
+                    normalized: false,
+                });
             }
         }
     }
@@ -668,8 +737,14 @@ mod tests {
         tokens.push(BOS.into());
         tokens.push(EOS.into());
         let vocab: HashMap<String, i64> = tokens.into_iter().zip(0..).collect();
-        let merges = merges.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
-        (ClipTokenizer::new(vocab.clone(), merges, max_length, EOS).unwrap(), vocab)
+        let merges = merges
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        (
+            ClipTokenizer::new(vocab.clone(), merges, max_length, EOS).unwrap(),
+            vocab,
+        )
     }
 
     fn content(tok: &ClipTokenizer, text: &str) -> Vec<i64> {
@@ -709,11 +784,17 @@ mod tests {
         let (tok, v) = toy(&[], 77);
         let sym = |s: &str| v[s];
         // Digits one by one; a contraction is its own word; punctuation runs stay together.
-        assert_eq!(content(&tok, "a1!?"), [sym("a</w>"), sym("1</w>"), sym("!"), sym("?</w>")]);
+        assert_eq!(
+            content(&tok, "a1!?"),
+            [sym("a</w>"), sym("1</w>"), sym("!"), sym("?</w>")]
+        );
         assert_eq!(content(&tok, "X's"), [sym("x</w>"), sym("'"), sym("s</w>")]);
         // The special token written exactly is its id; in another case it is plain text.
         let e = tok.encode("a<|endoftext|>b");
-        assert_eq!(e.ids[..4], [tok.bos_id(), sym("a</w>"), tok.eos_id(), sym("b</w>")]);
+        assert_eq!(
+            e.ids[..4],
+            [tok.bos_id(), sym("a</w>"), tok.eos_id(), sym("b</w>")]
+        );
         assert_eq!(content(&tok, "<|ENDOFTEXT|>").len(), "<|endoftext|>".len());
     }
 
@@ -728,7 +809,11 @@ mod tests {
         assert_eq!(tok.encode("ab cd").truncated, None);
         // Exactly full is not truncated.
         assert_eq!(tok.encode("abcd").truncated, None);
-        assert!(tok.encode("abcd\tE").warning().unwrap().ends_with("dropped: 'E'"));
+        assert!(tok
+            .encode("abcd\tE")
+            .warning()
+            .unwrap()
+            .ends_with("dropped: 'E'"));
     }
 
     #[test]
@@ -743,11 +828,30 @@ mod tests {
 
     #[test]
     fn warning_escapes_and_shortens() {
-        let e = Encoded { ids: vec![0; 77], truncated: Some("a\nb".into()) };
-        assert_eq!(e.warning().unwrap(), "the prompt is longer than 77 tokens; dropped: 'a\\nb'");
-        let long = Encoded { ids: vec![0; 77], truncated: Some("x".repeat(250)) };
-        assert!(long.warning().unwrap().ends_with("... (50 more characters)'"));
-        assert_eq!(Encoded { ids: vec![], truncated: None }.warning(), None);
+        let e = Encoded {
+            ids: vec![0; 77],
+            truncated: Some("a\nb".into()),
+        };
+        assert_eq!(
+            e.warning().unwrap(),
+            "the prompt is longer than 77 tokens; dropped: 'a\\nb'"
+        );
+        let long = Encoded {
+            ids: vec![0; 77],
+            truncated: Some("x".repeat(250)),
+        };
+        assert!(long
+            .warning()
+            .unwrap()
+            .ends_with("... (50 more characters)'"));
+        assert_eq!(
+            Encoded {
+                ids: vec![],
+                truncated: None
+            }
+            .warning(),
+            None
+        );
     }
 
     #[test]
@@ -760,9 +864,13 @@ mod tests {
     #[test]
     fn bad_parts_are_refused() {
         let vocab: HashMap<String, i64> = [("a".to_string(), 0)].into_iter().collect();
-        let e = ClipTokenizer::new(vocab.clone(), vec![], 77, EOS).unwrap_err().to_string();
+        let e = ClipTokenizer::new(vocab.clone(), vec![], 77, EOS)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bos token"), "{e}");
-        let e = ClipTokenizer::new(vocab, vec![], 1, EOS).unwrap_err().to_string();
+        let e = ClipTokenizer::new(vocab, vec![], 1, EOS)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_length 1"), "{e}");
     }
 }

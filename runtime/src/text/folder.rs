@@ -22,14 +22,21 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::clip_tokenizer::{AddedToken, Culprit, Parts, BOS, DEFAULT_MAX_LENGTH, EOS, MAX_MAX_LENGTH};
+use super::clip_tokenizer::{
+    AddedToken, Culprit, Parts, BOS, DEFAULT_MAX_LENGTH, EOS, MAX_MAX_LENGTH,
+};
 use crate::{Error, Result};
 
 /// Merge rules, best first.
 type Merges = Vec<(String, String)>;
 
 /// The roles of special tokens, in transformers' order, with CLIP's defaults.
-const ROLES: [(&str, &str); 4] = [("bos_token", BOS), ("eos_token", EOS), ("unk_token", EOS), ("pad_token", EOS)];
+const ROLES: [(&str, &str); 4] = [
+    ("bos_token", BOS),
+    ("eos_token", EOS),
+    ("unk_token", EOS),
+    ("pad_token", EOS),
+];
 
 /// transformers writes `model_max_length` as int(1e30) when a tokenizer has no limit.
 const NO_LIMIT: f64 = 1e15;
@@ -64,11 +71,20 @@ fn read_text(path: &Path) -> Result<String> {
             bad(path, format!("cannot be read: {e}"))
         }
     })?;
-    String::from_utf8(bytes).map_err(|e| bad(path, format!("is not UTF-8 text (at byte {})", e.utf8_error().valid_up_to())))
+    String::from_utf8(bytes).map_err(|e| {
+        bad(
+            path,
+            format!(
+                "is not UTF-8 text (at byte {})",
+                e.utf8_error().valid_up_to()
+            ),
+        )
+    })
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    serde_json::from_str(&read_text(path)?).map_err(|e| bad(path, format!("is not valid JSON: {e}")))
+    serde_json::from_str(&read_text(path)?)
+        .map_err(|e| bad(path, format!("is not valid JSON: {e}")))
 }
 
 fn read_json_opt(path: &Path) -> Result<Option<Value>> {
@@ -90,7 +106,9 @@ pub(super) fn read_vocab_json(path: &Path) -> Result<HashMap<String, u32>> {
 }
 
 fn vocab_from(v: &Value) -> std::result::Result<HashMap<String, u32>, String> {
-    let obj = v.as_object().ok_or("the vocabulary is not a JSON object of token -> id")?;
+    let obj = v
+        .as_object()
+        .ok_or("the vocabulary is not a JSON object of token -> id")?;
     if obj.is_empty() {
         return Err("the vocabulary is empty".into());
     }
@@ -114,7 +132,12 @@ pub(super) fn read_merges_txt(path: &Path) -> Result<Merges> {
         let mut parts = line.split_whitespace();
         match (parts.next(), parts.next(), parts.next()) {
             (Some(a), Some(b), None) => merges.push((a.to_string(), b.to_string())),
-            _ => return Err(bad(path, format!("line {} is not a merge rule \"a b\": {line:?}", i + 1))),
+            _ => {
+                return Err(bad(
+                    path,
+                    format!("line {} is not a merge rule \"a b\": {line:?}", i + 1),
+                ))
+            }
         }
     }
     if merges.is_empty() {
@@ -131,7 +154,10 @@ fn token_value(v: &Value) -> Option<(String, bool)> {
         Value::Object(o) => {
             let content = o.get("content")?.as_str()?.to_string();
             // transformers' AddedToken: normalized defaults to `not special`, and these are special.
-            let normalized = o.get("normalized").and_then(Value::as_bool).unwrap_or(false);
+            let normalized = o
+                .get("normalized")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
             Some((content, normalized))
         }
         _ => None,
@@ -161,25 +187,47 @@ pub(super) fn read_dir(dir: &Path) -> Result<(Parts, Sources)> {
     for (role, default) in ROLES {
         let mut found = None;
         for (file, path) in [(&map, &map_path), (&config, &config_path)] {
-            if let Some(v) = file.as_ref().and_then(|f| f.get(role)).filter(|v| !v.is_null()) {
-                let (content, normalized) = token_value(v)
-                    .ok_or_else(|| bad(path, format!("{role} is {v}, neither a string nor an object with \"content\"")))?;
+            if let Some(v) = file
+                .as_ref()
+                .and_then(|f| f.get(role))
+                .filter(|v| !v.is_null())
+            {
+                let (content, normalized) = token_value(v).ok_or_else(|| {
+                    bad(
+                        path,
+                        format!("{role} is {v}, neither a string nor an object with \"content\""),
+                    )
+                })?;
                 found = Some((content, normalized, path.clone()));
                 break;
             }
         }
-        let (content, normalized, path) = found.unwrap_or((default.to_string(), false, config_path.clone()));
+        let (content, normalized, path) =
+            found.unwrap_or((default.to_string(), false, config_path.clone()));
         roles.push((role, content, normalized, path));
     }
-    let role = |name: &str| roles.iter().find(|r| r.0 == name).map(|r| r.1.clone()).expect("a known role");
-    let specials_source = roles.iter().find(|r| r.3.exists()).map(|r| r.3.clone()).unwrap_or(config_path.clone());
+    let role = |name: &str| {
+        roles
+            .iter()
+            .find(|r| r.0 == name)
+            .map(|r| r.1.clone())
+            .expect("a known role")
+    };
+    let specials_source = roles
+        .iter()
+        .find(|r| r.3.exists())
+        .map(|r| r.3.clone())
+        .unwrap_or(config_path.clone());
 
     let tokenizer_json = dir.join("tokenizer.json");
     let (vocab, merges, added, sources) = if tokenizer_json.exists() {
         let (vocab, merges, mut added) = read_tokenizer_json(&tokenizer_json)?;
         // transformers adds the role tokens it was given that tokenizer.json lacks.
         add_roles(&mut added, &roles, &vocab)?;
-        let sources = Sources { merges: tokenizer_json.clone(), specials: tokenizer_json.clone() };
+        let sources = Sources {
+            merges: tokenizer_json.clone(),
+            specials: tokenizer_json.clone(),
+        };
         (vocab, merges, added, sources)
     } else {
         let vocab_path = dir.join("vocab.json");
@@ -192,7 +240,15 @@ pub(super) fn read_dir(dir: &Path) -> Result<(Parts, Sources)> {
         let vocab = read_vocab_json(&vocab_path)?;
         let merges = read_merges_txt(&merges_path)?;
         let added = legacy_added_tokens(dir, config.as_ref(), &config_path, &roles, &vocab)?;
-        (vocab, merges, added, Sources { merges: merges_path, specials: specials_source })
+        (
+            vocab,
+            merges,
+            added,
+            Sources {
+                merges: merges_path,
+                specials: specials_source,
+            },
+        )
     };
     let unk = Some(role("unk_token"));
     Ok((
@@ -212,7 +268,10 @@ pub(super) fn read_dir(dir: &Path) -> Result<(Parts, Sources)> {
 
 /// `model_max_length` of tokenizer_config.json: 77 when absent or "no limit".
 fn max_length_of(config: Option<&Value>, path: &Path) -> Result<usize> {
-    let Some(v) = config.and_then(|c| c.get("model_max_length")).filter(|v| !v.is_null()) else {
+    let Some(v) = config
+        .and_then(|c| c.get("model_max_length"))
+        .filter(|v| !v.is_null())
+    else {
         return Ok(DEFAULT_MAX_LENGTH);
     };
     if v.as_f64().is_some_and(|x| x >= NO_LIMIT) {
@@ -233,28 +292,50 @@ fn legacy_added_tokens(
     vocab: &HashMap<String, u32>,
 ) -> Result<Vec<AddedToken>> {
     let mut added: Vec<AddedToken> = vec![];
-    let decoder = config.and_then(|c| c.get("added_tokens_decoder")).filter(|v| !v.is_null());
+    let decoder = config
+        .and_then(|c| c.get("added_tokens_decoder"))
+        .filter(|v| !v.is_null());
     if let Some(decoder) = decoder {
-        let obj = decoder
-            .as_object()
-            .ok_or_else(|| bad(config_path, "added_tokens_decoder is not an object of id -> token"))?;
+        let obj = decoder.as_object().ok_or_else(|| {
+            bad(
+                config_path,
+                "added_tokens_decoder is not an object of id -> token",
+            )
+        })?;
         for (id, t) in obj {
-            let id: u32 = id
-                .parse()
-                .map_err(|_| bad(config_path, format!("added_tokens_decoder has the key {id:?}, not a token id")))?;
-            added.push(added_token(t, id).map_err(|d| bad(config_path, format!("added_tokens_decoder[{id}]: {d}")))?);
+            let id: u32 = id.parse().map_err(|_| {
+                bad(
+                    config_path,
+                    format!("added_tokens_decoder has the key {id:?}, not a token id"),
+                )
+            })?;
+            added.push(
+                added_token(t, id)
+                    .map_err(|d| bad(config_path, format!("added_tokens_decoder[{id}]: {d}")))?,
+            );
         }
     }
     add_roles(&mut added, roles, vocab)?;
     // The oldest form of added tokens (textual inversion): content -> id, matched normalised.
     let legacy = dir.join("added_tokens.json");
     if let Some(v) = read_json_opt(&legacy)? {
-        let obj = v.as_object().ok_or_else(|| bad(&legacy, "is not a JSON object of token -> id"))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| bad(&legacy, "is not a JSON object of token -> id"))?;
         for (content, id) in obj {
-            let id = id_of(id).ok_or_else(|| bad(&legacy, format!("the id of {content:?} is {id}, not a token id")))?;
+            let id = id_of(id).ok_or_else(|| {
+                bad(
+                    &legacy,
+                    format!("the id of {content:?} is {id}, not a token id"),
+                )
+            })?;
             if !added.iter().any(|a| &a.content == content) {
                 let special = roles.iter().any(|r| &r.1 == content);
-                added.push(AddedToken { content: content.clone(), id, normalized: !special });
+                added.push(AddedToken {
+                    content: content.clone(),
+                    id,
+                    normalized: !special,
+                });
             }
         }
     }
@@ -262,17 +343,28 @@ fn legacy_added_tokens(
 }
 
 /// The special tokens by role (SD 2.x's pad `!` among them), unless already listed.
-fn add_roles(added: &mut Vec<AddedToken>, roles: &[(&str, String, bool, PathBuf)], vocab: &HashMap<String, u32>) -> Result<()> {
+fn add_roles(
+    added: &mut Vec<AddedToken>,
+    roles: &[(&str, String, bool, PathBuf)],
+    vocab: &HashMap<String, u32>,
+) -> Result<()> {
     for (role, content, _, path) in roles {
         if added.iter().any(|a| &a.content == content) {
             continue;
         }
         let Some(&id) = vocab.get(content) else {
-            return Err(bad(path, format!("the {role} {content:?} is not in the vocabulary")));
+            return Err(bad(
+                path,
+                format!("the {role} {content:?} is not in the vocabulary"),
+            ));
         };
         // Normalised only if every role naming this token says so.
         let normalized = roles.iter().filter(|r| &r.1 == content).all(|r| r.2);
-        added.push(AddedToken { content: content.clone(), id, normalized });
+        added.push(AddedToken {
+            content: content.clone(),
+            id,
+            normalized,
+        });
     }
     Ok(())
 }
@@ -287,39 +379,70 @@ fn added_token(t: &Value, id: u32) -> std::result::Result<AddedToken, String> {
     let flag = |k: &str| t.get(k).and_then(Value::as_bool);
     if flag("single_word") == Some(true) {
         // It changes which occurrences match (not inside a word); CLIP's tokens never set it.
-        return Err(format!("{content:?} has single_word set, which this tokenizer does not support"));
+        return Err(format!(
+            "{content:?} has single_word set, which this tokenizer does not support"
+        ));
     }
     // lstrip/rstrip only swallow the whitespace beside the token, which CLIP drops anyway.
     let special = flag("special").unwrap_or(false);
     let normalized = flag("normalized").unwrap_or(!special);
-    Ok(AddedToken { content, id, normalized })
+    Ok(AddedToken {
+        content,
+        id,
+        normalized,
+    })
 }
 
 /// The vocabulary, merges and added tokens of a `tokenizer.json`, after checking that it
 /// describes CLIP's tokenisation.
 fn read_tokenizer_json(path: &Path) -> Result<(HashMap<String, u32>, Merges, Vec<AddedToken>)> {
     let j = read_json(path)?;
-    let model = j.get("model").ok_or_else(|| bad(path, "has no \"model\""))?;
+    let model = j
+        .get("model")
+        .ok_or_else(|| bad(path, "has no \"model\""))?;
     let is = |v: Option<&Value>, want: &str| v.and_then(Value::as_str) == Some(want);
     if !is(model.get("type"), "BPE") {
-        return Err(bad(path, format!("model type is {}, not BPE: not a CLIP tokenizer", model.get("type").unwrap_or(&Value::Null))));
+        return Err(bad(
+            path,
+            format!(
+                "model type is {}, not BPE: not a CLIP tokenizer",
+                model.get("type").unwrap_or(&Value::Null)
+            ),
+        ));
     }
     if !is(model.get("end_of_word_suffix"), "</w>") {
-        return Err(bad(path, "model.end_of_word_suffix is not \"</w>\": not a CLIP tokenizer"));
+        return Err(bad(
+            path,
+            "model.end_of_word_suffix is not \"</w>\": not a CLIP tokenizer",
+        ));
     }
     for (key, off) in [("ignore_merges", false), ("byte_fallback", false)] {
         if model.get(key).and_then(Value::as_bool).unwrap_or(off) != off {
-            return Err(bad(path, format!("model.{key} is set, which CLIP's tokenizer does not use")));
+            return Err(bad(
+                path,
+                format!("model.{key} is set, which CLIP's tokenizer does not use"),
+            ));
         }
     }
     if model.get("dropout").is_some_and(|d| !d.is_null()) {
-        return Err(bad(path, "model.dropout is set: BPE dropout makes tokenisation random"));
+        return Err(bad(
+            path,
+            "model.dropout is set: BPE dropout makes tokenisation random",
+        ));
     }
-    if !is(model.get("continuing_subword_prefix"), "") && model.get("continuing_subword_prefix").is_some_and(|p| !p.is_null()) {
-        return Err(bad(path, "model.continuing_subword_prefix is set, which CLIP's tokenizer does not use"));
+    if !is(model.get("continuing_subword_prefix"), "")
+        && model
+            .get("continuing_subword_prefix")
+            .is_some_and(|p| !p.is_null())
+    {
+        return Err(bad(
+            path,
+            "model.continuing_subword_prefix is set, which CLIP's tokenizer does not use",
+        ));
     }
     check_clip_pipeline(&j).map_err(|d| bad(path, d))?;
-    let vocab = vocab_from(model.get("vocab").unwrap_or(&Value::Null)).map_err(|d| bad(path, format!("model.vocab: {d}")))?;
+    let vocab = vocab_from(model.get("vocab").unwrap_or(&Value::Null))
+        .map_err(|d| bad(path, format!("model.vocab: {d}")))?;
     let list = model
         .get("merges")
         .and_then(Value::as_array)
@@ -341,11 +464,21 @@ fn read_tokenizer_json(path: &Path) -> Result<(HashMap<String, u32>, Merges, Vec
             },
             _ => None,
         };
-        merges.push(pair.ok_or_else(|| bad(path, format!("model.merges[{i}] is {m}, not a merge rule")))?);
+        merges.push(
+            pair.ok_or_else(|| bad(path, format!("model.merges[{i}] is {m}, not a merge rule")))?,
+        );
     }
     let mut added = vec![];
-    for t in j.get("added_tokens").and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[]) {
-        let id = t.get("id").and_then(id_of).ok_or_else(|| bad(path, format!("added token {t} has no id")))?;
+    for t in j
+        .get("added_tokens")
+        .and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+    {
+        let id = t
+            .get("id")
+            .and_then(id_of)
+            .ok_or_else(|| bad(path, format!("added token {t} has no id")))?;
         added.push(added_token(t, id).map_err(|d| bad(path, format!("added token {id}: {d}")))?);
     }
     Ok((vocab, merges, added))
@@ -358,9 +491,22 @@ fn check_clip_pipeline(j: &Value) -> std::result::Result<(), String> {
             Some(v) if v.get("type").and_then(Value::as_str) == Some("Sequence") => v
                 .get(list)
                 .and_then(Value::as_array)
-                .map(|a| a.iter().map(|n| n.get("type").and_then(Value::as_str).unwrap_or("?").to_string()).collect())
+                .map(|a| {
+                    a.iter()
+                        .map(|n| {
+                            n.get("type")
+                                .and_then(Value::as_str)
+                                .unwrap_or("?")
+                                .to_string()
+                        })
+                        .collect()
+                })
                 .unwrap_or_default(),
-            Some(v) => vec![v.get("type").and_then(Value::as_str).unwrap_or("none").to_string()],
+            Some(v) => vec![v
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("none")
+                .to_string()],
             None => vec![],
         }
     };
@@ -369,7 +515,10 @@ fn check_clip_pipeline(j: &Value) -> std::result::Result<(), String> {
     let replace_ok = normalizer
         .and_then(|n| n.get("normalizers"))
         .and_then(|l| l.get(1))
-        .is_some_and(|r| r.pointer("/pattern/Regex").and_then(Value::as_str) == Some(r"\s+") && r.get("content").and_then(Value::as_str) == Some(" "));
+        .is_some_and(|r| {
+            r.pointer("/pattern/Regex").and_then(Value::as_str) == Some(r"\s+")
+                && r.get("content").and_then(Value::as_str) == Some(" ")
+        });
     if norms != ["NFC", "Replace", "Lowercase"] || !replace_ok {
         return Err(format!(
             "the normalizer is [{}], not CLIP's (NFC, whitespace runs to one space, Lowercase)",
@@ -378,21 +527,30 @@ fn check_clip_pipeline(j: &Value) -> std::result::Result<(), String> {
     }
     let pre = j.get("pre_tokenizer");
     let pres = types(pre, "pretokenizers");
-    let split = pre.and_then(|p| p.get("pretokenizers")).and_then(|l| l.get(0));
+    let split = pre
+        .and_then(|p| p.get("pretokenizers"))
+        .and_then(|l| l.get(0));
     let clip_split = split.is_some_and(|s| {
         s.pointer("/pattern/Regex").and_then(Value::as_str) == Some(CLIP_SPLIT)
             && s.get("invert").and_then(Value::as_bool) == Some(true)
             && s.get("behavior").and_then(Value::as_str) == Some("Removed")
     });
-    let byte_level = pre.and_then(|p| p.get("pretokenizers")).and_then(|l| l.get(1));
+    let byte_level = pre
+        .and_then(|p| p.get("pretokenizers"))
+        .and_then(|l| l.get(1));
     let clip_bytes = byte_level.is_some_and(|b| {
-        b.get("add_prefix_space").and_then(Value::as_bool) != Some(true) && b.get("use_regex").and_then(Value::as_bool) != Some(false)
+        b.get("add_prefix_space").and_then(Value::as_bool) != Some(true)
+            && b.get("use_regex").and_then(Value::as_bool) != Some(false)
     });
     if pres != ["Split", "ByteLevel"] || !clip_split || !clip_bytes {
-        return Err(format!("the pre_tokenizer is [{}], not CLIP's (its split pattern, then ByteLevel)", pres.join(", ")));
+        return Err(format!(
+            "the pre_tokenizer is [{}], not CLIP's (its split pattern, then ByteLevel)",
+            pres.join(", ")
+        ));
     }
     Ok(())
 }
 
 /// CLIP's split pattern as transformers writes it into tokenizer.json.
-const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_SPLIT: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
