@@ -278,3 +278,19 @@ def test_prompts_file_gives_each_sample_its_prompt_and_stream(edgediff_bin, tiny
     assert np.abs(cycled[:3] - many).max() <= 1e-5
     # Sample 3 is line 0's prompt on stream 3: not sample 0 again.
     assert np.abs(cycled[3] - cycled[0]).max() > 1e-3
+
+
+def test_img2img_resume_refuses_another_image_or_strength(edgediff_bin, tiny_pipeline, tmp_path):
+    """The job record holds the image (by fingerprint) and the strength: a resume continues only
+    the same img2img run."""
+    import subprocess
+    _, out = tiny_pipeline
+    np.save(tmp_path / "a.npy", np.zeros((1, 3, 16, 16), np.float32))
+    np.save(tmp_path / "b.npy", np.full((1, 3, 16, 16), 0.5, np.float32))
+    common = ["sample", "--model", str(out), "-n", "2", "--steps", "4", "-q", "--out", str(tmp_path / "o")]
+    run_cli(edgediff_bin, *common, "--image", str(tmp_path / "a.npy"))
+    for image, strength, flag in (("b.npy", "0.8", "--image"), ("a.npy", "0.5", "--strength")):
+        proc = subprocess.run([str(edgediff_bin), *common, "--resume", "--image", str(tmp_path / image),
+                               "--strength", strength], capture_output=True, text=True)
+        assert proc.returncode == 2 and f"was made with {flag}" in proc.stderr, proc.stderr
+    run_cli(edgediff_bin, *common, "--resume", "--image", str(tmp_path / "a.npy"), "--strength", "0.8")

@@ -72,8 +72,8 @@ pub struct SampleOptions {
     pub init_image: Option<Array4<f32>>,
     /// How much of the sampling img2img runs, in (0, 1]: as diffusers'
     /// StableDiffusionImg2ImgPipeline, the last `floor(steps * strength)` of the `steps` steps
-    /// (1 runs every step, still from the image noised to the first level,
-    /// which keeps a trace of it where that level's alpha is not 0, as in diffusers). Default: 0.8.
+    /// (1 runs every step, still from the image noised to the first level, which keeps a trace
+    /// of it where that level's alpha is not 0, as in diffusers). Default: 0.8.
     pub strength: f64,
     /// diffusers' `steps_offset`, added to every time step of leading spacing. Default: 0
     /// ([`SampleOptions::for_model`]: the pipeline's scheduler's, 1 for Stable Diffusion).
