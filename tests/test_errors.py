@@ -181,7 +181,26 @@ def cases():
         ("pipeline-hidden-size", "a text encoder wider than the U-Net's cross-attention (optimum folder)",
          lambda t, m: ["--model", str(_pipeline(t, lambda d: ((d / "edgediff.json").unlink(), _edit_json(
              d / "text_encoder" / "config.json", hidden_size=64))))], 3),
+        ("strength-zero", "img2img: --strength 0 (outside (0, 1])",
+         lambda t, m: ["--model", str(_pipeline(t)), *_init_image(t), "--strength", "0"], 2),
+        ("strength-high", "img2img: --strength 1.5 (outside (0, 1])",
+         lambda t, m: ["--model", str(_pipeline(t)), *_init_image(t), "--strength", "1.5"], 2),
+        ("image-pixel", "img2img: --image for a pixel model (no VAE to encode it)",
+         lambda t, m: do(np.save(t / "img.npy", np.zeros((1, 1, 8, 8), np.float32)),
+                         ["--model", str(m), "--image", str(t / "img.npy")]), 2),
+        ("pipeline-no-vae-encoder", "img2img: a pipeline folder without vae_encoder",
+         lambda t, m: ["--model", str(_pipeline(t, lambda d: shutil.rmtree(d / "vae_encoder"))),
+                       *_init_image(t)], 3),
+        ("prompts-not-utf8", "a prompts file that is not UTF-8 (the line is named)",
+         lambda t, m: do((t / "prompts.txt").write_bytes(b"a cat\nun caf\xe9\n"),
+                         ["--model", str(_pipeline(t)), "--prompts", str(t / "prompts.txt")]), 4),
     ]
+
+
+def _init_image(t: Path) -> list[str]:
+    """--image with one gray image of the tiny pipeline's shape."""
+    np.save(t / "img.npy", np.zeros((1, 3, 16, 16), np.float32))
+    return ["--image", str(t / "img.npy")]
 
 
 def _edit_json(path: Path, **changes) -> None:

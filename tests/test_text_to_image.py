@@ -173,3 +173,124 @@ def test_an_optimum_folder_without_edgediff_json_loads_the_same(edgediff_bin, ti
         run_cli(edgediff_bin, "sample", "--model", str(d), "--prompt", PROMPT, "--steps", "4",
                 "-n", "1", "--out", str(tmp_path / f"{d.name}.npy"), "-q")
     assert np.array_equal(np.load(tmp_path / "optimum.npy"), np.load(tmp_path / f"{out.name}.npy"))
+
+
+# img2img: diffusers' StableDiffusionImg2ImgPipeline draws the image's latent from the VAE's
+# distribution (mean + std * noise from the generator); edgediff takes its mean (the mode), so
+# an image gives the same latent whatever the seed and nothing of the per-sample stream goes
+# into it. The reference runs with retrieve_latents in its "argmax" mode (the mean), and then the
+# generator's only draw is the noise added at the strength's level, which edgediff gets as
+# --init-noise.
+IMG2IMG = [("DDIMScheduler", "ddim"), ("EulerDiscreteScheduler", "ode-euler")]
+
+
+def diffusers_img2img(src: Path, scheduler: str, images: np.ndarray, strength: float, seed: int,
+                      monkeypatch) -> tuple[np.ndarray, np.ndarray]:
+    """(images in [-1, 1], the noise the pipeline added) from StableDiffusionImg2ImgPipeline."""
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as m
+    real = m.retrieve_latents
+    monkeypatch.setattr(m, "retrieve_latents",
+                        lambda out, generator=None, sample_mode="sample": real(out, generator, "argmax"))
+    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
+        str(src), safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    n = images.shape[0]
+    # prepare_latents' one draw: randn_tensor(shape, generator) on the CPU, as here.
+    noise = torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(seed)).numpy()
+    with torch.no_grad():
+        # In [0, 1], the range diffusers' image processor takes tensors in (it maps them to
+        # [-1, 1] by 2x - 1, exact to rounding).
+        out = pipe(PROMPT, image=torch.from_numpy((images + 1) / 2), strength=strength,
+                   negative_prompt=NEGATIVE, guidance_scale=GUIDANCE, num_inference_steps=STEPS,
+                   num_images_per_prompt=n, generator=torch.Generator().manual_seed(seed),
+                   output_type="pt").images
+    return out.numpy() * 2 - 1, noise
+
+
+@pytest.mark.parametrize("scheduler,sampler", IMG2IMG, ids=[s[1] for s in IMG2IMG])
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_img2img_matches_diffusers(edgediff_bin, tiny_pipeline, tmp_path, monkeypatch, scheduler,
+                                   sampler, strength):
+    src, out = tiny_pipeline
+    # Smooth images (a gradient and a blob) so the VAE sees structure, not only noise.
+    yy, xx = np.mgrid[0:16, 0:16] / 15.0
+    images = np.stack([np.stack([xx * 2 - 1, yy * 2 - 1, np.cos(6 * xx * yy)]),
+                       np.stack([np.sin(4 * xx), 1 - 2 * yy * xx, xx - yy])]).astype(np.float32)
+    ref, noise = diffusers_img2img(src, scheduler, images, strength, 11, monkeypatch)
+    np.save(tmp_path / "image.npy", images)
+    np.save(tmp_path / "noise.npy", noise)
+    run_cli(edgediff_bin, "sample", "--model", str(out), "--prompt", PROMPT, "--negative-prompt",
+            NEGATIVE, "--guidance", str(GUIDANCE), "--sampler", sampler, "--steps", str(STEPS),
+            "--image", str(tmp_path / "image.npy"), "--strength", str(strength),
+            "--init-noise", str(tmp_path / "noise.npy"), "--out", str(tmp_path / "img.npy"), "-q")
+    got = np.load(tmp_path / "img.npy")
+    assert got.shape == ref.shape == (2, 3, 16, 16)
+    err = float(np.abs(got - ref).max())
+    print(f"img2img parity {sampler} vs {scheduler}, strength {strength}: max abs difference "
+          f"{err:.2e}")
+    assert err <= TOL, f"max abs difference {err:.2e}"
+
+
+def test_img2img_from_a_png_one_image_for_every_sample(edgediff_bin, tiny_pipeline, tmp_path):
+    """A PNG is read in the pipeline's image shape and serves every sample, each with its own
+    noise; the strength changes the result. (The tiny VAE is random, so closeness to the image
+    itself says nothing here; the parity test above is the check of the maths.)"""
+    from PIL import Image
+    _, out = tiny_pipeline
+    yy, xx = np.mgrid[0:16, 0:16] / 15.0
+    rgb = np.stack([xx, yy, (xx + yy) / 2], axis=-1)
+    Image.fromarray((rgb * 255).round().astype(np.uint8)).save(tmp_path / "image.png")
+    runs = {}
+    for s in ("0.2", "1"):
+        run_cli(edgediff_bin, "sample", "--model", str(out), "--prompt", PROMPT, "--steps", "10",
+                "--image", str(tmp_path / "image.png"), "--strength", s, "-n", "2",
+                "--out", str(tmp_path / f"{s}.npy"), "-q")
+        runs[s] = np.load(tmp_path / f"{s}.npy")
+    assert runs["0.2"].shape == (2, 3, 16, 16)
+    # One image for both samples, but each sample its own noise.
+    assert np.abs(runs["0.2"][0] - runs["0.2"][1]).max() > 0
+    assert np.abs(runs["0.2"] - runs["1"]).max() > 1e-3
+
+
+def test_prompts_file_gives_each_sample_its_prompt_and_stream(edgediff_bin, tiny_pipeline, tmp_path):
+    """Sample i of --prompts is sample i of a run with --prompt set to line i (its own stream,
+    whatever the batch); -n beyond the lines cycles them."""
+    _, out = tiny_pipeline
+    lines = ["a lighthouse at dusk", "a red dog", "the sea"]
+    (tmp_path / "p.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    common = ["--model", str(out), "--steps", "4", "-q"]
+    run_cli(edgediff_bin, "sample", *common, "--prompts", str(tmp_path / "p.txt"),
+            "--batch-size", "2", "--out", str(tmp_path / "all.npy"))
+    many = np.load(tmp_path / "all.npy")
+    assert many.shape == (3, 3, 16, 16)
+    for i, p in enumerate(lines):
+        run_cli(edgediff_bin, "sample", *common, "--prompt", p, "-n", "3",
+                "--out", str(tmp_path / f"one{i}.npy"))
+        one = np.load(tmp_path / f"one{i}.npy")[i]
+        err = float(np.abs(many[i] - one).max())
+        print(f"prompts file sample {i} vs a single-prompt run: max abs difference {err:.2e}")
+        assert err <= 1e-5
+    run_cli(edgediff_bin, "sample", *common, "--prompts", str(tmp_path / "p.txt"), "-n", "5",
+            "--out", str(tmp_path / "cycled.npy"))
+    cycled = np.load(tmp_path / "cycled.npy")
+    assert cycled.shape[0] == 5
+    assert np.abs(cycled[:3] - many).max() <= 1e-5
+    # Sample 3 is line 0's prompt on stream 3: not sample 0 again.
+    assert np.abs(cycled[3] - cycled[0]).max() > 1e-3
+
+
+def test_img2img_resume_refuses_another_image_or_strength(edgediff_bin, tiny_pipeline, tmp_path):
+    """The job record holds the image (by fingerprint) and the strength: a resume continues only
+    the same img2img run."""
+    import subprocess
+    _, out = tiny_pipeline
+    np.save(tmp_path / "a.npy", np.zeros((1, 3, 16, 16), np.float32))
+    np.save(tmp_path / "b.npy", np.full((1, 3, 16, 16), 0.5, np.float32))
+    common = ["sample", "--model", str(out), "-n", "2", "--steps", "4", "-q", "--out", str(tmp_path / "o")]
+    run_cli(edgediff_bin, *common, "--image", str(tmp_path / "a.npy"))
+    for image, strength, flag in (("b.npy", "0.8", "--image"), ("a.npy", "0.5", "--strength")):
+        proc = subprocess.run([str(edgediff_bin), *common, "--resume", "--image", str(tmp_path / image),
+                               "--strength", strength], capture_output=True, text=True)
+        assert proc.returncode == 2 and f"was made with {flag}" in proc.stderr, proc.stderr
+    run_cli(edgediff_bin, *common, "--resume", "--image", str(tmp_path / "a.npy"), "--strength", "0.8")

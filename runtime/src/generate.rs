@@ -1,6 +1,6 @@
 //! The sampling entry point shared by the CLI and the C ABI: options in, samples out.
 
-use ndarray::{concatenate, Array3, Array4, Axis};
+use ndarray::{concatenate, s, Array3, Array4, Axis};
 
 use crate::clip::Clipped;
 use crate::denoiser::{Denoiser, ModelDenoiser, X0Clip};
@@ -61,6 +61,20 @@ pub struct SampleOptions {
     /// The prompt guidance steers away from (None: the empty prompt, the unconditional
     /// embedding). Default: None.
     pub negative_prompt: Option<String>,
+    /// One prompt per sample, instead of `prompt`: sample i uses `prompts[i % len]` (a list
+    /// shorter than `n` is cycled). Sample i keeps its own random stream, so it is the sample
+    /// i of a run with `prompt` set to its prompt. Default: None.
+    pub prompts: Option<Vec<String>>,
+    /// img2img (SDEdit) for a text-to-image pipeline: images `[1, C, H, W]` (one for every
+    /// sample) or `[n, C, H, W]` (one each) in the data range, the pipeline's image shape. They
+    /// are encoded by the VAE encoder, noised to the level `strength` selects, and denoised
+    /// from there. Default: None.
+    pub init_image: Option<Array4<f32>>,
+    /// How much of the sampling img2img runs, in (0, 1]: as diffusers'
+    /// StableDiffusionImg2ImgPipeline, the last `floor(steps * strength)` of the `steps` steps
+    /// (1 runs every step, still from the image noised to the first level, which keeps a trace
+    /// of it where that level's alpha is not 0, as in diffusers). Default: 0.8.
+    pub strength: f64,
     /// diffusers' `steps_offset`, added to every time step of leading spacing. Default: 0
     /// ([`SampleOptions::for_model`]: the pipeline's scheduler's, 1 for Stable Diffusion).
     pub steps_offset: usize,
@@ -88,6 +102,9 @@ impl Default for SampleOptions {
             guidance: None,
             prompt: None,
             negative_prompt: None,
+            prompts: None,
+            init_image: None,
+            strength: 0.8,
             steps_offset: 0,
             set_alpha_to_one: true,
             cancel: None,
@@ -194,6 +211,8 @@ pub fn generate_chunks(
         )));
     }
     let (label, lv) = prepare(model, opts, injected)?;
+    let init = init_latents(model, opts)?;
+    let prior = prior_std(model.schedule(), &lv);
     let plan = BatchPlan {
         label,
         levels: &lv,
@@ -208,6 +227,26 @@ pub fn generate_chunks(
         progress,
         sink,
         &mut |b, x, progress| {
+            // img2img: the sampler starts from the encoded image noised to the first level,
+            // x = alpha z + sigma eps with the batch's own initial noise eps (diffusers'
+            // scheduler.add_noise); the levels are already the truncated ones (prepare).
+            let x = match &init {
+                Some(z) => {
+                    let start = b.levels[0];
+                    let rows = if z.len_of(Axis(0)) == 1 {
+                        z.broadcast(x.raw_dim())
+                            .ok_or_else(|| Error::invalid("init latent shape"))?
+                            .to_owned()
+                    } else {
+                        z.slice(s![b.first..b.first + b.len, .., .., ..]).to_owned()
+                    };
+                    let (a, sg) = (start.alpha as f32, (start.sigma / prior) as f32);
+                    ndarray::Zip::from(&rows)
+                        .and(&x)
+                        .map_collect(|&z, &e| a * z + sg * e)
+                }
+                None => x,
+            };
             let mut tr = Trajectory {
                 den: b.den,
                 noise: b.noise,
@@ -296,17 +335,21 @@ pub(crate) fn run_batches(
             }
         };
         let x = noise.initial()?.mapv(|v| v * prior_std as f32);
+        // Encoded before the denoiser borrows the model for the batch.
+        let cond = match &text {
+            Some(t) => Some(prompt_rows(model, opts, t, first, m)?),
+            None => None,
+        };
         let mut net = ModelDenoiser::new(model, plan.label.map(|k| vec![k; m]), first)
             .with_cancel(opts.cancel.clone())
             .with_unconditional(guidance.map(|(_, null)| vec![null; m]));
         let mut scale = guidance.map(|(w, _)| w);
-        if let Some(t) = &text {
-            // One row per sample: the same prompt for all today, a prompt per sample later.
+        if let (Some(t), Some(cond)) = (&text, cond) {
+            // One row per sample: the run's prompt, or each sample's own (prompts).
             let rows = |e: &Array3<f32>| {
                 e.broadcast((m, e.shape()[1], e.shape()[2]))
                     .map(|v| v.to_owned())
             };
-            let cond = rows(&t.cond).ok_or_else(|| Error::invalid("prompt embedding shape"))?;
             let uncond = match &t.uncond {
                 Some(u) => Some(rows(u).ok_or_else(|| Error::invalid("prompt embedding shape"))?),
                 None => None,
@@ -342,12 +385,68 @@ pub(crate) fn run_batches(
     Ok(report)
 }
 
+/// The sampler's latents `[k, c, h, w]` of an img2img run's images (k = 1 or n), encoded in
+/// batches of at most `batch_size` so the VAE encoder's memory stays one batch's; None without
+/// an init image.
+fn init_latents(model: &mut Model, opts: &SampleOptions) -> Result<Option<Array4<f32>>> {
+    let (Some(images), Some(p)) = (&opts.init_image, model.pipeline.as_mut()) else {
+        return Ok(None);
+    };
+    let mut parts = Vec::new();
+    for first in (0..images.len_of(Axis(0))).step_by(opts.batch_size) {
+        let end = (first + opts.batch_size).min(images.len_of(Axis(0)));
+        parts.push(p.encode_image(&images.slice(s![first..end, .., .., ..]).to_owned())?);
+    }
+    let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
+    concatenate(Axis(0), &views)
+        .map(Some)
+        .map_err(|e| Error::invalid(e.to_string()))
+}
+
 /// A text-to-image run's conditioning: the hidden states of the prompt and (with guidance) of
 /// the negative prompt, each `[1, L, D]`, encoded once per run.
 struct TextConditioning {
-    cond: Array3<f32>,
+    /// The prompt's, or None with one prompt per sample (`prompts`: encoded batch by batch,
+    /// so a long prompt file costs one batch's hidden states, not the file's).
+    cond: Option<Array3<f32>>,
     uncond: Option<Array3<f32>>,
     guidance: Option<f64>,
+}
+
+/// The hidden states `[m, L, D]` of samples `first .. first + m`: the run's prompt for each,
+/// or each sample's own prompt of `opts.prompts`, every distinct one encoded once.
+fn prompt_rows(
+    model: &mut Model,
+    opts: &SampleOptions,
+    t: &TextConditioning,
+    first: usize,
+    m: usize,
+) -> Result<Array3<f32>> {
+    let shape_err = || Error::invalid("prompt embedding shape");
+    if let Some(e) = &t.cond {
+        return e
+            .broadcast((m, e.shape()[1], e.shape()[2]))
+            .map(|v| v.to_owned())
+            .ok_or_else(shape_err);
+    }
+    let (Some(prompts), Some(p)) = (&opts.prompts, model.pipeline.as_mut()) else {
+        return Err(shape_err());
+    };
+    let mut encoded: Vec<(&str, Array3<f32>)> = Vec::new();
+    let mut rows = Vec::with_capacity(m);
+    for i in first..first + m {
+        let prompt = prompts[i % prompts.len()].as_str();
+        let k = match encoded.iter().position(|(q, _)| *q == prompt) {
+            Some(k) => k,
+            None => {
+                encoded.push((prompt, p.encode_prompt(prompt)?));
+                encoded.len() - 1
+            }
+        };
+        rows.push(k);
+    }
+    let views: Vec<_> = rows.iter().map(|&k| encoded[k].1.view()).collect();
+    concatenate(Axis(0), &views).map_err(|e| Error::invalid(e.to_string()))
 }
 
 /// The prompts' hidden states for a pipeline (None for single-file models). As diffusers'
@@ -358,7 +457,10 @@ fn text_conditioning(model: &mut Model, opts: &SampleOptions) -> Result<Option<T
         return Ok(None);
     };
     let w = opts.guidance.unwrap_or(p.config().guidance);
-    let cond = p.encode_prompt(opts.prompt.as_deref().unwrap_or(""))?;
+    let cond = match opts.prompts {
+        Some(_) => None,
+        None => Some(p.encode_prompt(opts.prompt.as_deref().unwrap_or(""))?),
+    };
     let (uncond, guidance) = if w > 1.0 {
         let negative = opts.negative_prompt.as_deref().unwrap_or("");
         (Some(p.encode_prompt(negative)?), Some(w))
@@ -432,12 +534,31 @@ pub(crate) fn prepare(
     for (arg, given) in [
         ("prompt", opts.prompt.is_some()),
         ("negative_prompt", opts.negative_prompt.is_some()),
+        ("prompts", opts.prompts.is_some()),
     ] {
         if given && !text {
             return Err(Error::options(
                 "{0} given but the model has no text conditioning",
                 &[arg],
             ));
+        }
+    }
+    match &opts.prompts {
+        Some(_) if opts.prompt.is_some() => {
+            return Err(Error::options(
+                "{0} and {1} exclude each other (one prompt for all, or one per sample)",
+                &["prompt", "prompts"],
+            ))
+        }
+        Some(p) if p.is_empty() => {
+            return Err(Error::options("{0} holds no prompt", &["prompts"]));
+        }
+        _ => {}
+    }
+    if let Some(img) = &opts.init_image {
+        check_init_image(img, opts.n, [c, h, w], text)?;
+        if let Some(p) = &model.pipeline {
+            p.check_vae_encoder()?;
         }
     }
     let labels = class_label_for(&meta, opts.class_label)?;
@@ -464,11 +585,66 @@ pub(crate) fn prepare(
             *last = model.schedule().level(0.0);
         }
     }
+    if opts.init_image.is_some() {
+        lv = img2img_levels(lv, opts.strength)?;
+    }
     if let Some(inj) = injected {
         check_injected(inj, opts.n, meta.sample_shape)?;
     }
     guidance_for(&meta, opts)?;
     Ok((labels, lv))
+}
+
+/// An img2img run's levels: as diffusers' StableDiffusionImg2ImgPipeline.get_timesteps, the
+/// last `floor(steps * strength)` steps of the full list (the clean end kept), where steps is
+/// the number of steps the full list takes.
+fn img2img_levels(lv: Vec<NoiseLevel>, strength: f64) -> Result<Vec<NoiseLevel>> {
+    if !(strength > 0.0 && strength <= 1.0) {
+        return Err(Error::out_of_range(
+            "strength",
+            strength,
+            "is outside (0, 1]",
+        ));
+    }
+    let steps = lv.len() - 1;
+    // The product in f64 as Python's int(steps * strength) takes it (0.6 * 10 -> 6).
+    let run = ((steps as f64 * strength).floor() as usize).min(steps);
+    if run == 0 {
+        return Err(Error::out_of_range(
+            "strength",
+            strength,
+            &format!("leaves no step of {steps} to run (floor(steps * strength) is 0); raise it or the steps"),
+        ));
+    }
+    Ok(lv[steps - run..].to_vec())
+}
+
+/// Checks an init image against the run: a pipeline (the image is encoded to latents), one
+/// image or one per sample, the pipeline's image shape, finite values.
+fn check_init_image(img: &Array4<f32>, n: usize, [c, h, w]: [usize; 3], text: bool) -> Result<()> {
+    if !text {
+        return Err(Error::options(
+            "{0} given but the model is not a text-to-image pipeline (img2img encodes the image with a pipeline's VAE encoder)",
+            &["init_image"],
+        ));
+    }
+    let k = img.len_of(Axis(0));
+    if (k != 1 && k != n) || img.shape()[1..] != [c, h, w] {
+        return Err(Error::options(
+            format!(
+                "{{0}} has shape {:?}; expected [1, {c}, {h}, {w}] (one image for all) or [{n}, {c}, {h}, {w}] (one per sample)",
+                img.shape()
+            ),
+            &["init_image"],
+        ));
+    }
+    if let Some((index, v)) = crate::npy::first_non_finite(img.view().into_dyn()) {
+        return Err(Error::options(
+            format!("{{0}} holds {v} at {index:?}; images must be finite"),
+            &["init_image"],
+        ));
+    }
+    Ok(())
 }
 
 /// Checks injected noise against the run before anything uses it: shapes (a wrong one would
@@ -600,4 +776,41 @@ fn validate_timesteps(model: &Model, ts: &[f64]) -> Result<Vec<f64>> {
         return bad("times must strictly decrease (most noisy first)".into());
     }
     Ok(ts.to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lv(n: usize) -> Vec<NoiseLevel> {
+        (0..=n)
+            .map(|i| NoiseLevel {
+                t: (n - i) as f64,
+                alpha: i as f64,
+                sigma: 1.0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn img2img_runs_the_last_floor_steps_times_strength_steps() {
+        // As diffusers' get_timesteps: int(10 * 0.6) = 6 steps, the first 4 skipped.
+        let out = img2img_levels(lv(10), 0.6).unwrap();
+        assert_eq!(out.len(), 7);
+        assert_eq!(out[0].t, 6.0);
+        assert_eq!(out.last().unwrap().t, 0.0);
+        assert_eq!(img2img_levels(lv(10), 1.0).unwrap().len(), 11);
+        // 0.15 * 10 rounds down to 1 step.
+        assert_eq!(img2img_levels(lv(10), 0.15).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn img2img_refuses_strengths_outside_the_unit_interval_or_without_a_step() {
+        for s in [0.0, -0.5, 1.5, f64::NAN] {
+            let e = img2img_levels(lv(10), s).unwrap_err();
+            assert_eq!(e.argument().and_then(|a| a.arg()), Some("strength"), "{s}");
+        }
+        let e = img2img_levels(lv(10), 0.05).unwrap_err().to_string();
+        assert!(e.contains("leaves no step of 10"), "{e}");
+    }
 }

@@ -102,6 +102,15 @@ pub(crate) fn job_record(
     if let Some(p) = &opts.negative_prompt {
         m.insert("negative_prompt".into(), json!(p));
     }
+    if let Some(p) = &opts.prompts {
+        m.insert("prompts".into(), json!(p));
+    }
+    if let Some(img) = &opts.init_image {
+        // The image by fingerprint (as injected noise), and the strength only with one: it
+        // changes nothing without an image.
+        m.insert("init_image".into(), json!(array_fingerprint(img.iter())));
+        m.insert("strength".into(), json!(opts.strength));
+    }
     if opts.steps_offset != 0 {
         m.insert("steps_offset".into(), json!(opts.steps_offset));
     }
@@ -184,6 +193,9 @@ const KEYS: &[&str] = &[
     "x0_clip",
     "prompt",
     "negative_prompt",
+    "prompts",
+    "init_image",
+    "strength",
     "steps_offset",
     "set_alpha_to_one",
     "guidance",

@@ -8,6 +8,8 @@
 //! DIR/text_encoder/model.onnx            input_ids int64 [N, L] -> last_hidden_state [N, L, D]
 //! DIR/unet/model.onnx                    sample, timestep, encoder_hidden_states -> out_sample
 //! DIR/vae_decoder/model.onnx             latent_sample [N, C, h, w] -> sample [N, 3, H, W]
+//! DIR/vae_encoder/model.onnx             sample [N, 3, H, W] -> latent_parameters [N, 2C, h, w]
+//!                                        (mean || logvar; optional, img2img needs it)
 //! DIR/tokenizer/                         vocab.json merges.txt tokenizer_config.json special_tokens_map.json
 //! DIR/scheduler/scheduler_config.json    diffusers' scheduler config
 //! DIR/<graph>/config.json                the part's diffusers/transformers config
@@ -285,13 +287,18 @@ impl PipelineConfig {
     }
 }
 
-/// The graphs around the U-Net: text encoder, tokenizer, VAE decoder.
+/// The graphs around the U-Net: text encoder, tokenizer, VAE decoder and, when the folder has
+/// one, VAE encoder.
 pub struct Pipeline {
     config: PipelineConfig,
     dir: PathBuf,
     tokenizer: ClipTokenizer,
     text_encoder: Session,
     vae_decoder: Session,
+    /// Opened on first use: only img2img needs it, and text-to-image runs should not pay for
+    /// loading a graph they never call (optimum folders may lack it altogether).
+    vae_encoder: Option<Session>,
+    opts: NetworkOptions,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -427,6 +434,8 @@ impl Pipeline {
                 tokenizer,
                 text_encoder,
                 vae_decoder,
+                vae_encoder: None,
+                opts: opts.clone(),
             },
         ))
     }
@@ -521,5 +530,71 @@ impl Pipeline {
         }
         let [lo, hi] = self.config.data_range;
         Ok(out.mapv(|v| v.clamp(lo as f32, hi as f32)))
+    }
+
+    /// Refuses an img2img run on a folder without a VAE encoder graph, before any work.
+    pub fn check_vae_encoder(&self) -> Result<()> {
+        let path = self.dir.join("vae_encoder/model.onnx");
+        if path.is_file() {
+            return Ok(());
+        }
+        Err(Error::ModelFile {
+            path,
+            detail: "the pipeline folder has no vae_encoder graph (vae_encoder/model.onnx), which an init image needs; export the whole pipeline".into(),
+        })
+    }
+
+    /// Latents `[N, c, h, w]` for the sampler from images `[N, C, H, W]` in the data range:
+    /// the VAE encoder's mean (the mode of its latent distribution), as
+    /// `scaling_factor * (mean - shift_factor)`. diffusers' StableDiffusionImg2ImgPipeline draws
+    /// `mean + std * noise` instead; the mean keeps an image's latent the same whatever the
+    /// seed, spends nothing of a sample's random stream, and differs from a draw by the VAE's
+    /// std, which for Stable Diffusion's VAE is small next to the noise the run then adds.
+    pub fn encode_image(&mut self, images: &Array4<f32>) -> Result<Array4<f32>> {
+        let path = self.dir.join("vae_encoder/model.onnx");
+        if self.vae_encoder.is_none() {
+            self.check_vae_encoder()?;
+            self.vae_encoder = Some(Network::graph_session(&path, &self.opts)?);
+        }
+        let Some(session) = self.vae_encoder.as_mut() else {
+            unreachable!("opened above")
+        };
+        let input =
+            TensorRef::from_array_view(images.view()).map_err(Error::ort("sample tensor"))?;
+        let outputs = session
+            .run(ort::inputs!["sample" => input])
+            .map_err(Error::ort("running the VAE encoder"))?;
+        let params = outputs
+            .get("latent_parameters")
+            .unwrap_or(&outputs[0])
+            .try_extract_array::<f32>()
+            .map_err(Error::ort("reading the VAE encoder's output"))?
+            .to_owned()
+            .into_dimensionality::<Ix4>()
+            .map_err(|_| Error::Contract {
+                path: path.clone(),
+                detail: "the VAE encoder's output is not [N, 2C, h, w]".into(),
+            })?;
+        let [c, h, w] = self.config.latent_shape;
+        if params.shape()[1..] != [2 * c, h, w] || params.len_of(Axis(0)) != images.len_of(Axis(0))
+        {
+            return Err(Error::Contract {
+                path,
+                detail: format!(
+                    "the VAE encoder gave {:?}; expected [{}, {}, {h}, {w}] (mean and log-variance of the latent_shape {:?})",
+                    params.shape(),
+                    images.len_of(Axis(0)),
+                    2 * c,
+                    self.config.latent_shape
+                ),
+            });
+        }
+        let VaeScaling {
+            scaling_factor,
+            shift_factor,
+        } = self.config.vae;
+        let (scale, shift) = (scaling_factor as f32, shift_factor.unwrap_or(0.0) as f32);
+        let mean = params.slice(ndarray::s![.., ..c, .., ..]);
+        Ok(mean.mapv(|v| (v - shift) * scale))
     }
 }

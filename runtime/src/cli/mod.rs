@@ -128,6 +128,18 @@ struct SampleCmd {
     /// prompt guidance steers away from (default: the empty prompt)
     #[argh(option)]
     negative_prompt: Option<String>,
+    /// file of prompts, one per line (UTF-8): sample i uses line i, cycling when -n exceeds
+    /// the lines (default -n: the number of lines)
+    #[argh(option)]
+    prompts: Option<PathBuf>,
+    /// img2img: start from this image (a PNG, or a float32 .npy [1 or n, C, H, W] in [-1, 1])
+    /// instead of pure noise
+    #[argh(option)]
+    image: Option<PathBuf>,
+    /// img2img: how much of the sampling to run, in (0, 1] (default 0.8): the last
+    /// floor(steps * strength) steps, from the image noised to that level
+    #[argh(option)]
+    strength: Option<f64>,
     /// clip x0 predictions to the model's data range at every step
     #[argh(switch)]
     clip_x0: bool,
@@ -183,6 +195,7 @@ pub fn flag(name: &str) -> String {
         }
         "x0_clip" => "--clip-x0/--dynamic-threshold".into(),
         "sample_shape" => "--model".into(),
+        "init_image" => "--image".into(),
         other => format!("--{}", other.replace('_', "-")),
     }
 }
@@ -310,11 +323,26 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         (None, Some(_)) => return Err(Error::invalid("--step-noise needs --init-noise")),
         (None, None) => None,
     };
-    let n = injected
-        .as_ref()
-        .map_or(cmd.n.unwrap_or(defaults.n), |inj| inj.initial.shape()[0]);
+    let prompts = cmd.prompts.as_deref().map(read_prompts).transpose()?;
+    // -n, else the injected noise's rows, else one sample per prompt line, else the default.
+    let n = match (&injected, &prompts) {
+        (Some(inj), _) => inj.initial.shape()[0],
+        (None, Some(p)) => cmd.n.unwrap_or(p.len().max(1)),
+        (None, None) => cmd.n.unwrap_or(defaults.n),
+    };
+    if cmd.strength.is_some() && cmd.image.is_none() {
+        return Err(Error::options(
+            "{0} applies to img2img, with {1}",
+            &["strength", "init_image"],
+        ));
+    }
     let model_opts = cmd.model_options()?;
     let mut model = model_opts.open()?;
+    let init_image = cmd
+        .image
+        .as_deref()
+        .map(|p| load_image(p, model.output_shape(), model.metadata().data_range))
+        .transpose()?;
     // A pipeline's scheduler settings are its defaults (the library's otherwise); a --spacing
     // given replaces them all, as a scheduler of another spacing would have no offset.
     let defaults = match spacing {
@@ -334,6 +362,9 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         guidance: cmd.guidance,
         prompt: cmd.prompt,
         negative_prompt: cmd.negative_prompt,
+        prompts,
+        init_image,
+        strength: cmd.strength.unwrap_or(defaults.strength),
         ..defaults
     };
     let start = Instant::now();
@@ -371,6 +402,30 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The lines of a prompts file, each one prompt (a non-UTF-8 line is refused, naming it).
+fn read_prompts(path: &Path) -> Result<Vec<String>> {
+    let file =
+        std::fs::File::open(path).map_err(Error::io(format!("reading {}", path.display())))?;
+    edgediff::text::prompt_lines(std::io::BufReader::new(file), path).collect()
+}
+
+/// img2img's image: a PNG of the model's output shape, or a float32 .npy `[k, C, H, W]` (the
+/// library checks k and the shape against the run).
+fn load_image(path: &Path, shape: [usize; 3], range: [f64; 2]) -> Result<ndarray::Array4<f32>> {
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("npy"))
+    {
+        return read_npy4_finite(path, "images must be 4-D [n, C, H, W]");
+    }
+    let bytes = std::fs::read(path).map_err(Error::io(format!("reading {}", path.display())))?;
+    let img = edgediff::image::read_png(&bytes, shape, range).map_err(|e| Error::BadInput {
+        path: path.into(),
+        detail: e.to_string(),
+    })?;
+    Ok(img.insert_axis(ndarray::Axis(0)))
 }
 
 fn x0_clip(clip: bool, percentile: Option<f64>, max: Option<f64>) -> Result<X0Clip> {
