@@ -181,6 +181,14 @@ def cases():
         ("pipeline-hidden-size", "a text encoder wider than the U-Net's cross-attention (optimum folder)",
          lambda t, m: ["--model", str(_pipeline(t, lambda d: ((d / "edgediff.json").unlink(), _edit_json(
              d / "text_encoder" / "config.json", hidden_size=64))))], 3),
+        ("inpaint-pipeline", "inpaint: a text-to-image pipeline (latent inpainting is still to come)",
+         lambda t, m: do(np.save(t / "img.npy", np.zeros((1, 3, 16, 16), np.float32)),
+                         np.save(t / "mask.npy", np.ones((1, 1, 16, 16), np.float32)),
+                         ["inpaint", "--model", str(_pipeline(t)), "--image", str(t / "img.npy"),
+                          "--mask", str(t / "mask.npy")]), 2),
+        ("elbo-pipeline", "elbo: a text-to-image pipeline (a bound on its latents is not the images')",
+         lambda t, m: do(np.save(t / "x.npy", np.zeros((1, 3, 16, 16), np.float32)),
+                         ["elbo", "--model", str(_pipeline(t)), "--data", str(t / "x.npy")]), 2),
     ]
 
 

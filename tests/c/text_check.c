@@ -6,7 +6,8 @@
  * checks that the request API with the same settings and a struct of the older, smaller size
  * (no prompt fields, so no prompt) behave as the typed struct with the same fields; and that
  * a prompt on the embedded pixel MNIST model and invalid UTF-8 fail with
- * EDGEDIFF_ERR_ARGUMENT naming the field. */
+ * EDGEDIFF_ERR_ARGUMENT naming the field; and that inpainting, inversion, the likelihood,
+ * calibration and the ELBO refuse the pipeline with EDGEDIFF_ERR_ARGUMENT. */
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -101,6 +102,39 @@ int main(int argc, char **argv) {
     bad = p;
     bad.negative_prompt = "caf\xe9";
     EXPECT(argument_error(edgediff_sample_with(pipe, &bad, a, len), "negative_prompt"), "non-UTF-8 negative prompt");
+
+    /* What runs on pixel models only so far is refused by the library, before any work,
+     * naming no option: the C entry points call the same functions as the CLI. */
+    const char *why = "not supported yet for text-to-image pipelines";
+    edgediff_sample_params plain;
+    edgediff_sample_params_init(&plain);
+    plain.steps = 2;
+    float *mask = calloc(len, sizeof(float));
+    int s = edgediff_inpaint_with(pipe, &plain, a, mask, 1, 0, 0, b, len);
+    EXPECT(s == EDGEDIFF_ERR_ARGUMENT && strstr(edgediff_last_error(), why), "inpaint refused (%d)", s);
+    free(mask);
+    s = edgediff_invert(pipe, &plain, a, 1, b, len);
+    EXPECT(s == EDGEDIFF_ERR_ARGUMENT && strstr(edgediff_last_error(), why), "invert refused (%d)", s);
+    edgediff_likelihood_params lp;
+    edgediff_likelihood_params_init(&lp);
+    lp.steps = 2;
+    edgediff_likelihood_result lr = {.struct_size = sizeof lr};
+    s = edgediff_likelihood(pipe, &lp, a, 1, &lr, NULL, NULL);
+    EXPECT(s == EDGEDIFF_ERR_ARGUMENT && strstr(edgediff_last_error(), why), "likelihood refused (%d)", s);
+    edgediff_calibrate_params cp;
+    edgediff_calibrate_params_init(&cp);
+    cp.steps = 2;
+    cp.pilot = 2;
+    cp.teacher_steps = 4;
+    double ts[2];
+    s = edgediff_calibrate(pipe, &cp, ts, 2, NULL);
+    EXPECT(s == EDGEDIFF_ERR_ARGUMENT && strstr(edgediff_last_error(), why), "calibrate refused (%d)", s);
+    edgediff_request *er = NULL;
+    edgediff_request_new(&er);
+    edgediff_elbo_result eo;
+    s = edgediff_elbo(pipe, er, a, 1, 2, &eo);
+    EXPECT(s == EDGEDIFF_ERR_ARGUMENT && strstr(edgediff_last_error(), why), "elbo refused (%d)", s);
+    edgediff_request_free(er);
     edgediff_model_free(pipe);
 
     /* A prompt for the embedded pixel MNIST model, which has no text conditioning. */
