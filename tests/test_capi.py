@@ -138,6 +138,27 @@ def test_typed_params_match_the_cli(edgediff_bin, tiny_models, tmp_path, env):
     assert figures["calibrate"] == cal["timesteps"]
 
 
+def test_prompts_through_c_match_the_cli(edgediff_bin, tmp_path, env):
+    """tests/c/text_check.c: prompt, negative prompt and guidance through the typed struct on
+    the tiny text-to-image pipeline (tests/sd_tiny.py), byte for byte against the CLI; the
+    request API, an older struct size and bad prompts are checked in the program."""
+    pytest.importorskip("diffusers")
+    import sd_tiny
+    pipe = sd_tiny.exported()
+    exe = tmp_path / "text_check"
+    build(ROOT / "tests" / "c" / "text_check.c", exe, shared=False)
+    proc = subprocess.run([str(exe), str(pipe), str(tmp_path)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "text_check: all passed" in proc.stdout
+    assert "prompt on MNIST: invalid argument: prompt" in proc.stdout
+    run_cli(edgediff_bin, "sample", "--model", str(pipe), "--prompt", "a lighthouse at dusk", "--negative-prompt",
+            "blurry low quality", "--guidance", "7.5", "--sampler", "dpm++2m", "--steps", "4", "-n", "2",
+            "--seed", "3", "-q", "--out", str(tmp_path / "cli.npy"), env=env)
+    cli = np.load(tmp_path / "cli.npy")
+    assert cli.shape == (2, 3, 16, 16) and cli.dtype == np.float32
+    assert (tmp_path / "text.f32").read_bytes() == cli.tobytes()
+
+
 def test_pkg_config_builds_an_application(tmp_path, env):
     subprocess.run([str(ROOT / "tools" / "install-c"), str(tmp_path / "prefix"), "debug"], check=True,
                    capture_output=True)

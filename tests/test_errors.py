@@ -194,6 +194,14 @@ def cases():
         ("prompts-not-utf8", "a prompts file that is not UTF-8 (the line is named)",
          lambda t, m: do((t / "prompts.txt").write_bytes(b"a cat\nun caf\xe9\n"),
                          ["--model", str(_pipeline(t)), "--prompts", str(t / "prompts.txt")]), 4),
+        ("inpaint-pipeline", "inpaint: a text-to-image pipeline (latent inpainting is still to come)",
+         lambda t, m: do(np.save(t / "img.npy", np.zeros((1, 3, 16, 16), np.float32)),
+                         np.save(t / "mask.npy", np.ones((1, 1, 16, 16), np.float32)),
+                         ["inpaint", "--model", str(_pipeline(t)), "--image", str(t / "img.npy"),
+                          "--mask", str(t / "mask.npy")]), 2),
+        ("elbo-pipeline", "elbo: a text-to-image pipeline (a bound on its latents is not the images')",
+         lambda t, m: do(np.save(t / "x.npy", np.zeros((1, 3, 16, 16), np.float32)),
+                         ["elbo", "--model", str(_pipeline(t)), "--data", str(t / "x.npy")]), 2),
     ]
 
 

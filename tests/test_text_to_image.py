@@ -294,3 +294,51 @@ def test_img2img_resume_refuses_another_image_or_strength(edgediff_bin, tiny_pip
                                "--strength", strength], capture_output=True, text=True)
         assert proc.returncode == 2 and f"was made with {flag}" in proc.stderr, proc.stderr
     run_cli(edgediff_bin, *common, "--resume", "--image", str(tmp_path / "a.npy"), "--strength", "0.8")
+# What runs on single-file models only so far: refused by the library (and so by C, see
+# tests/c/text_check.c) before any work. Inpainting and the ELBO are rows of docs/errors.md.
+REFUSED = [("invert", "DDIM inversion", lambda d: ["--image", str(d / "img.npy")]),
+           ("likelihood", "the likelihood", lambda d: ["--data", str(d / "img.npy"), "--steps", "2"]),
+           ("calibrate", "calibration", lambda d: ["--steps", "2", "--pilot", "2", "--teacher-steps", "4"])]
+
+
+@pytest.mark.parametrize("command,what,args", REFUSED, ids=[r[0] for r in REFUSED])
+def test_commands_for_pixel_models_refuse_a_pipeline(edgediff_bin, tiny_pipeline, tmp_path, command,
+                                                     what, args):
+    _, out = tiny_pipeline
+    np.save(tmp_path / "img.npy", np.zeros((1, 3, 16, 16), np.float32))
+    proc = run_cli(edgediff_bin, command, "--model", str(out), *args(tmp_path), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{what} is not supported yet for text-to-image pipelines" in proc.stderr
+    assert "panicked" not in proc.stderr and "teacher:" not in proc.stderr
+
+
+def test_interpolate_decodes_the_ends_as_sample_does(edgediff_bin, tiny_pipeline, tmp_path):
+    """interpolate works on a pipeline as it is: a slerp of the latent noises, decoded. Its ends
+    are `sample`'s images of the same seeds (the empty prompt, the same spacing)."""
+    _, out = tiny_pipeline
+    common = ["--model", str(out), "--steps", "3", "-q"]
+    run_cli(edgediff_bin, "interpolate", *common, "--frames", "3", "--seed-a", "4", "--seed-b", "5",
+            "--out", str(tmp_path / "i.npy"))
+    frames = np.load(tmp_path / "i.npy")
+    assert frames.shape == (3, 3, 16, 16)
+    for seed, frame in ((4, frames[0]), (5, frames[2])):
+        run_cli(edgediff_bin, "sample", *common, "--spacing", "trailing", "-n", "1", "--seed", str(seed),
+                "--out", str(tmp_path / f"s{seed}.npy"))
+        assert np.array_equal(np.load(tmp_path / f"s{seed}.npy")[0], frame), seed
+    assert np.abs(frames[1] - frames[0]).max() > 1e-3
+
+
+def test_compare_runs_on_a_pipeline_and_judges_images_not_latents(edgediff_bin, tiny_pipeline, tmp_path):
+    """compare times samplers on a pipeline as it is (the empty prompt); its samples are decoded
+    images, so a reference of image shape is accepted and only an unfit classifier refuses."""
+    _, out = tiny_pipeline
+    run_cli(edgediff_bin, "compare", "--model", str(out), "--samplers", "ddim,dpm++2m", "--steps", "2",
+            "-n", "2", "-q", "--out", str(tmp_path / "cmp"))
+    for name in ("ddim-2", "dpm++2m-2"):
+        assert np.load(tmp_path / "cmp" / "samples" / f"{name}.npy").shape == (2, 3, 16, 16)
+    np.save(tmp_path / "ref.npy", np.zeros((4, 3, 16, 16), np.float32))
+    proc = run_cli(edgediff_bin, "compare", "--model", str(out), "--samplers", "ddim", "--steps", "2", "-n", "2",
+                   "--reference", str(tmp_path / "ref.npy"), "--classifier",
+                   str(ROOT / "models" / "mnist-classifier.onnx"), "--out", str(tmp_path / "judged"), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "takes images [1, 28, 28]; these are [3, 16, 16]" in proc.stderr

@@ -98,6 +98,9 @@ int edgediff_init(const char *onnxruntime_path);
 
 /* Time-step spacing, as `edgediff sample --spacing`. */
 typedef enum edgediff_spacing {
+    EDGEDIFF_SPACING_DEFAULT = -1, /* the model's, as `sample` without --spacing: a text-to-image
+                                    * pipeline's scheduler settings (its spacing, steps_offset,
+                                    * set_alpha_to_one), "trailing" for other models; no name */
     EDGEDIFF_SPACING_LEADING = 0,  /* "leading": t = (steps-1-i) T/steps (DDIM, diffusers) */
     EDGEDIFF_SPACING_TRAILING = 1, /* "trailing": always starts at T-1 (Lin et al. 2024) */
     EDGEDIFF_SPACING_LINSPACE = 2, /* "linspace": round(linspace(0, T-1, steps)) */
@@ -183,8 +186,13 @@ int edgediff_model_open_memory(const uint8_t *data, size_t len, edgediff_model *
 /* Frees a model; NULL is allowed. */
 void edgediff_model_free(edgediff_model *model);
 
-/* The sample shape [C, H, W]. */
+/* The sample shape [C, H, W]: what the network denoises (a pipeline's latents). */
 int edgediff_model_sample_shape(const edgediff_model *model, size_t shape[3]);
+
+/* The shape [C, H, W] of one output sample, which sizes the out buffers of sampling: a
+ * text-to-image pipeline's decoded image (its sample shape, and init_noise's, is the
+ * latents'), else the sample shape. */
+int edgediff_model_output_shape(const edgediff_model *model, size_t shape[3]);
 
 /* The model's metadata as JSON into buf (cap bytes, NUL-terminated); *needed (if not NULL)
  * gets the size needed including the NUL. */
@@ -202,7 +210,7 @@ typedef struct edgediff_sample_params {
     size_t struct_size;         /* set by edgediff_sample_params_init */
     const char *sampler;        /* a name `edgediff samplers` lists ["ddim"] */
     size_t steps;               /* sampling steps [100] */
-    int spacing;                /* an edgediff_spacing [EDGEDIFF_SPACING_TRAILING] */
+    int spacing;                /* an edgediff_spacing [EDGEDIFF_SPACING_DEFAULT] */
     int x0_clip;                /* an edgediff_x0_clip [EDGEDIFF_X0_CLIP_NONE] */
     double rho;                 /* rho of EDGEDIFF_SPACING_KARRAS; only with it [unset: 7] */
     const double *timesteps;    /* explicit schedule times, most noisy first, overriding steps
@@ -235,6 +243,12 @@ typedef struct edgediff_sample_params {
     size_t step_noise_len;      /* floats at step_noise: a multiple of n * C * H * W [0] */
     edgediff_progress_fn progress; /* called after every step; non-zero cancels [NULL] */
     void *progress_user;        /* passed to progress [NULL] */
+    /* Appended for text-to-image pipelines: a program built against an older header passes
+     * the smaller struct_size and gets the defaults for these. */
+    const char *prompt;         /* UTF-8 text prompt of a text-to-image pipeline folder;
+                                 * refused by other models [NULL: none, the empty prompt] */
+    const char *negative_prompt; /* UTF-8 prompt that guidance > 1 steers away from, pipelines
+                                 * only [NULL: none, the empty prompt] */
 } edgediff_sample_params;
 
 /* Fills *params with the defaults; size is sizeof *params (use edgediff_sample_params_init). */
@@ -245,8 +259,9 @@ static inline int edgediff_sample_params_init(edgediff_sample_params *params) {
     return edgediff_sample_params_init_sized(params, sizeof *params);
 }
 
-/* Generates params->n samples into out (out_len floats >= n * C * H * W; C order, the model's
- * data range). A cancelling progress callback gives EDGEDIFF_ERR_CANCELLED. */
+/* Generates params->n samples into out (out_len floats >= n * C * H * W, [C, H, W] from
+ * edgediff_model_output_shape; C order, the model's data range, a pipeline's images in
+ * [-1, 1]). A cancelling progress callback gives EDGEDIFF_ERR_CANCELLED. */
 int edgediff_sample_with(const edgediff_model *model, const edgediff_sample_params *params,
                          float *out, size_t out_len);
 
@@ -267,8 +282,8 @@ int edgediff_inpaint_with(const edgediff_model *model, const edgediff_sample_par
 /* DDIM inversion, as `edgediff invert`: the noise (n * C * H * W floats into noise, noise_len
  * >= that) that deterministic DDIM decodes back to the n images (n * C * H * W floats, data
  * range). Reads steps, spacing, rho, batch_size, class_label and progress of params; sampler
- * must be "ddim" with eta unset or 0, and timesteps, guidance, x0_clip, init_noise and
- * step_noise must be unset (inversion has no use for them). The same params with init_noise
+ * must be "ddim" with eta unset or 0, and timesteps, guidance, x0_clip, init_noise,
+ * step_noise, prompt and negative_prompt must be unset (inversion has no use for them). The same params with init_noise
  * set to the noise decode it again through edgediff_sample_with. progress's return value is
  * not heeded (inversion cannot be cancelled). */
 int edgediff_invert(const edgediff_model *model, const edgediff_sample_params *params,
@@ -289,7 +304,8 @@ void edgediff_request_free(edgediff_request *req);
  * by its field name ("sampler", "steps", "spacing" as a name, "rho", "eta", "order", "snr",
  * "rtol", "atol", "min_steps", "max_steps", "n", "batch_size", "seed", "class_label" or
  * "class" (negative: unconditional), "guidance", "x0_clip" ("none", "range", "dynamic"),
- * "dynamic_threshold", "threshold_max"), and "timesteps" as a comma-separated list. Names
+ * "dynamic_threshold", "threshold_max"), "prompt" and "negative_prompt" (the request keeps
+ * its own copy of the text), and "timesteps" as a comma-separated list. Names
  * (of the sampler, spacing, x0_clip) and the syntax of numbers are checked here, ranges when
  * the request runs. */
 int edgediff_request_set(edgediff_request *req, const char *key, const char *value);

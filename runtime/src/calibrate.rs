@@ -84,6 +84,20 @@ pub fn default_max_evals(steps: usize) -> usize {
     50 * steps
 }
 
+/// Refuses a model [`calibrate`] cannot fit: a text-to-image pipeline (it would run with the
+/// empty prompt and the library's scheduler settings, not the pipeline's, so its grid would
+/// be fitted to runs nobody makes). Public so that a front end can refuse before it reports
+/// the search it is about to start.
+pub fn check_model(model: &Model) -> Result<()> {
+    if model.pipeline().is_some() {
+        return Err(Error::not_for_pipelines(
+            "calibration",
+            "it would fit the time steps to the empty prompt, without the pipeline's scheduler settings",
+        ));
+    }
+    Ok(())
+}
+
 /// Calibrates `opts.steps` time points for `opts.sampler` on `model`; `progress(evals, rmse)`
 /// is told after every sampler run with the best pilot RMSE so far.
 ///
@@ -103,6 +117,7 @@ pub fn calibrate(
     opts: &CalibrateOptions,
     progress: &mut dyn FnMut(usize, f64),
 ) -> Result<Calibration> {
+    check_model(model)?;
     check(opts)?;
     let base = SampleOptions {
         sampler: SamplerKind::of(&heun::HEUN),

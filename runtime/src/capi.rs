@@ -373,6 +373,11 @@ fn class_of(v: i64) -> Option<i64> {
 // ---------------------------------------------------------------------------------------------
 
 /// The C names of an enum's values, index = value, as the library parses them.
+/// `spacing` left to the model: a text-to-image pipeline's scheduler settings (spacing,
+/// steps_offset, set_alpha_to_one), as `edgediff sample` without `--spacing`; the library's
+/// default spacing for other models. The default of the struct.
+pub const EDGEDIFF_SPACING_DEFAULT: c_int = -1;
+
 const SPACINGS: [&CStr; 5] = [c"leading", c"trailing", c"linspace", c"karras", c"logsnr"];
 const PROVIDERS: [&CStr; 3] = [c"cpu", c"cuda", c"tensorrt"];
 const X0_CLIPS: [&CStr; 3] = [c"none", c"range", c"dynamic"];
@@ -879,6 +884,26 @@ pub unsafe extern "C" fn edgediff_model_sample_shape(
     })
 }
 
+/// Writes the output shape `[C, H, W]` of one sample to `shape`: the decoded image of a
+/// text-to-image pipeline (its sample shape is the latents'), else the sample shape.
+///
+/// # Safety
+/// `model` is a valid handle; `shape` points to 3 writable `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn edgediff_model_output_shape(
+    model: *const EdgediffModel,
+    shape: *mut usize,
+) -> c_int {
+    guard(|| {
+        // SAFETY: live handles are checked.
+        let m = unsafe { model_ref(model) }?;
+        // SAFETY: the caller passes 3 writable size_t.
+        let dst = unsafe { slice_mut(shape, 3, "shape") }?;
+        dst.copy_from_slice(&lock(m).output_shape());
+        Ok(())
+    })
+}
+
 /// Copies the model's metadata as JSON (NUL-terminated) into `buf` of `cap` bytes; `needed`
 /// (if not NULL) receives the size including the NUL. A too small `buf` is an argument error.
 ///
@@ -956,12 +981,17 @@ pub struct EdgediffSampleParams {
     pub step_noise_len: usize,
     pub progress: EdgediffProgress,
     pub progress_user: *mut c_void,
+    // Version 2 (text-to-image pipelines): appended, so version 1 structs stay readable.
+    pub prompt: *const c_char,
+    pub negative_prompt: *const c_char,
 }
 
 // SAFETY: repr(C), struct_size first, only integers, floats, raw and Option<fn> pointers.
 unsafe impl SizedStruct for EdgediffSampleParams {
     const NAME: &'static str = "edgediff_sample_params";
-    const MIN_SIZE: usize = std::mem::size_of::<EdgediffSampleParams>();
+    /// Version 1 ended at `progress_user`: programs built before prompts were added pass that
+    /// size, and get the default (no prompt) for the fields after it.
+    const MIN_SIZE: usize = std::mem::offset_of!(EdgediffSampleParams, prompt);
 }
 
 impl EdgediffSampleParams {
@@ -969,7 +999,9 @@ impl EdgediffSampleParams {
     fn defaults() -> Self {
         let d = SampleOptions::default();
         let s = SamplerParams::default();
-        let (spacing, rho) = spacing_to_c(d.spacing);
+        // The spacing is the model's (SampleOptions::for_model), known once a model is open.
+        let (_, rho) = spacing_to_c(d.spacing);
+        let spacing = EDGEDIFF_SPACING_DEFAULT;
         let (x0_clip, dynamic_threshold, threshold_max) = x0_clip_to_c(d.x0_clip);
         // The library's default has no list of times (a default one would need static
         // storage): NULL. tests::defaults_round_trip checks this stays true.
@@ -1002,6 +1034,9 @@ impl EdgediffSampleParams {
             step_noise_len: 0,
             progress: None,
             progress_user: std::ptr::null_mut(),
+            // SampleOptions' default prompts are None; NULL says the same.
+            prompt: std::ptr::null(),
+            negative_prompt: std::ptr::null(),
         }
     }
 
@@ -1024,7 +1059,8 @@ impl EdgediffSampleParams {
 /// [`injected_noise`].
 ///
 /// # Safety
-/// `p.sampler` is NUL-terminated; `p.timesteps` is NULL or holds `p.num_timesteps` values.
+/// `p.sampler` is NUL-terminated; `p.timesteps` is NULL or holds `p.num_timesteps` values;
+/// `p.prompt` and `p.negative_prompt` are NULL or NUL-terminated.
 unsafe fn sample_options(p: &EdgediffSampleParams) -> Result<SampleOptions, Error> {
     let defaults = SampleOptions::default();
     // SAFETY: the caller's struct holds a NUL-terminated sampler name.
@@ -1042,10 +1078,28 @@ unsafe fn sample_options(p: &EdgediffSampleParams) -> Result<SampleOptions, Erro
         // SAFETY: the caller's struct holds `num_timesteps` values at `timesteps`.
         Some(unsafe { slice(p.timesteps, p.num_timesteps, "timesteps") }?.to_vec())
     };
+    // Copied: SampleOptions owns its prompts, and nothing keeps the caller's pointers.
+    // SAFETY: the caller's struct holds NULL or NUL-terminated prompts.
+    let prompt = unsafe { opt_text(p.prompt, "prompt") }?.map(str::to_owned);
+    // SAFETY: as for `prompt`.
+    let negative_prompt =
+        unsafe { opt_text(p.negative_prompt, "negative_prompt") }?.map(str::to_owned);
+    let spacing = if p.spacing == EDGEDIFF_SPACING_DEFAULT {
+        if opt_f64(p.rho).is_some() {
+            return Err(Error::options(
+                "{0} applies to {1} EDGEDIFF_SPACING_KARRAS",
+                &["rho", "spacing"],
+            ));
+        }
+        // Replaced by the model's in `for_model` once the model is known.
+        defaults.spacing
+    } else {
+        spacing_from_c(p.spacing, p.rho)?
+    };
     Ok(SampleOptions {
         sampler,
         steps: p.steps,
-        spacing: spacing_from_c(p.spacing, p.rho)?,
+        spacing,
         timesteps,
         n: p.n,
         batch_size: p.batch_size,
@@ -1053,8 +1107,26 @@ unsafe fn sample_options(p: &EdgediffSampleParams) -> Result<SampleOptions, Erro
         class_label: class_of(p.class_label),
         x0_clip: x0_clip_from_c(p.x0_clip, p.dynamic_threshold, p.threshold_max)?,
         guidance: opt_f64(p.guidance),
+        prompt,
+        negative_prompt,
         ..defaults
     })
+}
+
+/// `opts` (of `p`) with the model's scheduler settings when `p.spacing` leaves them to it,
+/// as the CLI's `sample` takes them when `--spacing` is not given; an explicit spacing
+/// replaces them all, as there.
+fn for_model(opts: SampleOptions, p: &EdgediffSampleParams, model: &Model) -> SampleOptions {
+    if p.spacing != EDGEDIFF_SPACING_DEFAULT {
+        return opts;
+    }
+    let d = SampleOptions::for_model(model);
+    SampleOptions {
+        spacing: d.spacing,
+        steps_offset: d.steps_offset,
+        set_alpha_to_one: d.set_alpha_to_one,
+        ..opts
+    }
 }
 
 /// The injected noise of `p` for `n` samples of `shape`: `init_noise` holds n * C * H * W
@@ -1124,12 +1196,14 @@ struct Run {
 }
 
 impl Run {
+    /// The run of `p` on `model` (whose scheduler settings may be the defaults).
+    ///
     /// # Safety
     /// As [`sample_options`].
-    unsafe fn new(p: &EdgediffSampleParams) -> Result<Run, Error> {
+    unsafe fn new(p: &EdgediffSampleParams, model: &Model) -> Result<Run, Error> {
         let cancel = Arc::new(AtomicBool::new(false));
         // SAFETY: forwarded from the caller.
-        let opts = unsafe { sample_options(p) }?;
+        let opts = for_model(unsafe { sample_options(p) }?, p, model);
         Ok(Run {
             opts: SampleOptions {
                 cancel: Some(cancel.clone()),
@@ -1181,10 +1255,13 @@ unsafe fn sample_into(
     out: *mut f32,
     out_len: usize,
 ) -> Result<(), Error> {
-    // SAFETY: forwarded from the caller.
-    let run = unsafe { Run::new(p) }?;
     let mut model = lock(m);
-    let shape @ [c, h, w] = model.metadata().sample_shape;
+    // SAFETY: forwarded from the caller.
+    let run = unsafe { Run::new(p, &model) }?;
+    // The buffer takes what sampling outputs (a pipeline's decoded images); injected noise
+    // is in the sample (latent) shape.
+    let shape = model.metadata().sample_shape;
+    let [c, h, w] = model.output_shape();
     let per = count(&[c, h, w], "C * H * W")?;
     let need = count(&[p.n, c, h, w], "n * C * H * W")?;
     if out.is_null() {
@@ -1229,9 +1306,9 @@ unsafe fn sample_to_file(
 ) -> Result<(), Error> {
     // SAFETY: the caller passes a NUL-terminated path.
     let path = PathBuf::from(unsafe { text(path, "path") }?);
-    // SAFETY: forwarded from the caller.
-    let run = unsafe { Run::new(p) }?;
     let mut model = lock(m);
+    // SAFETY: forwarded from the caller.
+    let run = unsafe { Run::new(p, &model) }?;
     let shape = model.metadata().sample_shape;
     // SAFETY: forwarded from the caller.
     let injected = unsafe { injected_noise(p, p.n, shape) }?;
@@ -1269,9 +1346,9 @@ unsafe fn inpaint_into(
             &["init_noise", "step_noise"],
         ));
     }
-    // SAFETY: forwarded from the caller.
-    let run = unsafe { Run::new(p) }?;
     let mut model = lock(m);
+    // SAFETY: forwarded from the caller.
+    let run = unsafe { Run::new(p, &model) }?;
     let [c, h, w] = model.metadata().sample_shape;
     let need = count(&[n, c, h, w], "n * C * H * W")?;
     let mask_len = count(&[n, h, w], "n * H * W")?;
@@ -1415,13 +1492,15 @@ pub unsafe extern "C" fn edgediff_invert(
             ("x0_clip", p.x0_clip != X0_CLIP_NONE),
             ("init_noise", !p.init_noise.is_null()),
             ("step_noise", !p.step_noise.is_null()),
+            ("prompt", !p.prompt.is_null()),
+            ("negative_prompt", !p.negative_prompt.is_null()),
         ];
         if let Some((field, _)) = unused.iter().find(|(_, set)| *set) {
             return Err(Error::options("{0} does not apply to inversion", &[*field]));
         }
-        // SAFETY: the caller's struct is valid as the header says.
-        let run = unsafe { Run::new(&p) }?;
         let mut model = lock(m);
+        // SAFETY: the caller's struct is valid as the header says.
+        let run = unsafe { Run::new(&p, &model) }?;
         let [c, h, w] = model.metadata().sample_shape;
         let need = count(&[n, c, h, w], "n * C * H * W")?;
         if noise.is_null() {
@@ -1466,6 +1545,8 @@ pub struct EdgediffRequest {
     params: EdgediffSampleParams,
     sampler: CString,
     timesteps: Option<Vec<f64>>,
+    prompt: Option<CString>,
+    negative_prompt: Option<CString>,
 }
 
 impl EdgediffRequest {
@@ -1477,6 +1558,8 @@ impl EdgediffRequest {
             params,
             sampler,
             timesteps: None,
+            prompt: None,
+            negative_prompt: None,
         }
     }
 
@@ -1486,10 +1569,13 @@ impl EdgediffRequest {
             Some(ts) => (ts.as_ptr(), ts.len()),
             None => (std::ptr::null(), 0),
         };
+        let text = |t: &Option<CString>| t.as_ref().map_or(std::ptr::null(), |t| t.as_ptr());
         EdgediffSampleParams {
             sampler: self.sampler.as_ptr(),
             timesteps,
             num_timesteps,
+            prompt: text(&self.prompt),
+            negative_prompt: text(&self.negative_prompt),
             ..self.params
         }
     }
@@ -1514,6 +1600,14 @@ impl EdgediffRequest {
             "sampler" => {
                 SamplerKind::new(value, SamplerParams::default())?;
                 self.sampler = CString::new(value).map_err(|_| arg("sampler holds a NUL"))?;
+            }
+            // Kept as given (an empty prompt is a prompt: the empty string's embedding).
+            "prompt" => {
+                self.prompt = Some(CString::new(value).map_err(|_| arg("prompt holds a NUL"))?)
+            }
+            "negative_prompt" => {
+                self.negative_prompt =
+                    Some(CString::new(value).map_err(|_| arg("negative_prompt holds a NUL"))?)
             }
             "spacing" => p.spacing = spacing_to_c(value.parse()?).0,
             "rho" => p.rho = num(key, value, "a number")?,
@@ -2298,6 +2392,41 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_struct_reads_without_prompts() {
+        // A program built before the prompts were appended: its struct ends at progress_user,
+        // and the bytes after it (here garbage) must not be read.
+        let mut p = EdgediffSampleParams::defaults();
+        p.struct_size = EdgediffSampleParams::MIN_SIZE;
+        p.prompt = 0x10 as *const c_char;
+        p.negative_prompt = 0x10 as *const c_char;
+        // SAFETY: `p` is a whole struct; read_prefix reads only its first MIN_SIZE bytes.
+        let read = unsafe { read_prefix(&p, EdgediffSampleParams::defaults()) }.unwrap();
+        assert!(read.prompt.is_null() && read.negative_prompt.is_null());
+        // The full size reads them: a prompt, and invalid UTF-8 named by its field.
+        let bad = b"caf\xe9\0";
+        p.struct_size = std::mem::size_of::<EdgediffSampleParams>();
+        p.prompt = c"a cat".as_ptr();
+        p.negative_prompt = bad.as_ptr().cast();
+        // SAFETY: `p` is a whole struct.
+        let read = unsafe { read_prefix(&p, EdgediffSampleParams::defaults()) }.unwrap();
+        // SAFETY: its prompt pointers are static NUL-terminated strings; the sampler static.
+        let e = unsafe { sample_options(&read) }.unwrap_err();
+        assert!(
+            e.to_string().contains("negative_prompt is not valid UTF-8"),
+            "{e}"
+        );
+        p.negative_prompt = std::ptr::null();
+        // SAFETY: as above.
+        let read = unsafe { read_prefix(&p, EdgediffSampleParams::defaults()) }.unwrap();
+        // SAFETY: as above.
+        let o = unsafe { sample_options(&read) }.unwrap();
+        assert_eq!(
+            (o.prompt.as_deref(), o.negative_prompt),
+            (Some("a cat"), None)
+        );
+    }
+
+    #[test]
     fn sizes_multiplied_from_caller_input_do_not_overflow() {
         let e = count(&[usize::MAX / 2, 3, 1, 1], "n * C * H * W").unwrap_err();
         assert!(e.to_string().contains("overflows"), "{e}");
@@ -2326,7 +2455,9 @@ mod tests {
         // 64-bit targets: every field 8 bytes but the pairs of ints, so adding a field later
         // cannot land in padding an older caller left uninitialised.
         if std::mem::size_of::<usize>() == 8 {
-            assert_eq!(std::mem::size_of::<EdgediffSampleParams>(), 27 * 8);
+            assert_eq!(std::mem::size_of::<EdgediffSampleParams>(), 29 * 8);
+            // Version 1 (before the prompts) was 27 fields of 8 bytes.
+            assert_eq!(EdgediffSampleParams::MIN_SIZE, 27 * 8);
             assert_eq!(std::mem::size_of::<EdgediffModelParams>(), 5 * 8 + 6 * 4);
             assert_eq!(std::mem::size_of::<EdgediffLikelihoodParams>(), 13 * 8);
             assert_eq!(std::mem::size_of::<EdgediffCalibrateParams>(), 13 * 8);

@@ -28,6 +28,14 @@ pub fn invert(
     class_label: Option<i64>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Array4<f32>> {
+    if model.pipeline().is_some() {
+        // Inverting images means encoding them with the VAE and running the U-Net with a
+        // prompt; neither is wired in here yet.
+        return Err(Error::not_for_pipelines(
+            "DDIM inversion",
+            "inverting images needs their latents (the VAE encoder) and a prompt, still to come",
+        ));
+    }
     let shape = model.metadata().sample_shape;
     if images.shape()[1..] != shape {
         return Err(Error::invalid(format!(

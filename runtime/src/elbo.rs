@@ -479,9 +479,23 @@ pub fn elbo(
     noise: Option<ArrayView5<f32>>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<ElboReport> {
+    check_model(model)?;
     let plan = Plan::new(model, images, opts, noise.as_ref())?;
     let (draws, network_calls) = evaluate(model, &plan, opts, noise, progress)?;
     Ok(report(&plan, opts, &draws, network_calls))
+}
+
+/// Refuses a model [`elbo`] cannot bound: a text-to-image pipeline (a bound on the latents
+/// given a prompt would not be the images' bits/dim). Public so that a front end can refuse
+/// before reading data shaped for the model.
+pub fn check_model(model: &Model) -> Result<()> {
+    if model.pipeline().is_some() {
+        return Err(Error::not_for_pipelines(
+            "the ELBO",
+            "the bound would be of the VAE's latents given a prompt, not of the images",
+        ));
+    }
+    Ok(())
 }
 
 /// The betas and alpha-bars of a discrete schedule, or why the model has none.

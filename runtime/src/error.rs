@@ -172,6 +172,16 @@ impl Error {
         ArgumentError::new(ArgumentKind::Invalid, message, &[]).into()
     }
 
+    /// A text-to-image pipeline given to `what` (an operation that runs on single-file models
+    /// only, so far), with `why` it cannot yet: names no option, since the model itself is
+    /// what does not fit. Refused before any work, instead of a shape mismatch between the
+    /// decoded images and the latents, or a network call without the prompt's hidden states.
+    pub fn not_for_pipelines(what: &str, why: &str) -> Error {
+        Error::invalid(format!(
+            "{what} is not supported yet for text-to-image pipelines: {why}"
+        ))
+    }
+
     /// `arg` has the value `value`, which `allowed` rules out: "{arg} {value} {allowed}", e.g.
     /// `Error::out_of_range("eta", 2, "is outside [0, 1]")`.
     pub fn out_of_range(arg: &'static str, value: impl std::fmt::Display, allowed: &str) -> Error {

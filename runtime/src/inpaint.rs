@@ -102,6 +102,13 @@ pub fn inpaint(
     resampling: Resampling,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Array4<f32>, Report)> {
+    if model.pipeline().is_some() {
+        // The images and masks would be pixels, the pinned sample latents: they cannot mix.
+        return Err(Error::not_for_pipelines(
+            "inpainting",
+            "latent inpainting (the image encoded by the VAE, the mask downscaled to the latents) is still to come",
+        ));
+    }
     let meta = model.metadata().clone();
     let [c, h, w] = meta.sample_shape;
     let n = images.shape()[0];

@@ -236,6 +236,13 @@ pub fn log_likelihood(
     opts: &LikelihoodOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<LikelihoodReport> {
+    if model.pipeline().is_some() {
+        // As for the ELBO: a density of latents given a prompt, not of the images.
+        return Err(Error::not_for_pipelines(
+            "the likelihood",
+            "the density would be of the VAE's latents given a prompt, not of the images",
+        ));
+    }
     opts.validate()?;
     let meta = model.metadata().clone();
     let [c, h, w] = meta.sample_shape;

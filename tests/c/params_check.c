@@ -7,6 +7,7 @@
  * lines); and checks that bad values fail with EDGEDIFF_ERR_ARGUMENT and a message naming the
  * field by its C name. */
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -82,7 +83,7 @@ int main(int argc, char **argv) {
     /* Defaults, then a few fields set. */
     edgediff_sample_params p;
     EXPECT(edgediff_sample_params_init(&p) == EDGEDIFF_OK && p.struct_size == sizeof p, "sample params init");
-    EXPECT(strcmp(p.sampler, "ddim") == 0 && p.steps == 100 && p.spacing == EDGEDIFF_SPACING_TRAILING && p.n == 16 &&
+    EXPECT(strcmp(p.sampler, "ddim") == 0 && p.steps == 100 && p.spacing == EDGEDIFF_SPACING_DEFAULT && p.n == 16 &&
            p.batch_size == 64 && p.seed == 0, "sample defaults");
     EXPECT(isnan(p.eta) && isnan(p.rho) && isnan(p.guidance) && p.order == EDGEDIFF_UNSET &&
            p.class_label == EDGEDIFF_UNCONDITIONAL && p.x0_clip == EDGEDIFF_X0_CLIP_NONE && p.timesteps == NULL &&
@@ -159,6 +160,18 @@ int main(int argc, char **argv) {
     bad.struct_size = 3;
     EXPECT(argument_error(edgediff_sample_with(model, &bad, a, len), "struct_size"), "struct_size 3");
     EXPECT(edgediff_sample_params_init_sized(&bad, sizeof bad + 8) == EDGEDIFF_ERR_ARGUMENT, "init with a newer header's size");
+    /* A program built before prompt and negative_prompt were appended passes the size that
+     * ends before them: accepted, and those bytes (here a prompt, which this pixel model would
+     * refuse) are not read. */
+    bad = p;
+    bad.struct_size = offsetof(edgediff_sample_params, prompt);
+    bad.prompt = "a cat";
+    EXPECT(edgediff_sample_with(model, &bad, b, len) == EDGEDIFF_OK && memcmp(a, b, len * sizeof(float)) == 0,
+           "an older header's size");
+    bad.struct_size = sizeof bad;
+    EXPECT(argument_error(edgediff_sample_with(model, &bad, b, len), "prompt"), "a prompt for a pixel model");
+    bad.struct_size = offsetof(edgediff_sample_params, prompt) - 8;
+    EXPECT(argument_error(edgediff_sample_with(model, &bad, b, len), "struct_size"), "smaller than any version");
     bad = p;
     bad.n = SIZE_MAX / 2;
     EXPECT(argument_error(edgediff_sample_with(model, &bad, a, len), "overflows"), "n * C * H * W overflows");

@@ -89,6 +89,7 @@ pub(super) fn calibrate_cmd(cmd: CalibrateCmd) -> Result<()> {
         edgediff::output::check_file(path)?; // written at the end: checked before the work
     }
     let mut model = cmd.open_model()?;
+    edgediff::calibrate::check_model(&model)?; // before the banner of a search never run
     if model.integer_time() {
         log::warn!(
             "this model takes integer timesteps: the calibrated times reach it rounded, so \

@@ -152,7 +152,14 @@ pub(super) fn compare(cmd: CompareCmd) -> Result<()> {
         }
     }
     let mut judge = match (&cmd.classifier, &cmd.reference) {
-        (Some(c), Some(r)) => Some(Judge::new(c, r, &meta, cmd.threads, cmd.batch_size)?),
+        (Some(c), Some(r)) => Some(Judge::new(
+            c,
+            r,
+            model.output_shape(),
+            meta.data_range,
+            cmd.threads,
+            cmd.batch_size,
+        )?),
         (None, None) => None,
         _ => {
             return Err(Error::invalid(
@@ -322,7 +329,10 @@ impl Judge {
     fn new(
         classifier: &Path,
         reference: &Path,
-        meta: &edgediff::metadata::ModelMetadata,
+        // The samples' shape, which the reference must share: a pipeline's decoded images, not
+        // its latents (the metadata's sample shape).
+        shape: [usize; 3],
+        range: [f64; 2],
         threads: usize,
         batch: usize,
     ) -> Result<Judge> {
@@ -330,15 +340,15 @@ impl Judge {
         let images = read_npy(reference)?
             .into_dimensionality::<Ix4>()
             .ok()
-            .filter(|x| x.shape()[1..] == meta.sample_shape[..] && x.shape()[0] >= 2)
+            .filter(|x| x.shape()[1..] == shape[..] && x.shape()[0] >= 2)
             .ok_or_else(|| Error::BadInput {
                 path: reference.into(),
                 detail: format!(
                     "reference images must be float32 [N >= 2, {}, {}, {}] in the model's data range",
-                    meta.sample_shape[0], meta.sample_shape[1], meta.sample_shape[2]
+                    shape[0], shape[1], shape[2]
                 ),
             })?;
-        let judged = classifier.judge(images.view(), meta.data_range, batch.max(256))?;
+        let judged = classifier.judge(images.view(), range, batch.max(256))?;
         Ok(Judge {
             classifier,
             reference: GaussianStats::of(judged.features.view()),

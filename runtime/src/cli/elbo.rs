@@ -160,6 +160,8 @@ pub(super) fn elbo(cmd: ElboCmd) -> Result<()> {
         return Err(Error::invalid("-n must be at least 1"));
     }
     let mut model = cmd.open_model()?;
+    // Before the data is read against the model's (latent) shape, which would misdirect.
+    edgediff::elbo::check_model(&model)?;
     let meta = model.metadata().clone();
     let (images, scale) = load_data(&cmd.data, meta.sample_shape, meta.data_range, scale, cmd.n)?;
     let noise = match &cmd.noise {
