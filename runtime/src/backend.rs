@@ -417,7 +417,7 @@ impl Network {
                 });
             }
             log::warn!(
-                "{} provider unavailable ({why}); running on the CPU as --fallback cpu allows",
+                "{} provider unavailable ({why}); running on the CPU, as the CPU fallback allows",
                 opts.provider.name()
             );
             Network::builder(opts, in_place)
