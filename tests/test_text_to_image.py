@@ -118,14 +118,17 @@ def diffusers_images(src: Path, scheduler: str, latents: np.ndarray) -> tuple[np
     return images.numpy() * 2 - 1, [float(t) for t in pipe.scheduler.timesteps]
 
 
-# diffusers' scheduler -> edgediff's sampler. DDIM and Euler run on the pipeline's defaults
-# (leading spacing, steps_offset 1, set_alpha_to_one false) with no flag; DPMSolverMultistep's
-# "leading" divides by steps + 1 (its own definition), so its times are passed explicitly.
+# diffusers' scheduler -> edgediff's sampler, run on the pipeline's defaults (leading spacing,
+# steps_offset 1, set_alpha_to_one false) with no flag, and for DPMSolverMultistep also with
+# its times passed explicitly. Its "leading" divides by steps + 1 (DDIM's and Euler's by steps):
+# the pipeline's defaults follow the sampler's counterpart.
 SAMPLERS = [("DDIMScheduler", "ddim", False), ("EulerDiscreteScheduler", "ode-euler", False),
+            ("DPMSolverMultistepScheduler", "dpm++2m", False),
             ("DPMSolverMultistepScheduler", "dpm++2m", True)]
 
 
-@pytest.mark.parametrize("scheduler,sampler,explicit", SAMPLERS, ids=[s[1] for s in SAMPLERS])
+@pytest.mark.parametrize("scheduler,sampler,explicit", SAMPLERS,
+                         ids=[s[1] + ("-timesteps" if s[2] else "") for s in SAMPLERS])
 def test_images_match_diffusers_pipeline(edgediff_bin, tiny_pipeline, tmp_path, scheduler, sampler,
                                          explicit):
     src, out = tiny_pipeline
@@ -140,7 +143,7 @@ def test_images_match_diffusers_pipeline(edgediff_bin, tiny_pipeline, tmp_path, 
     assert got.shape == ref.shape == (2, 3, 16, 16)
     err = float(np.abs(got - ref).max())
     inside = float(np.mean(np.abs(ref) < 0.999))
-    print(f"parity {sampler} vs {scheduler}: max abs difference {err:.2e} "
+    print(f"parity {sampler}{' --timesteps' if explicit else ''} vs {scheduler}: max abs difference {err:.2e} "
           f"({inside:.0%} of pixels inside (-1, 1))")
     assert err <= TOL, f"max abs difference {err:.2e}"
     assert inside > 0.5, "the images saturate: the comparison would prove little"

@@ -12,7 +12,7 @@ use crate::noise::{InjectedNoise, NoiseSource, SeededNoise};
 use crate::sampler::ode_adaptive::StepCount;
 use crate::sampler::{SamplerKind, Trajectory};
 use crate::schedule::{NoiseLevel, Schedule};
-use crate::spacing::{levels, spaced_levels_offset, Spacing};
+use crate::spacing::{levels, spaced_levels_offset, LeadingRatio, Spacing};
 
 /// A sampling request: what to generate and how. The CLI's `sample` and C's
 /// `edgediff_sample_params_init` both start from [`SampleOptions::default`], so the defaults
@@ -82,6 +82,12 @@ pub struct SampleOptions {
     /// alpha-bar of training step 0, as Stable Diffusion's scheduler does. Default: true
     /// ([`SampleOptions::for_model`]: the pipeline's scheduler's).
     pub set_alpha_to_one: bool,
+    /// Whether leading spacing takes the layout of the sampler's diffusers counterpart
+    /// ([`SamplerKind::leading_ratio`]: the multistep solvers divide by steps + 1), as one
+    /// scheduler config gives in each diffusers scheduler class. Default: false, edgediff's
+    /// [`Spacing::Leading`] for every sampler ([`SampleOptions::for_model`]: true for a
+    /// pipeline, whose scheduler config is reproduced).
+    pub leading_as_diffusers: bool,
     /// When set, the run stops with [`Error::Cancelled`] before its next network call.
     /// Default: None.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -107,6 +113,7 @@ impl Default for SampleOptions {
             strength: 0.8,
             steps_offset: 0,
             set_alpha_to_one: true,
+            leading_as_diffusers: false,
             cancel: None,
         }
     }
@@ -114,7 +121,8 @@ impl Default for SampleOptions {
 
 impl SampleOptions {
     /// The defaults for `model`: [`SampleOptions::default`], with a text-to-image pipeline's
-    /// scheduler settings (spacing, steps_offset, set_alpha_to_one) in place of the library's,
+    /// scheduler settings (spacing, steps_offset, set_alpha_to_one, leading_as_diffusers) in
+    /// place of the library's,
     /// so a run with only a sampler and steps gives what diffusers' scheduler of the same
     /// config gives.
     pub fn for_model(model: &Model) -> SampleOptions {
@@ -125,6 +133,7 @@ impl SampleOptions {
             }
             opts.steps_offset = p.steps_offset;
             opts.set_alpha_to_one = p.set_alpha_to_one;
+            opts.leading_as_diffusers = true;
         }
         opts
     }
@@ -569,6 +578,11 @@ pub(crate) fn prepare(
             opts.spacing,
             opts.steps,
             opts.steps_offset,
+            if opts.leading_as_diffusers {
+                opts.sampler.leading_ratio()
+            } else {
+                LeadingRatio::Steps
+            },
         )?,
     };
     if !opts.set_alpha_to_one && opts.sampler.name() == "ddim" {
