@@ -345,3 +345,21 @@ def test_compare_runs_on_a_pipeline_and_judges_images_not_latents(edgediff_bin, 
                    str(ROOT / "models" / "mnist-classifier.onnx"), "--out", str(tmp_path / "judged"), check=False)
     assert proc.returncode == 2, proc.stderr
     assert "takes images [1, 28, 28]; these are [3, 16, 16]" in proc.stderr
+
+
+def test_latents_out_keeps_the_final_latents_and_a_pixel_model_refuses_it(edgediff_bin, tiny_pipeline,
+                                                                          tmp_path):
+    """--latents-out writes the latents the VAE decodes, [n, C, h, w] float32; decoding itself is
+    what the parity tests check. A pixel model has no latents: refused before any output."""
+    _, out = tiny_pipeline
+    run_cli(edgediff_bin, "sample", "--model", str(out), "--prompt", PROMPT, "-n", "3", "--steps", "2",
+            "--out", str(tmp_path / "img.npy"), "--latents-out", str(tmp_path / "lat.npy"), "-q")
+    lat = np.load(tmp_path / "lat.npy")
+    assert lat.shape == (3, 4, 8, 8) and lat.dtype == np.float32
+    assert np.isfinite(lat).all() and np.load(tmp_path / "img.npy").shape == (3, 3, 16, 16)
+    proc = run_cli(edgediff_bin, "sample", "--model", str(ROOT / "models" / "mnist-ddpm.onnx"), "-n", "1",
+                   "--steps", "2", "--out", str(tmp_path / "px.npy"), "--latents-out",
+                   str(tmp_path / "px-lat.npy"), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "--latents-out applies to text-to-image pipelines" in proc.stderr
+    assert not (tmp_path / "px.npy").exists() and not (tmp_path / "px-lat.npy").exists()

@@ -88,6 +88,10 @@ pub struct SampleOptions {
     /// [`Spacing::Leading`] for every sampler ([`SampleOptions::for_model`]: true for a
     /// pipeline, whose scheduler config is reproduced).
     pub leading_as_diffusers: bool,
+    /// Keep a text-to-image pipeline's final latents `[n, C, h, w]` (those the VAE decodes into
+    /// the samples) in [`Report::latents`]; refused for a pixel model, whose samples are
+    /// already the sampler's output. Default: false.
+    pub keep_latents: bool,
     /// When set, the run stops with [`Error::Cancelled`] before its next network call.
     /// Default: None.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -114,6 +118,7 @@ impl Default for SampleOptions {
             steps_offset: 0,
             set_alpha_to_one: true,
             leading_as_diffusers: false,
+            keep_latents: false,
             cancel: None,
         }
     }
@@ -174,6 +179,9 @@ pub struct Report {
     pub network_calls: usize,
     /// Steps each sample took, for the samplers that choose their own steps.
     pub step_counts: Option<Vec<StepCount>>,
+    /// With [`SampleOptions::keep_latents`], the generated samples' final latents before VAE
+    /// decoding, in the order the samples were made.
+    pub latents: Option<Array4<f32>>,
 }
 
 /// [`generate`], also returning the [`Report`].
@@ -330,6 +338,7 @@ pub(crate) fn run_batches(
         .collect();
     let total_steps = plan.steps_per_batch * batches.len();
     let mut report = Report::default();
+    let mut latents = Vec::new();
     for (b, &(first, m)) in batches.iter().enumerate() {
         let mut seeded;
         let mut rows;
@@ -384,12 +393,23 @@ pub(crate) fn run_batches(
                 .extend(counts);
         }
         report.network_calls += net.calls();
-        // A pipeline's latents become images batch by batch, so memory stays one batch.
+        // A pipeline's latents become images batch by batch, so memory stays one batch (plus
+        // the kept latents, 1/48 of the images' size for Stable Diffusion's VAE).
         let out = match model.pipeline.as_mut() {
-            Some(p) => p.decode(&out)?,
+            Some(p) => {
+                if opts.keep_latents {
+                    latents.push(out.clone());
+                }
+                p.decode(&out)?
+            }
             None => out,
         };
         sink(first, out)?;
+    }
+    if opts.keep_latents && !latents.is_empty() {
+        let views: Vec<_> = latents.iter().map(|a| a.view()).collect();
+        report.latents =
+            Some(concatenate(Axis(0), &views).map_err(|e| Error::invalid(e.to_string()))?);
     }
     Ok(report)
 }
@@ -563,6 +583,12 @@ pub(crate) fn prepare(
             return Err(Error::options("{0} holds no prompt", &["prompts"]));
         }
         _ => {}
+    }
+    if opts.keep_latents && model.pipeline.is_none() {
+        return Err(Error::options(
+            "{0} applies to text-to-image pipelines: a pixel model's samples are not latents",
+            &["keep_latents"],
+        ));
     }
     if let Some(img) = &opts.init_image {
         check_init_image(img, opts.n, [c, h, w], text)?;
