@@ -120,11 +120,12 @@ def diffusers_images(src: Path, scheduler: str, latents: np.ndarray) -> tuple[np
 
 # diffusers' scheduler -> edgediff's sampler, run on the pipeline's defaults (leading spacing,
 # steps_offset 1, set_alpha_to_one false) with no flag, and for DPMSolverMultistep also with
-# its times passed explicitly. Its "leading" divides by steps + 1 (DDIM's and Euler's by steps):
-# the pipeline's defaults follow the sampler's counterpart.
+# its times passed explicitly. Its "leading" divides by steps + 1 (DDIM's and Euler's by steps),
+# as UniPC's does: the pipeline's defaults follow the sampler's counterpart.
 SAMPLERS = [("DDIMScheduler", "ddim", False), ("EulerDiscreteScheduler", "ode-euler", False),
             ("DPMSolverMultistepScheduler", "dpm++2m", False),
-            ("DPMSolverMultistepScheduler", "dpm++2m", True)]
+            ("DPMSolverMultistepScheduler", "dpm++2m", True),
+            ("UniPCMultistepScheduler", "unipc", False)]
 
 
 @pytest.mark.parametrize("scheduler,sampler,explicit", SAMPLERS,
