@@ -175,6 +175,10 @@ def cases():
          lambda t, m: ["--model", str(_pipeline(t)), "--class", "3"], 2),
         ("pipeline-no-vae", "a pipeline folder without vae_decoder",
          lambda t, m: ["--model", str(_pipeline(t, lambda d: shutil.rmtree(d / "vae_decoder")))], 3),
+        ("pipeline-no-merges", "a pipeline tokenizer missing merges.txt (and no tokenizer.json)",
+         lambda t, m: ["--model", str(_pipeline(t, lambda d: (
+             (d / "tokenizer" / "merges.txt").unlink(),
+             (d / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)))), "--prompt", "a cat"], 4),
         ("pipeline-sdxl", "an unsupported pipeline class (SDXL), refused by name",
          lambda t, m: ["--model", str(_pipeline(t, lambda d: _edit_json(
              d / "model_index.json", _class_name="StableDiffusionXLPipeline")))], 3),

@@ -118,14 +118,18 @@ def diffusers_images(src: Path, scheduler: str, latents: np.ndarray) -> tuple[np
     return images.numpy() * 2 - 1, [float(t) for t in pipe.scheduler.timesteps]
 
 
-# diffusers' scheduler -> edgediff's sampler. DDIM and Euler run on the pipeline's defaults
-# (leading spacing, steps_offset 1, set_alpha_to_one false) with no flag; DPMSolverMultistep's
-# "leading" divides by steps + 1 (its own definition), so its times are passed explicitly.
+# diffusers' scheduler -> edgediff's sampler, run on the pipeline's defaults (leading spacing,
+# steps_offset 1, set_alpha_to_one false) with no flag, and for DPMSolverMultistep also with
+# its times passed explicitly. Its "leading" divides by steps + 1 (DDIM's and Euler's by steps),
+# as UniPC's does: the pipeline's defaults follow the sampler's counterpart.
 SAMPLERS = [("DDIMScheduler", "ddim", False), ("EulerDiscreteScheduler", "ode-euler", False),
-            ("DPMSolverMultistepScheduler", "dpm++2m", True)]
+            ("DPMSolverMultistepScheduler", "dpm++2m", False),
+            ("DPMSolverMultistepScheduler", "dpm++2m", True),
+            ("UniPCMultistepScheduler", "unipc", False)]
 
 
-@pytest.mark.parametrize("scheduler,sampler,explicit", SAMPLERS, ids=[s[1] for s in SAMPLERS])
+@pytest.mark.parametrize("scheduler,sampler,explicit", SAMPLERS,
+                         ids=[s[1] + ("-timesteps" if s[2] else "") for s in SAMPLERS])
 def test_images_match_diffusers_pipeline(edgediff_bin, tiny_pipeline, tmp_path, scheduler, sampler,
                                          explicit):
     src, out = tiny_pipeline
@@ -140,7 +144,7 @@ def test_images_match_diffusers_pipeline(edgediff_bin, tiny_pipeline, tmp_path, 
     assert got.shape == ref.shape == (2, 3, 16, 16)
     err = float(np.abs(got - ref).max())
     inside = float(np.mean(np.abs(ref) < 0.999))
-    print(f"parity {sampler} vs {scheduler}: max abs difference {err:.2e} "
+    print(f"parity {sampler}{' --timesteps' if explicit else ''} vs {scheduler}: max abs difference {err:.2e} "
           f"({inside:.0%} of pixels inside (-1, 1))")
     assert err <= TOL, f"max abs difference {err:.2e}"
     assert inside > 0.5, "the images saturate: the comparison would prove little"
@@ -342,3 +346,21 @@ def test_compare_runs_on_a_pipeline_and_judges_images_not_latents(edgediff_bin, 
                    str(ROOT / "models" / "mnist-classifier.onnx"), "--out", str(tmp_path / "judged"), check=False)
     assert proc.returncode == 2, proc.stderr
     assert "takes images [1, 28, 28]; these are [3, 16, 16]" in proc.stderr
+
+
+def test_latents_out_keeps_the_final_latents_and_a_pixel_model_refuses_it(edgediff_bin, tiny_pipeline,
+                                                                          tmp_path):
+    """--latents-out writes the latents the VAE decodes, [n, C, h, w] float32; decoding itself is
+    what the parity tests check. A pixel model has no latents: refused before any output."""
+    _, out = tiny_pipeline
+    run_cli(edgediff_bin, "sample", "--model", str(out), "--prompt", PROMPT, "-n", "3", "--steps", "2",
+            "--out", str(tmp_path / "img.npy"), "--latents-out", str(tmp_path / "lat.npy"), "-q")
+    lat = np.load(tmp_path / "lat.npy")
+    assert lat.shape == (3, 4, 8, 8) and lat.dtype == np.float32
+    assert np.isfinite(lat).all() and np.load(tmp_path / "img.npy").shape == (3, 3, 16, 16)
+    proc = run_cli(edgediff_bin, "sample", "--model", str(ROOT / "models" / "mnist-ddpm.onnx"), "-n", "1",
+                   "--steps", "2", "--out", str(tmp_path / "px.npy"), "--latents-out",
+                   str(tmp_path / "px-lat.npy"), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "--latents-out applies to text-to-image pipelines" in proc.stderr
+    assert not (tmp_path / "px.npy").exists() and not (tmp_path / "px-lat.npy").exists()

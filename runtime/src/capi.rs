@@ -1125,6 +1125,7 @@ fn for_model(opts: SampleOptions, p: &EdgediffSampleParams, model: &Model) -> Sa
         spacing: d.spacing,
         steps_offset: d.steps_offset,
         set_alpha_to_one: d.set_alpha_to_one,
+        leading_as_diffusers: d.leading_as_diffusers,
         ..opts
     }
 }

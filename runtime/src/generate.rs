@@ -12,7 +12,7 @@ use crate::noise::{InjectedNoise, NoiseSource, SeededNoise};
 use crate::sampler::ode_adaptive::StepCount;
 use crate::sampler::{SamplerKind, Trajectory};
 use crate::schedule::{NoiseLevel, Schedule};
-use crate::spacing::{levels, spaced_levels_offset, Spacing};
+use crate::spacing::{levels, spaced_levels_offset, LeadingRatio, Spacing};
 
 /// A sampling request: what to generate and how. The CLI's `sample` and C's
 /// `edgediff_sample_params_init` both start from [`SampleOptions::default`], so the defaults
@@ -82,6 +82,16 @@ pub struct SampleOptions {
     /// alpha-bar of training step 0, as Stable Diffusion's scheduler does. Default: true
     /// ([`SampleOptions::for_model`]: the pipeline's scheduler's).
     pub set_alpha_to_one: bool,
+    /// Whether leading spacing takes the layout of the sampler's diffusers counterpart
+    /// ([`SamplerKind::leading_ratio`]: the multistep solvers divide by steps + 1), as one
+    /// scheduler config gives in each diffusers scheduler class. Default: false, edgediff's
+    /// [`Spacing::Leading`] for every sampler ([`SampleOptions::for_model`]: true for a
+    /// pipeline, whose scheduler config is reproduced).
+    pub leading_as_diffusers: bool,
+    /// Keep a text-to-image pipeline's final latents `[n, C, h, w]` (those the VAE decodes into
+    /// the samples) in [`Report::latents`]; refused for a pixel model, whose samples are
+    /// already the sampler's output. Default: false.
+    pub keep_latents: bool,
     /// When set, the run stops with [`Error::Cancelled`] before its next network call.
     /// Default: None.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -107,6 +117,8 @@ impl Default for SampleOptions {
             strength: 0.8,
             steps_offset: 0,
             set_alpha_to_one: true,
+            leading_as_diffusers: false,
+            keep_latents: false,
             cancel: None,
         }
     }
@@ -114,7 +126,8 @@ impl Default for SampleOptions {
 
 impl SampleOptions {
     /// The defaults for `model`: [`SampleOptions::default`], with a text-to-image pipeline's
-    /// scheduler settings (spacing, steps_offset, set_alpha_to_one) in place of the library's,
+    /// scheduler settings (spacing, steps_offset, set_alpha_to_one, leading_as_diffusers) in
+    /// place of the library's,
     /// so a run with only a sampler and steps gives what diffusers' scheduler of the same
     /// config gives.
     pub fn for_model(model: &Model) -> SampleOptions {
@@ -125,6 +138,7 @@ impl SampleOptions {
             }
             opts.steps_offset = p.steps_offset;
             opts.set_alpha_to_one = p.set_alpha_to_one;
+            opts.leading_as_diffusers = true;
         }
         opts
     }
@@ -165,6 +179,9 @@ pub struct Report {
     pub network_calls: usize,
     /// Steps each sample took, for the samplers that choose their own steps.
     pub step_counts: Option<Vec<StepCount>>,
+    /// With [`SampleOptions::keep_latents`], the generated samples' final latents before VAE
+    /// decoding, in the order the samples were made.
+    pub latents: Option<Array4<f32>>,
 }
 
 /// [`generate`], also returning the [`Report`].
@@ -321,6 +338,7 @@ pub(crate) fn run_batches(
         .collect();
     let total_steps = plan.steps_per_batch * batches.len();
     let mut report = Report::default();
+    let mut latents = Vec::new();
     for (b, &(first, m)) in batches.iter().enumerate() {
         let mut seeded;
         let mut rows;
@@ -375,12 +393,23 @@ pub(crate) fn run_batches(
                 .extend(counts);
         }
         report.network_calls += net.calls();
-        // A pipeline's latents become images batch by batch, so memory stays one batch.
+        // A pipeline's latents become images batch by batch, so memory stays one batch (plus
+        // the kept latents, 1/48 of the images' size for Stable Diffusion's VAE).
         let out = match model.pipeline.as_mut() {
-            Some(p) => p.decode(&out)?,
+            Some(p) => {
+                if opts.keep_latents {
+                    latents.push(out.clone());
+                }
+                p.decode(&out)?
+            }
             None => out,
         };
         sink(first, out)?;
+    }
+    if opts.keep_latents && !latents.is_empty() {
+        let views: Vec<_> = latents.iter().map(|a| a.view()).collect();
+        report.latents =
+            Some(concatenate(Axis(0), &views).map_err(|e| Error::invalid(e.to_string()))?);
     }
     Ok(report)
 }
@@ -555,6 +584,12 @@ pub(crate) fn prepare(
         }
         _ => {}
     }
+    if opts.keep_latents && model.pipeline.is_none() {
+        return Err(Error::options(
+            "{0} applies to text-to-image pipelines: a pixel model's samples are not latents",
+            &["keep_latents"],
+        ));
+    }
     if let Some(img) = &opts.init_image {
         check_init_image(img, opts.n, [c, h, w], text)?;
         if let Some(p) = &model.pipeline {
@@ -569,6 +604,11 @@ pub(crate) fn prepare(
             opts.spacing,
             opts.steps,
             opts.steps_offset,
+            if opts.leading_as_diffusers {
+                opts.sampler.leading_ratio()
+            } else {
+                LeadingRatio::Steps
+            },
         )?,
     };
     if !opts.set_alpha_to_one && opts.sampler.name() == "ddim" {

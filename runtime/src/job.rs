@@ -117,6 +117,11 @@ pub(crate) fn job_record(
     if !opts.set_alpha_to_one {
         m.insert("set_alpha_to_one".into(), json!(false));
     }
+    if opts.leading_as_diffusers {
+        // It moves a multistep solver's leading steps: a record from before it (another
+        // layout) must not be resumed as this run.
+        m.insert("leading_as_diffusers".into(), json!(true));
+    }
     m
 }
 
@@ -198,6 +203,7 @@ const KEYS: &[&str] = &[
     "strength",
     "steps_offset",
     "set_alpha_to_one",
+    "leading_as_diffusers",
     "guidance",
     "init_noise",
     "step_noise",

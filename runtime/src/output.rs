@@ -482,6 +482,14 @@ pub fn generate_to_path(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Written> {
     crate::generate::check_options(model, opts, injected)?;
+    if resume && opts.keep_latents {
+        // A resumed run makes only the missing samples: their latents alone would not be the
+        // output's.
+        return Err(Error::options(
+            "{0} and {1} exclude each other: a resumed run has only the latents of the samples it makes",
+            &["keep_latents", "resume"],
+        ));
+    }
     let meta = model.metadata().clone();
     let (mut output, todo) = Output::create(
         path,

@@ -38,6 +38,40 @@ impl FromStr for Spacing {
     }
 }
 
+/// The two ways diffusers' schedulers lay out `leading` time steps (their `set_timesteps`).
+/// A scheduler config (Stable Diffusion's says `leading`) gives different steps in different
+/// scheduler classes, so a pipeline's defaults follow the chosen sampler's counterpart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeadingRatio {
+    /// t = i * (T / steps) for i < steps: DDIM, DDPM, PNDM, Euler, Heun, LMS, and
+    /// [`Spacing::Leading`] itself.
+    Steps,
+    /// t = i * (T / (steps + 1)) for 1 <= i <= steps: steps + 1 points with t = 0 dropped, as
+    /// the multistep solvers (DPM-Solver++, UniPC, DEIS) do.
+    StepsPlusOne,
+}
+
+/// Leading time steps under `ratio`, most noisy first, without any offset.
+fn leading(t_train: usize, steps: usize, ratio: LeadingRatio) -> Result<Vec<f64>> {
+    let (div, first) = match ratio {
+        LeadingRatio::Steps => (steps, 0),
+        LeadingRatio::StepsPlusOne => (steps + 1, 1),
+    };
+    let r = t_train / div;
+    if r == 0 {
+        // diffusers would repeat t = 0; refused rather than visiting one level many times.
+        return Err(Error::out_of_range(
+            "steps",
+            steps,
+            &format!("leaves no room between the model's {t_train} training timesteps"),
+        ));
+    }
+    Ok((first..first + steps)
+        .rev()
+        .map(|i| (i * r) as f64)
+        .collect())
+}
+
 /// Most steps (or explicit time steps) a run may take.
 pub const MAX_STEPS: usize = 100_000;
 
@@ -69,10 +103,7 @@ pub fn timesteps(schedule: &Schedule, spacing: Spacing, steps: usize) -> Result<
     }
     let (n, s) = (t_train as f64, steps as f64);
     let ts: Vec<f64> = match spacing {
-        Spacing::Leading => {
-            let ratio = (t_train / steps) as f64;
-            (0..steps).rev().map(|i| i as f64 * ratio).collect()
-        }
+        Spacing::Leading => leading(t_train, steps, LeadingRatio::Steps)?,
         Spacing::Trailing => (0..steps)
             .map(|i| (n - i as f64 * n / s).round_ties_even() - 1.0)
             .collect(),
@@ -104,16 +135,18 @@ pub fn levels(schedule: &Schedule, timesteps: &[f64]) -> Vec<NoiseLevel> {
         .collect()
 }
 
-/// [`spaced_levels`] with diffusers' `steps_offset` added to every leading time step (Stable
-/// Diffusion's scheduler uses 1: 10 steps visit 901, 801, ..., 1). diffusers adds it to
+/// [`spaced_levels`] with leading spacing laid out by `ratio` and diffusers' `steps_offset`
+/// added to every leading time step (Stable Diffusion's scheduler uses 1: 10 DDIM steps visit
+/// 901, 801, ..., 1; 10 DPM-Solver++ steps 901, 811, ..., 91). diffusers adds the offset to
 /// leading spacing only; an offset that would pass the last training index is refused.
 pub fn spaced_levels_offset(
     schedule: &Schedule,
     spacing: Spacing,
     steps: usize,
     steps_offset: usize,
+    ratio: LeadingRatio,
 ) -> Result<Vec<NoiseLevel>> {
-    if steps_offset == 0 || spacing != Spacing::Leading {
+    if spacing != Spacing::Leading || (steps_offset == 0 && ratio == LeadingRatio::Steps) {
         return spaced_levels(schedule, spacing, steps);
     }
     let Some(t_train) = schedule.num_train_timesteps() else {
@@ -122,7 +155,9 @@ pub fn spaced_levels_offset(
             &["steps_offset"],
         ));
     };
-    let ts: Vec<f64> = timesteps(schedule, spacing, steps)?
+    // timesteps() checks steps against the schedule; the layout is then `ratio`'s.
+    timesteps(schedule, spacing, steps)?;
+    let ts: Vec<f64> = leading(t_train, steps, ratio)?
         .into_iter()
         .map(|t| t + steps_offset as f64)
         .collect();
@@ -222,7 +257,7 @@ mod tests {
     fn steps_offset_shifts_leading_steps_as_diffusers_does() {
         let s = linear();
         // diffusers' DDIMScheduler(steps_offset=1).set_timesteps(10): 901, 801, ..., 1.
-        let lv = spaced_levels_offset(&s, Spacing::Leading, 10, 1).unwrap();
+        let lv = spaced_levels_offset(&s, Spacing::Leading, 10, 1, LeadingRatio::Steps).unwrap();
         let ts: Vec<f64> = lv[..10].iter().map(|l| l.t).collect();
         assert_eq!(
             ts,
@@ -234,11 +269,32 @@ mod tests {
         assert!(lv[10].is_clean());
         // Trailing ignores it, as in diffusers; 1000 leading steps cannot shift.
         assert_eq!(
-            spaced_levels_offset(&s, Spacing::Trailing, 4, 1).unwrap(),
+            spaced_levels_offset(&s, Spacing::Trailing, 4, 1, LeadingRatio::StepsPlusOne).unwrap(),
             spaced_levels(&s, Spacing::Trailing, 4).unwrap()
         );
-        let e = spaced_levels_offset(&s, Spacing::Leading, 1000, 1).unwrap_err();
+        let e =
+            spaced_levels_offset(&s, Spacing::Leading, 1000, 1, LeadingRatio::Steps).unwrap_err();
         assert_eq!(e.argument().and_then(|a| a.arg()), Some("steps_offset"));
+    }
+
+    #[test]
+    fn the_multistep_solvers_leading_ratio_is_diffusers_steps_plus_one() {
+        let s = linear();
+        // diffusers' DPMSolverMultistepScheduler(timestep_spacing="leading", steps_offset=1)
+        // .set_timesteps(10): 901, 811, ..., 91 (1000 // 11 = 90 apart).
+        let lv =
+            spaced_levels_offset(&s, Spacing::Leading, 10, 1, LeadingRatio::StepsPlusOne).unwrap();
+        let ts: Vec<f64> = lv[..10].iter().map(|l| l.t).collect();
+        let want: Vec<f64> = (1..=10).rev().map(|i| (i * 90 + 1) as f64).collect();
+        assert_eq!(ts, want);
+        assert!(lv[10].is_clean());
+        // Without an offset too; 1000 steps leave no room between the training steps.
+        let lv =
+            spaced_levels_offset(&s, Spacing::Leading, 4, 0, LeadingRatio::StepsPlusOne).unwrap();
+        assert_eq!(lv[0].t, 800.0);
+        let e = spaced_levels_offset(&s, Spacing::Leading, 1000, 0, LeadingRatio::StepsPlusOne)
+            .unwrap_err();
+        assert_eq!(e.argument().and_then(|a| a.arg()), Some("steps"));
     }
 
     #[test]

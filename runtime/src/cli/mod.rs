@@ -11,7 +11,7 @@ use ndarray::Ix5;
 use edgediff::denoiser::X0Clip;
 use edgediff::generate::SampleOptions;
 use edgediff::noise::InjectedNoise;
-use edgediff::npy::{first_non_finite, read_npy, read_npy4_finite};
+use edgediff::npy::{first_non_finite, npy_bytes, read_npy, read_npy4_finite, write_atomic};
 use edgediff::output::{generate_to_path, write_all};
 use edgediff::sampler::{SamplerKind, SamplerParams, SAMPLERS};
 use edgediff::spacing::Spacing;
@@ -158,6 +158,9 @@ struct SampleCmd {
     /// output: a .png grid, a .npy array, or a directory for one PNG per sample (default samples.png)
     #[argh(option, short = 'o', default = "PathBuf::from(\"samples.png\")")]
     out: PathBuf,
+    /// text-to-image: also write the final latents [n, C, h, w] (before VAE decoding) as float32 .npy
+    #[argh(option)]
+    latents_out: Option<PathBuf>,
     /// continue an interrupted run into the same folder or .npy: samples already written are kept
     #[argh(switch)]
     resume: bool,
@@ -196,6 +199,7 @@ pub fn flag(name: &str) -> String {
         "x0_clip" => "--clip-x0/--dynamic-threshold".into(),
         "sample_shape" => "--model".into(),
         "init_image" => "--image".into(),
+        "keep_latents" => "--latents-out".into(),
         other => format!("--{}", other.replace('_', "-")),
     }
 }
@@ -365,8 +369,13 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         prompts,
         init_image,
         strength: cmd.strength.unwrap_or(defaults.strength),
+        keep_latents: cmd.latents_out.is_some(),
         ..defaults
     };
+    if let Some(path) = &cmd.latents_out {
+        edgediff::generate::check_options(&model, &opts, injected.as_ref())?; // a pixel model: refused first
+        edgediff::output::check_file(path)?; // written at the end: checked before the work
+    }
     let start = Instant::now();
     let mut bar = Bar::new(cmd.quiet, n);
     let written = generate_to_path(
@@ -379,6 +388,9 @@ fn sample(cmd: SampleCmd) -> Result<()> {
     )?;
     let sample_secs = start.elapsed().as_secs_f64();
     let (files, report, skipped) = (written.files, written.report, written.resumed);
+    if let (Some(path), Some(z)) = (&cmd.latents_out, &report.latents) {
+        write_atomic(path, &npy_bytes(z.shape(), z.iter().copied()))?;
+    }
     if skipped > 0 {
         log::info!("--resume: {skipped} of {n} samples were already written");
     }

@@ -11,6 +11,7 @@ use ndarray::Array4;
 use super::ops::lincomb;
 use super::{SamplerDef, SamplerOption, Step, Stochastic, Trajectory};
 use crate::error::Result;
+use crate::spacing::LeadingRatio;
 
 /// Which DPM-Solver++ family member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +104,7 @@ fn step(
 pub static DPMPP_2M: SamplerDef = SamplerDef::new("dpm++2m", "2", "1")
     .summary("DPM-Solver++ 2M multistep (Lu et al. 2022)")
     .options(&[SamplerOption::Order { default: 2, max: 3 }])
+    .leading(LeadingRatio::StepsPlusOne)
     .run(|o, tr, x, progress| dpmpp(tr, x, o.order, DpmVariant::Ode, progress));
 
 /// 2M's solver at order 3 by default: the same function, its own row.
@@ -118,4 +120,5 @@ pub static DPMPP_2M_SDE: SamplerDef = SamplerDef::new("dpm++2m-sde", "2 (weak)",
     .summary("SDE DPM-Solver++ 2M, midpoint (Lu et al. 2022)")
     .options(&[SamplerOption::Order { default: 2, max: 2 }])
     .stochastic(Stochastic::Always)
+    .leading(LeadingRatio::StepsPlusOne)
     .run(|o, tr, x, progress| dpmpp(tr, x, o.order, DpmVariant::Sde, progress));

@@ -52,6 +52,7 @@ use crate::denoiser::{Denoised, Denoiser};
 use crate::error::{Error, Result};
 use crate::noise::NoiseSource;
 use crate::schedule::NoiseLevel;
+use crate::spacing::LeadingRatio;
 
 use ops::lincomb;
 
@@ -177,6 +178,7 @@ pub struct SamplerDef {
     adaptive: bool,
     check: Option<fn(&SamplerParams) -> Result<()>>,
     run: Option<RunFn>,
+    leading: LeadingRatio,
 }
 
 /// An option a sampler takes, with its default.
@@ -261,6 +263,7 @@ impl SamplerDef {
             adaptive: false,
             check: None,
             run: None,
+            leading: LeadingRatio::Steps,
         }
     }
 
@@ -295,6 +298,12 @@ impl SamplerDef {
         }
     }
 
+    /// The leading spacing of its diffusers counterpart, which a text-to-image pipeline's
+    /// defaults follow ([`crate::SampleOptions::leading_as_diffusers`]).
+    const fn leading(self, leading: LeadingRatio) -> SamplerDef {
+        SamplerDef { leading, ..self }
+    }
+
     /// How it runs.
     const fn run(self, run: RunFn) -> SamplerDef {
         SamplerDef {
@@ -311,6 +320,11 @@ impl SamplerDef {
     /// The options it takes, with their defaults.
     pub const fn takes(&self) -> &'static [SamplerOption] {
         self.options
+    }
+
+    /// How its diffusers counterpart lays out leading time steps.
+    pub const fn leading_ratio(&self) -> LeadingRatio {
+        self.leading
     }
 
     /// Whether it chooses its own steps (ignoring the level grid between its ends).
@@ -498,6 +512,11 @@ impl SamplerKind {
     /// The name `edgediff samplers` lists.
     pub fn name(&self) -> &'static str {
         self.def.name
+    }
+
+    /// How its diffusers counterpart lays out leading time steps.
+    pub fn leading_ratio(&self) -> LeadingRatio {
+        self.def.leading
     }
 
     /// Its registry entry (description and options).

@@ -10,6 +10,7 @@ use ndarray::Array4;
 use super::ops::lincomb;
 use super::{SamplerDef, SamplerOption, Step};
 use crate::schedule::NoiseLevel;
+use crate::spacing::LeadingRatio;
 
 /// The phi-function right-hand side b_k and B(h) for an update over hh = -h (data prediction).
 fn b_vector(hh: f64, order: usize) -> (f64, f64, Vec<f64>) {
@@ -152,6 +153,7 @@ impl State {
 pub static UNIPC: SamplerDef = SamplerDef::new("unipc", "--order (default 2), +1 by UniC", "1")
     .summary("UniPC: UniP predictor with the UniC corrector, bh2 (Zhao et al. 2023)")
     .options(&[SamplerOption::Order { default: 2, max: 3 }])
+    .leading(LeadingRatio::StepsPlusOne)
     .run(|o, tr, x, progress| {
         let mut state = State {
             order: o.order,
