@@ -14,25 +14,13 @@ from pathlib import Path
 
 import torch
 
+from edgediff_export.clip_vocab import bytes_to_unicode
+
 WORDS = ("a", "the", "lighthouse", "at", "dusk", "blurry", "photo", "of", "cat", "dog", "red",
          "number", "seven", "handwritten", "digit", "low", "quality", "sky", "sea")
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                  beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1,
                  set_alpha_to_one=False, clip_sample=False, prediction_type="epsilon")
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (and GPT-2's) byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
-        list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def write_tiny_vocab(folder: Path) -> tuple[int, int, int]:
