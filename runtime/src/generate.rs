@@ -534,32 +534,14 @@ pub(crate) fn prepare(
     // Samplers keep a few batch-sized arrays (multistep histories up to ~6); refuse batches
     // whose single array would already pass 2 GiB rather than die in the allocator.
     let sample_bytes = 4 * meta.sample_shape.iter().product::<usize>();
-    let batch_bytes = opts.batch_size.min(opts.n).saturating_mul(sample_bytes);
-    if batch_bytes > MAX_BATCH_BYTES {
-        return Err(Error::out_of_range(
-            "batch_size",
-            opts.batch_size.min(opts.n),
-            &format!(
-                "needs {:.1} GiB per batch array (several are live at once); use at most {}",
-                batch_bytes as f64 / (1u64 << 30) as f64,
-                MAX_BATCH_BYTES / sample_bytes
-            ),
-        ));
-    }
+    check_batch_bytes(
+        opts,
+        sample_bytes,
+        "per batch array (several are live at once)",
+    )?;
     let text = matches!(meta.conditioning, Some(Conditioning::Text { .. }));
     let [c, h, w] = model.output_shape();
-    let image_bytes = opts.batch_size.min(opts.n).saturating_mul(4 * c * h * w);
-    if image_bytes > MAX_BATCH_BYTES {
-        return Err(Error::out_of_range(
-            "batch_size",
-            opts.batch_size.min(opts.n),
-            &format!(
-                "needs {:.1} GiB per batch of decoded images; use at most {}",
-                image_bytes as f64 / (1u64 << 30) as f64,
-                MAX_BATCH_BYTES / (4 * c * h * w)
-            ),
-        ));
-    }
+    check_batch_bytes(opts, 4 * c * h * w, "per batch of decoded images")?;
     for (arg, given) in [
         ("prompt", opts.prompt.is_some()),
         ("negative_prompt", opts.negative_prompt.is_some()),
@@ -723,6 +705,25 @@ fn check_injected(inj: &InjectedNoise, n: usize, [c, h, w]: [usize; 3]) -> Resul
         }
     }
     Ok(())
+}
+
+/// Refuses a batch whose one array of `item_bytes` per sample would pass [`MAX_BATCH_BYTES`]
+/// (`what` says which array), rather than die in the allocator.
+fn check_batch_bytes(opts: &SampleOptions, item_bytes: usize, what: &str) -> Result<()> {
+    let batch = opts.batch_size.min(opts.n);
+    let bytes = batch.saturating_mul(item_bytes);
+    if bytes <= MAX_BATCH_BYTES {
+        return Ok(());
+    }
+    Err(Error::out_of_range(
+        "batch_size",
+        batch,
+        &format!(
+            "needs {:.1} GiB {what}; use at most {}",
+            bytes as f64 / (1u64 << 30) as f64,
+            MAX_BATCH_BYTES / item_bytes
+        ),
+    ))
 }
 
 /// The label each network call gets: `class` checked against the model, the null label when
