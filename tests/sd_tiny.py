@@ -45,8 +45,10 @@ def write_tiny_vocab(folder: Path) -> tuple[int, int, int]:
     return len(vocab), len(vocab) - 2, len(vocab) - 1
 
 
-def build(out: Path, seed: int = 0, hidden_size: int = 32, cross_attention_dim: int = 32) -> Path:
-    """Save a tiny StableDiffusionPipeline to `out` with save_pretrained; returns `out`."""
+def build(out: Path, seed: int = 0, hidden_size: int = 32, cross_attention_dim: int = 32,
+          sample_size: int = 8) -> Path:
+    """Save a tiny StableDiffusionPipeline to `out` with save_pretrained; returns `out`. Its
+    latents are `sample_size` a side (the VAE doubles them into the images)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -56,14 +58,14 @@ def build(out: Path, seed: int = 0, hidden_size: int = 32, cross_attention_dim: 
                               model_max_length=77)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=sample_size, in_channels=4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
         attention_head_dim=4, norm_num_groups=8)
     vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3,
                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4,
-                        norm_num_groups=8, sample_size=16)
+                        norm_num_groups=8, sample_size=2 * sample_size)
     text = CLIPTextModel(CLIPTextConfig(
         bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, hidden_size=hidden_size,
         intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2,
@@ -78,20 +80,22 @@ def build(out: Path, seed: int = 0, hidden_size: int = 32, cross_attention_dim: 
 _EXPORTED: dict[str, Path] = {}
 
 
-def exported(root: Path | None = None) -> Path:
+def exported(root: Path | None = None, sample_size: int = 8) -> Path:
     """The tiny pipeline exported by `edgediff-export diffusers` (under `root`, else a new
-    temporary folder), built once per process."""
+    temporary folder), built once per process for each latent size."""
     import os
     import subprocess
     import sys
     import tempfile
-    if "dir" not in _EXPORTED:
+    key = f"dir{sample_size}"
+    if key not in _EXPORTED:
         root = root or Path(tempfile.mkdtemp(prefix="edgediff-sd-"))
-        src = build(root / "tiny")
-        out = root / "tiny-edgediff"
+        name = "tiny" if sample_size == 8 else f"tiny{sample_size}"
+        src = build(root / name, sample_size=sample_size)
+        out = root / f"{name}-edgediff"
         repo = Path(__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": str(repo / "exporter" / "src")}
         subprocess.run([sys.executable, "-m", "edgediff_export.export", "diffusers", str(src),
                         "--out", str(out)], check=True, capture_output=True, env=env)
-        _EXPORTED["dir"] = out
-    return _EXPORTED["dir"]
+        _EXPORTED[key] = out
+    return _EXPORTED[key]

@@ -159,7 +159,10 @@ typedef struct edgediff_model_params {
                             * cannot be registered, instead of failing [0] */
     int no_mmap;           /* non-zero: read the file into memory instead of mapping it [0] */
     int trt_fp16;          /* non-zero: let TensorRT build fp16 engines, tensorrt only [0] */
-    int reserved;          /* 0 (set by init) */
+    int low_memory;        /* non-zero: a text-to-image pipeline folder holds one graph at a
+                            * time (text encoder, U-Net, VAE decoder), freeing each when a run
+                            * moves on; the same samples in less memory. Refused by a
+                            * single-file model [0] */
 } edgediff_model_params;
 
 /* Fills *params with the defaults; size is sizeof *params (use edgediff_model_params_init). */
@@ -249,6 +252,12 @@ typedef struct edgediff_sample_params {
                                  * refused by other models [NULL: none, the empty prompt] */
     const char *negative_prompt; /* UTF-8 prompt that guidance > 1 steers away from, pipelines
                                  * only [NULL: none, the empty prompt] */
+    /* Appended for tiled VAE decoding (same rule as above). */
+    size_t vae_tile_size;       /* pipelines only: decode the latents in overlapping tiles of
+                                 * this many latent pixels a side, 4..=4096, blended smoothly
+                                 * across overlaps of at least a quarter tile; latents of at most one
+                                 * tile decode as untiled (`edgediff sample --vae-tiles`)
+                                 * [0: untiled] */
 } edgediff_sample_params;
 
 /* Fills *params with the defaults; size is sizeof *params (use edgediff_sample_params_init). */
@@ -304,7 +313,7 @@ void edgediff_request_free(edgediff_request *req);
  * by its field name ("sampler", "steps", "spacing" as a name, "rho", "eta", "order", "snr",
  * "rtol", "atol", "min_steps", "max_steps", "n", "batch_size", "seed", "class_label" or
  * "class" (negative: unconditional), "guidance", "x0_clip" ("none", "range", "dynamic"),
- * "dynamic_threshold", "threshold_max"), "prompt" and "negative_prompt" (the request keeps
+ * "dynamic_threshold", "threshold_max", "vae_tile_size"), "prompt" and "negative_prompt" (the request keeps
  * its own copy of the text), and "timesteps" as a comma-separated list. Names
  * (of the sampler, spacing, x0_clip) and the syntax of numbers are checked here, ranges when
  * the request runs. */

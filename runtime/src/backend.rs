@@ -123,6 +123,17 @@ fn load(
     Ok((path, env))
 }
 
+/// Hands memory the allocator keeps after a graph was freed back to the system (glibc keeps
+/// freed heap pages, and after large frees it serves even multi-MB tensors from the heap):
+/// without it, low-memory mode's freed graphs would stay in the process's resident memory.
+pub(crate) fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own free lists; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Element type of the network's `sample` input and output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SampleType {
@@ -153,6 +164,13 @@ pub struct NetworkOptions {
     /// Read the file into memory instead of mapping it (mapping lets an ORT-format file be used
     /// in place, weights included). Default: off.
     pub read_into_memory: bool,
+    /// Text-to-image pipeline folders only (a single-file model refuses it): hold each graph
+    /// only while it is needed, so the peak is the largest graph instead of all of them. A
+    /// run then encodes every prompt with the text encoder, frees it, samples every batch with
+    /// the U-Net, frees it, and decodes the kept latents with the VAE decoder (an img2img run's
+    /// VAE encoder is held only while it encodes); graphs are opened again by the next run
+    /// that needs them, and the samples are the same bytes as without it. Default: off.
+    pub low_memory: bool,
 }
 
 /// An ONNX Runtime execution provider.
@@ -264,8 +282,9 @@ enum ModelBytes {
 
 /// An opened ONNX network obeying the model contract.
 pub struct Network {
-    // Declared before `_bytes` so the session is dropped first.
-    session: Session,
+    // Declared before `_bytes` so the session is dropped first. None once released
+    // ([`Network::release`]); the next run opens it again.
+    session: Option<Session>,
     _bytes: ModelBytes,
     sample_type: SampleType,
     time_type: TimeType,
@@ -277,6 +296,9 @@ pub struct Network {
     /// Identifies the model file's bytes (see `job::model_fingerprint`).
     pub(crate) fingerprint: String,
     path: PathBuf,
+    /// How it was opened, to open it again after a release; None when it came from bytes in
+    /// memory (it is then never released).
+    reopen: Option<NetworkOptions>,
 }
 
 impl std::fmt::Debug for Network {
@@ -322,9 +344,54 @@ impl Network {
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| model_file(e.to_string()))?;
         let ort_format = map.get(4..8) == Some(b"ORTM");
         let (mut net, raw) = Network::build(&map, ModelBytes::None, ort_format, path, opts)?;
-        // Moving the Mmap does not move the mapped pages the session may point into.
-        net._bytes = ModelBytes::Mapped(map);
+        net.reopen = Some(opts.clone());
+        if ort_format {
+            // Moving the Mmap does not move the mapped pages the session points into.
+            net._bytes = ModelBytes::Mapped(map);
+        }
+        // An .onnx file's contents are parsed into ONNX Runtime's own buffers: its mapping is
+        // dropped here, so its pages are not counted again for as long as the session lives.
         Ok((net, raw))
+    }
+
+    /// Frees the session (its weights and buffers) of a network opened from a file; the next
+    /// [`Network::run`] opens the file again. A network opened from bytes in memory is kept.
+    /// Returns whether it held one.
+    pub(crate) fn release(&mut self) -> bool {
+        if self.reopen.is_none() || self.session.is_none() {
+            return false;
+        }
+        // The session before the bytes it may point into.
+        self.session = None;
+        self._bytes = ModelBytes::None;
+        log::debug!("released {}", self.path.display());
+        true
+    }
+
+    /// Opens the session again from the file after a [`Network::release`]; a file whose
+    /// bytes or inputs changed since the model was opened is refused.
+    fn ensure_open(&mut self) -> Result<()> {
+        if self.session.is_none() {
+            let Some(opts) = self.reopen.clone() else {
+                unreachable!("only networks opened from a file are released")
+            };
+            let (net, _) = Network::open(&self.path, &opts)?;
+            if net.fingerprint != self.fingerprint
+                || net.sample_type != self.sample_type
+                || net.time_type != self.time_type
+                || net.context_shape != self.context_shape
+                || net.declared_shape != self.declared_shape
+            {
+                return Err(Error::ModelFile {
+                    path: self.path.clone(),
+                    detail: "the file changed since the model was opened (low-memory mode opens it again for each run); open the model again".into(),
+                });
+            }
+            log::debug!("opened {} again", self.path.display());
+            self._bytes = net._bytes;
+            self.session = net.session;
+        }
+        Ok(())
     }
 
     /// Opens a network from the bytes of an ONNX file; `path` only labels errors.
@@ -536,7 +603,7 @@ impl Network {
         }
         let declared_shape = sshape[1..].to_vec();
         let net = Network {
-            session,
+            session: Some(session),
             _bytes: keep,
             sample_type,
             time_type,
@@ -545,6 +612,7 @@ impl Network {
             declared_shape,
             fingerprint: crate::job::model_fingerprint(bytes),
             path: path.into(),
+            reopen: None,
         };
         Ok((net, raw_meta))
     }
@@ -638,8 +706,11 @@ impl Network {
                     .into(),
             ));
         }
-        let outputs = self
-            .session
+        self.ensure_open()?;
+        let Some(session) = self.session.as_mut() else {
+            unreachable!("opened by ensure_open")
+        };
+        let outputs = session
             .run(inputs)
             .map_err(Error::ort("running the network"))?;
         let out = &outputs[0];

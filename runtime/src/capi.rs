@@ -627,8 +627,10 @@ pub struct EdgediffModelParams {
     pub no_mmap: c_int,
     /// Non-zero: let TensorRT build fp16 engines (tensorrt only).
     pub trt_fp16: c_int,
-    /// Zero; keeps the struct free of trailing padding, room for a later flag.
-    pub reserved: c_int,
+    /// Non-zero: a text-to-image pipeline folder holds its graphs one at a time
+    /// (`NetworkOptions::low_memory`); refused by a single-file model. It took the place of a
+    /// reserved zero field, so the struct's size and older programs' zero are unchanged.
+    pub low_memory: c_int,
 }
 
 // SAFETY: repr(C), struct_size first, only integers and raw pointers.
@@ -660,7 +662,7 @@ impl EdgediffModelParams {
             fallback_cpu: net.fallback_cpu.into(),
             no_mmap: net.read_into_memory.into(),
             trt_fp16: trt_fp16.into(),
-            reserved: 0,
+            low_memory: net.low_memory.into(),
         }
     }
 }
@@ -701,6 +703,7 @@ unsafe fn model_options(p: &EdgediffModelParams) -> Result<ModelOptions, Error> 
             provider,
             fallback_cpu: p.fallback_cpu != 0,
             read_into_memory: p.no_mmap != 0,
+            low_memory: p.low_memory != 0,
         },
     })
 }
@@ -984,6 +987,9 @@ pub struct EdgediffSampleParams {
     // Version 2 (text-to-image pipelines): appended, so version 1 structs stay readable.
     pub prompt: *const c_char,
     pub negative_prompt: *const c_char,
+    // Version 3 (tiled VAE decoding): appended, so version 1 and 2 structs stay readable.
+    /// `SampleOptions::vae_tile_size`; 0: None, untiled.
+    pub vae_tile_size: usize,
 }
 
 // SAFETY: repr(C), struct_size first, only integers, floats, raw and Option<fn> pointers.
@@ -1037,6 +1043,7 @@ impl EdgediffSampleParams {
             // SampleOptions' default prompts are None; NULL says the same.
             prompt: std::ptr::null(),
             negative_prompt: std::ptr::null(),
+            vae_tile_size: d.vae_tile_size.unwrap_or(0),
         }
     }
 
@@ -1109,6 +1116,7 @@ unsafe fn sample_options(p: &EdgediffSampleParams) -> Result<SampleOptions, Erro
         guidance: opt_f64(p.guidance),
         prompt,
         negative_prompt,
+        vae_tile_size: (p.vae_tile_size != 0).then_some(p.vae_tile_size),
         ..defaults
     })
 }
@@ -1495,6 +1503,7 @@ pub unsafe extern "C" fn edgediff_invert(
             ("step_noise", !p.step_noise.is_null()),
             ("prompt", !p.prompt.is_null()),
             ("negative_prompt", !p.negative_prompt.is_null()),
+            ("vae_tile_size", p.vae_tile_size != 0),
         ];
         if let Some((field, _)) = unused.iter().find(|(_, set)| *set) {
             return Err(Error::options("{0} does not apply to inversion", &[*field]));
@@ -1620,6 +1629,7 @@ impl EdgediffRequest {
                 self.timesteps = Some(ts);
             }
             "steps" => p.steps = size(value)?,
+            "vae_tile_size" => p.vae_tile_size = size(value)?,
             "n" => p.n = size(value)?,
             "batch_size" => p.batch_size = size(value)?,
             "seed" => p.seed = num(key, value, "an unsigned integer")?,

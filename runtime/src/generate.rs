@@ -9,6 +9,7 @@ use crate::guidance::Guided;
 use crate::metadata::{Conditioning, ModelMetadata};
 use crate::model::Model;
 use crate::noise::{InjectedNoise, NoiseSource, SeededNoise};
+use crate::pipeline::{Pipeline, Stage};
 use crate::sampler::ode_adaptive::StepCount;
 use crate::sampler::{SamplerKind, Trajectory};
 use crate::schedule::{NoiseLevel, Schedule};
@@ -92,6 +93,15 @@ pub struct SampleOptions {
     /// the samples) in [`Report::latents`]; refused for a pixel model, whose samples are
     /// already the sampler's output. Default: false.
     pub keep_latents: bool,
+    /// Decode a text-to-image pipeline's latents in overlapping tiles of this many latent
+    /// pixels a side, in [`crate::tiles::MIN_TILE`]..=[`crate::tiles::MAX_TILE`] (8 image
+    /// pixels each for Stable Diffusion's VAE), for images larger than the box can decode at
+    /// once: neighbouring tiles overlap by at least a quarter of the tile
+    /// ([`crate::tiles::tile_overlap`])
+    /// and are blended with a raised-cosine ramp across it. Latents one tile covers decode to the
+    /// same bytes as without it; larger ones agree with untiled decoding to within what the
+    /// VAE's reach beyond a tile changes. Refused for a pixel model. Default: None, untiled.
+    pub vae_tile_size: Option<usize>,
     /// When set, the run stops with [`Error::Cancelled`] before its next network call.
     /// Default: None.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -119,6 +129,7 @@ impl Default for SampleOptions {
             set_alpha_to_one: true,
             leading_as_diffusers: false,
             keep_latents: false,
+            vae_tile_size: None,
             cancel: None,
         }
     }
@@ -228,6 +239,9 @@ pub fn generate_chunks(
         )));
     }
     let (label, lv) = prepare(model, opts, injected)?;
+    if opts.init_image.is_some() {
+        model.enter(Stage::ImageEncoding);
+    }
     let init = init_latents(model, opts)?;
     let prior = prior_std(model.schedule(), &lv);
     let plan = BatchPlan {
@@ -327,7 +341,16 @@ pub(crate) fn run_batches(
     let schedule = model.schedule().clone();
     let level_at_sbar = move |s: f64| schedule.level_for_sbar(s);
     let guidance = guidance_for(&meta, opts)?;
-    let text = text_conditioning(model, opts)?;
+    // Low-memory mode holds one graph at a time: every prompt of the run is encoded before
+    // the U-Net is opened, and the latents of every batch are kept until it is freed again
+    // (1/48 of the images' size for Stable Diffusion's VAE), then decoded.
+    let low_memory = model.pipeline.as_ref().is_some_and(Pipeline::low_memory);
+    model.enter(Stage::Text);
+    let mut text = text_conditioning(model, opts)?;
+    if let (true, Some(t)) = (low_memory, text.as_mut()) {
+        t.encoded = encode_prompts(model, opts, ranges)?;
+    }
+    model.enter(Stage::Sampling);
     let batches: Vec<(usize, usize)> = ranges
         .iter()
         .flat_map(|r| {
@@ -339,6 +362,7 @@ pub(crate) fn run_batches(
     let total_steps = plan.steps_per_batch * batches.len();
     let mut report = Report::default();
     let mut latents = Vec::new();
+    let mut undecoded = Vec::new();
     for (b, &(first, m)) in batches.iter().enumerate() {
         let mut seeded;
         let mut rows;
@@ -394,24 +418,58 @@ pub(crate) fn run_batches(
         }
         report.network_calls += net.calls();
         // A pipeline's latents become images batch by batch, so memory stays one batch (plus
-        // the kept latents, 1/48 of the images' size for Stable Diffusion's VAE).
+        // the kept latents, 1/48 of the images' size for Stable Diffusion's VAE); in
+        // low-memory mode, once every batch is sampled.
         let out = match model.pipeline.as_mut() {
+            Some(_) if low_memory => {
+                undecoded.push((first, out));
+                continue;
+            }
             Some(p) => {
                 if opts.keep_latents {
                     latents.push(out.clone());
                 }
-                p.decode(&out)?
+                decode_batch(p, opts, &out)?
             }
             None => out,
         };
         sink(first, out)?;
     }
+    if !undecoded.is_empty() {
+        model.enter(Stage::Decoding);
+        for (first, z) in undecoded {
+            if opts
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                return Err(Error::Cancelled);
+            }
+            let Some(p) = model.pipeline.as_mut() else {
+                unreachable!("only a pipeline's latents wait to be decoded")
+            };
+            let x = decode_batch(p, opts, &z)?;
+            if opts.keep_latents {
+                latents.push(z);
+            }
+            sink(first, x)?;
+        }
+    }
+    model.enter(Stage::Idle);
     if opts.keep_latents && !latents.is_empty() {
         let views: Vec<_> = latents.iter().map(|a| a.view()).collect();
         report.latents =
             Some(concatenate(Axis(0), &views).map_err(|e| Error::invalid(e.to_string()))?);
     }
     Ok(report)
+}
+
+/// A batch's images from its latents, tiled as `opts.vae_tile_size` says.
+fn decode_batch(p: &mut Pipeline, opts: &SampleOptions, z: &Array4<f32>) -> Result<Array4<f32>> {
+    match opts.vae_tile_size {
+        Some(t) => p.decode_tiled(z, t),
+        None => p.decode(z),
+    }
 }
 
 /// The sampler's latents `[k, c, h, w]` of an img2img run's images (k = 1 or n), encoded in
@@ -440,6 +498,9 @@ struct TextConditioning {
     cond: Option<Array3<f32>>,
     uncond: Option<Array3<f32>>,
     guidance: Option<f64>,
+    /// Low-memory mode: the hidden states of every distinct prompt of `prompts` the run
+    /// samples, encoded before the U-Net is opened (each `[1, L, D]`); empty otherwise.
+    encoded: Vec<(String, Array3<f32>)>,
 }
 
 /// The hidden states `[m, L, D]` of samples `first .. first + m`: the run's prompt for each,
@@ -458,24 +519,64 @@ fn prompt_rows(
             .map(|v| v.to_owned())
             .ok_or_else(shape_err);
     }
-    let (Some(prompts), Some(p)) = (&opts.prompts, model.pipeline.as_mut()) else {
+    let Some(prompts) = &opts.prompts else {
         return Err(shape_err());
     };
-    let mut encoded: Vec<(&str, Array3<f32>)> = Vec::new();
-    let mut rows = Vec::with_capacity(m);
+    let known = |prompt: &str| t.encoded.iter().position(|(q, _)| q == prompt);
+    // The batch's prompts that low-memory mode did not encode before, each once.
+    let mut fresh: Vec<(&str, Array3<f32>)> = Vec::new();
     for i in first..first + m {
         let prompt = prompts[i % prompts.len()].as_str();
-        let k = match encoded.iter().position(|(q, _)| *q == prompt) {
-            Some(k) => k,
-            None => {
-                encoded.push((prompt, p.encode_prompt(prompt)?));
-                encoded.len() - 1
-            }
-        };
-        rows.push(k);
+        if known(prompt).is_none() && !fresh.iter().any(|(q, _)| *q == prompt) {
+            let Some(p) = model.pipeline.as_mut() else {
+                return Err(shape_err());
+            };
+            fresh.push((prompt, p.encode_prompt(prompt)?));
+        }
     }
-    let views: Vec<_> = rows.iter().map(|&k| encoded[k].1.view()).collect();
+    let views: Vec<_> = (first..first + m)
+        .map(|i| {
+            let prompt = prompts[i % prompts.len()].as_str();
+            match known(prompt) {
+                Some(k) => t.encoded[k].1.view(),
+                None => match fresh.iter().find(|(q, _)| *q == prompt) {
+                    Some((_, e)) => e.view(),
+                    None => unreachable!("encoded above"),
+                },
+            }
+        })
+        .collect();
     concatenate(Axis(0), &views).map_err(|e| Error::invalid(e.to_string()))
+}
+
+/// The hidden states of every distinct prompt of `opts.prompts` that the samples in `ranges`
+/// use (none without a prompt list), each `[1, L, D]`.
+fn encode_prompts(
+    model: &mut Model,
+    opts: &SampleOptions,
+    ranges: &[std::ops::Range<usize>],
+) -> Result<Vec<(String, Array3<f32>)>> {
+    let (Some(prompts), Some(p)) = (&opts.prompts, model.pipeline.as_mut()) else {
+        return Ok(Vec::new());
+    };
+    let k = prompts.len();
+    let mut used = vec![false; k];
+    for r in ranges {
+        if r.len() >= k {
+            used.fill(true);
+            break;
+        }
+        for i in r.clone() {
+            used[i % k] = true;
+        }
+    }
+    let mut encoded: Vec<(String, Array3<f32>)> = Vec::new();
+    for (prompt, _) in prompts.iter().zip(&used).filter(|(_, &u)| u) {
+        if !encoded.iter().any(|(q, _)| q == prompt) {
+            encoded.push((prompt.clone(), p.encode_prompt(prompt)?));
+        }
+    }
+    Ok(encoded)
 }
 
 /// The prompts' hidden states for a pipeline (None for single-file models). As diffusers'
@@ -500,6 +601,7 @@ fn text_conditioning(model: &mut Model, opts: &SampleOptions) -> Result<Option<T
         cond,
         uncond,
         guidance,
+        encoded: Vec::new(),
     }))
 }
 
@@ -571,6 +673,15 @@ pub(crate) fn prepare(
             "{0} applies to text-to-image pipelines: a pixel model's samples are not latents",
             &["keep_latents"],
         ));
+    }
+    if let Some(tile) = opts.vae_tile_size {
+        let Some(p) = &model.pipeline else {
+            return Err(Error::options(
+                "{0} applies to text-to-image pipelines: it tiles the VAE decoding of their latents",
+                &["vae_tile_size"],
+            ));
+        };
+        p.check_vae_tiles(tile)?;
     }
     if let Some(img) = &opts.init_image {
         check_init_image(img, opts.n, [c, h, w], text)?;

@@ -117,6 +117,10 @@ pub(crate) fn job_record(
     if !opts.set_alpha_to_one {
         m.insert("set_alpha_to_one".into(), json!(false));
     }
+    if let Some(t) = opts.vae_tile_size {
+        // Tiled decoding changes the images a little (not below one tile: recorded anyway).
+        m.insert("vae_tile_size".into(), json!(t));
+    }
     if opts.leading_as_diffusers {
         // It moves a multistep solver's leading steps: a record from before it (another
         // layout) must not be resumed as this run.

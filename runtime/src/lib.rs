@@ -54,6 +54,7 @@ pub mod sampler;
 pub mod schedule;
 pub mod spacing;
 pub mod text;
+pub mod tiles;
 
 pub use backend::{
     init_onnxruntime, ort_library_candidates, NetworkOptions, Provider, SampleType, MAX_THREADS,

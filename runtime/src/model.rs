@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use crate::backend::{Network, NetworkOptions};
 use crate::error::{Error, Result};
 use crate::metadata::{Conditioning, ModelMetadata};
-use crate::pipeline::{Pipeline, PipelineConfig};
+use crate::pipeline::{Pipeline, PipelineConfig, Stage};
 use crate::schedule::Schedule;
 
 /// Which model to open and how: the options every command that loads a model takes (the CLI's
@@ -110,6 +110,7 @@ impl Model {
                 detail: "it is a directory without model_index.json; give the .onnx (or .ort) file, or a pipeline folder".into(),
             });
         }
+        refuse_low_memory(opts)?;
         let (network, raw) = Network::open(path, opts)?;
         Model::from_network(network, raw, path)
     }
@@ -136,6 +137,7 @@ impl Model {
         label: impl AsRef<Path>,
         opts: &NetworkOptions,
     ) -> Result<Model> {
+        refuse_low_memory(opts)?;
         let (network, raw) = Network::from_bytes(bytes, label.as_ref(), opts)?;
         Model::from_network(network, raw, label.as_ref())
     }
@@ -167,6 +169,25 @@ impl Model {
     /// latents directly.
     pub fn pipeline_mut(&mut self) -> Option<&mut Pipeline> {
         self.pipeline.as_mut()
+    }
+
+    /// In low-memory mode ([`NetworkOptions::low_memory`]), frees every graph of a pipeline
+    /// that `stage` does not use, and hands the freed memory back to the system; nothing
+    /// otherwise. The graph `stage` uses is opened by its first call.
+    pub(crate) fn enter(&mut self, stage: Stage) {
+        let Some(p) = self.pipeline.as_mut() else {
+            return;
+        };
+        if !p.low_memory() {
+            return;
+        }
+        let mut freed = p.enter(stage);
+        if stage != Stage::Sampling {
+            freed |= self.network.release();
+        }
+        if freed {
+            crate::backend::return_freed_memory();
+        }
     }
 
     /// `[C, H, W]` of what sampling outputs: the decoded images of a pipeline, else the sample.
@@ -282,4 +303,15 @@ impl Model {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Low-memory mode holds a pipeline's graphs one at a time; a single-file model is one graph.
+fn refuse_low_memory(opts: &NetworkOptions) -> Result<()> {
+    if opts.low_memory {
+        return Err(Error::options(
+            "{0} applies to text-to-image pipeline folders (it holds their graphs one at a time); a single-file model is one graph",
+            &["low_memory"],
+        ));
+    }
+    Ok(())
 }

@@ -293,12 +293,66 @@ pub struct Pipeline {
     config: PipelineConfig,
     dir: PathBuf,
     tokenizer: ClipTokenizer,
-    text_encoder: Session,
-    vae_decoder: Session,
+    text_encoder: Graph,
+    vae_decoder: Graph,
     /// Opened on first use: only img2img needs it, and text-to-image runs should not pay for
     /// loading a graph they never call (optimum folders may lack it altogether).
-    vae_encoder: Option<Session>,
+    vae_encoder: Graph,
+    /// `[h, w]` of the VAE decoder's `latent_sample` input as the graph declares it (-1 where
+    /// dynamic): tiled decoding needs both dynamic.
+    decoder_latent_dims: [i64; 2],
     opts: NetworkOptions,
+}
+
+/// One graph of the folder outside the denoiser contract, opened when first used; in
+/// low-memory mode freed again when the run moves on to another graph ([`Stage`]).
+struct Graph {
+    path: PathBuf,
+    session: Option<Session>,
+}
+
+impl Graph {
+    fn new(path: PathBuf) -> Graph {
+        Graph {
+            path,
+            session: None,
+        }
+    }
+
+    /// The session, opened if it is not.
+    fn session(&mut self, opts: &NetworkOptions) -> Result<&mut Session> {
+        if self.session.is_none() {
+            self.session = Some(Network::graph_session(&self.path, opts)?);
+        }
+        match self.session.as_mut() {
+            Some(s) => Ok(s),
+            None => unreachable!("opened above"),
+        }
+    }
+
+    fn release(&mut self) -> bool {
+        let held = self.session.take().is_some();
+        if held {
+            log::debug!("released {}", self.path.display());
+        }
+        held
+    }
+}
+
+/// What a run of a pipeline does at one time, and so which one graph low-memory mode holds
+/// ([`crate::Model::enter`]); the others are freed, and opened again when next used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Stage {
+    /// Encoding the prompts: the text encoder.
+    Text,
+    /// Encoding img2img's images: the VAE encoder.
+    ImageEncoding,
+    /// Sampling: the U-Net.
+    Sampling,
+    /// Decoding the latents: the VAE decoder.
+    Decoding,
+    /// Between runs: none.
+    Idle,
 }
 
 impl std::fmt::Debug for Pipeline {
@@ -394,7 +448,7 @@ impl Pipeline {
                 detail,
             },
         )?;
-        let (network, _) = Network::open(&dir.join("unet/model.onnx"), opts)?;
+        let (mut network, _) = Network::open(&dir.join("unet/model.onnx"), opts)?;
         match network.context_shape {
             None => {
                 return Err(contract(
@@ -423,8 +477,31 @@ impl Pipeline {
                 config.text.max_length
             )));
         }
-        let text_encoder = Network::graph_session(&dir.join("text_encoder/model.onnx"), opts)?;
-        let vae_decoder = Network::graph_session(&dir.join("vae_decoder/model.onnx"), opts)?;
+        // Every graph is opened now, in either mode, so a broken one is reported before any
+        // work; low-memory mode holds one at a time: the U-Net and the decoder are freed
+        // again, and the text encoder, a run's first graph, is kept.
+        if opts.low_memory {
+            network.release();
+        }
+        let mut vae_decoder = Graph::new(dir.join("vae_decoder/model.onnx"));
+        let decoder = vae_decoder.session(opts)?;
+        let decoder_latent_dims = decoder
+            .inputs()
+            .iter()
+            .find(|i| i.name() == "latent_sample")
+            .or_else(|| decoder.inputs().first())
+            .and_then(|i| match i.dtype() {
+                ort::value::ValueType::Tensor { shape, .. } if shape.len() == 4 => {
+                    Some([shape[2], shape[3]])
+                }
+                _ => None,
+            })
+            .unwrap_or([-1, -1]);
+        if opts.low_memory {
+            vae_decoder.release();
+        }
+        let mut text_encoder = Graph::new(dir.join("text_encoder/model.onnx"));
+        text_encoder.session(opts)?;
         Ok((
             network,
             metadata,
@@ -434,10 +511,36 @@ impl Pipeline {
                 tokenizer,
                 text_encoder,
                 vae_decoder,
-                vae_encoder: None,
+                vae_encoder: Graph::new(dir.join("vae_encoder/model.onnx")),
+                decoder_latent_dims,
                 opts: opts.clone(),
             },
         ))
+    }
+
+    /// Whether the folder was opened in low-memory mode ([`NetworkOptions::low_memory`]).
+    pub fn low_memory(&self) -> bool {
+        self.opts.low_memory
+    }
+
+    /// In low-memory mode, frees every graph of the folder that `stage` does not use (the
+    /// U-Net is the model's, freed by [`crate::Model::enter`]); nothing otherwise. Returns
+    /// whether anything was freed.
+    pub(crate) fn enter(&mut self, stage: Stage) -> bool {
+        if !self.opts.low_memory {
+            return false;
+        }
+        let mut freed = false;
+        for (graph, used_in) in [
+            (&mut self.text_encoder, Stage::Text),
+            (&mut self.vae_encoder, Stage::ImageEncoding),
+            (&mut self.vae_decoder, Stage::Decoding),
+        ] {
+            if stage != used_in {
+                freed |= graph.release();
+            }
+        }
+        freed
     }
 
     /// The folder's record.
@@ -464,6 +567,7 @@ impl Pipeline {
             TensorRef::from_array_view(ids.view()).map_err(Error::ort("input_ids tensor"))?;
         let outputs = self
             .text_encoder
+            .session(&self.opts)?
             .run(ort::inputs!["input_ids" => input])
             .map_err(Error::ort("running the text encoder"))?;
         let out = outputs
@@ -494,6 +598,62 @@ impl Pipeline {
     /// decodes `latents / scaling_factor + shift_factor`, and its output is clamped to the data
     /// range, as diffusers' image post-processing does (VAE decoders overshoot it).
     pub fn decode(&mut self, latents: &Array4<f32>) -> Result<Array4<f32>> {
+        self.decode_with(latents, None)
+    }
+
+    /// [`Pipeline::decode`] in overlapping tiles of `tile` latent pixels a side, so that the
+    /// decoder's memory is one tile's ([`crate::tiles`]: the overlap is a quarter of the tile,
+    /// blended with a raised-cosine ramp). Latents one tile covers are decoded as by [`Pipeline::decode`], to
+    /// the same bytes; larger ones agree with it to within what the decoder's reach beyond a
+    /// tile changes. The decoder graph must take any latent height and width (an
+    /// `edgediff-export diffusers` or optimum export does).
+    pub fn decode_tiled(&mut self, latents: &Array4<f32>, tile: usize) -> Result<Array4<f32>> {
+        self.check_vae_tiles(tile)?;
+        self.decode_with(latents, Some(tile))
+    }
+
+    /// Refuses a tile size outside [`crate::tiles::MIN_TILE`]..=[`crate::tiles::MAX_TILE`],
+    /// or one smaller than the latents when the decoder graph takes latents of one size only.
+    pub(crate) fn check_vae_tiles(&self, tile: usize) -> Result<()> {
+        use crate::tiles::{tile_overlap, MAX_TILE, MIN_TILE};
+        if !(MIN_TILE..=MAX_TILE).contains(&tile) {
+            return Err(Error::out_of_range(
+                "vae_tile_size",
+                tile,
+                &format!("must be in {MIN_TILE}..={MAX_TILE} latent pixels (a tile overlaps its neighbours by a quarter of it, at least 1)"),
+            ));
+        }
+        let [_, h, w] = self.config.latent_shape;
+        let [dh, dw] = self.decoder_latent_dims;
+        if (tile < h || tile < w) && (dh >= 0 || dw >= 0) {
+            return Err(Error::Contract {
+                path: self.dir.join("vae_decoder/model.onnx"),
+                detail: format!(
+                    "the VAE decoder takes latents of [{dh}, {dw}] only (-1: any), so it cannot decode tiles of {tile} (overlap {}) of the [{h}, {w}] latents; export the pipeline again with edgediff-export diffusers, whose decoder takes any size",
+                    tile_overlap(tile)
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The VAE's upsampling (image height / latent height, width / width).
+    fn upsampling(&self) -> Result<(usize, usize)> {
+        let [_, h, w] = self.config.latent_shape;
+        let [_, hh, ww] = self.config.image_shape;
+        if h == 0 || w == 0 || hh % h != 0 || ww % w != 0 {
+            return Err(Error::Contract {
+                path: self.dir.join("edgediff.json"),
+                detail: format!(
+                    "the image_shape {:?} is not a whole multiple of the latent_shape {:?}",
+                    self.config.image_shape, self.config.latent_shape
+                ),
+            });
+        }
+        Ok((hh / h, ww / w))
+    }
+
+    fn decode_with(&mut self, latents: &Array4<f32>, tile: Option<usize>) -> Result<Array4<f32>> {
         let VaeScaling {
             scaling_factor,
             shift_factor,
@@ -502,21 +662,20 @@ impl Pipeline {
         // Divided, not multiplied by the reciprocal: diffusers divides, and this keeps its rounding.
         let z = latents.mapv(|v| v / scale + shift);
         let path = self.dir.join("vae_decoder/model.onnx");
-        let input =
-            TensorRef::from_array_view(z.view()).map_err(Error::ort("latent_sample tensor"))?;
-        let outputs = self
-            .vae_decoder
-            .run(ort::inputs!["latent_sample" => input])
-            .map_err(Error::ort("running the VAE decoder"))?;
-        let out = outputs[0]
-            .try_extract_array::<f32>()
-            .map_err(Error::ort("reading the VAE decoder's output"))?
-            .to_owned()
-            .into_dimensionality::<Ix4>()
-            .map_err(|_| Error::Contract {
-                path: path.clone(),
-                detail: "the VAE decoder's output is not [N, C, H, W]".into(),
-            })?;
+        let out = match tile {
+            None => self.run_decoder(z)?,
+            Some(t) => {
+                let factor = self.upsampling()?;
+                crate::tiles::decode_tiled(
+                    z.view(),
+                    t,
+                    crate::tiles::tile_overlap(t),
+                    factor,
+                    &path,
+                    &mut |part| self.run_decoder(part),
+                )?
+            }
+        };
         let [c, h, w] = self.config.image_shape;
         if out.shape()[1..] != [c, h, w] || out.len_of(Axis(0)) != latents.len_of(Axis(0)) {
             return Err(Error::Contract {
@@ -530,6 +689,27 @@ impl Pipeline {
         }
         let [lo, hi] = self.config.data_range;
         Ok(out.mapv(|v| v.clamp(lo as f32, hi as f32)))
+    }
+
+    /// One call of the VAE decoder graph on (scaled) latents `[N, c, h, w]`.
+    fn run_decoder(&mut self, z: Array4<f32>) -> Result<Array4<f32>> {
+        let path = self.dir.join("vae_decoder/model.onnx");
+        let input =
+            TensorRef::from_array_view(z.view()).map_err(Error::ort("latent_sample tensor"))?;
+        let outputs = self
+            .vae_decoder
+            .session(&self.opts)?
+            .run(ort::inputs!["latent_sample" => input])
+            .map_err(Error::ort("running the VAE decoder"))?;
+        outputs[0]
+            .try_extract_array::<f32>()
+            .map_err(Error::ort("reading the VAE decoder's output"))?
+            .to_owned()
+            .into_dimensionality::<Ix4>()
+            .map_err(|_| Error::Contract {
+                path,
+                detail: "the VAE decoder's output is not [N, C, H, W]".into(),
+            })
     }
 
     /// Refuses an img2img run on a folder without a VAE encoder graph, before any work.
@@ -552,13 +732,8 @@ impl Pipeline {
     /// std, which for Stable Diffusion's VAE is small next to the noise the run then adds.
     pub fn encode_image(&mut self, images: &Array4<f32>) -> Result<Array4<f32>> {
         let path = self.dir.join("vae_encoder/model.onnx");
-        if self.vae_encoder.is_none() {
-            self.check_vae_encoder()?;
-            self.vae_encoder = Some(Network::graph_session(&path, &self.opts)?);
-        }
-        let Some(session) = self.vae_encoder.as_mut() else {
-            unreachable!("opened above")
-        };
+        self.check_vae_encoder()?;
+        let session = self.vae_encoder.session(&self.opts)?;
         let input =
             TensorRef::from_array_view(images.view()).map_err(Error::ort("sample tensor"))?;
         let outputs = session

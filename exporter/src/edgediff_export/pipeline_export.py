@@ -9,14 +9,16 @@ writes the folder in the layout of optimum's ONNX export, so that one loader ser
     OUT/edgediff.json                    what the runtime needs, in one record (see `manifest`)
     OUT/text_encoder/model.onnx          input_ids int64 [N, L] -> last_hidden_state, pooler_output
     OUT/unet/model.onnx                  sample, timestep float32 [N], encoder_hidden_states -> out_sample
-    OUT/vae_decoder/model.onnx           latent_sample -> sample
+    OUT/vae_decoder/model.onnx           latent_sample -> sample (any height and width: tiled decoding)
     OUT/vae_encoder/model.onnx           sample -> latent_parameters (mean || logvar)
     OUT/tokenizer/                       vocab.json merges.txt tokenizer_config.json special_tokens_map.json
     OUT/scheduler/scheduler_config.json  the source pipeline's scheduler config
     each graph folder: config.json       the part's diffusers/transformers config
 
 The U-Net's timestep is float32 (as in optimum's export): diffusers' Euler-family schedulers
-pass fractional timesteps, and the sinusoidal embedding takes any real time.
+pass fractional timesteps, and the sinusoidal embedding takes any real time. The batch axis N
+is dynamic in every graph, and the VAE decoder's height and width too (as in optimum's
+export), so that the runtime can decode large latents in tiles (`edgediff sample --vae-tiles`).
 """
 
 from __future__ import annotations
@@ -107,14 +109,17 @@ class VaeEncoder(torch.nn.Module):
 
 
 def _export_graph(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str],
-                  path: Path, check_inputs: list[dict[str, torch.Tensor]], opset: int = 17) -> dict:
-    """Export `module` to `path` (N dynamic everywhere), verify it, return the check's figures."""
+                  path: Path, check_inputs: list[dict[str, torch.Tensor]], opset: int = 17,
+                  spatial: bool = False) -> dict:
+    """Export `module` to `path` (N dynamic everywhere; with `spatial`, height and width too,
+    axes 2 and 3 of every input and output), verify it, return the check's figures."""
     import onnxruntime as ort
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(path) + ".tmp")
     names = list(inputs)
-    dynamic = {k: {0: "N"} for k in [*names, *outputs]}
+    dynamic = {k: {0: "N", 2: f"{k}_height", 3: f"{k}_width"} if spatial else {0: "N"}
+               for k in [*names, *outputs]}
     try:
         with warnings.catch_warnings():
             # diffusers' shape asserts and batch branches trace as constants (fixed channel counts).
@@ -274,8 +279,8 @@ def export_pipeline(src: Path, out: Path, name: str | None = None, description: 
                 "timestep": torch.rand(n, generator=r) * (T - 1),
                 "encoder_hidden_states": torch.randn(n, L, D, generator=r)}
 
-    def dec_in(n: int, seed: int) -> dict:
-        return {"latent_sample": torch.randn(n, C, h, w, generator=g(seed))}
+    def dec_in(n: int, seed: int, size: tuple[int, int] | None = None) -> dict:
+        return {"latent_sample": torch.randn(n, C, *(size or (h, w)), generator=g(seed))}
 
     def enc_in(n: int, seed: int) -> dict:
         return {"sample": torch.rand(n, Ci, H, W, generator=g(seed)) * 2 - 1}
@@ -286,8 +291,12 @@ def export_pipeline(src: Path, out: Path, name: str | None = None, description: 
              ("vae_decoder", VaeDecoder(vae), dec_in, ["sample"], vae_cfg),
              ("vae_encoder", VaeEncoder(vae), enc_in, ["latent_parameters"], vae_cfg)]
     for part, module, make, outputs, cfg in parts:
+        # The decoder takes latents of any height and width (tiled decoding gives it tiles),
+        # checked at a smaller, non-square size too.
+        spatial = part == "vae_decoder"
+        extra = [make(2, 3, (h // 2 + 1, max(1, w // 2)))] if spatial else []
         checks[part] = _export_graph(module.eval(), make(2, 0), outputs, out / part / "model.onnx",
-                                     [make(3, 1), make(1, 2)])
+                                     [make(3, 1), make(1, 2), *extra], spatial=spatial)
         (out / part / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "scheduler").mkdir(exist_ok=True)
     shutil.copy2(src / "scheduler" / "scheduler_config.json", out / "scheduler" / "scheduler_config.json")

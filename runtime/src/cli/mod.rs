@@ -161,6 +161,16 @@ struct SampleCmd {
     /// text-to-image: also write the final latents [n, C, h, w] (before VAE decoding) as float32 .npy
     #[argh(option)]
     latents_out: Option<PathBuf>,
+    /// text-to-image: hold one graph at a time (text encoder, then U-Net, then VAE decoder),
+    /// for boxes without memory for all three; the same images, written once all are sampled
+    #[argh(switch)]
+    low_memory: bool,
+    /// text-to-image: decode the latents in overlapping tiles of T latent pixels a side, T in
+    /// 4..=4096 (e.g. 32: 256-pixel tiles for Stable Diffusion), blended (raised cosine) across an
+    /// overlap of at least T/4; latents of at most T a side decode as without it (default:
+    /// untiled)
+    #[argh(option)]
+    vae_tiles: Option<usize>,
     /// continue an interrupted run into the same folder or .npy: samples already written are kept
     #[argh(switch)]
     resume: bool,
@@ -200,6 +210,7 @@ pub fn flag(name: &str) -> String {
         "sample_shape" => "--model".into(),
         "init_image" => "--image".into(),
         "keep_latents" => "--latents-out".into(),
+        "vae_tile_size" => "--vae-tiles".into(),
         other => format!("--{}", other.replace('_', "-")),
     }
 }
@@ -340,7 +351,8 @@ fn sample(cmd: SampleCmd) -> Result<()> {
             &["strength", "init_image"],
         ));
     }
-    let model_opts = cmd.model_options()?;
+    let mut model_opts = cmd.model_options()?;
+    model_opts.low_memory = cmd.low_memory;
     let mut model = model_opts.open()?;
     let init_image = cmd
         .image
@@ -370,6 +382,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         init_image,
         strength: cmd.strength.unwrap_or(defaults.strength),
         keep_latents: cmd.latents_out.is_some(),
+        vae_tile_size: cmd.vae_tiles,
         ..defaults
     };
     if let Some(path) = &cmd.latents_out {

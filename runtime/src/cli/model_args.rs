@@ -133,6 +133,7 @@ impl ModelFlags<'_> {
                 provider,
                 fallback_cpu,
                 read_into_memory: self.no_mmap,
+                low_memory: false, // only `sample` takes --low-memory
             },
         })
     }
