@@ -344,6 +344,7 @@ impl Network {
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| model_file(e.to_string()))?;
         let ort_format = map.get(4..8) == Some(b"ORTM");
         let (mut net, raw) = Network::build(&map, ModelBytes::None, ort_format, path, opts)?;
+        log::debug!("graph opened: {}", path.display());
         net.reopen = Some(opts.clone());
         if ort_format {
             // Moving the Mmap does not move the mapped pages the session points into.
@@ -364,7 +365,7 @@ impl Network {
         // The session before the bytes it may point into.
         self.session = None;
         self._bytes = ModelBytes::None;
-        log::debug!("released {}", self.path.display());
+        log::debug!("graph freed: {}", self.path.display());
         true
     }
 
@@ -387,7 +388,6 @@ impl Network {
                     detail: "the file changed since the model was opened (low-memory mode opens it again for each run); open the model again".into(),
                 });
             }
-            log::debug!("opened {} again", self.path.display());
             self._bytes = net._bytes;
             self.session = net.session;
         }

@@ -167,7 +167,14 @@ pub(crate) fn check_record(at: &Path, out: &Path, want: &Map<String, Value>) -> 
             detail: "a job record of another edgediff version; remove it and the output".into(),
         });
     }
-    for (key, value) in want {
+    // The record's options this run lacks too: options recorded only when set (a prompt, a
+    // tile size) must not be dropped by a resume either. (Other keys, such as the output's
+    // `complete`, are not options.)
+    let theirs = have
+        .keys()
+        .filter(|k| !want.contains_key(*k) && KEYS.contains(&k.as_str()));
+    for key in want.keys().chain(theirs) {
+        let value = want.get(key).unwrap_or(&Value::Null);
         let old = have.get(key).unwrap_or(&Value::Null);
         if old != value {
             // The error names options by `&'static str`: take the key's from the fixed list.
@@ -208,6 +215,7 @@ const KEYS: &[&str] = &[
     "steps_offset",
     "set_alpha_to_one",
     "leading_as_diffusers",
+    "vae_tile_size",
     "guidance",
     "init_noise",
     "step_noise",
@@ -254,6 +262,19 @@ mod tests {
         assert!(
             e.to_string()
                 .contains("was made with seed 1, this run has 2"),
+            "{e}"
+        );
+
+        // A resume that drops an option recorded only when set is refused too.
+        rec.insert("seed".into(), json!(1));
+        rec.insert("prompt".into(), json!("a cat"));
+        write_record(&at, &rec).unwrap();
+        rec.remove("prompt");
+        let e = check_record(&at, Path::new("x.npy"), &rec).unwrap_err();
+        assert_eq!(e.argument().unwrap().args, vec!["resume", "prompt"]);
+        assert!(
+            e.to_string()
+                .contains("was made with prompt a cat, this run has none"),
             "{e}"
         );
         let missing = check_record(&dir.path().join("none"), Path::new("x.npy"), &rec);

@@ -323,6 +323,7 @@ impl Graph {
     fn session(&mut self, opts: &NetworkOptions) -> Result<&mut Session> {
         if self.session.is_none() {
             self.session = Some(Network::graph_session(&self.path, opts)?);
+            log::debug!("graph opened: {}", self.path.display());
         }
         match self.session.as_mut() {
             Some(s) => Ok(s),
@@ -333,7 +334,7 @@ impl Graph {
     fn release(&mut self) -> bool {
         let held = self.session.take().is_some();
         if held {
-            log::debug!("released {}", self.path.display());
+            log::debug!("graph freed: {}", self.path.display());
         }
         held
     }

@@ -1,0 +1,144 @@
+"""Peak memory of text-to-image sampling in each memory mode: `edgediff sample` on a pipeline
+folder as it is, with `--low-memory` (one graph at a time), and with `--low-memory --vae-tiles
+T` (and `--vae-tiles T` alone), each in a fresh process whose peak RSS the kernel reports
+(wait4's ru_maxrss, the high-water mark of resident memory). The output of every mode is
+compared with the first's: low-memory mode must give the same bytes, tiled decoding differs
+by what the VAE's reach beyond a tile changes (max and mean abs difference printed).
+
+    .venv/bin/python benches/bench_pipeline_memory.py                     # the tests' tiny pipeline
+    .venv/bin/python benches/bench_pipeline_memory.py --build-sd-like DIR # build, then measure it
+    .venv/bin/python benches/bench_pipeline_memory.py --model DIR         # any pipeline folder
+
+`--build-sd-like DIR` saves a randomly initialised diffusers StableDiffusionPipeline with
+Stable Diffusion 1.5's configs where memory is decided (its VAE, 512x512 images from 64x64
+latents; a CLIP ViT-L/14-sized text encoder) and a narrower U-Net (block_out_channels
+64,128,256,256 instead of 320,640,1280,1280), exports it with `edgediff-export diffusers` to
+DIR/edgediff, and measures that. Building it takes minutes on two cores; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def peak_rss_mb(cmd: list[str]) -> tuple[float, float]:
+    start = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()}")
+    return usage.ru_maxrss / 1024, time.time() - start  # ru_maxrss is in KiB on Linux
+
+
+def build_sd_like(root: Path) -> Path:
+    """A random SD-1.5-like pipeline saved to root/diffusers and exported to root/edgediff."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import sd_tiny
+
+    src, out = root / "diffusers", root / "edgediff"
+    if (out / "edgediff.json").is_file():
+        return out
+    vocab_dir = root / "vocab"
+    size, bos, eos = sd_tiny.write_tiny_vocab(vocab_dir)
+    tokenizer = CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"),
+                              model_max_length=77)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(64, 128, 256, 256),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(  # Stable Diffusion's VAE (stabilityai/sd-vae-ft-mse's config)
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+        block_out_channels=(128, 256, 512, 512), norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    text = CLIPTextModel(CLIPTextConfig(  # openai/clip-vit-large-patch14's text tower
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu",
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=eos))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**sd_tiny.SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(src))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "exporter" / "src")}
+    subprocess.run([sys.executable, "-m", "edgediff_export.export", "diffusers", str(src),
+                    "--out", str(out)], check=True, env=env)
+    return out
+
+
+def graph_sizes(model: Path) -> str:
+    parts = [f"{g} {(model / g / 'model.onnx').stat().st_size / 1e6:.0f} MB"
+             for g in ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+             if (model / g / "model.onnx").is_file()]
+    return ", ".join(parts)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--binary", default=str(ROOT / "target" / "release" / "edgediff"))
+    p.add_argument("--model", default=None, help="a pipeline folder (default: the tests' tiny one)")
+    p.add_argument("--build-sd-like", default=None, metavar="DIR",
+                   help="build a random SD-1.5-like pipeline under DIR (kept) and measure it")
+    p.add_argument("--vae-tiles", type=int, default=None,
+                   help="tile size in latent pixels (default: half the latent side)")
+    p.add_argument("-n", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-memory-"))
+    if a.build_sd_like:
+        model = build_sd_like(Path(a.build_sd_like))
+    elif a.model:
+        model = Path(a.model)
+    else:
+        sys.path.insert(0, str(ROOT / "tests"))
+        import sd_tiny
+        model = sd_tiny.exported(tmp)
+    import json
+    latent = json.loads((model / "edgediff.json").read_text())["latent_shape"]
+    tiles = a.vae_tiles or max(4, latent[1] // 2)
+    modes = [("normal", []), ("--low-memory", ["--low-memory"]),
+             (f"--low-memory --vae-tiles {tiles}", ["--low-memory", "--vae-tiles", str(tiles)]),
+             (f"--vae-tiles {tiles}", ["--vae-tiles", str(tiles)])]
+    print(f"{model}: {graph_sizes(model)}; latents {latent}")
+    print(f"-n {a.n} --batch-size {a.batch_size} --steps {a.steps} --threads {a.threads}, {a.binary}")
+    print("| mode | peak RSS (MB) | s | output vs normal |")
+    print("|---|---|---|---|")
+    first = None
+    for name, flags in modes:
+        out = tmp / f"{len(flags)}-{name.replace(' ', '_')}.npy"
+        cmd = [a.binary, "sample", "--model", str(model), "--prompt", "a photo of a cat",
+               "-n", str(a.n), "--batch-size", str(a.batch_size), "--steps", str(a.steps),
+               "--threads", str(a.threads), "-q", "--out", str(out), *flags]
+        rss, secs = peak_rss_mb(cmd)
+        x = np.load(out)
+        if first is None:
+            first, same = x, "-"
+        elif x.tobytes() == first.tobytes():
+            same = "identical bytes"
+        else:
+            d = np.abs(x - first)
+            same = f"max abs diff {d.max():.4f}, mean {d.mean():.5f}"
+        print(f"| {name} | {rss:.0f} | {secs:.1f} | {same} |", flush=True)
+    shutil.rmtree(tmp)
+
+
+if __name__ == "__main__":
+    main()
