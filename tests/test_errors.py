@@ -198,6 +198,16 @@ def cases():
         ("prompts-not-utf8", "a prompts file that is not UTF-8 (the line is named)",
          lambda t, m: do((t / "prompts.txt").write_bytes(b"a cat\nun caf\xe9\n"),
                          ["--model", str(_pipeline(t)), "--prompts", str(t / "prompts.txt")]), 4),
+        ("low-memory-pixel", "--low-memory for a single-file pixel model (one graph already)",
+         lambda t, m: ["--model", str(m), "--low-memory"], 2),
+        ("vae-tiles-pixel", "--vae-tiles for a single-file pixel model (no VAE)",
+         lambda t, m: ["--model", str(m), "--vae-tiles", "16"], 2),
+        ("vae-tiles-small", "--vae-tiles below 4 latent pixels (the overlap would be 0)",
+         lambda t, m: ["--model", str(_pipeline(t)), "--vae-tiles", "2"], 2),
+        ("vae-tiles-huge", "--vae-tiles above 4096 latent pixels",
+         lambda t, m: ["--model", str(_pipeline(t)), "--vae-tiles", "5000"], 2),
+        ("vae-tiles-fixed-decoder", "--vae-tiles smaller than the latents, for a VAE decoder graph that takes one latent size only",
+         lambda t, m: ["--model", str(_pipeline(t, _fixed_size_decoder)), "--vae-tiles", "4"], 3),
         ("inpaint-pipeline", "inpaint: a text-to-image pipeline (latent inpainting is still to come)",
          lambda t, m: do(np.save(t / "img.npy", np.zeros((1, 3, 16, 16), np.float32)),
                          np.save(t / "mask.npy", np.ones((1, 1, 16, 16), np.float32)),
@@ -228,6 +238,15 @@ def _pipeline(t: Path, edit=None) -> Path:
     if edit is not None:
         edit(dst)
     return dst
+
+
+def _fixed_size_decoder(d: Path) -> None:
+    """The pipeline's VAE decoder declaring its latents 8x8 (as an export with only N dynamic)."""
+    path = d / "vae_decoder" / "model.onnx"
+    proto = onnx.load(str(path))
+    for dim in proto.graph.input[0].type.tensor_type.shape.dim[2:]:
+        dim.dim_value = 8
+    onnx.save(proto, str(path))
 
 
 def _made_with_seed_1(t: Path, m: Path) -> list[str]:

@@ -630,7 +630,8 @@ impl Pipeline {
             return Err(Error::Contract {
                 path: self.dir.join("vae_decoder/model.onnx"),
                 detail: format!(
-                    "the VAE decoder takes latents of [{dh}, {dw}] only (-1: any), so it cannot decode tiles of {tile} (overlap {}) of the [{h}, {w}] latents; export the pipeline again with edgediff-export diffusers, whose decoder takes any size",
+                    "the VAE decoder takes latents of {} only, so it cannot decode tiles of {tile} (overlap {}) of the {h}x{w} latents; export the pipeline again with edgediff-export diffusers, whose decoder takes any size",
+                    [dh, dw].map(|d| if d < 0 { "any".to_string() } else { d.to_string() }).join("x"),
                     tile_overlap(tile)
                 ),
             });

@@ -7,7 +7,10 @@
  * (no prompt fields, so no prompt) behave as the typed struct with the same fields; and that
  * a prompt on the embedded pixel MNIST model and invalid UTF-8 fail with
  * EDGEDIFF_ERR_ARGUMENT naming the field; and that inpainting, inversion, the likelihood,
- * calibration and the ELBO refuse the pipeline with EDGEDIFF_ERR_ARGUMENT. */
+ * calibration and the ELBO refuse the pipeline with EDGEDIFF_ERR_ARGUMENT; that low_memory
+ * (one graph at a time) gives the same bytes, run after run, and that vae_tile_size covering
+ * the latents does too while a smaller one tiles, an older struct size reads no tile size, and
+ * a tile size out of range, low_memory and vae_tile_size on the pixel model are refused. */
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -103,6 +106,44 @@ int main(int argc, char **argv) {
     bad.negative_prompt = "caf\xe9";
     EXPECT(argument_error(edgediff_sample_with(pipe, &bad, a, len), "negative_prompt"), "non-UTF-8 negative prompt");
 
+    /* Low-memory mode: the same bytes, on every run of the handle (each run opens its
+     * graphs again); tiled decoding through the struct and the request API. */
+    edgediff_model_params lm = mp;
+    lm.low_memory = 1;
+    edgediff_model *low = NULL;
+    EXPECT(edgediff_model_open_params(&lm, &low) == EDGEDIFF_OK, "open with low_memory");
+    EXPECT(edgediff_sample_with(pipe, &p, a, len) == EDGEDIFF_OK, "sample");
+    for (int run = 0; run < 2 && low; run++) {
+        memset(b, 0, len * sizeof(float));
+        EXPECT(edgediff_sample_with(low, &p, b, len) == EDGEDIFF_OK && memcmp(a, b, len * sizeof(float)) == 0,
+               "low_memory gives the same bytes (run %d)", run);
+    }
+    edgediff_model_free(low);
+    edgediff_sample_params tiles = p;
+    EXPECT(tiles.vae_tile_size == 0, "untiled by default");
+    tiles.vae_tile_size = latent[1];
+    EXPECT(edgediff_sample_with(pipe, &tiles, b, len) == EDGEDIFF_OK && memcmp(a, b, len * sizeof(float)) == 0,
+           "a tile covering the latents decodes the same bytes");
+    tiles.vae_tile_size = 4;
+    EXPECT(edgediff_sample_with(pipe, &tiles, b, len) == EDGEDIFF_OK && memcmp(a, b, len * sizeof(float)) != 0,
+           "smaller tiles are decoded and blended");
+    edgediff_request *tr = NULL;
+    edgediff_request_new(&tr);
+    for (size_t i = 0; i < sizeof kv / sizeof kv[0]; i++)
+        edgediff_request_set(tr, kv[i][0], kv[i][1]);
+    EXPECT(edgediff_request_set(tr, "vae_tile_size", "4") == EDGEDIFF_OK, "set vae_tile_size");
+    float *t2 = calloc(len, sizeof(float));
+    EXPECT(edgediff_sample(pipe, tr, t2, len) == EDGEDIFF_OK && memcmp(t2, b, len * sizeof(float)) == 0,
+           "request API tiles alike");
+    free(t2);
+    edgediff_request_free(tr);
+    edgediff_sample_params v2 = tiles;
+    v2.struct_size = offsetof(edgediff_sample_params, vae_tile_size);
+    EXPECT(edgediff_sample_with(pipe, &v2, b, len) == EDGEDIFF_OK && memcmp(a, b, len * sizeof(float)) == 0,
+           "a struct of the size before vae_tile_size reads none");
+    tiles.vae_tile_size = 2;
+    EXPECT(argument_error(edgediff_sample_with(pipe, &tiles, b, len), "vae_tile_size"), "tile size 2");
+
     /* What runs on pixel models only so far is refused by the library, before any work,
      * naming no option: the C entry points call the same functions as the CLI. */
     const char *why = "not supported yet for text-to-image pipelines";
@@ -150,7 +191,18 @@ int main(int argc, char **argv) {
     float *c = calloc(shape[0] * shape[1] * shape[2], sizeof(float));
     EXPECT(argument_error(edgediff_sample_with(mnist, &q, c, shape[0] * shape[1] * shape[2]), "prompt"), "prompt on MNIST");
     printf("prompt on MNIST: %s\n", edgediff_last_error());
+    q.prompt = NULL;
+    q.vae_tile_size = 16;
+    EXPECT(argument_error(edgediff_sample_with(mnist, &q, c, shape[0] * shape[1] * shape[2]), "vae_tile_size"),
+           "vae_tile_size on MNIST");
     edgediff_model_free(mnist);
+    edgediff_model_params lmp;
+    edgediff_model_params_init(&lmp);
+    EXPECT(lmp.low_memory == 0, "low_memory off by default");
+    lmp.low_memory = 1;
+    edgediff_model *none_open = NULL;
+    EXPECT(argument_error(edgediff_model_open_params(&lmp, &none_open), "low_memory") && none_open == NULL,
+           "low_memory on the embedded pixel model");
 
     free(a); free(b); free(c);
     if (failures) fprintf(stderr, "%d failures\n", failures);
