@@ -1,9 +1,11 @@
 """Peak memory of text-to-image sampling in each memory mode: `edgediff sample` on a pipeline
 folder as it is, with `--low-memory` (one graph at a time), and with `--low-memory --vae-tiles
 T` (and `--vae-tiles T` alone), each in a fresh process whose peak RSS the kernel reports
-(wait4's ru_maxrss, the high-water mark of resident memory). The output of every mode is
-compared with the first's: low-memory mode must give the same bytes, tiled decoding differs
-by what the VAE's reach beyond a tile changes (max and mean abs difference printed).
+(wait4's ru_maxrss, the high-water mark of resident memory), and the peak of each stage of the
+run (opening the model, encoding the prompts, sampling, decoding), polled from /proc while the
+run's debug log says which stage it is in. The output of every mode is compared with the
+first's: low-memory mode must give the same bytes, tiled decoding differs by what the VAE's
+reach beyond a tile changes (max and mean abs difference printed).
 
     .venv/bin/python benches/bench_pipeline_memory.py                     # the tests' tiny pipeline
     .venv/bin/python benches/bench_pipeline_memory.py --build-sd-like DIR # build, then measure it
@@ -32,13 +34,40 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def peak_rss_mb(cmd: list[str]) -> tuple[float, float]:
+def measure(cmd: list[str]) -> tuple[float, dict[str, float], float]:
+    """Runs `cmd`; returns its peak RSS in MB (wait4's ru_maxrss), the peak of its resident
+    memory in each stage of the run (polled from /proc every 5 ms; the stages are read from
+    its debug log, `stage: Sampling` ...; `load` is opening the model), and the seconds."""
+    import re
+    import threading
     start = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = dict(os.environ, RUST_LOG="edgediff=debug")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    stage, peaks, log = ["load"], {}, []
+
+    def poll() -> None:
+        status = f"/proc/{proc.pid}/status"
+        while True:
+            try:
+                with open(status) as f:
+                    rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            except (OSError, StopIteration, ValueError):
+                return  # exited (a zombie has no VmRSS)
+            peaks[stage[0]] = max(peaks.get(stage[0], 0.0), rss / 1024)
+            time.sleep(0.005)
+
+    watcher = threading.Thread(target=poll)
+    watcher.start()
+    for line in proc.stderr:
+        log.append(line)
+        m = re.search(r"stage: (\w+)", line)
+        if m:
+            stage[0] = m.group(1)
     _, status, usage = os.wait4(proc.pid, 0)
+    watcher.join()
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed: {proc.stderr.read().decode()}")
-    return usage.ru_maxrss / 1024, time.time() - start  # ru_maxrss is in KiB on Linux
+        raise SystemExit(f"{' '.join(cmd)} failed: {''.join(log[-20:])}")
+    return usage.ru_maxrss / 1024, peaks, time.time() - start  # ru_maxrss is in KiB on Linux
 
 
 def build_sd_like(root: Path) -> Path:
@@ -119,15 +148,17 @@ def main() -> None:
              (f"--vae-tiles {tiles}", ["--vae-tiles", str(tiles)])]
     print(f"{model}: {graph_sizes(model)}; latents {latent}")
     print(f"-n {a.n} --batch-size {a.batch_size} --steps {a.steps} --threads {a.threads}, {a.binary}")
-    print("| mode | peak RSS (MB) | s | output vs normal |")
-    print("|---|---|---|---|")
+    print("Peak RSS in MB: of the whole run (wait4), and while the model is opened and while each")
+    print("graph works (polled; without --low-memory the U-Net is still held while decoding).")
+    print("| mode | peak RSS | opening | text encoder | U-Net | VAE decoder | s | output vs normal |")
+    print("|---|---|---|---|---|---|---|---|")
     first = None
     for name, flags in modes:
         out = tmp / f"{len(flags)}-{name.replace(' ', '_')}.npy"
         cmd = [a.binary, "sample", "--model", str(model), "--prompt", "a photo of a cat",
                "-n", str(a.n), "--batch-size", str(a.batch_size), "--steps", str(a.steps),
                "--threads", str(a.threads), "-q", "--out", str(out), *flags]
-        rss, secs = peak_rss_mb(cmd)
+        rss, peaks, secs = measure(cmd)
         x = np.load(out)
         if first is None:
             first, same = x, "-"
@@ -136,7 +167,8 @@ def main() -> None:
         else:
             d = np.abs(x - first)
             same = f"max abs diff {d.max():.4f}, mean {d.mean():.5f}"
-        print(f"| {name} | {rss:.0f} | {secs:.1f} | {same} |", flush=True)
+        stages = [f"{peaks[k]:.0f}" if k in peaks else "-" for k in ("load", "Text", "Sampling", "Decoding")]
+        print(f"| {name} | {rss:.0f} | {' | '.join(stages)} | {secs:.1f} | {same} |", flush=True)
     shutil.rmtree(tmp)
 
 

@@ -350,7 +350,6 @@ pub(crate) fn run_batches(
     if let (true, Some(t)) = (low_memory, text.as_mut()) {
         t.encoded = encode_prompts(model, opts, ranges)?;
     }
-    model.enter(Stage::Sampling);
     let batches: Vec<(usize, usize)> = ranges
         .iter()
         .flat_map(|r| {
@@ -364,6 +363,7 @@ pub(crate) fn run_batches(
     let mut latents = Vec::new();
     let mut undecoded = Vec::new();
     for (b, &(first, m)) in batches.iter().enumerate() {
+        model.enter(Stage::Sampling);
         let mut seeded;
         let mut rows;
         let noise: &mut dyn NoiseSource = match plan.injected {
@@ -425,10 +425,14 @@ pub(crate) fn run_batches(
                 undecoded.push((first, out));
                 continue;
             }
-            Some(p) => {
+            Some(_) => {
                 if opts.keep_latents {
                     latents.push(out.clone());
                 }
+                model.enter(Stage::Decoding);
+                let Some(p) = model.pipeline.as_mut() else {
+                    unreachable!("matched above")
+                };
                 decode_batch(p, opts, &out)?
             }
             None => out,

@@ -171,13 +171,16 @@ impl Model {
         self.pipeline.as_mut()
     }
 
-    /// In low-memory mode ([`NetworkOptions::low_memory`]), frees every graph of a pipeline
-    /// that `stage` does not use, and hands the freed memory back to the system; nothing
-    /// otherwise. The graph `stage` uses is opened by its first call.
+    /// A pipeline's run moves on to `stage`. In low-memory mode
+    /// ([`NetworkOptions::low_memory`]) every graph that `stage` does not use is freed, and
+    /// the freed memory handed back to the system; the graph `stage` uses is opened by its
+    /// first call. Otherwise nothing changes (the stage is logged at debug level in both).
     pub(crate) fn enter(&mut self, stage: Stage) {
         let Some(p) = self.pipeline.as_mut() else {
             return;
         };
+        // In either mode: benches/bench_pipeline_memory.py reads the stages from the log.
+        log::debug!("stage: {stage:?}");
         if !p.low_memory() {
             return;
         }
