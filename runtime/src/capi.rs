@@ -2466,9 +2466,11 @@ mod tests {
         // 64-bit targets: every field 8 bytes but the pairs of ints, so adding a field later
         // cannot land in padding an older caller left uninitialised.
         if std::mem::size_of::<usize>() == 8 {
-            assert_eq!(std::mem::size_of::<EdgediffSampleParams>(), 29 * 8);
-            // Version 1 (before the prompts) was 27 fields of 8 bytes.
+            assert_eq!(std::mem::size_of::<EdgediffSampleParams>(), 30 * 8);
+            // Version 1 (before the prompts) was 27 fields of 8 bytes, version 2 (before
+            // vae_tile_size) 29.
             assert_eq!(EdgediffSampleParams::MIN_SIZE, 27 * 8);
+            assert_eq!(std::mem::offset_of!(EdgediffSampleParams, vae_tile_size), 29 * 8);
             assert_eq!(std::mem::size_of::<EdgediffModelParams>(), 5 * 8 + 6 * 4);
             assert_eq!(std::mem::size_of::<EdgediffLikelihoodParams>(), 13 * 8);
             assert_eq!(std::mem::size_of::<EdgediffCalibrateParams>(), 13 * 8);

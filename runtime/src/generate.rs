@@ -1,5 +1,7 @@
 //! The sampling entry point shared by the CLI and the C ABI: options in, samples out.
 
+use std::collections::HashMap;
+
 use ndarray::{concatenate, s, Array3, Array4, Axis};
 
 use crate::clip::Clipped;
@@ -96,11 +98,11 @@ pub struct SampleOptions {
     /// Decode a text-to-image pipeline's latents in overlapping tiles of this many latent
     /// pixels a side, in [`crate::tiles::MIN_TILE`]..=[`crate::tiles::MAX_TILE`] (8 image
     /// pixels each for Stable Diffusion's VAE), for images larger than the box can decode at
-    /// once: neighbouring tiles overlap by at least a quarter of the tile
-    /// ([`crate::tiles::tile_overlap`])
-    /// and are blended with a raised-cosine ramp across it. Latents one tile covers decode to the
-    /// same bytes as without it; larger ones agree with untiled decoding to within what the
-    /// VAE's reach beyond a tile changes. Refused for a pixel model. Default: None, untiled.
+    /// once (the decoder then works on one tile of the batch at a time): neighbouring tiles
+    /// overlap by at least a quarter of the tile ([`crate::tiles::tile_overlap`]) and are
+    /// blended with a raised-cosine ramp across it. Latents one tile covers decode to the same
+    /// bytes as without it; larger ones agree with untiled decoding to within what the VAE's
+    /// reach beyond a tile changes. Refused for a pixel model. Default: None, untiled.
     pub vae_tile_size: Option<usize>,
     /// When set, the run stops with [`Error::Cancelled`] before its next network call.
     /// Default: None.
@@ -224,6 +226,9 @@ pub fn generate_with_report(
 /// most `opts.batch_size`, handing each batch to `sink(first index, samples)` as soon as it is
 /// done: memory stays bounded by one batch, and a failure loses at most the batch in flight.
 /// Sample i is the same whatever the batch size or the ranges (its noise is its own stream).
+/// A pipeline opened in low-memory mode ([`crate::NetworkOptions::low_memory`]) samples
+/// every batch first and keeps their latents, so that the U-Net is freed before the VAE
+/// decoder is opened; the sink then gets the same batches, decoded, once all are sampled.
 pub fn generate_chunks(
     model: &mut Model,
     opts: &SampleOptions,
@@ -504,7 +509,7 @@ struct TextConditioning {
     guidance: Option<f64>,
     /// Low-memory mode: the hidden states of every distinct prompt of `prompts` the run
     /// samples, encoded before the U-Net is opened (each `[1, L, D]`); empty otherwise.
-    encoded: Vec<(String, Array3<f32>)>,
+    encoded: HashMap<String, Array3<f32>>,
 }
 
 /// The hidden states `[m, L, D]` of samples `first .. first + m`: the run's prompt for each,
@@ -526,12 +531,11 @@ fn prompt_rows(
     let Some(prompts) = &opts.prompts else {
         return Err(shape_err());
     };
-    let known = |prompt: &str| t.encoded.iter().position(|(q, _)| q == prompt);
     // The batch's prompts that low-memory mode did not encode before, each once.
     let mut fresh: Vec<(&str, Array3<f32>)> = Vec::new();
     for i in first..first + m {
         let prompt = prompts[i % prompts.len()].as_str();
-        if known(prompt).is_none() && !fresh.iter().any(|(q, _)| *q == prompt) {
+        if !t.encoded.contains_key(prompt) && !fresh.iter().any(|(q, _)| *q == prompt) {
             let Some(p) = model.pipeline.as_mut() else {
                 return Err(shape_err());
             };
@@ -541,8 +545,8 @@ fn prompt_rows(
     let views: Vec<_> = (first..first + m)
         .map(|i| {
             let prompt = prompts[i % prompts.len()].as_str();
-            match known(prompt) {
-                Some(k) => t.encoded[k].1.view(),
+            match t.encoded.get(prompt) {
+                Some(e) => e.view(),
                 None => match fresh.iter().find(|(q, _)| *q == prompt) {
                     Some((_, e)) => e.view(),
                     None => unreachable!("encoded above"),
@@ -559,9 +563,9 @@ fn encode_prompts(
     model: &mut Model,
     opts: &SampleOptions,
     ranges: &[std::ops::Range<usize>],
-) -> Result<Vec<(String, Array3<f32>)>> {
+) -> Result<HashMap<String, Array3<f32>>> {
     let (Some(prompts), Some(p)) = (&opts.prompts, model.pipeline.as_mut()) else {
-        return Ok(Vec::new());
+        return Ok(HashMap::new());
     };
     let k = prompts.len();
     let mut used = vec![false; k];
@@ -574,10 +578,10 @@ fn encode_prompts(
             used[i % k] = true;
         }
     }
-    let mut encoded: Vec<(String, Array3<f32>)> = Vec::new();
+    let mut encoded = HashMap::new();
     for (prompt, _) in prompts.iter().zip(&used).filter(|(_, &u)| u) {
-        if !encoded.iter().any(|(q, _)| q == prompt) {
-            encoded.push((prompt.clone(), p.encode_prompt(prompt)?));
+        if !encoded.contains_key(prompt) {
+            encoded.insert(prompt.clone(), p.encode_prompt(prompt)?);
         }
     }
     Ok(encoded)
@@ -605,7 +609,7 @@ fn text_conditioning(model: &mut Model, opts: &SampleOptions) -> Result<Option<T
         cond,
         uncond,
         guidance,
-        encoded: Vec::new(),
+        encoded: HashMap::new(),
     }))
 }
 

@@ -179,18 +179,18 @@ impl Model {
         let Some(p) = self.pipeline.as_mut() else {
             return;
         };
-        // In either mode: benches/bench_pipeline_memory.py reads the stages from the log.
+        if p.low_memory() {
+            let mut freed = p.enter(stage);
+            if stage != Stage::Sampling {
+                freed |= self.network.release();
+            }
+            if freed {
+                crate::backend::return_freed_memory();
+            }
+        }
+        // In either mode, once the graphs are freed: benches/bench_pipeline_memory.py reads
+        // the stages from the log.
         log::debug!("stage: {stage:?}");
-        if !p.low_memory() {
-            return;
-        }
-        let mut freed = p.enter(stage);
-        if stage != Stage::Sampling {
-            freed |= self.network.release();
-        }
-        if freed {
-            crate::backend::return_freed_memory();
-        }
     }
 
     /// `[C, H, W]` of what sampling outputs: the decoded images of a pipeline, else the sample.

@@ -18,7 +18,9 @@
 //! The U-Net is the [`crate::Model`]'s network, so every sampler runs in latent space over the
 //! same [`crate::denoiser::Denoiser`] as for pixel models; the pipeline adds what surrounds the
 //! sampling: the prompts' hidden states (once per run) and the VAE decoding of each finished
-//! batch of latents.
+//! batch of latents, in one piece or in tiles ([`Pipeline::decode_tiled`]). In low-memory mode
+//! ([`crate::NetworkOptions::low_memory`]) the graphs are held one at a time: each stage of a
+//! run frees the others, and a freed graph is opened again when next used.
 
 use std::path::{Path, PathBuf};
 
