@@ -167,7 +167,8 @@ pub struct NetworkOptions {
     /// in place, weights included). Default: off.
     pub read_into_memory: bool,
     /// Text-to-image pipeline folders only (a single-file model refuses it): hold each graph
-    /// only while it is needed, so the peak is the largest graph instead of all of them. A
+    /// only while it is needed, so the peak is that of the most demanding graph with its
+    /// working memory instead of all graphs together with the U-Net's working memory. A
     /// run then encodes every prompt with the text encoder, frees it, samples every batch with
     /// the U-Net, frees it, and decodes the kept latents with the VAE decoder (an img2img run's
     /// VAE encoder is held only while it encodes); graphs are opened again by the next run

@@ -2470,7 +2470,10 @@ mod tests {
             // Version 1 (before the prompts) was 27 fields of 8 bytes, version 2 (before
             // vae_tile_size) 29.
             assert_eq!(EdgediffSampleParams::MIN_SIZE, 27 * 8);
-            assert_eq!(std::mem::offset_of!(EdgediffSampleParams, vae_tile_size), 29 * 8);
+            assert_eq!(
+                std::mem::offset_of!(EdgediffSampleParams, vae_tile_size),
+                29 * 8
+            );
             assert_eq!(std::mem::size_of::<EdgediffModelParams>(), 5 * 8 + 6 * 4);
             assert_eq!(std::mem::size_of::<EdgediffLikelihoodParams>(), 13 * 8);
             assert_eq!(std::mem::size_of::<EdgediffCalibrateParams>(), 13 * 8);

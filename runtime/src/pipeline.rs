@@ -605,11 +605,11 @@ impl Pipeline {
     }
 
     /// [`Pipeline::decode`] in overlapping tiles of `tile` latent pixels a side, so that the
-    /// decoder's memory is one tile's ([`crate::tiles`]: the overlap is a quarter of the tile,
-    /// blended with a raised-cosine ramp). Latents one tile covers are decoded as by [`Pipeline::decode`], to
-    /// the same bytes; larger ones agree with it to within what the decoder's reach beyond a
-    /// tile changes. The decoder graph must take any latent height and width (an
-    /// `edgediff-export diffusers` or optimum export does).
+    /// decoder's memory is one tile's ([`crate::tiles`]: overlaps of at least a quarter of the
+    /// tile, blended with a raised-cosine ramp). Latents one tile covers are decoded as by
+    /// [`Pipeline::decode`], to the same bytes; larger ones agree with it to within what the
+    /// decoder's reach beyond a tile changes. The decoder graph must take any latent height
+    /// and width (an `edgediff-export diffusers` or optimum export does).
     pub fn decode_tiled(&mut self, latents: &Array4<f32>, tile: usize) -> Result<Array4<f32>> {
         self.check_vae_tiles(tile)?;
         self.decode_with(latents, Some(tile))
