@@ -1,15 +1,17 @@
 """Peak memory of text-to-image sampling in each memory mode: `edgediff sample` on a pipeline
 folder as it is, with `--low-memory` (one graph at a time), and with `--low-memory --vae-tiles
-T` (and `--vae-tiles T` alone), each in a fresh process whose peak RSS the kernel reports
-(wait4's ru_maxrss, the high-water mark of resident memory), and the peak of each stage of the
-run (opening the model, encoding the prompts, sampling, decoding), polled from /proc while the
-run's debug log says which stage it is in. The output of every mode is compared with the
+T` (and `--vae-tiles T` alone), each in a fresh process: its peak RSS (the kernel's high-water
+mark of its resident memory, VmHWM of /proc/PID/status, read until it exits; wait4's ru_maxrss
+is not used, as it also counts the pre-exec memory of the Python process that started it), and
+the peak of each stage of the run (opening the model, encoding the prompts, sampling,
+decoding), polled from VmRSS every 5 ms while the run's debug log says which stage it is in. The output of every mode is compared with the
 first's: low-memory mode must give the same bytes, tiled decoding differs by what the VAE's
 reach beyond a tile changes (max and mean abs difference printed).
 
     .venv/bin/python benches/bench_pipeline_memory.py                     # the tests' tiny pipeline
     .venv/bin/python benches/bench_pipeline_memory.py --build-sd-like DIR # build, then measure it
     .venv/bin/python benches/bench_pipeline_memory.py --model DIR         # any pipeline folder
+    (--vae-tiles 32,16: the tile sizes to try; -n, --batch-size, --steps, --threads as for sample)
 
 `--build-sd-like DIR` saves a randomly initialised diffusers StableDiffusionPipeline with
 Stable Diffusion 1.5's configs where memory is decided (its VAE, 512x512 images from 64x64
@@ -35,25 +37,27 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def measure(cmd: list[str]) -> tuple[float, dict[str, float], float]:
-    """Runs `cmd`; returns its peak RSS in MB (wait4's ru_maxrss), the peak of its resident
-    memory in each stage of the run (polled from /proc every 5 ms; the stages are read from
-    its debug log, `stage: Sampling` ...; `load` is opening the model), and the seconds."""
+    """Runs `cmd`; returns its peak RSS in MB (the last VmHWM read), the peak of its resident
+    memory in each stage of the run (VmRSS polled every 5 ms; the stages are read from its
+    debug log, `stage: Sampling` ...; `load` is opening the model), and the seconds."""
     import re
     import threading
     start = time.time()
     env = dict(os.environ, RUST_LOG="edgediff=debug")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    stage, peaks, log = ["load"], {}, []
+    stage, peaks, log, hwm = ["load"], {}, [], [0.0]
 
     def poll() -> None:
         status = f"/proc/{proc.pid}/status"
         while True:
             try:
                 with open(status) as f:
-                    rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-            except (OSError, StopIteration, ValueError):
+                    kb = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f)
+                          if k in ("VmRSS", "VmHWM")}
+                rss, hwm[0] = kb["VmRSS"] / 1024, kb["VmHWM"] / 1024
+            except (OSError, KeyError, ValueError):
                 return  # exited (a zombie has no VmRSS)
-            peaks[stage[0]] = max(peaks.get(stage[0], 0.0), rss / 1024)
+            peaks[stage[0]] = max(peaks.get(stage[0], 0.0), rss)
             time.sleep(0.005)
 
     watcher = threading.Thread(target=poll)
@@ -63,11 +67,10 @@ def measure(cmd: list[str]) -> tuple[float, dict[str, float], float]:
         m = re.search(r"stage: (\w+)", line)
         if m:
             stage[0] = m.group(1)
-    _, status, usage = os.wait4(proc.pid, 0)
-    watcher.join()
-    if os.waitstatus_to_exitcode(status) != 0:
+    watcher.join()  # returns once the process has exited (a zombie: no VmHWM)
+    if proc.wait() != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {''.join(log[-20:])}")
-    return usage.ru_maxrss / 1024, peaks, time.time() - start  # ru_maxrss is in KiB on Linux
+    return hwm[0], peaks, time.time() - start
 
 
 def build_sd_like(root: Path) -> Path:
@@ -124,8 +127,8 @@ def main() -> None:
     p.add_argument("--model", default=None, help="a pipeline folder (default: the tests' tiny one)")
     p.add_argument("--build-sd-like", default=None, metavar="DIR",
                    help="build a random SD-1.5-like pipeline under DIR (kept) and measure it")
-    p.add_argument("--vae-tiles", type=int, default=None,
-                   help="tile size in latent pixels (default: half the latent side)")
+    p.add_argument("--vae-tiles", default=None,
+                   help="tile sizes in latent pixels, comma-separated (default: half the latent side)")
     p.add_argument("-n", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
@@ -136,19 +139,19 @@ def main() -> None:
         model = build_sd_like(Path(a.build_sd_like))
     elif a.model:
         model = Path(a.model)
-    else:
-        sys.path.insert(0, str(ROOT / "tests"))
-        import sd_tiny
-        model = sd_tiny.exported(tmp)
+    else:  # built in another process, so that this one stays small
+        code = "import sys, sd_tiny; from pathlib import Path; print(sd_tiny.exported(Path(sys.argv[1])))"
+        model = Path(subprocess.run([sys.executable, "-c", code, str(tmp)], cwd=ROOT / "tests", check=True,
+                                    capture_output=True, text=True).stdout.strip().splitlines()[-1])
     import json
     latent = json.loads((model / "edgediff.json").read_text())["latent_shape"]
-    tiles = a.vae_tiles or max(4, latent[1] // 2)
+    tiles = [int(t) for t in a.vae_tiles.split(",")] if a.vae_tiles else [max(4, latent[1] // 2)]
     modes = [("normal", []), ("--low-memory", ["--low-memory"]),
-             (f"--low-memory --vae-tiles {tiles}", ["--low-memory", "--vae-tiles", str(tiles)]),
-             (f"--vae-tiles {tiles}", ["--vae-tiles", str(tiles)])]
+             *((f"--low-memory --vae-tiles {t}", ["--low-memory", "--vae-tiles", str(t)]) for t in tiles),
+             (f"--vae-tiles {tiles[0]}", ["--vae-tiles", str(tiles[0])])]
     print(f"{model}: {graph_sizes(model)}; latents {latent}")
     print(f"-n {a.n} --batch-size {a.batch_size} --steps {a.steps} --threads {a.threads}, {a.binary}")
-    print("Peak RSS in MB: of the whole run (wait4), and while the model is opened and while each")
+    print("Peak RSS in MB: of the whole run (VmHWM), and while the model is opened and while each")
     print("graph works (polled; without --low-memory the U-Net is still held while decoding).")
     print("| mode | peak RSS | opening | text encoder | U-Net | VAE decoder | s | output vs normal |")
     print("|---|---|---|---|---|---|---|---|")
