@@ -262,6 +262,146 @@ enum ModelBytes {
     Mapped(#[allow(dead_code)] memmap2::Mmap),
 }
 
+/// The tensors an .onnx graph keeps outside its file: ONNX external data, how a graph over
+/// protobuf's 2 GB limit is stored (`model.onnx` with `model.onnx_data` beside it, as optimum
+/// and `edgediff-export diffusers` write it). ONNX Runtime opens those files itself and
+/// memory-maps them, their tensors used in place unless a kernel repacks them; it needs their
+/// folder, as a graph given to it as bytes has none (or, with `read_into_memory`, their bytes).
+struct ExternalData {
+    folder: PathBuf,
+    /// Each file the graph names, once: its location as written in the graph, and its path.
+    files: Vec<(String, PathBuf)>,
+}
+
+/// The `location` values of the external-data entries in the bytes of an .onnx file: each is a
+/// StringStringEntryProto serialised as field 1 (the key, "location") then field 2 (the value).
+fn external_locations(bytes: &[u8]) -> Vec<String> {
+    static KEY: OnceLock<regex::bytes::Regex> = OnceLock::new();
+    let key = KEY.get_or_init(|| {
+        regex::bytes::Regex::new(r"(?-u)\x0a\x08location\x12").expect("a valid literal")
+    });
+    let mut found: Vec<String> = Vec::new();
+    for m in key.find_iter(bytes) {
+        // The value's length, a varint.
+        let (mut len, mut at) = (0usize, m.end());
+        for shift in (0..35).step_by(7) {
+            let Some(&b) = bytes.get(at) else { break };
+            len |= ((b & 0x7f) as usize) << shift;
+            at += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let value = bytes.get(at..at.saturating_add(len)).map(std::str::from_utf8);
+        if let Some(Ok(v)) = value {
+            if !v.is_empty() && !found.iter().any(|f| f == v) {
+                found.push(v.to_string());
+            }
+        }
+    }
+    found
+}
+
+impl ExternalData {
+    /// The external data an .onnx file's `bytes` name, resolved beside `path` (for bytes given
+    /// without a file, beside their label: the working directory for a bare one); None when
+    /// they name none. ORT-format files (`ort_format`) keep every tensor inside. A file that is
+    /// missing, or named outside that folder, is an error naming it.
+    fn find(bytes: &[u8], ort_format: bool, path: &Path) -> Result<Option<ExternalData>> {
+        if ort_format {
+            return Ok(None);
+        }
+        let locations = external_locations(bytes);
+        if locations.is_empty() {
+            return Ok(None);
+        }
+        let model_file = |detail: String| Error::ModelFile {
+            path: path.into(),
+            detail,
+        };
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        let folder = match parent {
+            Some(p) => p.to_path_buf(),
+            None => PathBuf::from("."),
+        };
+        let mut files = Vec::with_capacity(locations.len());
+        for loc in locations {
+            let rel = Path::new(&loc);
+            let file = folder.join(rel);
+            if rel.is_absolute()
+                || rel
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(model_file(format!(
+                    "its external data file {loc:?} is outside its folder; ONNX Runtime reads external data only from beside the graph"
+                )));
+            }
+            if let Err(e) = std::fs::metadata(&file) {
+                return Err(model_file(format!(
+                    "it keeps its weights in the external data file {}, which cannot be opened ({e}); a graph over 2 GB stores them beside its .onnx file (ONNX external data): copy the two together",
+                    file.display()
+                )));
+            }
+            files.push((loc, file));
+        }
+        Ok(Some(ExternalData { folder, files }))
+    }
+
+    /// `builder` told where the files are, or handed their bytes when `read_into_memory`.
+    fn apply(
+        &self,
+        mut builder: ort::session::builder::SessionBuilder,
+        opts: &NetworkOptions,
+        path: &Path,
+    ) -> Result<ort::session::builder::SessionBuilder> {
+        if !opts.read_into_memory {
+            let folder = std::fs::canonicalize(&self.folder).unwrap_or(self.folder.clone());
+            return builder
+                .with_config_entry(
+                    "session.model_external_initializers_file_folder_path",
+                    folder.to_string_lossy(),
+                )
+                .map_err(|e| Error::ort("locating the external data")(e.into()));
+        }
+        for (loc, file) in &self.files {
+            let bytes: std::sync::Arc<[u8]> = std::fs::read(file)
+                .map_err(|e| Error::ModelFile {
+                    path: path.into(),
+                    detail: format!("reading its external data {}: {e}", file.display()),
+                })?
+                .into();
+            builder = builder
+                .with_external_initializer_file_in_memory(loc, bytes)
+                .map_err(|e| Error::ort("passing the external data")(e.into()))?;
+        }
+        Ok(builder)
+    }
+
+    /// `fingerprint` (the graph file's) extended by each data file's length and ends (its first
+    /// and last MiB, as `job::model_fingerprint` samples a graph file): they hold the weights.
+    fn fingerprint(&self, fingerprint: String, path: &Path) -> Result<String> {
+        use std::io::{Read, Seek, SeekFrom};
+        const END: u64 = 1 << 20;
+        let mut h = crate::job::Fnv::default();
+        h.update(fingerprint.as_bytes());
+        for (_, file) in &self.files {
+            let io = |e: std::io::Error| Error::ModelFile {
+                path: path.into(),
+                detail: format!("reading its external data {}: {e}", file.display()),
+            };
+            let mut f = std::fs::File::open(file).map_err(io)?;
+            let len = f.metadata().map_err(io)?.len();
+            let mut buf = Vec::with_capacity(2 * END as usize);
+            (&mut f).take(END).read_to_end(&mut buf).map_err(io)?;
+            f.seek(SeekFrom::Start(len.saturating_sub(END))).map_err(io)?;
+            f.take(END).read_to_end(&mut buf).map_err(io)?;
+            h.update(&len.to_le_bytes()).update(&buf);
+        }
+        Ok(h.hex())
+    }
+}
+
 /// An opened ONNX network obeying the model contract.
 pub struct Network {
     // Declared before `_bytes` so the session is dropped first.
@@ -306,7 +446,10 @@ impl Network {
     /// The file is memory-mapped, not read: pages come from the page cache on demand. An
     /// ORT-format file (`.ort`, written by `edgediff-export ort`) is then used in place, its
     /// weights included (zero copy, so its pages are shared by every process that maps it);
-    /// an `.onnx` file is parsed from the mapping into ONNX Runtime's own buffers.
+    /// an `.onnx` file is parsed from the mapping into ONNX Runtime's own buffers. The tensors
+    /// of an `.onnx` file with external data (`model.onnx_data` beside it, for graphs over
+    /// 2 GB) are mapped by ONNX Runtime itself and used in place where no kernel repacks them
+    /// (with `read_into_memory` they are read and handed over instead).
     pub fn open(path: &Path, opts: &NetworkOptions) -> Result<(Network, Option<String>)> {
         let model_file = |detail: String| Error::ModelFile {
             path: path.into(),
@@ -327,7 +470,8 @@ impl Network {
         Ok((net, raw))
     }
 
-    /// Opens a network from the bytes of an ONNX file; `path` only labels errors.
+    /// Opens a network from the bytes of an ONNX file; `path` labels errors, and its folder
+    /// is where the external data files such a graph names are looked for.
     pub fn from_bytes(
         bytes: &[u8],
         path: &Path,
@@ -379,7 +523,11 @@ impl Network {
             intra_threads,
             ..Default::default()
         };
-        Network::builder(&opts, false)?
+        let mut builder = Network::builder(&opts, false)?;
+        if let Some(external) = ExternalData::find(&bytes, false, path)? {
+            builder = external.apply(builder, &opts, path)?;
+        }
+        builder
             .commit_from_memory(&bytes)
             .map_err(|e| Error::ModelFile {
                 path: path.into(),
@@ -408,6 +556,18 @@ impl Network {
         in_place: bool,
         path: &Path,
         opts: &NetworkOptions,
+    ) -> Result<Session> {
+        let external = ExternalData::find(bytes, in_place, path)?;
+        Network::session_with(bytes, in_place, path, opts, external.as_ref())
+    }
+
+    /// [`Network::session`] for a graph whose external data was found already.
+    fn session_with(
+        bytes: &[u8],
+        in_place: bool,
+        path: &Path,
+        opts: &NetworkOptions,
+        external: Option<&ExternalData>,
     ) -> Result<Session> {
         let fallback = |why: String| -> Result<ort::session::builder::SessionBuilder> {
             if !opts.fallback_cpu {
@@ -440,6 +600,9 @@ impl Network {
             },
             Err(why) => fallback(why)?,
         };
+        if let Some(external) = external {
+            builder = external.apply(builder, opts, path)?;
+        }
         builder
             .commit_from_memory(bytes)
             .map_err(|e| Error::ModelFile {
@@ -455,7 +618,8 @@ impl Network {
         path: &Path,
         opts: &NetworkOptions,
     ) -> Result<(Network, Option<String>)> {
-        let session = Network::session(bytes, in_place, path, opts)?;
+        let external = ExternalData::find(bytes, in_place, path)?;
+        let session = Network::session_with(bytes, in_place, path, opts, external.as_ref())?;
         let raw_meta = session
             .metadata()
             .map_err(Error::ort("reading model metadata"))?
@@ -543,7 +707,10 @@ impl Network {
             has_class_labels,
             context_shape,
             declared_shape,
-            fingerprint: crate::job::model_fingerprint(bytes),
+            fingerprint: match &external {
+                None => crate::job::model_fingerprint(bytes),
+                Some(ext) => ext.fingerprint(crate::job::model_fingerprint(bytes), path)?,
+            },
             path: path.into(),
         };
         Ok((net, raw_meta))

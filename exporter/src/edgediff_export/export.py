@@ -104,8 +104,9 @@ def unet_metadata(cfg: UNetConfig, schedule: dict, name: str, description: str,
 
 
 def _finish(a: argparse.Namespace, result: dict) -> dict:
-    """Apply --precision fp16 to a freshly exported file."""
-    if getattr(a, "precision", "fp32") == "fp16":
+    """Apply --precision fp16 to a freshly exported file (a pipeline folder's graphs were
+    converted as they were exported)."""
+    if getattr(a, "precision", "fp32") == "fp16" and result.get("kind") != "text-to-image":
         from .precision import write_fp16
         result["fp16_max_rel_diff"] = write_fp16(a.out, a.out)
     return result

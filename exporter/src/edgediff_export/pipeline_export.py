@@ -17,6 +17,16 @@ writes the folder in the layout of optimum's ONNX export, so that one loader ser
 
 The U-Net's timestep is float32 (as in optimum's export): diffusers' Euler-family schedulers
 pass fractional timesteps, and the sinusoidal embedding takes any real time.
+
+`--precision fp16` converts each graph to float16 (precision.py's to_fp16) with float32 islands where
+fp16 overflows or loses accuracy (see `fp32_islands`), and keeps every graph's inputs and
+outputs float32: the casts sit inside the graphs, so the runtime feeds and reads the same
+tensors as for fp32 and the sampler's latents never round to fp16 between steps. Each fp16
+graph is checked against the fp32 graph on the same random inputs (FP16_RTOL).
+
+A graph whose tensors exceed `--external-data-threshold` bytes (default EXTERNAL_DATA_THRESHOLD,
+below protobuf's 2 GiB limit; SD 1.5's fp32 U-Net is 3.4 GB) keeps its weights in
+`model.onnx_data` beside `model.onnx`, one file per graph as optimum writes it.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+
+from .precision import FP16_RTOL, compare, io_types, load_inferred, to_fp16
 
 from .diffusers_import import (DiffusersImportError, _read_json, prediction_from_config,
                                schedule_from_config)
@@ -49,6 +61,9 @@ REFUSED = {
     "FluxPipeline": "Flux (a rectified-flow transformer with T5 and CLIP text encoders)",
 }
 SPACINGS = ("leading", "trailing", "linspace")
+# protobuf refuses messages of 2 GiB; 128 MiB below it leaves room for the graph itself.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**27
+DATA_SUFFIX = "_data"  # model.onnx -> model.onnx_data, optimum's name
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -106,24 +121,99 @@ class VaeEncoder(torch.nn.Module):
         return self.vae.encode(sample, return_dict=False)[0].parameters
 
 
+def _attention_scores(graph: onnx.GraphProto) -> list[str]:
+    """Each Softmax's score computation: the MatMul of queries and keys and the elementwise
+    nodes (scale, mask) between it and the Softmax."""
+    producer = {o: n for n in graph.node for o in n.output}
+    names = []
+    for node in graph.node:
+        if node.op_type != "Softmax":
+            continue
+        cur = producer.get(node.input[0])
+        while cur is not None and cur.op_type in ("Mul", "Div", "Add", "Sub", "Where", "Cast"):
+            names.append(cur.name)
+            # Follow the operand that is computed (not a constant or an initializer).
+            cur = next((producer[i] for i in cur.input if i in producer
+                        and producer[i].op_type not in ("Constant", "Identity")), None)
+        if cur is not None and cur.op_type == "MatMul":
+            names.append(cur.name)
+    return names
+
+
+def fp32_islands(part: str, graph: onnx.GraphProto, cfg: dict) -> tuple[list[str], list[str]]:
+    """(operator types, node names) of graph `part` kept float32 in the fp16 export, besides
+    to_fp16's own (the norms, the time embedding):
+
+    - Softmax everywhere (diffusers' `upcast_softmax`), and the attention scores before it
+      (query x key, scale, mask) in the VAE, whose attention diffusers always upcasts, and in a
+      U-Net whose config asks `upcast_attention` (SD 2.x: its scores overflow fp16);
+    - in the VAE decoder, everything at the output resolution: the last up-block, the
+      upsampler that produces its input, conv_norm_out, conv_act and conv_out. Their activations
+      are where a VAE exceeds fp16's 65504 (the "black images" of naive fp16 ONNX pipelines, and
+      why diffusers' `force_upcast` runs SDXL's VAE in float32; its older `upcast_vae` kept
+      post_quant_conv, conv_in and the mid-block in fp16 and the up-blocks in fp32). The rest of
+      the decoder, at lower resolutions, is fp16.
+    """
+    import re
+
+    nodes: list[str] = []
+    if part.startswith("vae") or (part == "unet" and cfg.get("upcast_attention")):
+        nodes += _attention_scores(graph)
+    if part == "vae_decoder":
+        ups = [int(m.group(1)) for n in graph.node if (m := re.search(r"(?:^|/)decoder/up_blocks\.(\d+)/", n.name))]
+        if ups:
+            last = max(ups)
+            full = re.compile(rf"(?:^|/)decoder/(up_blocks\.{last}/|up_blocks\.{last - 1}/upsamplers|"
+                              r"conv_norm_out/|conv_act/|conv_out/)")
+            nodes += [n.name for n in graph.node if full.search(n.name)]
+    return ["Softmax"], nodes
+
+
+def tensor_bytes(proto: onnx.ModelProto) -> int:
+    """Bytes of the graph's tensors (initializers and constants, subgraphs included)."""
+    from onnx.external_data_helper import _get_all_tensors
+    return sum(t.ByteSize() for t in _get_all_tensors(proto))
+
+
+def save_graph(proto: onnx.ModelProto, path: Path, threshold: int) -> bool:
+    """Write `proto` to `path` (in a folder of its own: onnx appends to an existing data file),
+    its tensors in `path`_data when they exceed `threshold` bytes; returns whether they do."""
+    external = tensor_bytes(proto) > threshold
+    if external:
+        # Tensors under 1 KiB stay inline (onnx's default): shapes and scalars the graph reads.
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + DATA_SUFFIX, size_threshold=1024, convert_attribute=False)
+    else:
+        onnx.save_model(proto, str(path))
+    return external
+
+
 def _export_graph(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str],
-                  path: Path, check_inputs: list[dict[str, torch.Tensor]], opset: int = 17) -> dict:
-    """Export `module` to `path` (N dynamic everywhere), verify it, return the check's figures."""
+                  path: Path, check_inputs: list[dict[str, torch.Tensor]], opset: int = 17,
+                  fp16_islands=None, threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict:
+    """Export `module` to `path` (N dynamic everywhere), verify it, return the check's figures.
+
+    fp16_islands: None for float32; else a function of the fp32 graph giving the
+    (operator types, node names) kept float32 in the float16 graph written instead.
+    """
     import onnxruntime as ort
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(path) + ".tmp")
+    stage = path.parent / ".export"
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / "fp32").mkdir(parents=True)
+    raw = stage / "fp32" / "torch.onnx"  # torch.onnx writes a graph over 2 GB as many files here
     names = list(inputs)
     dynamic = {k: {0: "N"} for k in [*names, *outputs]}
     try:
         with warnings.catch_warnings():
             # diffusers' shape asserts and batch branches trace as constants (fixed channel counts).
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(module, tuple(inputs.values()), str(tmp), input_names=names,
+            torch.onnx.export(module, tuple(inputs.values()), str(raw), input_names=names,
                               output_names=outputs, dynamic_axes=dynamic, opset_version=opset,
                               dynamo=False)
-        onnx.checker.check_model(str(tmp))
-        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        onnx.checker.check_model(str(raw))
+        sess = ort.InferenceSession(str(raw), providers=["CPUExecutionProvider"])
         worst_abs, worst_rel = 0.0, 0.0
         for feed in check_inputs:
             with torch.no_grad():
@@ -135,13 +225,44 @@ def _export_graph(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outp
                 diff = float(np.max(np.abs(g - r)))
                 worst_abs = max(worst_abs, diff)
                 worst_rel = max(worst_rel, diff / max(1e-12, float(np.max(np.abs(r)))))
+        del sess
         if not worst_rel <= VERIFY_RTOL:
             raise RuntimeError(f"{path}: ONNX output differs from PyTorch by {worst_rel:.2e} relative "
                                f"(limit {VERIFY_RTOL:.0e}); the export is not faithful")
-        os.replace(tmp, path)
+        figures = {"max_abs_diff": worst_abs, "max_rel_err": worst_rel}
+        (stage / "out").mkdir()
+        final = stage / "out" / path.name
+        if fp16_islands is None:
+            # Loaded with its data and saved again: torch's file per tensor becomes one data file.
+            proto = onnx.load(str(raw))
+        else:
+            plain = onnx.load(str(raw), load_external_data=False)
+            ops, nodes = fp16_islands(plain.graph)
+            proto = to_fp16(load_inferred(raw), keep_io_types=True, fp32_ops=ops, fp32_nodes=nodes,
+                            shapes_inferred=True)
+            if io_types(proto) != io_types(plain):  # the runtime feeds and reads float32
+                raise RuntimeError(f"{path}: the fp16 graph's inputs and outputs {io_types(proto)} are not "
+                                   f"the fp32 graph's {io_types(plain)}")
+        figures["external_data"] = save_graph(proto, final, threshold)
+        del proto
+        onnx.checker.check_model(str(final))
+        if fp16_islands is not None:
+            err = compare(raw, final, [{k: v.numpy() for k, v in f.items()} for f in check_inputs])
+            if not err <= FP16_RTOL:
+                raise RuntimeError(f"{path}: the fp16 graph differs from the fp32 graph by {err:.2e} relative "
+                                   f"(limit {FP16_RTOL:.0e})")
+            figures["fp16_max_rel_diff"] = err
+        data = path.parent / (path.name + DATA_SUFFIX)
+        data.unlink(missing_ok=True)  # a stale one from an earlier export
+        if figures["external_data"]:
+            # onnx creates it private (0600); it gets the graph file's permissions.
+            os.chmod(final.parent / data.name, final.stat().st_mode & 0o777)
+            os.replace(final.parent / data.name, data)
+        os.replace(final, path)
+        figures["bytes"] = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
     finally:
-        tmp.unlink(missing_ok=True)
-    return {"max_abs_diff": worst_abs, "max_rel_err": worst_rel}
+        shutil.rmtree(stage, ignore_errors=True)
+    return figures
 
 
 # ---- the folder -------------------------------------------------------------------------------
@@ -224,8 +345,13 @@ def write_tokenizer(src: Path, dst: Path) -> int:
     return int(length) if isinstance(length, int) and length < 10_000 else 77
 
 
-def export_pipeline(src: Path, out: Path, name: str | None = None, description: str = "") -> dict:
-    """Export the StableDiffusionPipeline folder `src` to `out`; return what was written and checked."""
+def export_pipeline(src: Path, out: Path, name: str | None = None, description: str = "",
+                    precision: str = "fp32", threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict:
+    """Export the StableDiffusionPipeline folder `src` to `out` in `precision` (fp32 or fp16),
+    graphs whose tensors exceed `threshold` bytes with external data; return what was written
+    and checked."""
+    if precision not in ("fp32", "fp16"):
+        raise DiffusersImportError(f"precision {precision!r} is not supported (fp32, fp16)")
     if not (src / "model_index.json").is_file():
         raise DiffusersImportError(f"{src} has no model_index.json; pass the folder a diffusers "
                                    "pipeline's save_pretrained wrote")
@@ -275,7 +401,8 @@ def export_pipeline(src: Path, out: Path, name: str | None = None, description: 
                 "encoder_hidden_states": torch.randn(n, L, D, generator=r)}
 
     def dec_in(n: int, seed: int) -> dict:
-        return {"latent_sample": torch.randn(n, C, h, w, generator=g(seed))}
+        # What the runtime feeds: unit-variance latents divided by the scaling factor.
+        return {"latent_sample": torch.randn(n, C, h, w, generator=g(seed)) / meta["vae"]["scaling_factor"]}
 
     def enc_in(n: int, seed: int) -> dict:
         return {"sample": torch.rand(n, Ci, H, W, generator=g(seed)) * 2 - 1}
@@ -286,8 +413,11 @@ def export_pipeline(src: Path, out: Path, name: str | None = None, description: 
              ("vae_decoder", VaeDecoder(vae), dec_in, ["sample"], vae_cfg),
              ("vae_encoder", VaeEncoder(vae), enc_in, ["latent_parameters"], vae_cfg)]
     for part, module, make, outputs, cfg in parts:
+        islands = None
+        if precision == "fp16":
+            islands = (lambda graph, part=part, cfg=cfg: fp32_islands(part, graph, cfg))
         checks[part] = _export_graph(module.eval(), make(2, 0), outputs, out / part / "model.onnx",
-                                     [make(3, 1), make(1, 2)])
+                                     [make(3, 1), make(1, 2)], fp16_islands=islands, threshold=threshold)
         (out / part / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "scheduler").mkdir(exist_ok=True)
     shutil.copy2(src / "scheduler" / "scheduler_config.json", out / "scheduler" / "scheduler_config.json")
@@ -295,6 +425,11 @@ def export_pipeline(src: Path, out: Path, name: str | None = None, description: 
     # The manifest last: a folder holding it is complete.
     (out / "edgediff.json").write_text(json.dumps(meta, indent=2))
     for part, c in checks.items():
+        fp16 = (f"; fp16 vs fp32 {c['fp16_max_rel_diff']:.2e} relative (limit {FP16_RTOL:.0e})"
+                if "fp16_max_rel_diff" in c else "")
+        where = " + model.onnx_data" if c["external_data"] else ""
         print(f"{part}: max abs diff vs PyTorch {c['max_abs_diff']:.2e} "
-              f"(relative {c['max_rel_err']:.2e}, limit {VERIFY_RTOL:.0e})", file=sys.stderr)
-    return {"out": str(out), "kind": "text-to-image", "checks": checks, "manifest": meta}
+              f"(relative {c['max_rel_err']:.2e}, limit {VERIFY_RTOL:.0e}){fp16}; "
+              f"{c['bytes'] / 1e6:.1f} MB{where}", file=sys.stderr)
+    return {"out": str(out), "kind": "text-to-image", "precision": precision, "checks": checks,
+            "manifest": meta}

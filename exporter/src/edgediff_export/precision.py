@@ -3,8 +3,18 @@
 float16 halves the file and is what GPUs run fast. Kept in float32 where accuracy needs it:
 - the timestep input and the sinusoidal time embedding up to the first linear layer (t up to
   999 times frequencies near 1 would lose whole radians in fp16's 11-bit mantissa);
-- the normalisation layers (their variance sums overflow or lose precision in fp16).
-Sample input and output become float16: the runtime feeds and reads `half::f16` tensors.
+- the normalisation layers (their variance sums overflow or lose precision in fp16);
+- whatever else a caller names: operator types (`fp32_ops`, e.g. Softmax) and nodes
+  (`fp32_nodes`, e.g. the last blocks of a VAE decoder, see pipeline_export.fp32_islands).
+A single-file pixel model's sample input and output become float16 (the runtime feeds and reads
+`half::f16` tensors); `keep_io_types` keeps every float input and output float32 instead, with
+the casts inside the graph (what the pipeline export does).
+
+Tolerance (FP16_RTOL, relative to max |fp32 output|): fp16 rounds each operation to 2^-11
+(4.9e-4) relative; through a network's tens of layers the roundings add up (and norms, which
+divide by a variance, amplify them) to a few 1e-3 measured on the tiny test models. 2e-2 keeps a
+factor of several above that, while an overflow (inf, NaN) or a wrongly typed island (errors of
+order 1) fails it by far.
 """
 
 from __future__ import annotations
@@ -16,6 +26,8 @@ import numpy as np
 import onnx
 
 FP16_RTOL = 2e-2
+# Always float32: their sums of squares overflow or lose precision in fp16.
+NORM_OPS = ("InstanceNormalization", "GroupNormalization", "LayerNormalization")
 
 
 def _time_embedding_nodes(graph: onnx.GraphProto, time_input: str) -> list[str]:
@@ -26,10 +38,45 @@ def _time_embedding_nodes(graph: onnx.GraphProto, time_input: str) -> list[str]:
             continue
         names.append(node.name)
         reach.update(node.output)
-    # Constants feeding those nodes stay float32 with them.
-    used = {i for node in graph.node if node.name in names for i in node.input}
-    names += [n.name for n in graph.node if n.op_type == "Constant" and set(n.output) & used]
     return names
+
+
+def _with_feeders(graph: onnx.GraphProto, names: list[str]) -> list[str]:
+    """`names` and the Constant and Identity nodes feeding them: their values stay float32
+    with them (an Identity of an initializer is how torch.onnx shares a deduplicated weight;
+    converted, the island would compute in fp32 on fp16-rounded, fp16-clamped weights)."""
+    keep = set(names)
+    used = {i for n in graph.node if n.name in keep for i in n.input}
+    for node in reversed(graph.node):  # consumers before producers
+        if node.op_type in ("Constant", "Identity") and node.name not in keep and set(node.output) & used:
+            keep.add(node.name)
+            used.update(node.input)
+    return [n.name for n in graph.node if n.name in keep]
+
+
+def _split_shared_initializers(graph: onnx.GraphProto, blocked: set[str], ops: set[str]) -> None:
+    """Give the float32 nodes their own copy of each initializer they share with float16 nodes.
+
+    torch.onnx shares equal weights (every LayerNorm's ones, say) between nodes; the converter
+    keeps an initializer float32 if any float32 node reads it and then feeds it uncast to the
+    float16 readers too (an invalid graph). The copies are as small as what is shared.
+    """
+    inits = {t.name: t for t in graph.initializer}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for i in node.input:
+            if i in inits:
+                readers.setdefault(i, []).append(node)
+    for name, nodes in readers.items():
+        fp32 = [n for n in nodes if n.op_type in ops or n.name in blocked]
+        if not fp32 or len(fp32) == len(nodes) or inits[name].data_type != onnx.TensorProto.FLOAT:
+            continue
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[name])
+        copy.name = f"{name}_fp32"
+        graph.initializer.append(copy)
+        for n in fp32:
+            n.input[:] = [copy.name if i == name else i for i in n.input]
 
 
 def _casts_to_float(graph: onnx.GraphProto) -> list[str]:
@@ -40,26 +87,104 @@ def _casts_to_float(graph: onnx.GraphProto) -> list[str]:
             and any(a.name == "to" and a.i == onnx.TensorProto.FLOAT for a in n.attribute)]
 
 
-def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+def to_fp16(proto: onnx.ModelProto, *, keep_io_types: bool = False, fp32_ops=(), fp32_nodes=(),
+            time_input: str = "timestep", shapes_inferred: bool = False) -> onnx.ModelProto:
+    """The float16 conversion of `proto`, with the time embedding, the norms, `fp32_ops` and
+    `fp32_nodes` kept float32. `shapes_inferred`: the graph already holds its value types (see
+    `load_inferred`; the converter's own inference serialises the model, which fails past 2 GB)."""
     from onnxconverter_common import float16
 
-    blocked = _time_embedding_nodes(proto.graph, "timestep") + _casts_to_float(proto.graph)
-    ops = list(float16.DEFAULT_OP_BLOCK_LIST) + ["InstanceNormalization", "GroupNormalization",
-                                                   "LayerNormalization"]
+    graph = proto.graph
+    ops = list(float16.DEFAULT_OP_BLOCK_LIST) + list(NORM_OPS) + list(fp32_ops)
+    by_op = [n.name for n in graph.node if n.op_type in ops]
+    blocked = _with_feeders(graph, by_op + _time_embedding_nodes(graph, time_input) + list(fp32_nodes))
+    blocked = [n for n in blocked if n] + _casts_to_float(graph)
+    _split_shared_initializers(graph, set(blocked), set(ops))
     import warnings
 
     with warnings.catch_warnings():  # tiny weights rounding to fp16's smallest normal: expected
         warnings.simplefilter("ignore", UserWarning)
-        out = float16.convert_float_to_float16(proto, keep_io_types=False, disable_shape_infer=False,
+        out = float16.convert_float_to_float16(proto, keep_io_types=keep_io_types,
+                                               disable_shape_infer=shapes_inferred,
                                                op_block_list=ops, node_block_list=blocked)
+    if keep_io_types:
+        _outputs_float32(out.graph)
     # The converter made a float timestep input float16 too; it goes straight into fp32 nodes
     # (through an inserted Cast), so declaring it float32 again keeps its full precision.
     for inp in out.graph.input:
-        if inp.name == "timestep" and inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
+        if inp.name == time_input and inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
             inp.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
     del out.metadata_props[:]
     out.metadata_props.extend(proto.metadata_props)
     return out
+
+
+def _outputs_float32(graph: onnx.GraphProto) -> None:
+    """Graph outputs float32 again where the converter left them float16 with keep_io_types:
+    it does so for an output made by a float32 node (a blocked one), which it casts to float16
+    for the nodes reading it and then finds the output already float16. The output then reads
+    the float32 value itself; the nodes inside keep reading the float16 cast."""
+    producer = {o: n for n in graph.node for o in n.output}
+    for out in graph.output:
+        if out.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16:
+            continue
+        half = out.name + "_fp16"
+        node = producer.get(out.name)
+        if node is not None:
+            node.output[:] = [half if o == out.name else o for o in node.output]
+        for n in graph.node:
+            n.input[:] = [half if i == out.name else i for i in n.input]
+        cast16 = node is not None and node.op_type == "Cast" and any(
+            a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in node.attribute)
+        if cast16:  # of a float32 value: the output takes that value, unrounded
+            graph.node.append(onnx.helper.make_node("Identity", [node.input[0]], [out.name],
+                                                    name=f"{out.name}_float32"))
+        else:
+            graph.node.append(onnx.helper.make_node("Cast", [half], [out.name], name=f"{out.name}_float32",
+                                                    to=onnx.TensorProto.FLOAT))
+        out.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+
+
+def io_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Element type of each graph input and output, by name."""
+    return {v.name: v.type.tensor_type.elem_type for v in [*proto.graph.input, *proto.graph.output]}
+
+
+def load_inferred(path: Path) -> onnx.ModelProto:
+    """`path` with its value types inferred, by file (so graphs over 2 GB work), its external
+    data loaded: what `to_fp16(..., shapes_inferred=True)` takes."""
+    path = Path(path)
+    # Beside the model, so that its external data (a location relative to it) resolves.
+    inferred = path.parent / f".{path.name}.inferred"
+    try:
+        onnx.shape_inference.infer_shapes_path(str(path), str(inferred))
+        return onnx.load(str(inferred))
+    finally:
+        inferred.unlink(missing_ok=True)
+
+
+def _feed_as(feeds: dict[str, np.ndarray], sess) -> dict[str, np.ndarray]:
+    """`feeds` cast to the element types `sess` declares (float16 inputs of an fp16 graph)."""
+    kinds = {i.name: i.type for i in sess.get_inputs()}
+    return {k: (v.astype(np.float16) if kinds.get(k) == "tensor(float16)" else v) for k, v in feeds.items()}
+
+
+def compare(fp32: Path, fp16: Path, feeds: list[dict[str, np.ndarray]]) -> float:
+    """Max over `feeds` and outputs of |fp16 - fp32| / max |fp32|; NaN or inf give inf."""
+    import onnxruntime as ort
+
+    a = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for feed in feeds:
+        refs = a.run(None, _feed_as(feed, a))
+        gots = b.run(None, _feed_as(feed, b))
+        for ref, got in zip(refs, gots):
+            got = got.astype(np.float32)
+            if not np.isfinite(got).all():
+                return float("inf")
+            worst = max(worst, float(np.abs(got - ref).max() / max(1e-12, np.abs(ref).max())))
+    return worst
 
 
 def verify_fp16(fp32: Path, fp16: Path, batch: int = 3) -> float:
@@ -67,30 +192,26 @@ def verify_fp16(fp32: Path, fp16: Path, batch: int = 3) -> float:
     import onnxruntime as ort
 
     a = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
-    b = ort.InferenceSession(str(fp16), providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     from .metadata import read_metadata
 
     # Continuous-time models are checked on the t in [1e-3, 1] the runtime gives them.
     meta = read_metadata(fp32) or {}
     t_range = (1e-3, 1.0) if meta.get("time_input") == "continuous" else (0, 999)
-    worst = 0.0
+    feeds = []
     for _ in range(2):
-        feeds = {}
+        feed = {}
         for inp in a.get_inputs():
             shape = [batch if not isinstance(d, int) else d for d in inp.shape]
             if inp.name == "timestep":
                 v = rng.uniform(*t_range, batch) if "float" in inp.type else rng.integers(0, 1000, batch)
-                feeds[inp.name] = v.astype(np.float32 if "float" in inp.type else np.int64)
+                feed[inp.name] = v.astype(np.float32 if "float" in inp.type else np.int64)
             elif inp.name == "class_labels":
-                feeds[inp.name] = rng.integers(0, 2, batch).astype(np.int64)
+                feed[inp.name] = rng.integers(0, 2, batch).astype(np.int64)
             else:
-                feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
-        ref = a.run(None, feeds)[0]
-        b_feeds = {k: (v.astype(np.float16) if k == "sample" else v) for k, v in feeds.items()}
-        got = b.run(None, b_feeds)[0].astype(np.float32)
-        worst = max(worst, float(np.abs(got - ref).max() / max(1e-12, np.abs(ref).max())))
-    return worst
+                feed[inp.name] = rng.standard_normal(shape).astype(np.float32)
+        feeds.append(feed)
+    return compare(fp32, fp16, feeds)
 
 
 def write_fp16(src: Path, out: Path) -> float:
