@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 import torch
 
-from .precision import FP16_RTOL, compare, io_types, load_inferred, to_fp16
+from .precision import FP16_MAX, FP16_RTOL, compare, fp16_peak, io_types, load_inferred, to_fp16
 
 from .diffusers_import import (DiffusersImportError, _read_json, prediction_from_config,
                                schedule_from_config)
@@ -243,15 +243,26 @@ def _export_graph(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outp
             if io_types(proto) != io_types(plain):  # the runtime feeds and reads float32
                 raise RuntimeError(f"{path}: the fp16 graph's inputs and outputs {io_types(proto)} are not "
                                    f"the fp32 graph's {io_types(plain)}")
+        graph16 = onnx.GraphProto()
+        if fp16_islands is not None:  # its nodes and value types, for fp16_peak
+            graph16.node.extend(proto.graph.node)
+            graph16.value_info.extend(proto.graph.value_info)
+            graph16.output.extend(proto.graph.output)
         figures["external_data"] = save_graph(proto, final, threshold)
         del proto
         onnx.checker.check_model(str(final))
         if fp16_islands is not None:
-            err = compare(raw, final, [{k: v.numpy() for k, v in f.items()} for f in check_inputs])
+            feeds = [{k: v.numpy() for k, v in f.items()} for f in check_inputs]
+            err = compare(raw, final, feeds)
             if not err <= FP16_RTOL:
                 raise RuntimeError(f"{path}: the fp16 graph differs from the fp32 graph by {err:.2e} relative "
                                    f"(limit {FP16_RTOL:.0e})")
-            figures["fp16_max_rel_diff"] = err
+            peak, where = fp16_peak(raw, graph16, feeds)
+            if not peak <= FP16_MAX:
+                raise RuntimeError(f"{path}: {where} reaches {peak:.3g} in float32, past float16's {FP16_MAX:g}: "
+                                   "it would overflow on a device with fp16 kernels; its part of the graph "
+                                   "has to stay float32")
+            figures["fp16_max_rel_diff"], figures["fp16_peak"] = err, peak
         data = path.parent / (path.name + DATA_SUFFIX)
         data.unlink(missing_ok=True)  # a stale one from an earlier export
         if figures["external_data"]:
@@ -425,8 +436,8 @@ def export_pipeline(src: Path, out: Path, name: str | None = None, description: 
     # The manifest last: a folder holding it is complete.
     (out / "edgediff.json").write_text(json.dumps(meta, indent=2))
     for part, c in checks.items():
-        fp16 = (f"; fp16 vs fp32 {c['fp16_max_rel_diff']:.2e} relative (limit {FP16_RTOL:.0e})"
-                if "fp16_max_rel_diff" in c else "")
+        fp16 = (f"; fp16 vs fp32 {c['fp16_max_rel_diff']:.2e} relative (limit {FP16_RTOL:.0e}), "
+                f"fp16 tensors up to {c['fp16_peak']:.3g} (limit {FP16_MAX:g})" if "fp16_max_rel_diff" in c else "")
         where = " + model.onnx_data" if c["external_data"] else ""
         print(f"{part}: max abs diff vs PyTorch {c['max_abs_diff']:.2e} "
               f"(relative {c['max_rel_err']:.2e}, limit {VERIFY_RTOL:.0e}){fp16}; "

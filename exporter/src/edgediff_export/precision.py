@@ -107,6 +107,7 @@ def to_fp16(proto: onnx.ModelProto, *, keep_io_types: bool = False, fp32_ops=(),
         out = float16.convert_float_to_float16(proto, keep_io_types=keep_io_types,
                                                disable_shape_infer=shapes_inferred,
                                                op_block_list=ops, node_block_list=blocked)
+    _drop_round_trips(out.graph)
     if keep_io_types:
         _outputs_float32(out.graph)
     # The converter made a float timestep input float16 too; it goes straight into fp32 nodes
@@ -117,6 +118,39 @@ def to_fp16(proto: onnx.ModelProto, *, keep_io_types: bool = False, fp32_ops=(),
     del out.metadata_props[:]
     out.metadata_props.extend(proto.metadata_props)
     return out
+
+
+def _cast_to(node: onnx.NodeProto, elem_type: int) -> bool:
+    return node.op_type == "Cast" and any(a.name == "to" and a.i == elem_type for a in node.attribute)
+
+
+def _drop_round_trips(graph: onnx.GraphProto) -> None:
+    """Float32 values passed between float32 nodes directly, not through float16.
+
+    The converter casts each blocked node's output to float16 and each blocked node's input back
+    to float32, and removes such a pair only where the float16 cast has one reader: a value read
+    by two float32 nodes (a residual stream: the next norm and the skip connection) made the
+    round trip, rounded to fp16 and, past 65504, inf, inside an island. Each such cast to float32
+    reads the float32 value itself instead; float16 casts nobody reads any more go.
+    """
+    producer = {o: n for n in graph.node for o in n.output}
+    fp32 = {v.name for v in [*graph.value_info, *graph.input] if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    fp32 |= {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    for node in graph.node:
+        if _cast_to(node, onnx.TensorProto.FLOAT):
+            up = producer.get(node.input[0])
+            if up is not None and _cast_to(up, onnx.TensorProto.FLOAT16) and up.input[0] in fp32:
+                node.input[0] = up.input[0]  # a cast of float32 to float32: the value itself
+    read = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    dead = [n for n in graph.node if _cast_to(n, onnx.TensorProto.FLOAT16) and not set(n.output) & read]
+    for n in dead:
+        graph.node.remove(n)
+    # The types of tensors no node makes any more (the converter leaves those of the casts it
+    # removes itself) would only mislead.
+    made = {o for n in graph.node for o in n.output}
+    kept = [v for v in graph.value_info if v.name in made]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
 
 
 def _outputs_float32(graph: onnx.GraphProto) -> None:
@@ -134,9 +168,7 @@ def _outputs_float32(graph: onnx.GraphProto) -> None:
             node.output[:] = [half if o == out.name else o for o in node.output]
         for n in graph.node:
             n.input[:] = [half if i == out.name else i for i in n.input]
-        cast16 = node is not None and node.op_type == "Cast" and any(
-            a.name == "to" and a.i == onnx.TensorProto.FLOAT16 for a in node.attribute)
-        if cast16:  # of a float32 value: the output takes that value, unrounded
+        if node is not None and _cast_to(node, onnx.TensorProto.FLOAT16):  # of a float32 value: the output takes that value, unrounded
             graph.node.append(onnx.helper.make_node("Identity", [node.input[0]], [out.name],
                                                     name=f"{out.name}_float32"))
         else:
@@ -185,6 +217,51 @@ def compare(fp32: Path, fp16: Path, feeds: list[dict[str, np.ndarray]]) -> float
                 return float("inf")
             worst = max(worst, float(np.abs(got - ref).max() / max(1e-12, np.abs(ref).max())))
     return worst
+
+
+FP16_MAX = 65504.0  # the largest finite float16
+# Attention masks add -inf or float32's lowest (transformers' torch.finfo(dtype).min) to the
+# positions they hide; converted, those constants become fp16's -1e4 or -inf, and the masked
+# scores stay masked. No activation comes near this, so values past it are masks, not overflow.
+MASK_MAGNITUDE = 1e30
+
+
+def fp16_peak(fp32: Path, fp16: onnx.GraphProto, feeds: list[dict[str, np.ndarray]],
+              group: int = 64) -> tuple[float, str]:
+    """The largest |value| over `feeds`, and its tensor, of the tensors the fp16 graph keeps in
+    float16, as the fp32 graph computes them: past FP16_MAX they overflow on a device with fp16
+    kernels. `compare` cannot see that: ONNX Runtime's CPU provider computes fp16 nodes in fp32
+    (casts it inserts around them) and drops the casts between consecutive ones.
+    The tensors are read `group` at a time, each group by another run of the fp32 graph.
+    Constants are not computed (the converter rounds and clamps them), and infinite values and
+    values past MASK_MAGNITUDE are attention masks: neither counts.
+    """
+    import onnxruntime as ort
+
+    made = {o for n in fp16.node for o in n.output}
+    half = {v.name for v in [*fp16.value_info, *fp16.output]
+            if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 and v.name in made}
+    proto = onnx.load(str(fp32), load_external_data=False)
+    names = [o for n in proto.graph.node if n.op_type != "Constant" for o in n.output if o in half]
+    probe = Path(fp32).parent / f".{Path(fp32).name}.peaks"  # beside it: its external data resolves
+    peak, where = 0.0, ""
+    try:
+        for start in range(0, len(names), group):
+            chunk = names[start:start + group]
+            del proto.graph.output[:]
+            proto.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+                                      for n in chunk)
+            onnx.save(proto, str(probe))
+            sess = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"])
+            for feed in feeds:
+                for name, value in zip(chunk, sess.run(chunk, _feed_as(feed, sess))):
+                    a = np.abs(value)
+                    m = float(np.max(a, where=a < MASK_MAGNITUDE, initial=0.0))  # NaN and inf excluded
+                    if m > peak:
+                        peak, where = m, name
+    finally:
+        probe.unlink(missing_ok=True)
+    return peak, where
 
 
 def verify_fp16(fp32: Path, fp16: Path, batch: int = 3) -> float:
