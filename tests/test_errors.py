@@ -206,7 +206,32 @@ def cases():
         ("elbo-pipeline", "elbo: a text-to-image pipeline (a bound on its latents is not the images')",
          lambda t, m: do(np.save(t / "x.npy", np.zeros((1, 3, 16, 16), np.float32)),
                          ["elbo", "--model", str(_pipeline(t)), "--data", str(t / "x.npy")]), 2),
+        ("external-data-missing", "a graph whose external data file (model.onnx_data) is missing",
+         lambda t, m: do(_external(m, t / "model.onnx"), (t / "model.onnx_data").unlink(),
+                         ["--model", str(t / "model.onnx")]), 3),
+        ("external-data-outside", "a graph naming an external data file outside its folder",
+         lambda t, m: do(_external(m, t / "model.onnx", location="../model.onnx_data"),
+                         ["--model", str(t / "model.onnx")]), 3),
+        ("pipeline-external-missing", "a pipeline whose VAE decoder's model.onnx_data is missing",
+         lambda t, m: ["--model", str(_pipeline(t, lambda d: (
+             _external(d / "vae_decoder" / "model.onnx", d / "vae_decoder" / "model.onnx"),
+             (d / "vae_decoder" / "model.onnx_data").unlink())))], 3),
     ]
+
+
+def _external(src: Path, dst: Path, location: str | None = None) -> None:
+    """`src` saved as `dst` with its tensors in `dst`_data (ONNX external data, as a graph over
+    2 GB is stored); `location`: the data file the graph names instead."""
+    proto = onnx.load(str(src))
+    onnx.save_model(proto, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.name + "_data", size_threshold=0)
+    if location is not None:
+        proto = onnx.load(str(dst), load_external_data=False)
+        for t in proto.graph.initializer:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = location
+        onnx.save(proto, str(dst))
 
 
 def _init_image(t: Path) -> list[str]:
