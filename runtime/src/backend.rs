@@ -292,7 +292,9 @@ fn external_locations(bytes: &[u8]) -> Vec<String> {
                 break;
             }
         }
-        let value = bytes.get(at..at.saturating_add(len)).map(std::str::from_utf8);
+        let value = bytes
+            .get(at..at.saturating_add(len))
+            .map(std::str::from_utf8);
         if let Some(Ok(v)) = value {
             if !v.is_empty() && !found.iter().any(|f| f == v) {
                 found.push(v.to_string());
@@ -394,7 +396,8 @@ impl ExternalData {
             let len = f.metadata().map_err(io)?.len();
             let mut buf = Vec::with_capacity(2 * END as usize);
             (&mut f).take(END).read_to_end(&mut buf).map_err(io)?;
-            f.seek(SeekFrom::Start(len.saturating_sub(END))).map_err(io)?;
+            f.seek(SeekFrom::Start(len.saturating_sub(END)))
+                .map_err(io)?;
             f.take(END).read_to_end(&mut buf).map_err(io)?;
             h.update(&len.to_le_bytes()).update(&buf);
         }
@@ -837,5 +840,73 @@ impl Network {
             });
         }
         Ok(arr)
+    }
+}
+
+#[cfg(test)]
+mod external_data_tests {
+    use super::*;
+
+    /// One external-data entry as protobuf serialises it: key "location", then the value.
+    fn entry(value: &str) -> Vec<u8> {
+        let mut b = b"\x0a\x08location\x12".to_vec();
+        let mut len = value.len();
+        loop {
+            let byte = (len & 0x7f) as u8;
+            len >>= 7;
+            b.push(if len > 0 { byte | 0x80 } else { byte });
+            if len == 0 {
+                break;
+            }
+        }
+        b.extend_from_slice(value.as_bytes());
+        b.extend_from_slice(b"\x0a\x06offset\x12\x010");
+        b
+    }
+
+    #[test]
+    fn locations_are_found_once_each_with_long_names_too() {
+        let long = "d".repeat(200) + ".bin"; // a two-byte length
+        let mut bytes = b"\x08\x07junk".to_vec();
+        for v in ["model.onnx_data", &long, "model.onnx_data"] {
+            bytes.extend(entry(v));
+            bytes.extend_from_slice(&[0u8, 1, 2, 3]);
+        }
+        assert_eq!(
+            external_locations(&bytes),
+            vec!["model.onnx_data".to_string(), long]
+        );
+        assert!(external_locations(b"no external data here").is_empty());
+        // Cut off inside the value: not a location.
+        let cut = entry("model.onnx_data");
+        assert!(external_locations(&cut[..cut.len() - 20]).is_empty());
+    }
+
+    #[test]
+    fn a_missing_or_escaping_data_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let graph = dir.path().join("model.onnx");
+        let err = ExternalData::find(&entry("model.onnx_data"), false, &graph)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("model.onnx_data, which cannot be opened"),
+            "{err}"
+        );
+        let err = ExternalData::find(&entry("../w.bin"), false, &graph)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("is outside its folder"), "{err}");
+        std::fs::write(dir.path().join("model.onnx_data"), [0u8; 8]).unwrap();
+        let found = ExternalData::find(&entry("model.onnx_data"), false, &graph)
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.files.len(), 1);
+        // ORT-format files keep their tensors inside: not looked at.
+        assert!(ExternalData::find(&entry("x"), true, &graph)
+            .unwrap()
+            .is_none());
     }
 }
