@@ -473,8 +473,7 @@ impl Network {
         Ok((net, raw))
     }
 
-    /// Opens a network from the bytes of an ONNX file; `path` labels errors, and its folder
-    /// is where the external data files such a graph names are looked for.
+    /// Opens a network from the bytes of an ONNX file; `path` only labels errors.
     pub fn from_bytes(
         bytes: &[u8],
         path: &Path,

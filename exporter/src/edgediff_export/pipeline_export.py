@@ -14,19 +14,21 @@ writes the folder in the layout of optimum's ONNX export, so that one loader ser
     OUT/tokenizer/                       vocab.json merges.txt tokenizer_config.json special_tokens_map.json
     OUT/scheduler/scheduler_config.json  the source pipeline's scheduler config
     each graph folder: config.json       the part's diffusers/transformers config
+    a graph over 2 GB: model.onnx_data   its tensors (ONNX external data), beside model.onnx
 
-The U-Net's timestep is float32 (as in optimum's export): diffusers' Euler-family schedulers
-pass fractional timesteps, and the sinusoidal embedding takes any real time.
-
-`--precision fp16` converts each graph to float16 (precision.py's to_fp16) with float32 islands where
-fp16 overflows or loses accuracy (see `fp32_islands`), and keeps every graph's inputs and
+`--precision fp16` converts each graph to float16 (precision.py's to_fp16) with float32 islands
+where fp16 overflows or loses accuracy (see `fp32_islands`), and keeps every graph's inputs and
 outputs float32: the casts sit inside the graphs, so the runtime feeds and reads the same
 tensors as for fp32 and the sampler's latents never round to fp16 between steps. Each fp16
-graph is checked against the fp32 graph on the same random inputs (FP16_RTOL).
+graph is checked against the fp32 graph on the same random inputs (FP16_RTOL), and refused if
+a tensor it keeps in fp16 reaches fp16's 65504 in the fp32 graph (precision.fp16_peak).
 
 A graph whose tensors exceed `--external-data-threshold` bytes (default EXTERNAL_DATA_THRESHOLD,
 below protobuf's 2 GiB limit; SD 1.5's fp32 U-Net is 3.4 GB) keeps its weights in
 `model.onnx_data` beside `model.onnx`, one file per graph as optimum writes it.
+
+The U-Net's timestep is float32 (as in optimum's export): diffusers' Euler-family schedulers
+pass fractional timesteps, and the sinusoidal embedding takes any real time.
 """
 
 from __future__ import annotations
