@@ -709,13 +709,17 @@ impl Network {
             has_class_labels,
             context_shape,
             declared_shape,
-            fingerprint: match &external {
-                None => crate::job::model_fingerprint(bytes),
-                Some(ext) => ext.fingerprint(crate::job::model_fingerprint(bytes), path)?,
-            },
+            fingerprint: crate::job::model_fingerprint(bytes),
             path: path.into(),
         };
-        Ok((net, raw_meta))
+        match &external {
+            None => Ok((net, raw_meta)),
+            // The weights are in the data files: they are part of what the model is.
+            Some(ext) => {
+                let fingerprint = ext.fingerprint(net.fingerprint.clone(), path)?;
+                Ok((Network { fingerprint, ..net }, raw_meta))
+            }
+        }
     }
 
     /// Whether the graph takes `class_labels`.
