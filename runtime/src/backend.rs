@@ -271,17 +271,21 @@ struct ExternalData {
     folder: PathBuf,
     /// Each file the graph names, once: its location as written in the graph, and its path.
     files: Vec<(String, PathBuf)>,
+    /// The largest tensor's bytes, as the graph's `length` entries give them.
+    largest: u64,
 }
 
-/// The `location` values of the external-data entries in the bytes of an .onnx file: each is a
-/// StringStringEntryProto serialised as field 1 (the key, "location") then field 2 (the value).
-fn external_locations(bytes: &[u8]) -> Vec<String> {
-    static KEY: OnceLock<regex::bytes::Regex> = OnceLock::new();
-    let key = KEY.get_or_init(|| {
-        regex::bytes::Regex::new(r"(?-u)\x0a\x08location\x12").expect("a valid literal")
+/// The external-data entries in the bytes of an .onnx file: each `location` once, in order of
+/// first mention, and the largest `length`. Each entry is a StringStringEntryProto serialised as
+/// field 1 (the key) then field 2 (the value), which this finds without parsing the protobuf.
+fn external_entries(bytes: &[u8]) -> (Vec<String>, u64) {
+    static KEYS: OnceLock<regex::bytes::Regex> = OnceLock::new();
+    let keys = KEYS.get_or_init(|| {
+        regex::bytes::Regex::new(r"(?-u)\x0a(?:\x08location|\x06length)\x12")
+            .expect("a valid literal")
     });
-    let mut found: Vec<String> = Vec::new();
-    for m in key.find_iter(bytes) {
+    let (mut found, mut largest): (Vec<String>, u64) = (Vec::new(), 0);
+    for m in keys.find_iter(bytes) {
         // The value's length, a varint.
         let (mut len, mut at) = (0usize, m.end());
         for shift in (0..35).step_by(7) {
@@ -292,16 +296,19 @@ fn external_locations(bytes: &[u8]) -> Vec<String> {
                 break;
             }
         }
-        let value = bytes
+        let Some(Ok(v)) = bytes
             .get(at..at.saturating_add(len))
-            .map(std::str::from_utf8);
-        if let Some(Ok(v)) = value {
-            if !v.is_empty() && !found.iter().any(|f| f == v) {
-                found.push(v.to_string());
-            }
+            .map(std::str::from_utf8)
+        else {
+            continue;
+        };
+        if m.as_bytes()[1] == 6 {
+            largest = largest.max(v.parse().unwrap_or(0));
+        } else if !v.is_empty() && !found.iter().any(|f| f == v) {
+            found.push(v.to_string());
         }
     }
-    found
+    (found, largest)
 }
 
 impl ExternalData {
@@ -313,7 +320,7 @@ impl ExternalData {
         if ort_format {
             return Ok(None);
         }
-        let locations = external_locations(bytes);
+        let (locations, largest) = external_entries(bytes);
         if locations.is_empty() {
             return Ok(None);
         }
@@ -347,7 +354,11 @@ impl ExternalData {
             }
             files.push((loc, file));
         }
-        Ok(Some(ExternalData { folder, files }))
+        Ok(Some(ExternalData {
+            folder,
+            files,
+            largest,
+        }))
     }
 
     /// `builder` told where the files are, or handed their bytes when `read_into_memory`.
@@ -366,13 +377,20 @@ impl ExternalData {
                 )
                 .map_err(|e| Error::ort("locating the external data")(e.into()));
         }
+        if self.largest > i32::MAX as u64 {
+            return Err(Error::ModelFile {
+                path: path.into(),
+                detail: format!(
+                    "it is to be read into memory (--no-mmap), but ONNX Runtime takes external data handed over in memory only for tensors up to 2 GiB, and one of its tensors has {} bytes; open it mapped",
+                    self.largest
+                ),
+            });
+        }
         for (loc, file) in &self.files {
-            let bytes: std::sync::Arc<[u8]> = std::fs::read(file)
-                .map_err(|e| Error::ModelFile {
-                    path: path.into(),
-                    detail: format!("reading its external data {}: {e}", file.display()),
-                })?
-                .into();
+            let bytes = read_shared(file).map_err(|e| Error::ModelFile {
+                path: path.into(),
+                detail: format!("reading its external data {}: {e}", file.display()),
+            })?;
             builder = builder
                 .with_external_initializer_file_in_memory(loc, bytes)
                 .map_err(|e| Error::ort("passing the external data")(e.into()))?;
@@ -403,6 +421,21 @@ impl ExternalData {
         }
         Ok(h.hex())
     }
+}
+
+/// The bytes of `file` in one shared buffer, read into it (not read, then copied into it).
+fn read_shared(file: &Path) -> std::io::Result<std::sync::Arc<[u8]>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(file)?;
+    let len = usize::try_from(f.metadata()?.len())
+        .map_err(|_| std::io::Error::other("larger than this machine's address space"))?;
+    // SAFETY: zeroed memory is a valid [u8].
+    let mut buf = unsafe { std::sync::Arc::<[u8]>::new_zeroed_slice(len).assume_init() };
+    let Some(bytes) = std::sync::Arc::get_mut(&mut buf) else {
+        unreachable!("a new Arc has one owner")
+    };
+    f.read_exact(bytes)?;
+    Ok(buf)
 }
 
 /// An opened ONNX network obeying the model contract.
@@ -875,14 +908,15 @@ mod external_data_tests {
             bytes.extend(entry(v));
             bytes.extend_from_slice(&[0u8, 1, 2, 3]);
         }
+        bytes.extend_from_slice(b"\x0a\x06length\x12\x0a2150400000");
         assert_eq!(
-            external_locations(&bytes),
-            vec!["model.onnx_data".to_string(), long]
+            external_entries(&bytes),
+            (vec!["model.onnx_data".to_string(), long], 2_150_400_000)
         );
-        assert!(external_locations(b"no external data here").is_empty());
+        assert!(external_entries(b"no external data here").0.is_empty());
         // Cut off inside the value: not a location.
         let cut = entry("model.onnx_data");
-        assert!(external_locations(&cut[..cut.len() - 20]).is_empty());
+        assert!(external_entries(&cut[..cut.len() - 20]).0.is_empty());
     }
 
     #[test]

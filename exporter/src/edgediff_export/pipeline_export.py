@@ -172,9 +172,15 @@ def fp32_islands(part: str, graph: onnx.GraphProto, cfg: dict) -> tuple[list[str
 
 
 def tensor_bytes(proto: onnx.ModelProto) -> int:
-    """Bytes of the graph's tensors (initializers and constants, subgraphs included)."""
+    """Bytes of the graph's tensor data (initializers and constants, subgraphs included); not
+    ByteSize(), which serialises, and fails for one tensor over 2 GB."""
     from onnx.external_data_helper import _get_all_tensors
-    return sum(t.ByteSize() for t in _get_all_tensors(proto))
+
+    def size(t: onnx.TensorProto) -> int:
+        return (len(t.raw_data) + 4 * (len(t.float_data) + len(t.int32_data))
+                + 8 * (len(t.int64_data) + len(t.double_data) + len(t.uint64_data))
+                + sum(len(x) for x in t.string_data))
+    return sum(size(t) for t in _get_all_tensors(proto))
 
 
 def save_graph(proto: onnx.ModelProto, path: Path, threshold: int) -> bool:
