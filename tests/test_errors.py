@@ -178,7 +178,7 @@ def cases():
         ("pipeline-no-merges", "a pipeline tokenizer missing merges.txt (and no tokenizer.json)",
          lambda t, m: ["--model", str(_pipeline(t, lambda d: (
              (d / "tokenizer" / "merges.txt").unlink(),
-             (d / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)))), "--prompt", "a cat"], 4),
+             (d / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)))), "--prompt", "a cat"], 3),
         ("pipeline-sdxl", "an unsupported pipeline class (SDXL), refused by name",
          lambda t, m: ["--model", str(_pipeline(t, lambda d: _edit_json(
              d / "model_index.json", _class_name="StableDiffusionXLPipeline")))], 3),
