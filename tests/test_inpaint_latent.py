@@ -116,3 +116,69 @@ def test_inpaint_matches_diffusers(edgediff_bin, plain, inpainting, tmp_path, mo
           f"({inside:.0%} of pixels inside (-1, 1))")
     assert err <= TOL, f"max abs difference {err:.2e}"
     assert inside > 0.5, "the images saturate: the comparison would prove little"
+
+
+def test_an_optimum_folder_derives_the_inpainting_unet(edgediff_bin, inpainting, tmp_path):
+    """Without edgediff.json, the record comes from unet/config.json (in_channels 9,
+    out_channels 4): the same U-Net input, the same images, and plain sampling refused."""
+    import shutil
+    _, out = inpainting
+    bare = tmp_path / "optimum"
+    shutil.copytree(out, bare)
+    (bare / "edgediff.json").unlink()
+    for d in (out, bare):
+        info = json.loads(run_cli(edgediff_bin, "info", "--model", str(d), "--json").stdout)
+        assert info["sample_shape"] == [4, 8, 8], d
+        assert info["extra"]["pipeline"]["unet_in_channels"] == 9, d
+        proc = run_cli(edgediff_bin, "sample", "--model", str(d), "--steps", "2", "-n", "1",
+                       "--out", str(tmp_path / "s.npy"), check=False)
+        assert proc.returncode == 2 and "an inpainting U-Net" in proc.stderr, proc.stderr
+    images, masks = images_and_mask(2)
+    np.save(tmp_path / "image.npy", images)
+    np.save(tmp_path / "mask.npy", masks)
+    for d in (out, bare):
+        run_cli(edgediff_bin, "inpaint", "--model", str(d), "--prompt", PROMPT, "--steps", "4",
+                "--image", str(tmp_path / "image.npy"), "--mask", str(tmp_path / "mask.npy"), "-q",
+                "--out", str(tmp_path / f"{d.name}.npy"))
+    assert np.array_equal(np.load(tmp_path / "optimum.npy"), np.load(tmp_path / f"{out.name}.npy"))
+
+
+@pytest.mark.parametrize("unet", ["4-channel", "9-channel"])
+def test_each_sample_is_its_own_whatever_the_batch(edgediff_bin, plain, inpainting, tmp_path, unet):
+    """Two images with two masks: batches of one give what one batch of two gives (each
+    sample's noise, pinned latents and U-Net channels are its own rows), and the masks and
+    images are read per sample (the two results differ)."""
+    _, out = plain if unet == "4-channel" else inpainting
+    images, masks = images_and_mask(2)
+    np.save(tmp_path / "image.npy", images)
+    np.save(tmp_path / "mask.npy", masks)
+    runs = {}
+    for b in ("1", "2"):
+        run_cli(edgediff_bin, "inpaint", "--model", str(out), "--prompt", PROMPT, "--steps", "4",
+                "--sampler", "dpm++2m", "--image", str(tmp_path / "image.npy"), "--mask",
+                str(tmp_path / "mask.npy"), "--batch-size", b, "-q", "--out", str(tmp_path / f"{b}.npy"))
+        runs[b] = np.load(tmp_path / f"{b}.npy")
+    assert runs["1"].shape == (2, 3, 16, 16)
+    err = float(np.abs(runs["1"] - runs["2"]).max())
+    print(f"{unet}: batch 1 vs batch 2, max abs difference {err:.2e}")
+    assert err <= 1e-5
+    assert np.abs(runs["2"][0] - runs["2"][1]).max() > 1e-3
+
+
+def test_no_prompt_is_the_empty_prompt_and_pngs_are_read_in_the_image_shape(edgediff_bin, plain, tmp_path):
+    """A pipeline inpaints without --prompt: the empty prompt, as an explicit --prompt "" (and
+    diffusers' prompt ""). A PNG image and a grayscale PNG mask (white = fill) are read in the
+    pipeline's image shape, not its latents'."""
+    from PIL import Image
+    _, out = plain
+    images, masks = images_and_mask(1)
+    Image.fromarray(((images[0].transpose(1, 2, 0) + 1) * 127.5).round().astype(np.uint8)).save(tmp_path / "i.png")
+    Image.fromarray((masks[0, 0] * 255).astype(np.uint8)).save(tmp_path / "m.png")
+    runs = {}
+    for name, extra in {"none": [], "empty": ["--prompt", ""], "cat": ["--prompt", "a cat"]}.items():
+        run_cli(edgediff_bin, "inpaint", "--model", str(out), "--steps", "3", "--image", str(tmp_path / "i.png"),
+                "--mask", str(tmp_path / "m.png"), "-q", "--out", str(tmp_path / f"{name}.npy"), *extra)
+        runs[name] = np.load(tmp_path / f"{name}.npy")
+    assert runs["none"].shape == (1, 3, 16, 16)
+    assert np.array_equal(runs["none"], runs["empty"])
+    assert np.abs(runs["none"] - runs["cat"]).max() > 1e-3

@@ -263,7 +263,9 @@ impl<'m> ModelDenoiser<'m> {
             Some(ch) => {
                 let input = concatenate(Axis(1), &[x, ch])
                     .map_err(|e| Error::invalid(format!("extra input channels: {e}")))?;
-                self.model.network.run(input.view(), times, labels, context)?
+                self.model
+                    .network
+                    .run(input.view(), times, labels, context)?
             }
         };
         self.calls += 1;

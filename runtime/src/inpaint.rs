@@ -390,8 +390,9 @@ fn plan(
     let [lc, lh, lw] = p.config().latent_shape;
     // The mask at the latents' size by nearest neighbour, as diffusers' F.interpolate: latent
     // cell (y, x) takes pixel (floor(y H / h), floor(x W / w)), the top left of its block.
-    let small =
-        Array4::from_shape_fn((n, 1, lh, lw), |(i, _, y, x)| fill[[i, 0, y * h / lh, x * w / lw]]);
+    let small = Array4::from_shape_fn((n, 1, lh, lw), |(i, _, y, x)| {
+        fill[[i, 0, y * h / lh, x * w / lw]]
+    });
     if p.config().inpainting() {
         // diffusers' masked_image = image * (mask < 0.5): the filled pixels are 0.
         let masked = Array4::from_shape_fn((n, c, h, w), |(i, k, y, x)| {
@@ -423,6 +424,57 @@ fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Answers x0 = x / 2, eps = x - 1 and records the inputs it saw.
+    struct Echo(Vec<Array4<f32>>);
+
+    impl Denoiser for Echo {
+        fn denoise_rows(&mut self, x: &Array4<f32>, _: Rows<'_>) -> Result<Denoised> {
+            self.0.push(x.clone());
+            Ok(Denoised {
+                x0: x.mapv(|v| v / 2.0),
+                eps: x.mapv(|v| v - 1.0),
+            })
+        }
+    }
+
+    #[test]
+    fn pinning_with_fixed_noise_leaves_the_filled_values_to_the_network() {
+        // Two values, the first kept (known 3), the second filled; fixed noise 0.5 for both.
+        let level = NoiseLevel {
+            t: 0.0,
+            alpha: 0.6,
+            sigma: 0.8,
+        };
+        let known = Array4::from_shape_vec((1, 1, 1, 2), vec![3.0, 9.0]).unwrap();
+        let keep = Array4::from_shape_vec((1, 1, 1, 2), vec![1.0, 0.0]).unwrap();
+        let x = Array4::from_shape_vec((1, 1, 1, 2), vec![0.25, -0.75]).unwrap();
+        let mut echo = Echo(Vec::new());
+        let mut pinned = Pinned {
+            inner: &mut echo,
+            known: &known,
+            keep: &keep,
+            noise: PinNoise::Fixed(Array4::from_elem((1, 1, 1, 2), 0.5)),
+            first_unpinned: true,
+            calls: 0,
+        };
+        for call in 0..2 {
+            let d = pinned.denoise(&x, &level).unwrap();
+            // The kept value: x0 is the image, eps measured from the sampler's own x.
+            assert_eq!(d.x0[[0, 0, 0, 0]], 3.0);
+            assert!((d.eps[[0, 0, 0, 0]] - (0.25 - 0.6 * 3.0) / 0.8).abs() < 1e-6);
+            // The filled value: the network's answer, untouched.
+            assert_eq!(
+                (d.x0[[0, 0, 0, 1]], d.eps[[0, 0, 0, 1]]),
+                (-0.375, -1.75),
+                "{call}"
+            );
+        }
+        // The first call saw x as it is, the second the kept value noised with the fixed noise.
+        assert_eq!(echo.0[0], x);
+        assert!((echo.0[1][[0, 0, 0, 0]] - (0.6 * 3.0 + 0.8 * 0.5)).abs() < 1e-6);
+        assert_eq!(echo.0[1][[0, 0, 0, 1]], -0.75);
+    }
 
     #[test]
     fn renoise_reaches_the_noisier_level_marginal() {
