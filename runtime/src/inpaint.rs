@@ -58,7 +58,8 @@ pub struct InpaintOptions {
     pub resampling: Resampling,
     /// How much of the sampling runs, in (0, 1], as diffusers' StableDiffusionInpaintPipeline:
     /// the last `floor(steps * strength)` steps, from the image noised to the first of them
-    /// (for a pipeline, its latents); 1 runs every step from pure noise. Default: 1.
+    /// (for a pipeline, its latents); 1 runs every step from pure noise. Default: 1
+    /// (diffusers' default; [`SampleOptions::strength`], img2img's, is not read here).
     pub strength: f64,
 }
 

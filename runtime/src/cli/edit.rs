@@ -493,7 +493,8 @@ pub(super) fn inpaint(cmd: InpaintCmd) -> Result<()> {
     if cmd.json {
         let summary = serde_json::json!({
             "out": cmd.out, "files": files, "n": n, "sampler": sampler.name(), "steps": cmd.steps,
-            "jumps": cmd.jumps, "resample": cmd.resample, "known_rmse": known_rmse,
+            "jumps": cmd.jumps, "resample": cmd.resample, "strength": cmd.strength,
+            "known_rmse": known_rmse,
             "network_calls": report.network_calls, "seconds": start.elapsed().as_secs_f64(),
         });
         println!("{summary}");
