@@ -1,4 +1,6 @@
-"""A tiny randomly initialised diffusers StableDiffusionPipeline, built from configs (no download).
+"""A tiny randomly initialised diffusers StableDiffusionPipeline, built from configs (no download);
+with `inpainting=True` a StableDiffusionInpaintPipeline whose U-Net takes 9 channels (latents,
+mask, masked image latents), as stable-diffusion-inpainting's.
 
 The tokenizer is a real CLIP byte-level BPE tokenizer (transformers' CLIPTokenizer) over a
 small generated vocabulary: the 256 byte symbols, each also with the end-of-word mark `</w>`,
@@ -45,9 +47,12 @@ def write_tiny_vocab(folder: Path) -> tuple[int, int, int]:
     return len(vocab), len(vocab) - 2, len(vocab) - 1
 
 
-def build(out: Path, seed: int = 0, hidden_size: int = 32, cross_attention_dim: int = 32) -> Path:
-    """Save a tiny StableDiffusionPipeline to `out` with save_pretrained; returns `out`."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def build(out: Path, seed: int = 0, hidden_size: int = 32, cross_attention_dim: int = 32,
+          inpainting: bool = False) -> Path:
+    """Save a tiny StableDiffusionPipeline (with `inpainting`, a StableDiffusionInpaintPipeline
+    with a 9-channel U-Net) to `out` with save_pretrained; returns `out`."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline,
+                           StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab_dir = out.parent / (out.name + "-vocab")
@@ -56,7 +61,8 @@ def build(out: Path, seed: int = 0, hidden_size: int = 32, cross_attention_dim: 
                               model_max_length=77)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
+        block_out_channels=(16, 32), layers_per_block=1, sample_size=8,
+        in_channels=9 if inpainting else 4, out_channels=4,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
         attention_head_dim=4, norm_num_groups=8)
@@ -68,9 +74,10 @@ def build(out: Path, seed: int = 0, hidden_size: int = 32, cross_attention_dim: 
         bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, hidden_size=hidden_size,
         intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2,
         vocab_size=size, max_position_embeddings=77))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipe = cls(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+               scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
+               requires_safety_checker=False)
     pipe.save_pretrained(str(out))
     return out
 
@@ -78,20 +85,22 @@ def build(out: Path, seed: int = 0, hidden_size: int = 32, cross_attention_dim: 
 _EXPORTED: dict[str, Path] = {}
 
 
-def exported(root: Path | None = None) -> Path:
-    """The tiny pipeline exported by `edgediff-export diffusers` (under `root`, else a new
-    temporary folder), built once per process."""
+def exported(root: Path | None = None, inpainting: bool = False) -> Path:
+    """The tiny pipeline (`inpainting`: the 9-channel one) exported by `edgediff-export
+    diffusers` (under `root`, else a new temporary folder), built once per process."""
     import os
     import subprocess
     import sys
     import tempfile
-    if "dir" not in _EXPORTED:
+    key = "inpaint" if inpainting else "dir"
+    if key not in _EXPORTED:
         root = root or Path(tempfile.mkdtemp(prefix="edgediff-sd-"))
-        src = build(root / "tiny")
-        out = root / "tiny-edgediff"
+        name = "tiny-inpaint" if inpainting else "tiny"
+        src = build(root / name, inpainting=inpainting)
+        out = root / f"{name}-edgediff"
         repo = Path(__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": str(repo / "exporter" / "src")}
         subprocess.run([sys.executable, "-m", "edgediff_export.export", "diffusers", str(src),
                         "--out", str(out)], check=True, capture_output=True, env=env)
-        _EXPORTED["dir"] = out
-    return _EXPORTED["dir"]
+        _EXPORTED[key] = out
+    return _EXPORTED[key]

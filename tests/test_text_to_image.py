@@ -299,7 +299,7 @@ def test_img2img_resume_refuses_another_image_or_strength(edgediff_bin, tiny_pip
         assert proc.returncode == 2 and f"was made with {flag}" in proc.stderr, proc.stderr
     run_cli(edgediff_bin, *common, "--resume", "--image", str(tmp_path / "a.npy"), "--strength", "0.8")
 # What runs on single-file models only so far: refused by the library (and so by C, see
-# tests/c/text_check.c) before any work. Inpainting and the ELBO are rows of docs/errors.md.
+# tests/c/text_check.c) before any work. The ELBO is a row of docs/errors.md.
 REFUSED = [("invert", "DDIM inversion", lambda d: ["--image", str(d / "img.npy")]),
            ("likelihood", "the likelihood", lambda d: ["--data", str(d / "img.npy"), "--steps", "2"]),
            ("calibrate", "calibration", lambda d: ["--steps", "2", "--pilot", "2", "--teacher-steps", "4"])]

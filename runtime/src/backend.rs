@@ -274,6 +274,9 @@ pub struct Network {
     pub(crate) context_shape: Option<[i64; 2]>,
     /// `[C, H, W]` as the graph declares it (-1 where dynamic).
     pub(crate) declared_shape: Vec<i64>,
+    /// Input channels beyond the output's: an inpainting U-Net's mask and masked image
+    /// latents, which the caller appends to the sample (0 for the model contract's networks).
+    pub(crate) extra_channels: usize,
     /// Identifies the model file's bytes (see `job::model_fingerprint`).
     pub(crate) fingerprint: String,
     path: PathBuf,
@@ -543,6 +546,7 @@ impl Network {
             has_class_labels,
             context_shape,
             declared_shape,
+            extra_channels: 0,
             fingerprint: crate::job::model_fingerprint(bytes),
             path: path.into(),
         };
@@ -562,6 +566,8 @@ impl Network {
     /// Runs the network on a batch. `time` is the network's own time input per sample (already
     /// mapped by the caller); integer inputs get it rounded. `context` is the
     /// `encoder_hidden_states` `[N, L, D]` of a text-conditioned graph, one row per sample.
+    /// The output is shaped like `x`, less the extra input channels of an inpainting U-Net
+    /// (which `x` then holds after the latents).
     pub fn run(
         &mut self,
         x: ArrayView4<f32>,
@@ -659,14 +665,25 @@ impl Network {
                 path: self.path.clone(),
                 detail: "the output is not rank 4 [N, C, H, W]".into(),
             })?;
-        if arr.shape() != x.shape() {
+        let mut want = x.shape().to_vec();
+        want[1] = want[1].saturating_sub(self.extra_channels);
+        if arr.shape() != want.as_slice() {
             return Err(Error::Contract {
                 path: self.path.clone(),
-                detail: format!(
-                    "output shape {:?} differs from sample shape {:?}",
-                    arr.shape(),
-                    x.shape()
-                ),
+                detail: if self.extra_channels == 0 {
+                    format!(
+                        "output shape {:?} differs from sample shape {:?}",
+                        arr.shape(),
+                        x.shape()
+                    )
+                } else {
+                    format!(
+                        "output shape {:?} differs from {want:?} (the input {:?} less its {} mask and masked-image channels)",
+                        arr.shape(),
+                        x.shape(),
+                        self.extra_channels
+                    )
+                },
             });
         }
         Ok(arr)
