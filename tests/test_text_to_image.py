@@ -103,11 +103,17 @@ PROMPT, NEGATIVE, GUIDANCE, STEPS = "a lighthouse at dusk", "blurry low quality"
 TOL = 1e-3
 
 
+# Stable Diffusion 1.x ships PNDMScheduler with skip_prk_steps true (PLMS alone, edgediff's
+# pndm); diffusers' default false would start with three Runge-Kutta steps edgediff does not run.
+SCHEDULER_OVERRIDES = {"PNDMScheduler": {"skip_prk_steps": True}}
+
+
 def diffusers_images(src: Path, scheduler: str, latents: np.ndarray) -> tuple[np.ndarray, list]:
     """StableDiffusionPipeline's images in [-1, 1] from `latents`, and the scheduler's times."""
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(src), safety_checker=None,
                                                              requires_safety_checker=False)
-    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config,
+                                                              **SCHEDULER_OVERRIDES.get(scheduler, {}))
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         images = pipe(PROMPT, negative_prompt=NEGATIVE, guidance_scale=GUIDANCE,
@@ -125,7 +131,7 @@ def diffusers_images(src: Path, scheduler: str, latents: np.ndarray) -> tuple[np
 SAMPLERS = [("DDIMScheduler", "ddim", False), ("EulerDiscreteScheduler", "ode-euler", False),
             ("DPMSolverMultistepScheduler", "dpm++2m", False),
             ("DPMSolverMultistepScheduler", "dpm++2m", True),
-            ("UniPCMultistepScheduler", "unipc", False)]
+            ("UniPCMultistepScheduler", "unipc", False), ("PNDMScheduler", "pndm", False)]
 
 
 @pytest.mark.parametrize("scheduler,sampler,explicit", SAMPLERS,

@@ -78,7 +78,7 @@ pub struct SampleOptions {
     /// diffusers' `steps_offset`, added to every time step of leading spacing. Default: 0
     /// ([`SampleOptions::for_model`]: the pipeline's scheduler's, 1 for Stable Diffusion).
     pub steps_offset: usize,
-    /// diffusers' `set_alpha_to_one` for DDIM: true ends at alpha-bar 1 (clean data), false at
+    /// diffusers' `set_alpha_to_one` for DDIM and PNDM (PLMS): true ends at alpha-bar 1 (clean data), false at
     /// alpha-bar of training step 0, as Stable Diffusion's scheduler does. Default: true
     /// ([`SampleOptions::for_model`]: the pipeline's scheduler's).
     pub set_alpha_to_one: bool,
@@ -632,10 +632,11 @@ pub(crate) fn prepare(
             },
         )?,
     };
-    if !opts.set_alpha_to_one && opts.sampler.name() == "ddim" {
-        // diffusers' DDIM with set_alpha_to_one false: the last step goes to alpha-bar of
-        // training step 0 (its final_alpha_cumprod), not to clean data. Only DDIM: diffusers'
-        // other schedulers (Euler, DPM-Solver, ...) end at sigma 0 whatever this setting.
+    if !opts.set_alpha_to_one && opts.sampler.def().ends_at_final_alpha() {
+        // diffusers' DDIM and PNDM with set_alpha_to_one false: the last step goes to
+        // alpha-bar of training step 0 (their final_alpha_cumprod), not to clean data.
+        // diffusers' other schedulers (Euler, DPM-Solver, ...) end at sigma 0 whatever this
+        // setting.
         let Some(_) = model.schedule().num_train_timesteps() else {
             return Err(Error::options(
                 "{0} false applies to discrete schedules",

@@ -240,11 +240,8 @@ def train(out_dir: Path, cfg: T2IConfig, checkpoint_every: int, time_budget_min:
                   "rerun the same command to resume")
         return over
 
-    if snapshot:
-        if state["stage"] == "vae":
-            raise SystemExit(f"{ckpt_path} is still in the VAE stage; nothing to snapshot")
-        return save_pipeline(out_dir / "pipeline", vae, ema_text, ema_unet, tok,
-                             state["scaling_factor"])
+    if snapshot and state["stage"] == "vae":
+        raise SystemExit(f"{ckpt_path} is still in the VAE stage; nothing to snapshot")
     if state["stage"] == "vae":
         vae.train()
         for step in range(state["step"], cfg.vae_steps):
@@ -275,6 +272,8 @@ def train(out_dir: Path, cfg: T2IConfig, checkpoint_every: int, time_budget_min:
         state["scaling_factor"] = float(1.0 / mean.std())
     scale = state["scaling_factor"]
     print(f"VAE: latent std {1 / scale:.4f}, scaling_factor {scale:.5f}")
+    if snapshot:
+        return save_pipeline(out_dir / "pipeline", vae, ema_text, ema_unet, tok, scale)
 
     # Every caption of every digit tokenised once; a step picks rows of this table.
     table = torch.tensor([tok(c, padding="max_length", max_length=cfg.max_length, truncation=True).input_ids
