@@ -267,6 +267,9 @@ def train(out_dir: Path, cfg: T2IConfig, checkpoint_every: int, time_budget_min:
         if state["stage"] == "vae":
             state["stage"], state["step"] = "unet", 0
     vae.eval()
+    if snapshot and state["scaling_factor"] is not None:
+        return save_pipeline(out_dir / "pipeline", vae, ema_text, ema_unet, tok,
+                             state["scaling_factor"])
     mean, std = encode_all(vae, x_all)
     if state["scaling_factor"] is None:
         state["scaling_factor"] = float(1.0 / mean.std())
