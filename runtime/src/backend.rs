@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use half::f16;
-use ndarray::{Array1, Array4, ArrayView3, ArrayView4, Ix4};
+use ndarray::{s, Array1, Array4, ArrayD, ArrayView3, ArrayView4, Axis, Ix4};
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, TensorRef, ValueType};
 
@@ -269,6 +269,9 @@ pub struct Network {
     _bytes: ModelBytes,
     sample_type: SampleType,
     time_type: TimeType,
+    /// `timestep` is a scalar (rank 0), one time for the whole batch, as optimum exports a
+    /// U-Net; a batch whose samples are at different times then runs one sample per call.
+    scalar_time: bool,
     has_class_labels: bool,
     /// `[L, D]` of the `encoder_hidden_states` input (-1 where dynamic), when the graph has it.
     pub(crate) context_shape: Option<[i64; 2]>,
@@ -490,7 +493,9 @@ impl Network {
         }
         let timestep = find("timestep")
             .ok_or_else(|| contract("the graph has no input named 'timestep'".into()))?;
-        let time_type = match tensor_info(timestep.dtype()).map(|(t, _)| t) {
+        let timestep_info = tensor_info(timestep.dtype());
+        let scalar_time = matches!(&timestep_info, Some((_, shape)) if shape.is_empty());
+        let time_type = match timestep_info.map(|(t, _)| t) {
             Some(TensorElementType::Int64) => TimeType::I64,
             Some(TensorElementType::Float32) => TimeType::F32,
             Some(TensorElementType::Float16) => TimeType::F16,
@@ -543,6 +548,7 @@ impl Network {
             _bytes: keep,
             sample_type,
             time_type,
+            scalar_time,
             has_class_labels,
             context_shape,
             declared_shape,
@@ -577,6 +583,22 @@ impl Network {
     ) -> Result<Array4<f32>> {
         let n = x.shape()[0];
         debug_assert_eq!(time.len(), n);
+        if self.scalar_time && time.iter().any(|&t| t != time[0]) {
+            // One time per call: each sample on its own, then the batch put back together.
+            let outs = (0..n)
+                .map(|i| {
+                    self.run(
+                        x.slice(s![i..i + 1, .., .., ..]),
+                        &time[i..i + 1],
+                        class_labels.map(|l| &l[i..i + 1]),
+                        context.map(|c| c.slice_move(s![i..i + 1, .., ..])),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let views: Vec<_> = outs.iter().map(|o| o.view()).collect();
+            return ndarray::concatenate(Axis(0), &views)
+                .map_err(|e| Error::invalid(format!("joining the batch: {e}")));
+        }
         let mut inputs: Vec<(
             std::borrow::Cow<'_, str>,
             ort::session::SessionInputValue<'_>,
@@ -596,7 +618,11 @@ impl Network {
                     .into(),
             )),
         }
-        let t = Array1::from_iter(time.iter().copied());
+        let t: ArrayD<f64> = if self.scalar_time {
+            ndarray::arr0(time.first().copied().unwrap_or(0.0)).into_dyn()
+        } else {
+            Array1::from_iter(time.iter().copied()).into_dyn()
+        };
         match self.time_type {
             TimeType::I64 => inputs.push((
                 "timestep".into(),
