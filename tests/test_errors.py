@@ -178,7 +178,7 @@ def cases():
         ("pipeline-no-merges", "a pipeline tokenizer missing merges.txt (and no tokenizer.json)",
          lambda t, m: ["--model", str(_pipeline(t, lambda d: (
              (d / "tokenizer" / "merges.txt").unlink(),
-             (d / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)))), "--prompt", "a cat"], 4),
+             (d / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)))), "--prompt", "a cat"], 3),
         ("pipeline-sdxl", "an unsupported pipeline class (SDXL), refused by name",
          lambda t, m: ["--model", str(_pipeline(t, lambda d: _edit_json(
              d / "model_index.json", _class_name="StableDiffusionXLPipeline")))], 3),
@@ -198,11 +198,14 @@ def cases():
         ("prompts-not-utf8", "a prompts file that is not UTF-8 (the line is named)",
          lambda t, m: do((t / "prompts.txt").write_bytes(b"a cat\nun caf\xe9\n"),
                          ["--model", str(_pipeline(t)), "--prompts", str(t / "prompts.txt")]), 4),
-        ("inpaint-pipeline", "inpaint: a text-to-image pipeline (latent inpainting is still to come)",
-         lambda t, m: do(np.save(t / "img.npy", np.zeros((1, 3, 16, 16), np.float32)),
-                         np.save(t / "mask.npy", np.ones((1, 1, 16, 16), np.float32)),
-                         ["inpaint", "--model", str(_pipeline(t)), "--image", str(t / "img.npy"),
-                          "--mask", str(t / "mask.npy")]), 2),
+        ("inpaint-pipeline-mask", "inpaint: a pipeline's mask of the latents' size, not the image's",
+         lambda t, m: _inpaint_pipeline(t, _pipeline(t), mask=(1, 1, 8, 8)), 2),
+        ("inpaint-pipeline-latents", "inpaint: latents given as a pipeline's images",
+         lambda t, m: _inpaint_pipeline(t, _pipeline(t), image=(1, 4, 8, 8), mask=(1, 1, 8, 8)), 2),
+        ("inpaint-no-vae-encoder", "inpaint: a pipeline folder without vae_encoder",
+         lambda t, m: _inpaint_pipeline(t, _pipeline(t, lambda d: shutil.rmtree(d / "vae_encoder"))), 3),
+        ("sample-inpainting-unet", "sample: a pipeline whose U-Net is an inpainting U-Net (9 channels)",
+         lambda t, m: ["--model", str(_pipeline(t, inpainting=True)), "--prompt", "a cat"], 2),
         ("elbo-pipeline", "elbo: a text-to-image pipeline (a bound on its latents is not the images')",
          lambda t, m: do(np.save(t / "x.npy", np.zeros((1, 3, 16, 16), np.float32)),
                          ["elbo", "--model", str(_pipeline(t)), "--data", str(t / "x.npy")]), 2),
@@ -244,15 +247,23 @@ def _edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-def _pipeline(t: Path, edit=None) -> Path:
-    """A copy in `t` of the tiny exported text-to-image pipeline (tests/sd_tiny.py), edited."""
+def _pipeline(t: Path, edit=None, inpainting: bool = False) -> Path:
+    """A copy in `t` of the tiny exported text-to-image pipeline (tests/sd_tiny.py; with
+    `inpainting`, the one with a 9-channel U-Net), edited."""
     import sd_tiny
-    src = sd_tiny.exported()
+    src = sd_tiny.exported(inpainting=inpainting)
     dst = t / "pipe"
     shutil.copytree(src, dst)
     if edit is not None:
         edit(dst)
     return dst
+
+
+def _inpaint_pipeline(t: Path, pipe: Path, image=(1, 3, 16, 16), mask=(1, 1, 16, 16)) -> list[str]:
+    """`inpaint` on `pipe` with zero images and a full mask of these shapes."""
+    np.save(t / "img.npy", np.zeros(image, np.float32))
+    np.save(t / "mask.npy", np.ones(mask, np.float32))
+    return ["inpaint", "--model", str(pipe), "--image", str(t / "img.npy"), "--mask", str(t / "mask.npy")]
 
 
 def _made_with_seed_1(t: Path, m: Path) -> list[str]:

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use half::f16;
-use ndarray::{Array1, Array4, ArrayView3, ArrayView4, Ix4};
+use ndarray::{s, Array1, Array4, ArrayD, ArrayView3, ArrayView4, Axis, Ix4};
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, TensorRef, ValueType};
 
@@ -445,11 +445,17 @@ pub struct Network {
     _bytes: ModelBytes,
     sample_type: SampleType,
     time_type: TimeType,
+    /// `timestep` is a scalar (rank 0), one time for the whole batch, as optimum exports a
+    /// U-Net; a batch whose samples are at different times then runs one sample per call.
+    scalar_time: bool,
     has_class_labels: bool,
     /// `[L, D]` of the `encoder_hidden_states` input (-1 where dynamic), when the graph has it.
     pub(crate) context_shape: Option<[i64; 2]>,
     /// `[C, H, W]` as the graph declares it (-1 where dynamic).
     pub(crate) declared_shape: Vec<i64>,
+    /// Input channels beyond the output's: an inpainting U-Net's mask and masked image
+    /// latents, which the caller appends to the sample (0 for the model contract's networks).
+    pub(crate) extra_channels: usize,
     /// Identifies the model file's bytes (see `job::model_fingerprint`).
     pub(crate) fingerprint: String,
     path: PathBuf,
@@ -686,7 +692,9 @@ impl Network {
         }
         let timestep = find("timestep")
             .ok_or_else(|| contract("the graph has no input named 'timestep'".into()))?;
-        let time_type = match tensor_info(timestep.dtype()).map(|(t, _)| t) {
+        let timestep_info = tensor_info(timestep.dtype());
+        let scalar_time = matches!(&timestep_info, Some((_, shape)) if shape.is_empty());
+        let time_type = match timestep_info.map(|(t, _)| t) {
             Some(TensorElementType::Int64) => TimeType::I64,
             Some(TensorElementType::Float32) => TimeType::F32,
             Some(TensorElementType::Float16) => TimeType::F16,
@@ -739,9 +747,11 @@ impl Network {
             _bytes: keep,
             sample_type,
             time_type,
+            scalar_time,
             has_class_labels,
             context_shape,
             declared_shape,
+            extra_channels: 0,
             fingerprint: crate::job::model_fingerprint(bytes),
             path: path.into(),
         };
@@ -768,6 +778,8 @@ impl Network {
     /// Runs the network on a batch. `time` is the network's own time input per sample (already
     /// mapped by the caller); integer inputs get it rounded. `context` is the
     /// `encoder_hidden_states` `[N, L, D]` of a text-conditioned graph, one row per sample.
+    /// The output is shaped like `x`, less the extra input channels of an inpainting U-Net
+    /// (which `x` then holds after the latents).
     pub fn run(
         &mut self,
         x: ArrayView4<f32>,
@@ -777,6 +789,22 @@ impl Network {
     ) -> Result<Array4<f32>> {
         let n = x.shape()[0];
         debug_assert_eq!(time.len(), n);
+        if self.scalar_time && time.iter().any(|&t| t != time[0]) {
+            // One time per call: each sample on its own, then the batch put back together.
+            let outs = (0..n)
+                .map(|i| {
+                    self.run(
+                        x.slice(s![i..i + 1, .., .., ..]),
+                        &time[i..i + 1],
+                        class_labels.map(|l| &l[i..i + 1]),
+                        context.map(|c| c.slice_move(s![i..i + 1, .., ..])),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let views: Vec<_> = outs.iter().map(|o| o.view()).collect();
+            return ndarray::concatenate(Axis(0), &views)
+                .map_err(|e| Error::invalid(format!("joining the batch: {e}")));
+        }
         let mut inputs: Vec<(
             std::borrow::Cow<'_, str>,
             ort::session::SessionInputValue<'_>,
@@ -796,7 +824,11 @@ impl Network {
                     .into(),
             )),
         }
-        let t = Array1::from_iter(time.iter().copied());
+        let t: ArrayD<f64> = if self.scalar_time {
+            ndarray::arr0(time.first().copied().unwrap_or(0.0)).into_dyn()
+        } else {
+            Array1::from_iter(time.iter().copied()).into_dyn()
+        };
         match self.time_type {
             TimeType::I64 => inputs.push((
                 "timestep".into(),
@@ -865,14 +897,25 @@ impl Network {
                 path: self.path.clone(),
                 detail: "the output is not rank 4 [N, C, H, W]".into(),
             })?;
-        if arr.shape() != x.shape() {
+        let mut want = x.shape().to_vec();
+        want[1] = want[1].saturating_sub(self.extra_channels);
+        if arr.shape() != want.as_slice() {
             return Err(Error::Contract {
                 path: self.path.clone(),
-                detail: format!(
-                    "output shape {:?} differs from sample shape {:?}",
-                    arr.shape(),
-                    x.shape()
-                ),
+                detail: if self.extra_channels == 0 {
+                    format!(
+                        "output shape {:?} differs from sample shape {:?}",
+                        arr.shape(),
+                        x.shape()
+                    )
+                } else {
+                    format!(
+                        "output shape {:?} differs from {want:?} (the input {:?} less its {} mask and masked-image channels)",
+                        arr.shape(),
+                        x.shape(),
+                        self.extra_channels
+                    )
+                },
             });
         }
         Ok(arr)

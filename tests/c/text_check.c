@@ -6,8 +6,11 @@
  * checks that the request API with the same settings and a struct of the older, smaller size
  * (no prompt fields, so no prompt) behave as the typed struct with the same fields; and that
  * a prompt on the embedded pixel MNIST model and invalid UTF-8 fail with
- * EDGEDIFF_ERR_ARGUMENT naming the field; and that inpainting, inversion, the likelihood,
- * calibration and the ELBO refuse the pipeline with EDGEDIFF_ERR_ARGUMENT. */
+ * EDGEDIFF_ERR_ARGUMENT naming the field; that edgediff_inpaint_with inpaints the pipeline's
+ * images with the same prompt fields (the image, the mask and the result go raw to
+ * OUTDIR/inpaint-{image,mask,out}.f32, compared by the Python side with `edgediff inpaint`);
+ * and that inversion, the likelihood, calibration and the ELBO refuse the pipeline with
+ * EDGEDIFF_ERR_ARGUMENT. */
 #include <math.h>
 #include <stddef.h>
 #include <stdio.h>
@@ -103,17 +106,35 @@ int main(int argc, char **argv) {
     bad.negative_prompt = "caf\xe9";
     EXPECT(argument_error(edgediff_sample_with(pipe, &bad, a, len), "negative_prompt"), "non-UTF-8 negative prompt");
 
+    /* Latent inpainting with the prompt fields: the first sampled image, its right half
+     * filled. The buffers are the images' (not the latents'), and a mask too short for the
+     * image is caught by its length, not read past. */
+    float *mask = calloc(image[1] * image[2], sizeof(float));
+    for (size_t y = 0; y < image[1]; y++)
+        for (size_t x = image[2] / 2; x < image[2]; x++) mask[y * image[2] + x] = 1.0f;
+    EXPECT(edgediff_inpaint_with(pipe, &p, a, mask, 1, 0, 0, b, per) == EDGEDIFF_OK, "inpaint a pipeline");
+    const char *names[3] = {"inpaint-image", "inpaint-mask", "inpaint-out"};
+    const float *bufs[3] = {a, mask, b};
+    const size_t lens[3] = {per, image[1] * image[2], per};
+    for (int i = 0; i < 3; i++) {
+        snprintf(path, sizeof path, "%s/%s.f32", argv[2], names[i]);
+        FILE *g = fopen(path, "wb");
+        if (g) {
+            fwrite(bufs[i], sizeof(float), lens[i], g);
+            fclose(g);
+        }
+    }
+    EXPECT(edgediff_inpaint_with(pipe, &p, a, mask, 1, 0, 0, b, per - 1) == EDGEDIFF_ERR_ARGUMENT,
+           "an out buffer sized for latents is too small");
+    free(mask);
+
     /* What runs on pixel models only so far is refused by the library, before any work,
      * naming no option: the C entry points call the same functions as the CLI. */
     const char *why = "not supported yet for text-to-image pipelines";
     edgediff_sample_params plain;
     edgediff_sample_params_init(&plain);
     plain.steps = 2;
-    float *mask = calloc(len, sizeof(float));
-    int s = edgediff_inpaint_with(pipe, &plain, a, mask, 1, 0, 0, b, len);
-    EXPECT(s == EDGEDIFF_ERR_ARGUMENT && strstr(edgediff_last_error(), why), "inpaint refused (%d)", s);
-    free(mask);
-    s = edgediff_invert(pipe, &plain, a, 1, b, len);
+    int s = edgediff_invert(pipe, &plain, a, 1, b, len);
     EXPECT(s == EDGEDIFF_ERR_ARGUMENT && strstr(edgediff_last_error(), why), "invert refused (%d)", s);
     edgediff_likelihood_params lp;
     edgediff_likelihood_params_init(&lp);

@@ -1,4 +1,5 @@
-"""Export of a diffusers StableDiffusionPipeline folder to edgediff's text-to-image folder.
+"""Export of a diffusers StableDiffusionPipeline (or StableDiffusionInpaintPipeline) folder to
+edgediff's text-to-image folder.
 
 `edgediff-export diffusers DIR --out OUT` loads the pipeline's parts with diffusers and
 transformers themselves (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, CLIPTokenizer),
@@ -9,6 +10,9 @@ writes the folder in the layout of optimum's ONNX export, so that one loader ser
     OUT/edgediff.json                    what the runtime needs, in one record (see `manifest`)
     OUT/text_encoder/model.onnx          input_ids int64 [N, L] -> last_hidden_state, pooler_output
     OUT/unet/model.onnx                  sample, timestep float32 [N], encoder_hidden_states -> out_sample
+                                         (an inpainting U-Net's sample: latents || mask || masked
+                                         image latents, 2C + 1 channels, edgediff.json's
+                                         "unet_in_channels"; out_sample has the latents' C)
     OUT/vae_decoder/model.onnx           latent_sample -> sample
     OUT/vae_encoder/model.onnx           sample -> latent_parameters (mean || logvar)
     OUT/tokenizer/                       vocab.json merges.txt tokenizer_config.json special_tokens_map.json
@@ -52,7 +56,7 @@ from .diffusers_import import (DiffusersImportError, _read_json, prediction_from
 FORMAT_VERSION = 1
 # Relative to max |PyTorch output|, as every other export (export.VERIFY_RTOL).
 VERIFY_RTOL = 1e-4
-SUPPORTED = ("StableDiffusionPipeline",)
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline")
 # Families whose graphs or conditioning differ (two text encoders, added time ids, a
 # transformer instead of a U-Net): refused by name rather than exported wrongly.
 REFUSED = {
@@ -306,10 +310,19 @@ def manifest(index: dict, sc: dict, unet_cfg: dict, vae_cfg: dict, text_cfg: dic
     if cross != hidden:
         raise DiffusersImportError(f"the text encoder's hidden_size {hidden} differs from the U-Net's "
                                    f"cross_attention_dim {cross}: the parts do not belong together")
-    if unet_cfg.get("in_channels") != unet_cfg.get("out_channels"):
+    # An ordinary U-Net takes and gives the latents' C channels; an inpainting U-Net
+    # (StableDiffusionInpaintPipeline's) takes 2C + 1: the latents, the mask and the masked
+    # image's latents. The runtime reads "unet_in_channels" to tell them apart.
+    c_in, c_out = int(unet_cfg.get("in_channels", 4)), int(unet_cfg.get("out_channels", 4))
+    if c_in not in (c_out, 2 * c_out + 1):
         raise DiffusersImportError(
-            f"the U-Net has {unet_cfg.get('in_channels')} input and {unet_cfg.get('out_channels')} output "
-            "channels (an inpainting U-Net?); text-to-image needs them equal")
+            f"the U-Net has {c_in} input and {c_out} output channels; edgediff runs U-Nets of equal "
+            f"channels (text-to-image) or of {2 * c_out + 1} inputs (inpainting: latents, mask, "
+            "masked image latents)")
+    latent_channels = int(vae_cfg.get("latent_channels", c_out))
+    if latent_channels != c_out:
+        raise DiffusersImportError(f"the VAE has {latent_channels} latent channels but the U-Net "
+                                   f"denoises {c_out}: the parts do not belong together")
     h, w = _sizes(unet_cfg["sample_size"])
     factor = 2 ** (len(vae_cfg.get("block_out_channels", [1])) - 1)
     return {
@@ -324,7 +337,8 @@ def manifest(index: dict, sc: dict, unet_cfg: dict, vae_cfg: dict, text_cfg: dic
         "spacing": spacing,
         "steps_offset": int(sc.get("steps_offset", 0)),
         "set_alpha_to_one": bool(sc.get("set_alpha_to_one", True)),
-        "latent_shape": [int(unet_cfg["in_channels"]), h, w],
+        "latent_shape": [c_out, h, w],
+        "unet_in_channels": c_in,
         "image_shape": [int(vae_cfg.get("out_channels", 3)), h * factor, w * factor],
         "data_range": [-1.0, 1.0],
         "vae": {"scaling_factor": float(vae_cfg.get("scaling_factor", 0.18215)),
@@ -401,6 +415,7 @@ def export_pipeline(src: Path, out: Path, name: str | None = None, description: 
     text = CLIPTextModel.from_pretrained(str(src / "text_encoder")).float().eval()
 
     C, h, w = meta["latent_shape"]
+    C_in = meta["unet_in_channels"]
     Ci, H, W = meta["image_shape"]
     L, D = max_length, meta["text"]["hidden_size"]
     T = meta["num_train_timesteps"]
@@ -415,7 +430,7 @@ def export_pipeline(src: Path, out: Path, name: str | None = None, description: 
     def unet_in(n: int, seed: int) -> dict:
         r = g(seed)
         # Fractional times too: diffusers' Euler-family schedulers pass them.
-        return {"sample": torch.randn(n, C, h, w, generator=r),
+        return {"sample": torch.randn(n, C_in, h, w, generator=r),
                 "timestep": torch.rand(n, generator=r) * (T - 1),
                 "encoder_hidden_states": torch.randn(n, L, D, generator=r)}
 
