@@ -152,22 +152,23 @@ def encode_all(vae, x: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, to
 
 
 class Log:
-    def __init__(self, path: Path, keep: int) -> None:
-        """Rows up to the checkpoint's (global) row count `keep` are kept, later ones dropped."""
+    def __init__(self, path: Path, vae_done: int, unet_done: int) -> None:
+        """The loss log, with the rows of steps after the checkpoint's (`vae_done` VAE steps,
+        `unet_done` U-Net steps) dropped: they are trained again."""
         rows = []
         if path.exists():
             with path.open() as f:
-                rows = list(csv.DictReader(f))[:keep]
+                done = {"vae": vae_done, "unet": unet_done}
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) < done.get(r["stage"], 0)]
         with path.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
             w.writeheader()
             w.writerows(rows)
-        self.path, self.rows = path, len(rows)
+        self.path = path
 
     def add(self, stage: str, step: int, loss: float, lr: float, seconds: float) -> None:
         with self.path.open("a") as f:
             f.write(f"{stage},{step},{loss:.6f},{lr:.3e},{seconds:.1f}\n")
-        self.rows += 1
 
 
 def train(out_dir: Path, cfg: T2IConfig, checkpoint_every: int, time_budget_min: float | None,
@@ -204,7 +205,7 @@ def train(out_dir: Path, cfg: T2IConfig, checkpoint_every: int, time_budget_min:
     # to more steps is the longer run that never stopped.
     stored = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()
               if k != "unet_steps"}
-    state = {"stage": "vae", "step": 0, "elapsed_s": 0.0, "log_rows": 0, "scaling_factor": None}
+    state = {"stage": "vae", "step": 0, "elapsed_s": 0.0, "scaling_factor": None}
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, weights_only=False, map_location=dev)
         if ck["config"] != stored:
@@ -218,15 +219,18 @@ def train(out_dir: Path, cfg: T2IConfig, checkpoint_every: int, time_budget_min:
         state = ck["state"]
         print(f"resuming {state['stage']} stage at step {state['step']} "
               f"({state['elapsed_s'] / 60:.1f} min trained)")
-    log = Log(log_path, state["log_rows"])
 
     def checkpoint() -> None:
-        state["log_rows"] = log.rows
         save_atomic({"config": stored, "state": state, "vae": vae.state_dict(),
                      "vae_opt": vae_opt.state_dict(), "text": text.state_dict(),
                      "unet": unet.state_dict(), "ema_text": ema_text.state_dict(),
                      "ema_unet": ema_unet.state_dict(), "opt": opt.state_dict()}, ckpt_path)
 
+    if snapshot and state["stage"] == "vae":
+        raise SystemExit(f"{ckpt_path} is still in the VAE stage; nothing to snapshot")
+    # A snapshot reads the checkpoint only: the log belongs to the run that may still be going.
+    log = None if snapshot else Log(log_path, state["step"] if state["stage"] == "vae" else cfg.vae_steps,
+                                    0 if state["stage"] == "vae" else state["step"])
     t0 = time.time() - state["elapsed_s"]
 
     def tick(done: int, total: int) -> bool:
@@ -240,8 +244,6 @@ def train(out_dir: Path, cfg: T2IConfig, checkpoint_every: int, time_budget_min:
                   "rerun the same command to resume")
         return over
 
-    if snapshot and state["stage"] == "vae":
-        raise SystemExit(f"{ckpt_path} is still in the VAE stage; nothing to snapshot")
     if state["stage"] == "vae":
         vae.train()
         for step in range(state["step"], cfg.vae_steps):
