@@ -1,4 +1,6 @@
-"""A tiny randomly initialised diffusers StableDiffusionPipeline, built from configs (no download).
+"""A tiny randomly initialised diffusers StableDiffusionPipeline, built from configs (no download);
+with `inpainting=True` a StableDiffusionInpaintPipeline whose U-Net takes 9 channels (latents,
+mask, masked image latents), as stable-diffusion-inpainting's.
 
 The tokenizer is a real CLIP byte-level BPE tokenizer (transformers' CLIPTokenizer) over a
 small generated vocabulary: the 256 byte symbols, each also with the end-of-word mark `</w>`,
@@ -45,11 +47,31 @@ def write_tiny_vocab(folder: Path) -> tuple[int, int, int]:
     return len(vocab), len(vocab) - 2, len(vocab) - 1
 
 
+# A bigger SD-structured pipeline for benchmarks (benches/bench_text_to_image.py): Stable
+# Diffusion 1.x's block layout (three cross-attention levels and a plain one, two layers per
+# block, an 8x VAE) at a fifth of its widths, 32x32 latents (256x256 images), CLIP width 256.
+SD_SMALL = dict(block_out_channels=(64, 128, 256, 256), layers_per_block=2, sample_size=32,
+                attention_head_dim=8, norm_num_groups=32, vae_channels=(32, 64, 128, 128),
+                vae_layers_per_block=2, hidden_size=256, cross_attention_dim=256,
+                text_layers=4, text_heads=4, intermediate_size=1024)
+
+
 def build(out: Path, seed: int = 0, hidden_size: int = 32, cross_attention_dim: int = 32,
-          sample_size: int = 8) -> Path:
-    """Save a tiny StableDiffusionPipeline to `out` with save_pretrained; returns `out`. Its
-    latents are `sample_size` a side (the VAE doubles them into the images)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+          inpainting: bool = False, *, block_out_channels: tuple[int, ...] = (16, 32),
+          layers_per_block: int = 1, sample_size: int = 8, attention_head_dim: int = 4,
+          norm_num_groups: int = 8, vae_channels: tuple[int, ...] = (16, 32),
+          vae_layers_per_block: int = 1, text_layers: int = 2, text_heads: int = 4,
+          intermediate_size: int = 37) -> Path:
+    """Save a tiny StableDiffusionPipeline (with `inpainting`, a StableDiffusionInpaintPipeline
+    with a 9-channel U-Net) to `out` with save_pretrained; returns `out`.
+
+    The keywords size the parts (the defaults are the tiny test pipeline; `SD_SMALL` is a
+    bigger one): the U-Net's widths (every level but the first has cross-attention when there
+    are two levels, as here; with more, every level but the last, as in Stable Diffusion), its
+    latents `sample_size` a side, the VAE's widths (each level past the first doubles the
+    image side), the text encoder's depth and width."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline,
+                           StableDiffusionPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab_dir = out.parent / (out.name + "-vocab")
@@ -57,22 +79,30 @@ def build(out: Path, seed: int = 0, hidden_size: int = 32, cross_attention_dim: 
     tokenizer = CLIPTokenizer(str(vocab_dir / "vocab.json"), str(vocab_dir / "merges.txt"),
                               model_max_length=77)
     torch.manual_seed(seed)
+    levels = len(block_out_channels)
+    if levels == 2:
+        down = ("DownBlock2D", "CrossAttnDownBlock2D")
+    else:
+        down = ("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",)
+    up = tuple(b.replace("Down", "Up") for b in reversed(down))
     unet = UNet2DConditionModel(
-        block_out_channels=(16, 32), layers_per_block=1, sample_size=sample_size, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_attention_dim,
-        attention_head_dim=4, norm_num_groups=8)
-    vae = AutoencoderKL(block_out_channels=(16, 32), in_channels=3, out_channels=3,
-                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), latent_channels=4,
-                        norm_num_groups=8, sample_size=2 * sample_size)
+        block_out_channels=block_out_channels, layers_per_block=layers_per_block,
+        sample_size=sample_size, in_channels=9 if inpainting else 4, out_channels=4,
+        down_block_types=down, up_block_types=up, cross_attention_dim=cross_attention_dim,
+        attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups)
+    vae = AutoencoderKL(block_out_channels=vae_channels, in_channels=3, out_channels=3,
+                        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+                        up_block_types=("UpDecoderBlock2D",) * len(vae_channels), latent_channels=4,
+                        layers_per_block=vae_layers_per_block, norm_num_groups=norm_num_groups,
+                        sample_size=sample_size * 2 ** (len(vae_channels) - 1))
     text = CLIPTextModel(CLIPTextConfig(
         bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, hidden_size=hidden_size,
-        intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=2,
-        vocab_size=size, max_position_embeddings=77))
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+        intermediate_size=intermediate_size, layer_norm_eps=1e-5, num_attention_heads=text_heads,
+        num_hidden_layers=text_layers, vocab_size=size, max_position_embeddings=77))
+    cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
+    pipe = cls(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+               scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
+               requires_safety_checker=False)
     pipe.save_pretrained(str(out))
     return out
 
@@ -80,22 +110,22 @@ def build(out: Path, seed: int = 0, hidden_size: int = 32, cross_attention_dim: 
 _EXPORTED: dict[str, Path] = {}
 
 
-def exported(root: Path | None = None, sample_size: int = 8) -> Path:
-    """The tiny pipeline exported by `edgediff-export diffusers` (under `root`, else a new
-    temporary folder), built once per process for each latent size."""
+def exported(root: Path | None = None, inpainting: bool = False, sample_size: int = 8) -> Path:
+    """The tiny pipeline (`inpainting`: the 9-channel one; latents `sample_size` a side, the
+    VAE doubling them into the images) exported by `edgediff-export diffusers` (under `root`,
+    else a new temporary folder), built once per process for each kind and latent size."""
     import os
     import subprocess
     import sys
     import tempfile
-    key = f"dir{sample_size}"
-    if key not in _EXPORTED:
+    name = ("tiny-inpaint" if inpainting else "tiny") + ("" if sample_size == 8 else str(sample_size))
+    if name not in _EXPORTED:
         root = root or Path(tempfile.mkdtemp(prefix="edgediff-sd-"))
-        name = "tiny" if sample_size == 8 else f"tiny{sample_size}"
-        src = build(root / name, sample_size=sample_size)
+        src = build(root / name, inpainting=inpainting, sample_size=sample_size)
         out = root / f"{name}-edgediff"
         repo = Path(__file__).resolve().parents[1]
         env = {**os.environ, "PYTHONPATH": str(repo / "exporter" / "src")}
         subprocess.run([sys.executable, "-m", "edgediff_export.export", "diffusers", str(src),
                         "--out", str(out)], check=True, capture_output=True, env=env)
-        _EXPORTED[key] = out
-    return _EXPORTED[key]
+        _EXPORTED[name] = out
+    return _EXPORTED[name]

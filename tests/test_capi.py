@@ -140,8 +140,9 @@ def test_typed_params_match_the_cli(edgediff_bin, tiny_models, tmp_path, env):
 
 def test_prompts_through_c_match_the_cli(edgediff_bin, tmp_path, env):
     """tests/c/text_check.c: prompt, negative prompt and guidance through the typed struct on
-    the tiny text-to-image pipeline (tests/sd_tiny.py), byte for byte against the CLI; the
-    request API, an older struct size and bad prompts are checked in the program."""
+    the tiny text-to-image pipeline (tests/sd_tiny.py), byte for byte against the CLI, for
+    sampling and for latent inpainting; the request API, an older struct size and bad prompts
+    are checked in the program."""
     pytest.importorskip("diffusers")
     import sd_tiny
     pipe = sd_tiny.exported()
@@ -157,6 +158,15 @@ def test_prompts_through_c_match_the_cli(edgediff_bin, tmp_path, env):
     cli = np.load(tmp_path / "cli.npy")
     assert cli.shape == (2, 3, 16, 16) and cli.dtype == np.float32
     assert (tmp_path / "text.f32").read_bytes() == cli.tobytes()
+    image = np.fromfile(tmp_path / "inpaint-image.f32", np.float32).reshape(1, 3, 16, 16)
+    mask = np.fromfile(tmp_path / "inpaint-mask.f32", np.float32).reshape(1, 1, 16, 16)
+    np.save(tmp_path / "image.npy", image)
+    np.save(tmp_path / "mask.npy", mask)
+    run_cli(edgediff_bin, "inpaint", "--model", str(pipe), "--prompt", "a lighthouse at dusk",
+            "--negative-prompt", "blurry low quality", "--guidance", "7.5", "--sampler", "dpm++2m",
+            "--steps", "4", "--seed", "3", "--image", str(tmp_path / "image.npy"), "--mask",
+            str(tmp_path / "mask.npy"), "-q", "--out", str(tmp_path / "inpaint.npy"), env=env)
+    assert (tmp_path / "inpaint-out.f32").read_bytes() == np.load(tmp_path / "inpaint.npy").tobytes()
 
 
 def test_pkg_config_builds_an_application(tmp_path, env):

@@ -178,7 +178,7 @@ def cases():
         ("pipeline-no-merges", "a pipeline tokenizer missing merges.txt (and no tokenizer.json)",
          lambda t, m: ["--model", str(_pipeline(t, lambda d: (
              (d / "tokenizer" / "merges.txt").unlink(),
-             (d / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)))), "--prompt", "a cat"], 4),
+             (d / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)))), "--prompt", "a cat"], 3),
         ("pipeline-sdxl", "an unsupported pipeline class (SDXL), refused by name",
          lambda t, m: ["--model", str(_pipeline(t, lambda d: _edit_json(
              d / "model_index.json", _class_name="StableDiffusionXLPipeline")))], 3),
@@ -208,15 +208,48 @@ def cases():
          lambda t, m: ["--model", str(_pipeline(t)), "--vae-tiles", "5000"], 2),
         ("vae-tiles-fixed-decoder", "--vae-tiles smaller than the latents, for a VAE decoder graph that takes one latent size only",
          lambda t, m: ["--model", str(_pipeline(t, _fixed_size_decoder)), "--vae-tiles", "4"], 3),
-        ("inpaint-pipeline", "inpaint: a text-to-image pipeline (latent inpainting is still to come)",
-         lambda t, m: do(np.save(t / "img.npy", np.zeros((1, 3, 16, 16), np.float32)),
-                         np.save(t / "mask.npy", np.ones((1, 1, 16, 16), np.float32)),
-                         ["inpaint", "--model", str(_pipeline(t)), "--image", str(t / "img.npy"),
-                          "--mask", str(t / "mask.npy")]), 2),
+        ("inpaint-pipeline-mask", "inpaint: a pipeline's mask of the latents' size, not the image's",
+         lambda t, m: _inpaint_pipeline(t, _pipeline(t), mask=(1, 1, 8, 8)), 2),
+        ("inpaint-pipeline-latents", "inpaint: latents given as a pipeline's images",
+         lambda t, m: _inpaint_pipeline(t, _pipeline(t), image=(1, 4, 8, 8), mask=(1, 1, 8, 8)), 2),
+        ("inpaint-no-vae-encoder", "inpaint: a pipeline folder without vae_encoder",
+         lambda t, m: _inpaint_pipeline(t, _pipeline(t, lambda d: shutil.rmtree(d / "vae_encoder"))), 3),
+        ("inpaint-low-memory-pixel", "inpaint: --low-memory for a single-file pixel model",
+         lambda t, m: do(np.save(t / "img.npy", np.zeros((1, 1, 8, 8), np.float32)),
+                         np.save(t / "mask.npy", np.ones((1, 1, 8, 8), np.float32)),
+                         ["inpaint", "--model", str(m), "--image", str(t / "img.npy"), "--mask", str(t / "mask.npy"),
+                          "--low-memory"]), 2),
+        ("sample-inpainting-unet", "sample: a pipeline whose U-Net is an inpainting U-Net (9 channels)",
+         lambda t, m: ["--model", str(_pipeline(t, inpainting=True)), "--prompt", "a cat"], 2),
         ("elbo-pipeline", "elbo: a text-to-image pipeline (a bound on its latents is not the images')",
          lambda t, m: do(np.save(t / "x.npy", np.zeros((1, 3, 16, 16), np.float32)),
                          ["elbo", "--model", str(_pipeline(t)), "--data", str(t / "x.npy")]), 2),
+        ("external-data-missing", "a graph whose external data file (model.onnx_data) is missing",
+         lambda t, m: do(_external(m, t / "model.onnx"), (t / "model.onnx_data").unlink(),
+                         ["--model", str(t / "model.onnx")]), 3),
+        ("external-data-outside", "a graph naming an external data file outside its folder",
+         lambda t, m: do(_external(m, t / "model.onnx", location="../model.onnx_data"),
+                         ["--model", str(t / "model.onnx")]), 3),
+        ("pipeline-external-missing", "a pipeline whose VAE decoder's model.onnx_data is missing",
+         lambda t, m: ["--model", str(_pipeline(t, lambda d: (
+             _external(d / "vae_decoder" / "model.onnx", d / "vae_decoder" / "model.onnx"),
+             (d / "vae_decoder" / "model.onnx_data").unlink())))], 3),
     ]
+
+
+def _external(src: Path, dst: Path, location: str | None = None) -> None:
+    """`src` saved as `dst` with its tensors in `dst`_data (ONNX external data, as a graph over
+    2 GB is stored); `location`: the data file the graph names instead."""
+    proto = onnx.load(str(src))
+    onnx.save_model(proto, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=dst.name + "_data", size_threshold=0)
+    if location is not None:
+        proto = onnx.load(str(dst), load_external_data=False)
+        for t in proto.graph.initializer:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    entry.value = location
+        onnx.save(proto, str(dst))
 
 
 def _init_image(t: Path) -> list[str]:
@@ -229,10 +262,11 @@ def _edit_json(path: Path, **changes) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
 
 
-def _pipeline(t: Path, edit=None) -> Path:
-    """A copy in `t` of the tiny exported text-to-image pipeline (tests/sd_tiny.py), edited."""
+def _pipeline(t: Path, edit=None, inpainting: bool = False) -> Path:
+    """A copy in `t` of the tiny exported text-to-image pipeline (tests/sd_tiny.py; with
+    `inpainting`, the one with a 9-channel U-Net), edited."""
     import sd_tiny
-    src = sd_tiny.exported()
+    src = sd_tiny.exported(inpainting=inpainting)
     dst = t / "pipe"
     shutil.copytree(src, dst)
     if edit is not None:
@@ -247,6 +281,13 @@ def _fixed_size_decoder(d: Path) -> None:
     for dim in proto.graph.input[0].type.tensor_type.shape.dim[2:]:
         dim.dim_value = 8
     onnx.save(proto, str(path))
+
+
+def _inpaint_pipeline(t: Path, pipe: Path, image=(1, 3, 16, 16), mask=(1, 1, 16, 16)) -> list[str]:
+    """`inpaint` on `pipe` with zero images and a full mask of these shapes."""
+    np.save(t / "img.npy", np.zeros(image, np.float32))
+    np.save(t / "mask.npy", np.ones(mask, np.float32))
+    return ["inpaint", "--model", str(pipe), "--image", str(t / "img.npy"), "--mask", str(t / "mask.npy")]
 
 
 def _made_with_seed_1(t: Path, m: Path) -> list[str]:

@@ -80,6 +80,51 @@ def test_low_memory_gives_the_same_bytes_holding_one_graph_at_a_time(edgediff_bi
     assert run.count("vae_encoder") == (case == "img2img"), opened
 
 
+@pytest.mark.parametrize("inpainting,strength", [(False, 1.0), (True, 1.0), (True, 0.6)])
+def test_low_memory_inpaints_the_same_bytes_holding_one_graph_at_a_time(edgediff_bin, tmp_path, inpainting,
+                                                                        strength):
+    """`inpaint --low-memory`, for an ordinary U-Net (the image latents pinned) and a 9-channel
+    inpainting U-Net (the mask and masked image's latents as input; below strength 1 the image
+    encoded twice): the VAE encoder is held alone, before the prompts, and the bytes are the
+    same."""
+    model = sd_tiny.exported(inpainting=inpainting)
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "img.npy", rng.uniform(-1, 1, (3, 3, 16, 16)).astype(np.float32))
+    mask = np.zeros((3, 1, 16, 16), np.float32)
+    mask[:, :, 3:11, 5:14] = 1
+    np.save(tmp_path / "mask.npy", mask)
+    outs = {}
+    for mode, flags in (("normal", []), ("low", ["--low-memory"])):
+        out = tmp_path / f"{mode}.npy"
+        log = run_cli(edgediff_bin, "inpaint", "--model", str(model), "--image", str(tmp_path / "img.npy"),
+                      "--mask", str(tmp_path / "mask.npy"), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+                      "--strength", str(strength), "--steps", "4", "--batch-size", "2", "-q", "--out", str(out),
+                      *flags, env={"RUST_LOG": "edgediff=debug"}).stderr
+        outs[mode] = (out, *held_graphs(log))
+    (on, most_n, _), (ol, most_l, opened) = outs["normal"], outs["low"]
+    assert on.read_bytes() == ol.read_bytes()
+    assert most_n >= 3 and most_l == 1, (most_n, most_l)
+    # After the load's checks: the encoder alone, then the stages of any run, each opened once.
+    assert opened[3:] == ["vae_encoder", "text_encoder", "unet", "vae_decoder"], opened
+
+
+def test_low_memory_runs_an_optimum_folder(edgediff_bin, tmp_path):
+    """optimum's folder as it is (no edgediff.json, a scalar-timestep U-Net, no vae_encoder):
+    the same bytes, one graph at a time, the U-Net opened again with its scalar timestep."""
+    folder = Path(__file__).resolve().parent / "data" / "optimum-tiny"
+    outs = {}
+    for mode, flags in (("normal", []), ("low", ["--low-memory"])):
+        d = tmp_path / mode
+        d.mkdir()
+        log = run_logged(edgediff_bin, "--model", str(folder), "--prompt", PROMPT, "--negative-prompt", NEGATIVE,
+                         "-n", "3", "--batch-size", "2", "--steps", "4", "-q", "--out", str(d / "x.npy"), *flags)
+        outs[mode] = (d, *held_graphs(log))
+    (dn, most_n, _), (dl, most_l, opened) = outs["normal"], outs["low"]
+    assert (dn / "x.npy").read_bytes() == (dl / "x.npy").read_bytes()
+    assert most_n >= 3 and most_l == 1, (most_n, most_l)
+    assert opened.count("unet") == 2 and "vae_encoder" not in opened, opened
+
+
 def test_low_memory_png_folder_and_resume_are_unchanged(edgediff_bin, tmp_path):
     """A folder of PNGs is the same in both modes, and a low-memory run resumes a normal one
     (the mode is not part of the job: it does not change a sample)."""

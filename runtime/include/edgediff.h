@@ -283,7 +283,10 @@ int edgediff_sample_to_file_with(const edgediff_model *model, const edgediff_sam
 /* Inpaints n images (n * C * H * W floats, data range) where masks (n * H * W floats) is 1,
  * keeping the pixels where it is 0, into out (out_len >= n * C * H * W), with the sampler,
  * steps, seed... of params (params->n is not read: n is; init_noise/step_noise are refused);
- * jumps/resample: RePaint resampling (0, 0: none), as `edgediff inpaint`. */
+ * jumps/resample: RePaint resampling (0, 0: none), as `edgediff inpaint`. [C, H, W] is
+ * edgediff_model_output_shape's: a text-to-image pipeline inpaints its images (in [-1, 1])
+ * through its latents, with params' prompt and negative_prompt, at strength 1, as
+ * `edgediff inpaint --model PIPELINE` does. */
 int edgediff_inpaint_with(const edgediff_model *model, const edgediff_sample_params *params,
                           const float *images, const float *masks, size_t n, size_t jumps,
                           size_t resample, float *out, size_t out_len);

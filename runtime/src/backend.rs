@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use half::f16;
-use ndarray::{Array1, Array4, ArrayView3, ArrayView4, Ix4};
+use ndarray::{s, Array1, Array4, ArrayD, ArrayView3, ArrayView4, Axis, Ix4};
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, TensorRef, ValueType};
 
@@ -170,8 +170,8 @@ pub struct NetworkOptions {
     /// only while it is needed, so the peak is that of the most demanding graph with its
     /// working memory instead of all graphs together with the U-Net's working memory. A
     /// run then encodes every prompt with the text encoder, frees it, samples every batch with
-    /// the U-Net, frees it, and decodes the kept latents with the VAE decoder (an img2img run's
-    /// VAE encoder is held only while it encodes); graphs are opened again by the next run
+    /// the U-Net, frees it, and decodes the kept latents with the VAE decoder (the VAE encoder
+    /// of an img2img or inpainting run is held only while it encodes); graphs are opened again by the next run
     /// that needs them, and the samples are the same bytes as without it. Default: off.
     pub low_memory: bool,
 }
@@ -283,6 +283,182 @@ enum ModelBytes {
     Mapped(#[allow(dead_code)] memmap2::Mmap),
 }
 
+/// The tensors an .onnx graph keeps outside its file: ONNX external data, how a graph over
+/// protobuf's 2 GB limit is stored (`model.onnx` with `model.onnx_data` beside it, as optimum
+/// and `edgediff-export diffusers` write it). ONNX Runtime opens those files itself and
+/// memory-maps them, their tensors used in place unless a kernel repacks them; it needs their
+/// folder, as a graph given to it as bytes has none (or, with `read_into_memory`, their bytes).
+struct ExternalData {
+    folder: PathBuf,
+    /// Each file the graph names, once: its location as written in the graph, and its path.
+    files: Vec<(String, PathBuf)>,
+    /// The largest tensor's bytes, as the graph's `length` entries give them.
+    largest: u64,
+}
+
+/// The external-data entries in the bytes of an .onnx file: each `location` once, in order of
+/// first mention, and the largest `length`. Each entry is a StringStringEntryProto serialised as
+/// field 1 (the key) then field 2 (the value), which this finds without parsing the protobuf.
+fn external_entries(bytes: &[u8]) -> (Vec<String>, u64) {
+    static KEYS: OnceLock<regex::bytes::Regex> = OnceLock::new();
+    let keys = KEYS.get_or_init(|| {
+        regex::bytes::Regex::new(r"(?-u)\x0a(?:\x08location|\x06length)\x12")
+            .expect("a valid literal")
+    });
+    let (mut found, mut largest): (Vec<String>, u64) = (Vec::new(), 0);
+    for m in keys.find_iter(bytes) {
+        // The value's length, a varint.
+        let (mut len, mut at) = (0usize, m.end());
+        for shift in (0..35).step_by(7) {
+            let Some(&b) = bytes.get(at) else { break };
+            len |= ((b & 0x7f) as usize) << shift;
+            at += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let Some(Ok(v)) = bytes
+            .get(at..at.saturating_add(len))
+            .map(std::str::from_utf8)
+        else {
+            continue;
+        };
+        if m.as_bytes()[1] == 6 {
+            largest = largest.max(v.parse().unwrap_or(0));
+        } else if !v.is_empty() && !found.iter().any(|f| f == v) {
+            found.push(v.to_string());
+        }
+    }
+    (found, largest)
+}
+
+impl ExternalData {
+    /// The external data an .onnx file's `bytes` name, resolved beside `path` (for bytes given
+    /// without a file, beside their label: the working directory for a bare one); None when
+    /// they name none. ORT-format files (`ort_format`) keep every tensor inside. A file that is
+    /// missing, or named outside that folder, is an error naming it.
+    fn find(bytes: &[u8], ort_format: bool, path: &Path) -> Result<Option<ExternalData>> {
+        if ort_format {
+            return Ok(None);
+        }
+        let (locations, largest) = external_entries(bytes);
+        if locations.is_empty() {
+            return Ok(None);
+        }
+        let model_file = |detail: String| Error::ModelFile {
+            path: path.into(),
+            detail,
+        };
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        let folder = match parent {
+            Some(p) => p.to_path_buf(),
+            None => PathBuf::from("."),
+        };
+        let mut files = Vec::with_capacity(locations.len());
+        for loc in locations {
+            let rel = Path::new(&loc);
+            let file = folder.join(rel);
+            if rel.is_absolute()
+                || rel
+                    .components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err(model_file(format!(
+                    "its external data file {loc:?} is outside its folder; ONNX Runtime reads external data only from beside the graph"
+                )));
+            }
+            if let Err(e) = std::fs::metadata(&file) {
+                return Err(model_file(format!(
+                    "it keeps its weights in the external data file {}, which cannot be opened ({e}); a graph over 2 GB stores them beside its .onnx file (ONNX external data): copy the two together",
+                    file.display()
+                )));
+            }
+            files.push((loc, file));
+        }
+        Ok(Some(ExternalData {
+            folder,
+            files,
+            largest,
+        }))
+    }
+
+    /// `builder` told where the files are, or handed their bytes when `read_into_memory`.
+    fn apply(
+        &self,
+        mut builder: ort::session::builder::SessionBuilder,
+        opts: &NetworkOptions,
+        path: &Path,
+    ) -> Result<ort::session::builder::SessionBuilder> {
+        if !opts.read_into_memory {
+            let folder = std::fs::canonicalize(&self.folder).unwrap_or(self.folder.clone());
+            return builder
+                .with_config_entry(
+                    "session.model_external_initializers_file_folder_path",
+                    folder.to_string_lossy(),
+                )
+                .map_err(|e| Error::ort("locating the external data")(e.into()));
+        }
+        if self.largest > i32::MAX as u64 {
+            return Err(Error::ModelFile {
+                path: path.into(),
+                detail: format!(
+                    "it is to be read into memory (--no-mmap), but ONNX Runtime takes external data handed over in memory only for tensors up to 2 GiB, and one of its tensors has {} bytes; open it mapped",
+                    self.largest
+                ),
+            });
+        }
+        for (loc, file) in &self.files {
+            let bytes = read_shared(file).map_err(|e| Error::ModelFile {
+                path: path.into(),
+                detail: format!("reading its external data {}: {e}", file.display()),
+            })?;
+            builder = builder
+                .with_external_initializer_file_in_memory(loc, bytes)
+                .map_err(|e| Error::ort("passing the external data")(e.into()))?;
+        }
+        Ok(builder)
+    }
+
+    /// `fingerprint` (the graph file's) extended by each data file's length and ends (its first
+    /// and last MiB, as `job::model_fingerprint` samples a graph file): they hold the weights.
+    fn fingerprint(&self, fingerprint: String, path: &Path) -> Result<String> {
+        use std::io::{Read, Seek, SeekFrom};
+        const END: u64 = 1 << 20;
+        let mut h = crate::job::Fnv::default();
+        h.update(fingerprint.as_bytes());
+        for (_, file) in &self.files {
+            let io = |e: std::io::Error| Error::ModelFile {
+                path: path.into(),
+                detail: format!("reading its external data {}: {e}", file.display()),
+            };
+            let mut f = std::fs::File::open(file).map_err(io)?;
+            let len = f.metadata().map_err(io)?.len();
+            let mut buf = Vec::with_capacity(2 * END as usize);
+            (&mut f).take(END).read_to_end(&mut buf).map_err(io)?;
+            f.seek(SeekFrom::Start(len.saturating_sub(END)))
+                .map_err(io)?;
+            f.take(END).read_to_end(&mut buf).map_err(io)?;
+            h.update(&len.to_le_bytes()).update(&buf);
+        }
+        Ok(h.hex())
+    }
+}
+
+/// The bytes of `file` in one shared buffer, read into it (not read, then copied into it).
+fn read_shared(file: &Path) -> std::io::Result<std::sync::Arc<[u8]>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(file)?;
+    let len = usize::try_from(f.metadata()?.len())
+        .map_err(|_| std::io::Error::other("larger than this machine's address space"))?;
+    // SAFETY: zeroed memory is a valid [u8].
+    let mut buf = unsafe { std::sync::Arc::<[u8]>::new_zeroed_slice(len).assume_init() };
+    let Some(bytes) = std::sync::Arc::get_mut(&mut buf) else {
+        unreachable!("a new Arc has one owner")
+    };
+    f.read_exact(bytes)?;
+    Ok(buf)
+}
+
 /// An opened ONNX network obeying the model contract.
 pub struct Network {
     // Declared before `_bytes` so the session is dropped first. None once released
@@ -291,11 +467,17 @@ pub struct Network {
     _bytes: ModelBytes,
     sample_type: SampleType,
     time_type: TimeType,
+    /// `timestep` is a scalar (rank 0), one time for the whole batch, as optimum exports a
+    /// U-Net; a batch whose samples are at different times then runs one sample per call.
+    scalar_time: bool,
     has_class_labels: bool,
     /// `[L, D]` of the `encoder_hidden_states` input (-1 where dynamic), when the graph has it.
     pub(crate) context_shape: Option<[i64; 2]>,
     /// `[C, H, W]` as the graph declares it (-1 where dynamic).
     pub(crate) declared_shape: Vec<i64>,
+    /// Input channels beyond the output's: an inpainting U-Net's mask and masked image
+    /// latents, which the caller appends to the sample (0 for the model contract's networks).
+    pub(crate) extra_channels: usize,
     /// Identifies the model file's bytes (see `job::model_fingerprint`).
     pub(crate) fingerprint: String,
     path: PathBuf,
@@ -331,7 +513,10 @@ impl Network {
     /// The file is memory-mapped, not read: pages come from the page cache on demand. An
     /// ORT-format file (`.ort`, written by `edgediff-export ort`) is then used in place, its
     /// weights included (zero copy, so its pages are shared by every process that maps it);
-    /// an `.onnx` file is parsed from the mapping into ONNX Runtime's own buffers.
+    /// an `.onnx` file is parsed from the mapping into ONNX Runtime's own buffers. The tensors
+    /// of an `.onnx` file with external data (`model.onnx_data` beside it, for graphs over
+    /// 2 GB) are mapped by ONNX Runtime itself and used in place where no kernel repacks them
+    /// (with `read_into_memory` they are read and handed over instead).
     pub fn open(path: &Path, opts: &NetworkOptions) -> Result<(Network, Option<String>)> {
         let model_file = |detail: String| Error::ModelFile {
             path: path.into(),
@@ -339,7 +524,11 @@ impl Network {
         };
         if opts.read_into_memory {
             let bytes = std::fs::read(path).map_err(|e| model_file(e.to_string()))?;
-            return Network::build(&bytes, ModelBytes::None, false, path, opts);
+            let (mut net, raw) = Network::build(&bytes, ModelBytes::None, false, path, opts)?;
+            log::debug!("graph opened: {}", path.display());
+            // Read from a file, so low-memory mode may free it and read it again too.
+            net.reopen = Some(opts.clone());
+            return Ok((net, raw));
         }
         let file = std::fs::File::open(path).map_err(|e| model_file(e.to_string()))?;
         // SAFETY: the mapping is read-only and lives as long as the session; a file truncated
@@ -383,6 +572,7 @@ impl Network {
             if net.fingerprint != self.fingerprint
                 || net.sample_type != self.sample_type
                 || net.time_type != self.time_type
+                || net.scalar_time != self.scalar_time
                 || net.context_shape != self.context_shape
                 || net.declared_shape != self.declared_shape
             {
@@ -449,7 +639,11 @@ impl Network {
             intra_threads,
             ..Default::default()
         };
-        Network::builder(&opts, false)?
+        let mut builder = Network::builder(&opts, false)?;
+        if let Some(external) = ExternalData::find(&bytes, false, path)? {
+            builder = external.apply(builder, &opts, path)?;
+        }
+        builder
             .commit_from_memory(&bytes)
             .map_err(|e| Error::ModelFile {
                 path: path.into(),
@@ -478,6 +672,18 @@ impl Network {
         in_place: bool,
         path: &Path,
         opts: &NetworkOptions,
+    ) -> Result<Session> {
+        let external = ExternalData::find(bytes, in_place, path)?;
+        Network::session_with(bytes, in_place, path, opts, external.as_ref())
+    }
+
+    /// [`Network::session`] for a graph whose external data was found already.
+    fn session_with(
+        bytes: &[u8],
+        in_place: bool,
+        path: &Path,
+        opts: &NetworkOptions,
+        external: Option<&ExternalData>,
     ) -> Result<Session> {
         let fallback = |why: String| -> Result<ort::session::builder::SessionBuilder> {
             if !opts.fallback_cpu {
@@ -510,6 +716,9 @@ impl Network {
             },
             Err(why) => fallback(why)?,
         };
+        if let Some(external) = external {
+            builder = external.apply(builder, opts, path)?;
+        }
         builder
             .commit_from_memory(bytes)
             .map_err(|e| Error::ModelFile {
@@ -525,7 +734,8 @@ impl Network {
         path: &Path,
         opts: &NetworkOptions,
     ) -> Result<(Network, Option<String>)> {
-        let session = Network::session(bytes, in_place, path, opts)?;
+        let external = ExternalData::find(bytes, in_place, path)?;
+        let session = Network::session_with(bytes, in_place, path, opts, external.as_ref())?;
         let raw_meta = session
             .metadata()
             .map_err(Error::ort("reading model metadata"))?
@@ -557,7 +767,9 @@ impl Network {
         }
         let timestep = find("timestep")
             .ok_or_else(|| contract("the graph has no input named 'timestep'".into()))?;
-        let time_type = match tensor_info(timestep.dtype()).map(|(t, _)| t) {
+        let timestep_info = tensor_info(timestep.dtype());
+        let scalar_time = matches!(&timestep_info, Some((_, shape)) if shape.is_empty());
+        let time_type = match timestep_info.map(|(t, _)| t) {
             Some(TensorElementType::Int64) => TimeType::I64,
             Some(TensorElementType::Float32) => TimeType::F32,
             Some(TensorElementType::Float16) => TimeType::F16,
@@ -610,14 +822,23 @@ impl Network {
             _bytes: keep,
             sample_type,
             time_type,
+            scalar_time,
             has_class_labels,
             context_shape,
             declared_shape,
+            extra_channels: 0,
             fingerprint: crate::job::model_fingerprint(bytes),
             path: path.into(),
             reopen: None,
         };
-        Ok((net, raw_meta))
+        match &external {
+            None => Ok((net, raw_meta)),
+            // The weights are in the data files: they are part of what the model is.
+            Some(ext) => {
+                let fingerprint = ext.fingerprint(net.fingerprint.clone(), path)?;
+                Ok((Network { fingerprint, ..net }, raw_meta))
+            }
+        }
     }
 
     /// Whether the graph takes `class_labels`.
@@ -633,6 +854,8 @@ impl Network {
     /// Runs the network on a batch. `time` is the network's own time input per sample (already
     /// mapped by the caller); integer inputs get it rounded. `context` is the
     /// `encoder_hidden_states` `[N, L, D]` of a text-conditioned graph, one row per sample.
+    /// The output is shaped like `x`, less the extra input channels of an inpainting U-Net
+    /// (which `x` then holds after the latents).
     pub fn run(
         &mut self,
         x: ArrayView4<f32>,
@@ -642,6 +865,22 @@ impl Network {
     ) -> Result<Array4<f32>> {
         let n = x.shape()[0];
         debug_assert_eq!(time.len(), n);
+        if self.scalar_time && time.iter().any(|&t| t != time[0]) {
+            // One time per call: each sample on its own, then the batch put back together.
+            let outs = (0..n)
+                .map(|i| {
+                    self.run(
+                        x.slice(s![i..i + 1, .., .., ..]),
+                        &time[i..i + 1],
+                        class_labels.map(|l| &l[i..i + 1]),
+                        context.map(|c| c.slice_move(s![i..i + 1, .., ..])),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let views: Vec<_> = outs.iter().map(|o| o.view()).collect();
+            return ndarray::concatenate(Axis(0), &views)
+                .map_err(|e| Error::invalid(format!("joining the batch: {e}")));
+        }
         let mut inputs: Vec<(
             std::borrow::Cow<'_, str>,
             ort::session::SessionInputValue<'_>,
@@ -661,7 +900,11 @@ impl Network {
                     .into(),
             )),
         }
-        let t = Array1::from_iter(time.iter().copied());
+        let t: ArrayD<f64> = if self.scalar_time {
+            ndarray::arr0(time.first().copied().unwrap_or(0.0)).into_dyn()
+        } else {
+            Array1::from_iter(time.iter().copied()).into_dyn()
+        };
         match self.time_type {
             TimeType::I64 => inputs.push((
                 "timestep".into(),
@@ -733,16 +976,96 @@ impl Network {
                 path: self.path.clone(),
                 detail: "the output is not rank 4 [N, C, H, W]".into(),
             })?;
-        if arr.shape() != x.shape() {
+        let mut want = x.shape().to_vec();
+        want[1] = want[1].saturating_sub(self.extra_channels);
+        if arr.shape() != want.as_slice() {
             return Err(Error::Contract {
                 path: self.path.clone(),
-                detail: format!(
-                    "output shape {:?} differs from sample shape {:?}",
-                    arr.shape(),
-                    x.shape()
-                ),
+                detail: if self.extra_channels == 0 {
+                    format!(
+                        "output shape {:?} differs from sample shape {:?}",
+                        arr.shape(),
+                        x.shape()
+                    )
+                } else {
+                    format!(
+                        "output shape {:?} differs from {want:?} (the input {:?} less its {} mask and masked-image channels)",
+                        arr.shape(),
+                        x.shape(),
+                        self.extra_channels
+                    )
+                },
             });
         }
         Ok(arr)
+    }
+}
+
+#[cfg(test)]
+mod external_data_tests {
+    use super::*;
+
+    /// One external-data entry as protobuf serialises it: key "location", then the value.
+    fn entry(value: &str) -> Vec<u8> {
+        let mut b = b"\x0a\x08location\x12".to_vec();
+        let mut len = value.len();
+        loop {
+            let byte = (len & 0x7f) as u8;
+            len >>= 7;
+            b.push(if len > 0 { byte | 0x80 } else { byte });
+            if len == 0 {
+                break;
+            }
+        }
+        b.extend_from_slice(value.as_bytes());
+        b.extend_from_slice(b"\x0a\x06offset\x12\x010");
+        b
+    }
+
+    #[test]
+    fn locations_are_found_once_each_with_long_names_too() {
+        let long = "d".repeat(200) + ".bin"; // a two-byte length
+        let mut bytes = b"\x08\x07junk".to_vec();
+        for v in ["model.onnx_data", &long, "model.onnx_data"] {
+            bytes.extend(entry(v));
+            bytes.extend_from_slice(&[0u8, 1, 2, 3]);
+        }
+        bytes.extend_from_slice(b"\x0a\x06length\x12\x0a2150400000");
+        assert_eq!(
+            external_entries(&bytes),
+            (vec!["model.onnx_data".to_string(), long], 2_150_400_000)
+        );
+        assert!(external_entries(b"no external data here").0.is_empty());
+        // Cut off inside the value: not a location.
+        let cut = entry("model.onnx_data");
+        assert!(external_entries(&cut[..cut.len() - 20]).0.is_empty());
+    }
+
+    #[test]
+    fn a_missing_or_escaping_data_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let graph = dir.path().join("model.onnx");
+        let err = ExternalData::find(&entry("model.onnx_data"), false, &graph)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("model.onnx_data, which cannot be opened"),
+            "{err}"
+        );
+        let err = ExternalData::find(&entry("../w.bin"), false, &graph)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("is outside its folder"), "{err}");
+        std::fs::write(dir.path().join("model.onnx_data"), [0u8; 8]).unwrap();
+        let found = ExternalData::find(&entry("model.onnx_data"), false, &graph)
+            .unwrap()
+            .unwrap();
+        assert_eq!(found.files.len(), 1);
+        // ORT-format files keep their tensors inside: not looked at.
+        assert!(ExternalData::find(&entry("x"), true, &graph)
+            .unwrap()
+            .is_none());
     }
 }

@@ -1358,7 +1358,8 @@ unsafe fn inpaint_into(
     let mut model = lock(m);
     // SAFETY: forwarded from the caller.
     let run = unsafe { Run::new(p, &model) }?;
-    let [c, h, w] = model.metadata().sample_shape;
+    // Images, masks and out are what the model outputs: a pipeline's images, not its latents.
+    let [c, h, w] = model.output_shape();
     let need = count(&[n, c, h, w], "n * C * H * W")?;
     let mask_len = count(&[n, h, w], "n * H * W")?;
     if out.is_null() {
@@ -1378,12 +1379,17 @@ unsafe fn inpaint_into(
     let mks =
         Array4::from_shape_vec((n, 1, h, w), mks.to_vec()).map_err(|e| arg(&e.to_string()))?;
     let mut progress = run.progress();
+    let how = crate::inpaint::InpaintOptions {
+        resampling,
+        ..Default::default()
+    };
     let (x, _) = crate::inpaint::inpaint(
         &mut model,
         &run.opts,
         &imgs,
         &mks,
-        resampling,
+        &how,
+        None,
         &mut progress,
     )?;
     let x = x.as_standard_layout();

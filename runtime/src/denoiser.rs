@@ -167,6 +167,9 @@ pub struct ModelDenoiser<'m> {
     /// The hidden states [`Denoiser::denoise_pair`] evaluates besides `context` (the negative
     /// prompt's).
     uncond_context: Option<Array3<f32>>,
+    /// Channels `[n, k, H, W]` appended to each row's sample on the channel axis, one row per
+    /// sample, under both conditionings: an inpainting U-Net's mask and masked image latents.
+    channels: Option<Array4<f32>>,
     /// Global index of the batch's first sample, for error messages.
     first_sample: usize,
     calls: usize,
@@ -183,6 +186,7 @@ impl<'m> ModelDenoiser<'m> {
             uncond_labels: None,
             context: None,
             uncond_context: None,
+            channels: None,
             first_sample,
             calls: 0,
             cancel: None,
@@ -203,6 +207,15 @@ impl<'m> ModelDenoiser<'m> {
     pub fn with_text(mut self, cond: Array3<f32>, uncond: Option<Array3<f32>>) -> Self {
         self.context = Some(cond);
         self.uncond_context = uncond;
+        self
+    }
+
+    /// Channels `[n, k, H, W]` (one row per sample) the network gets after the sample's on
+    /// the channel axis, the same under both conditionings of [`Denoiser::denoise_pair`]: an
+    /// inpainting U-Net's mask and masked image latents (diffusers'
+    /// StableDiffusionInpaintPipeline's `cat([latents, mask, masked_image_latents], 1)`).
+    pub fn with_channels(mut self, channels: Option<Array4<f32>>) -> Self {
+        self.channels = channels;
         self
     }
 
@@ -236,15 +249,25 @@ impl<'m> ModelDenoiser<'m> {
             .collect()
     }
 
-    /// One network call, counted.
+    /// One network call, counted; `channels` (rows matching `x`'s) are appended to `x`.
     fn run(
         &mut self,
         x: ArrayView4<f32>,
         times: &[f64],
         labels: Option<&[i64]>,
         context: Option<ArrayView3<f32>>,
+        channels: Option<ArrayView4<f32>>,
     ) -> Result<Array4<f32>> {
-        let out = self.model.network.run(x, times, labels, context)?;
+        let out = match channels {
+            None => self.model.network.run(x, times, labels, context)?,
+            Some(ch) => {
+                let input = concatenate(Axis(1), &[x, ch])
+                    .map_err(|e| Error::invalid(format!("extra input channels: {e}")))?;
+                self.model
+                    .network
+                    .run(input.view(), times, labels, context)?
+            }
+        };
         self.calls += 1;
         Ok(out)
     }
@@ -273,7 +296,10 @@ impl<'m> ModelDenoiser<'m> {
 }
 
 /// The rows `rows` of `all` (all of them when `rows` is empty).
-fn pick_rows(all: &Option<Array3<f32>>, rows: &[usize]) -> Option<Array3<f32>> {
+fn pick_rows<D: ndarray::RemoveAxis>(
+    all: &Option<ndarray::Array<f32, D>>,
+    rows: &[usize],
+) -> Option<ndarray::Array<f32, D>> {
     all.as_ref().map(|all| {
         if rows.is_empty() {
             all.clone()
@@ -304,11 +330,13 @@ impl Denoiser for ModelDenoiser<'_> {
         let times = self.network_times(levels);
         let labels = pick(&self.class_labels, rows);
         let context = pick_rows(&self.context, rows);
+        let channels = pick_rows(&self.channels, rows);
         let out = self.run(
             x.view(),
             &times,
             labels.as_deref(),
             context.as_ref().map(|c| c.view()),
+            channels.as_ref().map(|c| c.view()),
         )?;
         self.check_finite(&[&out], &times, rows)?;
         Ok(self.to_denoised(out, x, levels))
@@ -350,11 +378,19 @@ impl Denoiser for ModelDenoiser<'_> {
         let both = concatenate(Axis(0), &[x.view(), x.view()])
             .map_err(|e| Error::invalid(e.to_string()))?;
         let times2: Vec<f64> = times.iter().chain(&times).copied().collect();
+        let channels2 = match pick_rows(&self.channels, rows) {
+            Some(ch) => Some(
+                concatenate(Axis(0), &[ch.view(), ch.view()])
+                    .map_err(|e| Error::invalid(e.to_string()))?,
+            ),
+            None => None,
+        };
         let out = self.run(
             both.view(),
             &times2,
             labels2.as_deref(),
             context2.as_ref().map(|c| c.view()),
+            channels2.as_ref().map(|c| c.view()),
         )?;
         let (c, u) = out.view().split_at(Axis(0), n);
         let (c, u) = (c.to_owned(), u.to_owned());

@@ -81,7 +81,7 @@ pub struct SampleOptions {
     /// diffusers' `steps_offset`, added to every time step of leading spacing. Default: 0
     /// ([`SampleOptions::for_model`]: the pipeline's scheduler's, 1 for Stable Diffusion).
     pub steps_offset: usize,
-    /// diffusers' `set_alpha_to_one` for DDIM: true ends at alpha-bar 1 (clean data), false at
+    /// diffusers' `set_alpha_to_one` for DDIM and PNDM (PLMS): true ends at alpha-bar 1 (clean data), false at
     /// alpha-bar of training step 0, as Stable Diffusion's scheduler does. Default: true
     /// ([`SampleOptions::for_model`]: the pipeline's scheduler's).
     pub set_alpha_to_one: bool,
@@ -243,6 +243,7 @@ pub fn generate_chunks(
             opts.n
         )));
     }
+    refuse_inpainting_unet(model)?;
     let (label, lv) = prepare(model, opts, injected)?;
     if opts.init_image.is_some() {
         model.enter(Stage::ImageEncoding);
@@ -254,6 +255,7 @@ pub fn generate_chunks(
         levels: &lv,
         steps_per_batch: lv.len() - 1,
         injected,
+        channels: None,
     };
     run_batches(
         model,
@@ -268,18 +270,13 @@ pub fn generate_chunks(
             // scheduler.add_noise); the levels are already the truncated ones (prepare).
             let x = match &init {
                 Some(z) => {
-                    let start = b.levels[0];
                     let rows = if z.len_of(Axis(0)) == 1 {
                         z.broadcast(x.raw_dim())
                             .ok_or_else(|| Error::invalid("init latent shape"))?
-                            .to_owned()
                     } else {
-                        z.slice(s![b.first..b.first + b.len, .., .., ..]).to_owned()
+                        z.slice(s![b.first..b.first + b.len, .., .., ..])
                     };
-                    let (a, sg) = (start.alpha as f32, (start.sigma / prior) as f32);
-                    ndarray::Zip::from(&rows)
-                        .and(&x)
-                        .map_collect(|&z, &e| a * z + sg * e)
+                    noised_start(rows, &x, &b.levels[0], prior)
                 }
                 None => x,
             };
@@ -296,13 +293,30 @@ pub fn generate_chunks(
     )
 }
 
+/// A run's start from data `z` (img2img, inpainting with a strength below 1): `alpha z +
+/// sigma eps` at `level`, eps being the batch's initial noise `x / prior` (diffusers'
+/// scheduler.add_noise).
+pub(crate) fn noised_start(
+    z: ndarray::ArrayView4<f32>,
+    x: &Array4<f32>,
+    level: &NoiseLevel,
+    prior: f64,
+) -> Array4<f32> {
+    let (a, sg) = (level.alpha as f32, (level.sigma / prior) as f32);
+    ndarray::Zip::from(&z)
+        .and(x)
+        .map_collect(|&z, &e| a * z + sg * e)
+}
+
 /// What every batch of a run shares: the label each network call gets, the levels, the
-/// progress units one batch reports (its steps), and injected noise if any.
+/// progress units one batch reports (its steps), injected noise if any, and the channels an
+/// inpainting U-Net gets beside the latents (`[n, k, h, w]`, one row per sample).
 pub(crate) struct BatchPlan<'a> {
     pub label: Option<i64>,
     pub levels: &'a [NoiseLevel],
     pub steps_per_batch: usize,
     pub injected: Option<&'a InjectedNoise>,
+    pub channels: Option<&'a Array4<f32>>,
 }
 
 /// One batch as the code that samples it sees it.
@@ -387,7 +401,11 @@ pub(crate) fn run_batches(
             Some(t) => Some(prompt_rows(model, opts, t, first, m)?),
             None => None,
         };
+        let channels = plan
+            .channels
+            .map(|c| c.slice(s![first..first + m, .., .., ..]).to_owned());
         let mut net = ModelDenoiser::new(model, plan.label.map(|k| vec![k; m]), first)
+            .with_channels(channels)
             .with_cancel(opts.cancel.clone())
             .with_unconditional(guidance.map(|(_, null)| vec![null; m]));
         let mut scale = guidance.map(|(w, _)| w);
@@ -485,18 +503,26 @@ fn decode_batch(p: &mut Pipeline, opts: &SampleOptions, z: &Array4<f32>) -> Resu
 /// batches of at most `batch_size` so the VAE encoder's memory stays one batch's; None without
 /// an init image.
 fn init_latents(model: &mut Model, opts: &SampleOptions) -> Result<Option<Array4<f32>>> {
-    let (Some(images), Some(p)) = (&opts.init_image, model.pipeline.as_mut()) else {
-        return Ok(None);
-    };
+    match (&opts.init_image, model.pipeline.as_mut()) {
+        (Some(images), Some(p)) => encode_images(p, images, opts.batch_size).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// The sampler's latents of `images` (`[k, C, H, W]`, the data range) by a pipeline's VAE
+/// encoder, in batches of at most `batch_size`.
+pub(crate) fn encode_images(
+    p: &mut crate::pipeline::Pipeline,
+    images: &Array4<f32>,
+    batch_size: usize,
+) -> Result<Array4<f32>> {
     let mut parts = Vec::new();
-    for first in (0..images.len_of(Axis(0))).step_by(opts.batch_size) {
-        let end = (first + opts.batch_size).min(images.len_of(Axis(0)));
+    for first in (0..images.len_of(Axis(0))).step_by(batch_size.max(1)) {
+        let end = (first + batch_size).min(images.len_of(Axis(0)));
         parts.push(p.encode_image(&images.slice(s![first..end, .., .., ..]).to_owned())?);
     }
     let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
-    concatenate(Axis(0), &views)
-        .map(Some)
-        .map_err(|e| Error::invalid(e.to_string()))
+    concatenate(Axis(0), &views).map_err(|e| Error::invalid(e.to_string()))
 }
 
 /// A text-to-image run's conditioning: the hidden states of the prompt and (with guidance) of
@@ -620,7 +646,20 @@ pub fn check_options(
     opts: &SampleOptions,
     injected: Option<&InjectedNoise>,
 ) -> Result<()> {
+    refuse_inpainting_unet(model)?;
     prepare(model, opts, injected).map(|_| ())
+}
+
+/// Refuses to sample from a pipeline's inpainting U-Net without its mask and masked image
+/// (which only [`crate::inpaint::inpaint`] gives it).
+fn refuse_inpainting_unet(model: &Model) -> Result<()> {
+    match model.pipeline() {
+        Some(p) if p.inpainting() => Err(Error::invalid(format!(
+            "the pipeline's U-Net is an inpainting U-Net ({} input channels: the latents, the mask and the masked image's latents); it samples only by inpainting, with an image and a mask (`edgediff inpaint`, C's edgediff_inpaint_with)",
+            p.unet_in_channels.unwrap_or(0)
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Validates `opts` against the model; returns the class label each call gets and the levels
@@ -712,10 +751,11 @@ pub(crate) fn prepare(
             },
         )?,
     };
-    if !opts.set_alpha_to_one && opts.sampler.name() == "ddim" {
-        // diffusers' DDIM with set_alpha_to_one false: the last step goes to alpha-bar of
-        // training step 0 (its final_alpha_cumprod), not to clean data. Only DDIM: diffusers'
-        // other schedulers (Euler, DPM-Solver, ...) end at sigma 0 whatever this setting.
+    if !opts.set_alpha_to_one && opts.sampler.def().ends_at_final_alpha() {
+        // diffusers' DDIM and PNDM with set_alpha_to_one false: the last step goes to
+        // alpha-bar of training step 0 (their final_alpha_cumprod), not to clean data.
+        // diffusers' other schedulers (Euler, DPM-Solver, ...) end at sigma 0 whatever this
+        // setting.
         let Some(_) = model.schedule().num_train_timesteps() else {
             return Err(Error::options(
                 "{0} false applies to discrete schedules",
@@ -739,7 +779,7 @@ pub(crate) fn prepare(
 /// An img2img run's levels: as diffusers' StableDiffusionImg2ImgPipeline.get_timesteps, the
 /// last `floor(steps * strength)` steps of the full list (the clean end kept), where steps is
 /// the number of steps the full list takes.
-fn img2img_levels(lv: Vec<NoiseLevel>, strength: f64) -> Result<Vec<NoiseLevel>> {
+pub(crate) fn img2img_levels(lv: Vec<NoiseLevel>, strength: f64) -> Result<Vec<NoiseLevel>> {
     if !(strength > 0.0 && strength <= 1.0) {
         return Err(Error::out_of_range(
             "strength",

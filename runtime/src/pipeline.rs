@@ -7,9 +7,11 @@
 //! DIR/edgediff.json                      the manifest; absent (optimum): derived from the configs below
 //! DIR/text_encoder/model.onnx            input_ids int64 [N, L] -> last_hidden_state [N, L, D]
 //! DIR/unet/model.onnx                    sample, timestep, encoder_hidden_states -> out_sample
+//!                                        (an inpainting U-Net's sample: latents || mask || masked
+//!                                        image latents, 2C + 1 channels; see `unet_in_channels`)
 //! DIR/vae_decoder/model.onnx             latent_sample [N, C, h, w] -> sample [N, 3, H, W]
 //! DIR/vae_encoder/model.onnx             sample [N, 3, H, W] -> latent_parameters [N, 2C, h, w]
-//!                                        (mean || logvar; optional, img2img needs it)
+//!                                        (mean || logvar; optional, img2img and inpainting need it)
 //! DIR/tokenizer/                         vocab.json merges.txt tokenizer_config.json special_tokens_map.json
 //! DIR/scheduler/scheduler_config.json    diffusers' scheduler config
 //! DIR/<graph>/config.json                the part's diffusers/transformers config
@@ -36,7 +38,12 @@ use crate::spacing::Spacing;
 use crate::text::ClipTokenizer;
 
 /// The pipeline classes this runtime runs.
-pub const SUPPORTED_PIPELINES: &[&str] = &["StableDiffusionPipeline", "ORTStableDiffusionPipeline"];
+pub const SUPPORTED_PIPELINES: &[&str] = &[
+    "StableDiffusionPipeline",
+    "ORTStableDiffusionPipeline",
+    "StableDiffusionInpaintPipeline",
+    "ORTStableDiffusionInpaintPipeline",
+];
 
 /// Families whose graphs or conditioning differ from Stable Diffusion 1.x/2.x (two text
 /// encoders, added time ids, transformers instead of a U-Net): named when refused.
@@ -96,8 +103,16 @@ pub struct PipelineConfig {
     /// diffusers' `set_alpha_to_one`: false makes DDIM end at alpha-bar of step 0, not at 1.
     #[serde(default = "yes")]
     pub set_alpha_to_one: bool,
-    /// `[C, h, w]` of the latents the U-Net denoises.
+    /// `[C, h, w]` of the latents the U-Net denoises (its output).
     pub latent_shape: [usize; 3],
+    /// Channels of the U-Net's `sample` input (None: C, those of the latents). `2C + 1` is an
+    /// inpainting U-Net (StableDiffusionInpaintPipeline's, 9 for Stable Diffusion): its input is
+    /// the latents, the mask downscaled to the latents (1 = fill) and the VAE latents of the
+    /// masked image, concatenated on the channels; it samples only through
+    /// [`crate::inpaint::inpaint`]. The exporter writes it; [`PipelineConfig::derive`] reads it
+    /// from `unet/config.json` `in_channels`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unet_in_channels: Option<usize>,
     /// `[C, H, W]` of the decoded images.
     pub image_shape: [usize; 3],
     pub data_range: [f64; 2],
@@ -128,6 +143,11 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 }
 
 impl PipelineConfig {
+    /// Whether the U-Net is an inpainting U-Net (`unet_in_channels` is `2C + 1`).
+    pub fn inpainting(&self) -> bool {
+        self.unet_in_channels == Some(2 * self.latent_shape[0] + 1)
+    }
+
     /// The spacing as the samplers' [`Spacing`].
     pub fn spacing(&self) -> Result<Spacing> {
         match self.spacing.as_str() {
@@ -139,7 +159,8 @@ impl PipelineConfig {
     }
 
     /// The record of an optimum folder (no edgediff.json), from the parts' JSON configs: the
-    /// scheduler's betas, prediction type and spacing, the U-Net's latent shape, the VAE's
+    /// scheduler's betas, prediction type and spacing, the U-Net's latent shape (its output
+    /// channels) and input channels (an inpainting U-Net's differ), the VAE's
     /// scaling and upsampling, the text encoder's width and the tokenizer's length.
     pub fn derive(dir: &Path) -> Result<PipelineConfig> {
         let bad = |file: &str, detail: String| Error::Metadata {
@@ -215,7 +236,8 @@ impl PipelineConfig {
             Some(v) => [v.as_u64().unwrap_or(0) as usize; 2],
             None => [0, 0],
         };
-        let channels = int(&unet, "in_channels").unwrap_or(4);
+        let in_channels = int(&unet, "in_channels").unwrap_or(4);
+        let channels = int(&unet, "out_channels").unwrap_or(in_channels);
         let factor = 1usize
             << vae
                 .get("block_out_channels")
@@ -249,6 +271,7 @@ impl PipelineConfig {
                 .and_then(|v| v.as_bool())
                 .unwrap_or(true),
             latent_shape: [channels, size[0], size[1]],
+            unet_in_channels: Some(in_channels),
             image_shape: [
                 int(&vae, "out_channels").unwrap_or(3),
                 size[0] * factor,
@@ -297,8 +320,8 @@ pub struct Pipeline {
     tokenizer: ClipTokenizer,
     text_encoder: Graph,
     vae_decoder: Graph,
-    /// Opened on first use: only img2img needs it, and text-to-image runs should not pay for
-    /// loading a graph they never call (optimum folders may lack it altogether).
+    /// Opened on first use: only img2img and inpainting need it, and text-to-image runs should
+    /// not pay for loading a graph they never call (optimum folders may lack it altogether).
     vae_encoder: Graph,
     /// `[h, w]` of the VAE decoder's `latent_sample` input as the graph declares it (-1 where
     /// dynamic): tiled decoding needs both dynamic.
@@ -348,7 +371,7 @@ impl Graph {
 pub(crate) enum Stage {
     /// Encoding the prompts: the text encoder.
     Text,
-    /// Encoding img2img's images: the VAE encoder.
+    /// Encoding img2img's or inpainting's images: the VAE encoder.
     ImageEncoding,
     /// Sampling: the U-Net.
     Sampling,
@@ -443,6 +466,14 @@ impl Pipeline {
                 "the text encoder's hidden size {hidden} differs from the U-Net's cross-attention size {cross}: the parts do not belong together"
             )));
         }
+        let c = config.latent_shape[0];
+        let unet_in = config.unet_in_channels.unwrap_or(c);
+        if unet_in != c && unet_in != 2 * c + 1 {
+            return Err(contract(format!(
+                "the U-Net takes {unet_in} input channels for latents of {c}: edgediff runs U-Nets of {c} (text-to-image) or {} (inpainting: latents, mask, masked image latents)",
+                2 * c + 1
+            )));
+        }
         let metadata = config.unet_metadata();
         // Every check of the metadata record applies to the derived one too.
         ModelMetadata::from_json(&serde_json::to_string(&metadata).unwrap_or_default()).map_err(
@@ -452,6 +483,16 @@ impl Pipeline {
             },
         )?;
         let (mut network, _) = Network::open(&dir.join("unet/model.onnx"), opts)?;
+        match network.declared_shape.first() {
+            Some(&d) if d >= 0 && d as usize != unet_in => {
+                return Err(contract(format!(
+                    "unet/model.onnx takes {d} input channels; the pipeline's record says {unet_in}"
+                )))
+            }
+            _ => {}
+        }
+        // An inpainting U-Net's mask and masked-image channels come beside the latents.
+        network.extra_channels = unet_in - c;
         match network.context_shape {
             None => {
                 return Err(contract(
@@ -716,7 +757,8 @@ impl Pipeline {
             })
     }
 
-    /// Refuses an img2img run on a folder without a VAE encoder graph, before any work.
+    /// Refuses an img2img or inpainting run on a folder without a VAE encoder graph, before
+    /// any work.
     pub fn check_vae_encoder(&self) -> Result<()> {
         let path = self.dir.join("vae_encoder/model.onnx");
         if path.is_file() {
@@ -724,7 +766,7 @@ impl Pipeline {
         }
         Err(Error::ModelFile {
             path,
-            detail: "the pipeline folder has no vae_encoder graph (vae_encoder/model.onnx), which an init image needs; export the whole pipeline".into(),
+            detail: "the pipeline folder has no vae_encoder graph (vae_encoder/model.onnx), which img2img and inpainting need (they encode an image); export the whole pipeline".into(),
         })
     }
 

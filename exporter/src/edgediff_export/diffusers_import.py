@@ -386,7 +386,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="class-conditional U-Nets: 'last' if the last label is the unconditional "
                         "one (classifier-free guidance), 'none' if every label is a class")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                   help="fp16 writes float16 weights and sample tensors (time embedding and norms stay fp32)")
+                   help="fp16 writes float16 weights (time embedding and norms stay fp32; a pipeline "
+                        "also keeps softmax, attention scores and the VAE decoder's full-resolution "
+                        "blocks fp32, and float32 inputs and outputs)")
+    # Tests force external data on tiny graphs with it; the default is below protobuf's 2 GiB.
+    from .pipeline_export import EXTERNAL_DATA_THRESHOLD
+    p.add_argument("--external-data-threshold", type=int, default=EXTERNAL_DATA_THRESHOLD,
+                   metavar="BYTES", help=argparse.SUPPRESS)
 
 
 def run(a: argparse.Namespace) -> dict:
@@ -397,9 +403,10 @@ def run(a: argparse.Namespace) -> dict:
                                        "or --unet (a UNet2DModel), not both or neither")
         if a.pipeline is not None:
             from .pipeline_export import export_pipeline
-            if a.precision != "fp32":
-                raise DiffusersImportError("--precision fp16 is not supported for pipelines yet")
-            return export_pipeline(a.pipeline, a.out, a.name, a.description)
+            if a.external_data_threshold < 0:
+                raise DiffusersImportError("--external-data-threshold must be at least 0 bytes")
+            return export_pipeline(a.pipeline, a.out, a.name, a.description, a.precision,
+                                   a.external_data_threshold)
         return import_folder(a.unet, a.scheduler, a.out, a.name, a.description, a.null_class)
     except DiffusersImportError as e:
         raise SystemExit(_fail(str(e))) from None

@@ -5,7 +5,7 @@ Subcommands:
   random --out M.onnx            export a randomly initialised U-Net (tests, benchmarks)
   add-metadata M.onnx ...        attach edgediff metadata to an ONNX file made elsewhere
   fp16 M.onnx --out M16.onnx     write a float16 copy (half the size; checked against fp32)
-  diffusers DIR --out OUT        a StableDiffusionPipeline folder as a text-to-image folder
+  diffusers DIR --out OUT        a StableDiffusion(Inpaint)Pipeline folder as a text-to-image folder
                                  (--unet DIR: a UNet2DModel as one ONNX file)
   ort M.onnx --out M.ort         write an ORT-format copy, which the runtime uses in place
                                  from a memory-mapped file (zero-copy weights)
@@ -104,8 +104,9 @@ def unet_metadata(cfg: UNetConfig, schedule: dict, name: str, description: str,
 
 
 def _finish(a: argparse.Namespace, result: dict) -> dict:
-    """Apply --precision fp16 to a freshly exported file."""
-    if getattr(a, "precision", "fp32") == "fp16":
+    """Apply --precision fp16 to a freshly exported file (a pipeline folder's graphs were
+    converted as they were exported)."""
+    if getattr(a, "precision", "fp32") == "fp16" and result.get("kind") != "text-to-image":
         from .precision import write_fp16
         result["fp16_max_rel_diff"] = write_fp16(a.out, a.out)
     return result
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--description", default="")
     m.set_defaults(fn=_cmd_add_metadata)
 
-    d = sub.add_parser("diffusers", help="export a diffusers StableDiffusionPipeline folder (DIR) or import a UNet2DModel (--unet); needs diffusers (and transformers for pipelines)")
+    d = sub.add_parser("diffusers", help="export a diffusers StableDiffusionPipeline or StableDiffusionInpaintPipeline folder (DIR) or import a UNet2DModel (--unet); needs diffusers (and transformers for pipelines)")
     from .diffusers_import import add_arguments
     add_arguments(d)
     d.set_defaults(fn=_cmd_diffusers)

@@ -317,24 +317,42 @@ model_command! {
 #[argh(subcommand, name = "inpaint")]
 /// Fill the masked pixels of images (white in the mask = fill, black = keep) with any sampler
 /// that steps through noise levels, optionally with RePaint resampling (--jumps, --resample).
+/// A text-to-image pipeline inpaints its latents as diffusers' StableDiffusionInpaintPipeline
+/// (with --prompt; an inpainting U-Net of 9 channels gets the mask and masked image).
 pub(super) struct InpaintCmd {
     /// input: a PNG (one sample; repeat for more) or one float32 .npy [n, C, H, W] in the
-    /// model's data range
+    /// model's data range (a pipeline's: its image shape, in [-1, 1])
     #[argh(option)]
     image: Vec<PathBuf>,
     /// mask: one grayscale PNG for all images or one per image (white = fill), or a float32
-    /// .npy [n, 1 or C, H, W] of 0 (keep) and 1 (fill)
+    /// .npy [n, 1 or C, H, W] of 0 (keep) and 1 (fill), values binarised at 0.5 (a pipeline's:
+    /// [n, 1, H, W])
     #[argh(option)]
     mask: Vec<PathBuf>,
+    /// text prompt for a text-to-image pipeline (default: the empty prompt)
+    #[argh(option)]
+    prompt: Option<String>,
+    /// prompt guidance steers away from (default: the empty prompt)
+    #[argh(option)]
+    negative_prompt: Option<String>,
+    /// run the last floor(steps * strength) steps, from the image noised to that level
+    /// (default 1: every step, from pure noise)
+    #[argh(option, default = "1.0")]
+    strength: f64,
+    /// initial noise, float32 .npy [n, C, H, W] (a pipeline's: its latents' shape) instead of
+    /// the seeded noise
+    #[argh(option)]
+    init_noise: Option<PathBuf>,
     /// sampler (default ddim)
     #[argh(option, default = "String::from(\"ddim\")")]
     sampler: String,
     /// sampling steps (default 50)
     #[argh(option, default = "50")]
     steps: usize,
-    /// time-step spacing (default trailing)
-    #[argh(option, default = "String::from(\"trailing\")")]
-    spacing: String,
+    /// time-step spacing (default trailing; a pipeline folder's: its scheduler's spacing,
+    /// steps offset and final alpha)
+    #[argh(option)]
+    spacing: Option<String>,
     /// stochasticity for ddim and euler-a
     #[argh(option)]
     eta: Option<f64>,
@@ -353,12 +371,17 @@ pub(super) struct InpaintCmd {
     /// class label for class-conditional models
     #[argh(option)]
     class: Option<i64>,
-    /// classifier-free guidance scale with --class
+    /// classifier-free guidance scale with --class, or with a pipeline's prompt (default
+    /// there 7.5)
     #[argh(option)]
     guidance: Option<f64>,
     /// samples per network call (default 64)
     #[argh(option, default = "64")]
     batch_size: usize,
+    /// text-to-image: hold one graph at a time (VAE encoder, text encoder, U-Net, VAE
+    /// decoder), for boxes without memory for all; the same images, written once all are sampled
+    #[argh(switch)]
+    low_memory: bool,
     /// output: a .png grid, a .npy array, or a directory of PNGs (default inpainted.png)
     #[argh(option, short = 'o', default = "PathBuf::from(\"inpainted.png\")")]
     out: PathBuf,
@@ -404,24 +427,39 @@ pub(super) fn inpaint(cmd: InpaintCmd) -> Result<()> {
             ..Default::default()
         },
     )?;
-    let spacing: Spacing = cmd.spacing.parse()?;
+    let spacing: Option<Spacing> = cmd.spacing.as_deref().map(str::parse).transpose()?;
     edgediff::output::check_output(&cmd.out)?; // written at the end: checked before the work
-    let mut model = cmd.open_model()?;
+    let injected = cmd
+        .init_noise
+        .as_deref()
+        .map(|p| super::load_injected(p, None))
+        .transpose()?;
+    let mut model_opts = cmd.model_options()?;
+    model_opts.low_memory = cmd.low_memory;
+    let mut model = model_opts.open()?;
     let meta = model.metadata().clone();
-    let [_, h, w] = meta.sample_shape;
-    let images = load_images(&cmd.image, meta.sample_shape, meta.data_range)?;
+    // The images are what the model outputs: a pipeline's decoded images, not its latents.
+    let shape = model.output_shape();
+    let images = load_images(&cmd.image, shape, meta.data_range)?;
     let n = images.shape()[0];
-    let masks = load_masks(&cmd.mask, n, [h, w])?;
+    let masks = load_masks(&cmd.mask, n, [shape[1], shape[2]])?;
+    // A pipeline's scheduler settings are its defaults, as for `sample`.
+    let defaults = match spacing {
+        None => SampleOptions::for_model(&model),
+        Some(_) => SampleOptions::default(),
+    };
     let opts = SampleOptions {
         sampler,
         steps: cmd.steps,
-        spacing,
+        spacing: spacing.unwrap_or(defaults.spacing),
         n,
         batch_size: cmd.batch_size,
         seed: cmd.seed,
         class_label: cmd.class,
         guidance: cmd.guidance,
-        ..Default::default()
+        prompt: cmd.prompt,
+        negative_prompt: cmd.negative_prompt,
+        ..defaults
     };
     let start = Instant::now();
     let mut b = Bar::new(cmd.quiet, n);
@@ -430,10 +468,14 @@ pub(super) fn inpaint(cmd: InpaintCmd) -> Result<()> {
         &opts,
         &images,
         &masks,
-        edgediff::inpaint::Resampling {
-            jumps: cmd.jumps,
-            resample: cmd.resample,
+        &edgediff::inpaint::InpaintOptions {
+            resampling: edgediff::inpaint::Resampling {
+                jumps: cmd.jumps,
+                resample: cmd.resample,
+            },
+            strength: cmd.strength,
         },
+        injected.as_ref(),
         &mut |d, t| b.update(d, t),
     )?;
     let files = write_all(&x, &cmd.out, meta.data_range, None)?;
@@ -457,7 +499,8 @@ pub(super) fn inpaint(cmd: InpaintCmd) -> Result<()> {
     if cmd.json {
         let summary = serde_json::json!({
             "out": cmd.out, "files": files, "n": n, "sampler": sampler.name(), "steps": cmd.steps,
-            "jumps": cmd.jumps, "resample": cmd.resample, "known_rmse": known_rmse,
+            "jumps": cmd.jumps, "resample": cmd.resample, "strength": cmd.strength,
+            "known_rmse": known_rmse,
             "network_calls": report.network_calls, "seconds": start.elapsed().as_secs_f64(),
         });
         println!("{summary}");

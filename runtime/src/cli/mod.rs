@@ -531,8 +531,13 @@ fn info(cmd: InfoCmd) -> Result<()> {
     println!("network:      sample {:?}", model.sample_type());
     if let Some(p) = model.pipeline() {
         println!(
-            "pipeline:     {} (text-to-image)",
-            p.pipeline.as_deref().unwrap_or("from the folder's configs")
+            "pipeline:     {} (text-to-image{})",
+            p.pipeline.as_deref().unwrap_or("from the folder's configs"),
+            if p.inpainting() {
+                "; an inpainting U-Net: latents, mask and masked image in, `inpaint` only"
+            } else {
+                ""
+            }
         );
         println!(
             "image shape:  {:?} (latents {:?})",

@@ -17,6 +17,7 @@ fn step(tr: &mut Trajectory<'_>, s: Step<'_>, eta: f64) -> Result<Array4<f32>> {
 }
 
 pub static DDIM: SamplerDef = SamplerDef::new("ddim", "1", "1")
+    .final_alpha()
     .summary("DDIM; --eta in [0, 1] adds DDPM-like noise (Song et al. 2021)")
     .options(&[SamplerOption::Eta(0.0)])
     .stochastic(Stochastic::WithEta)

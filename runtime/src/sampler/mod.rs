@@ -179,6 +179,7 @@ pub struct SamplerDef {
     check: Option<fn(&SamplerParams) -> Result<()>>,
     run: Option<RunFn>,
     leading: LeadingRatio,
+    final_alpha: bool,
 }
 
 /// An option a sampler takes, with its default.
@@ -264,6 +265,7 @@ impl SamplerDef {
             check: None,
             run: None,
             leading: LeadingRatio::Steps,
+            final_alpha: false,
         }
     }
 
@@ -304,6 +306,16 @@ impl SamplerDef {
         SamplerDef { leading, ..self }
     }
 
+    /// Its diffusers counterpart honours `set_alpha_to_one` (DDIM's and PNDM's
+    /// `final_alpha_cumprod`): with it false, the last step ends at alpha-bar of training step
+    /// 0, not at clean data. The other schedulers end at sigma 0 whatever the setting.
+    const fn final_alpha(self) -> SamplerDef {
+        SamplerDef {
+            final_alpha: true,
+            ..self
+        }
+    }
+
     /// How it runs.
     const fn run(self, run: RunFn) -> SamplerDef {
         SamplerDef {
@@ -325,6 +337,11 @@ impl SamplerDef {
     /// How its diffusers counterpart lays out leading time steps.
     pub const fn leading_ratio(&self) -> LeadingRatio {
         self.leading
+    }
+
+    /// Whether `set_alpha_to_one = false` moves its last step (see the setter).
+    pub const fn ends_at_final_alpha(&self) -> bool {
+        self.final_alpha
     }
 
     /// Whether it chooses its own steps (ignoring the level grid between its ends).

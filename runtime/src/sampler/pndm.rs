@@ -43,6 +43,7 @@ fn step(
 }
 
 pub static PNDM: SamplerDef = SamplerDef::new("pndm", "4 (pseudo)", "1 (2 on the first step)")
+    .final_alpha()
     .summary("PNDM's PLMS: Adams-Bashforth on eps through the DDIM transfer (Liu et al. 2022)")
     .run(|_, tr, x, progress| {
         let mut ets = VecDeque::with_capacity(4);

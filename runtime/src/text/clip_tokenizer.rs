@@ -354,11 +354,11 @@ impl ClipTokenizer {
     /// Added tokens (textual inversion) in `tokenizer.json`, in `tokenizer_config.json`'s
     /// `added_tokens_decoder` or in `added_tokens.json` are matched whole, as transformers does.
     ///
-    /// A missing, unreadable or malformed file is an [`Error::BadInput`] naming the file and what
-    /// is wrong with it.
+    /// A missing, unreadable or malformed file is an [`Error::ModelFile`] naming the file and what
+    /// is wrong with it (a tokenizer is part of a model: exit 3, as a missing graph).
     pub fn from_dir(dir: &Path) -> Result<ClipTokenizer> {
         let (parts, source) = super::folder::read_dir(dir)?;
-        Self::build(parts).map_err(|(culprit, detail)| Error::BadInput {
+        Self::build(parts).map_err(|(culprit, detail)| Error::ModelFile {
             path: source.path(culprit),
             detail,
         })
@@ -377,7 +377,7 @@ impl ClipTokenizer {
         let vocab = super::folder::read_vocab_json(vocab_json)?;
         let merges = super::folder::read_merges_txt(merges_txt)?;
         let parts = plain_parts(vocab, merges, max_length, pad_token);
-        Self::build(parts).map_err(|(culprit, detail)| Error::BadInput {
+        Self::build(parts).map_err(|(culprit, detail)| Error::ModelFile {
             path: match culprit {
                 Culprit::Merges => merges_txt,
                 Culprit::Specials => vocab_json,

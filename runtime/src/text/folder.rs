@@ -56,8 +56,10 @@ impl Sources {
     }
 }
 
+/// A tokenizer file is part of a model (a pipeline folder's `tokenizer/`), so a missing or
+/// broken one is a model problem (exit 3), as a missing graph is, not a bad input file.
 fn bad(path: &Path, detail: impl Into<String>) -> Error {
-    Error::BadInput {
+    Error::ModelFile {
         path: path.to_path_buf(),
         detail: detail.into(),
     }

@@ -1,0 +1,71 @@
+"""Judges a text-to-image digit model as issue 18 asks: for every digit and both prompt forms
+("a handwritten digit seven", "the number 7"), N samples at STEPS DDIM steps (seed 0, the
+pipeline's guidance and scheduler defaults), each center-cropped to 28x28 and labelled by the
+project's MNIST classifier; the share labelled as the asked digit must be >= 0.95 overall.
+
+    tools/check-text-model [MODEL] [N] [STEPS] [--json]
+
+Prints one line per prompt and a summary; with --json, one JSON object instead.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "exporter" / "src"))
+
+from edgediff_export.judge import judge  # noqa: E402
+from edgediff_export.train_t2i import WORDS  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+PROMPTS = ("a handwritten digit {w}", "the number {n}")
+TARGET = 0.95
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if a != "--json"]
+    as_json = "--json" in sys.argv[1:]
+    model = args[0] if args else str(ROOT / "models" / "mnist-t2i")
+    n = int(args[1]) if len(args) > 1 else 100
+    steps = int(args[2]) if len(args) > 2 else 30
+    binary = ROOT / "target" / "release" / "edgediff"
+    rows, hits, total = [], 0, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in range(10):
+            for template in PROMPTS:
+                prompt = template.format(w=WORDS[d], n=d)
+                out = Path(tmp) / "s.npy"
+                subprocess.run([str(binary), "sample", "--model", model, "--prompt", prompt,
+                                "--sampler", "ddim", "--steps", str(steps), "-n", str(n),
+                                "--seed", "0", "--batch-size", "100", "-q", "--out", str(out)],
+                               check=True)
+                r = judge(np.clip(np.load(out), -1, 1), ROOT / "models" / "mnist-classifier.onnx",
+                          crop=True)
+                share = float(np.mean(np.array(r["labels"]) == d))
+                hits += int(round(share * n))
+                total += n
+                rows.append({"prompt": prompt, "digit": d, "share": share,
+                             "confident_share": r["confident_share"]})
+                if not as_json:
+                    print(f"{prompt!r:36} {share:.3f} of {n} classified as {d} "
+                          f"(confident {r['confident_share']:.3f})", flush=True)
+    overall = hits / total
+    summary = {"model": model, "n_per_prompt": n, "steps": steps, "sampler": "ddim",
+               "overall": overall, "worst": min(r["share"] for r in rows), "target": TARGET,
+               "passed": overall >= TARGET, "prompts": rows}
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        print(f"overall {overall:.4f} of {total} samples classified as the asked digit "
+              f"(worst prompt {summary['worst']:.3f}); target {TARGET}: "
+              f"{'met' if summary['passed'] else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
