@@ -340,7 +340,15 @@ fn sample(cmd: SampleCmd) -> Result<()> {
             &["strength", "init_image"],
         ));
     }
-    let model_opts = cmd.model_options()?;
+    let mut model_opts = cmd.model_options()?;
+    if model_opts.path.is_none() && (cmd.prompt.is_some() || cmd.prompts.is_some()) {
+        // A prompt with no model: the shipped text-to-image model, not the pixel default.
+        model_opts.path = Some(edgediff::default_text_model().ok_or_else(|| {
+            Error::invalid(
+                "a prompt needs a text-to-image model: pass --model DIR (the shipped models/mnist-t2i was not found beside the executable or in the source tree)",
+            )
+        })?);
+    }
     let mut model = model_opts.open()?;
     let init_image = cmd
         .image
