@@ -390,3 +390,15 @@ def test_the_shipped_model_follows_its_prompts(edgediff_bin, tmp_path):
     share = float(np.mean(labels == np.arange(50) % 10))
     print(f"shipped model: {share:.2f} of 50 samples are the asked digit")
     assert share >= 0.9
+
+
+def test_a_prompt_without_a_model_uses_the_shipped_text_model(edgediff_bin, tmp_path):
+    out = run_cli(edgediff_bin, "sample", "--prompt", "the number 3", "-n", "2", "--steps", "5",
+                  "--out", str(tmp_path / "s.npy"), "-q", "--json")
+    report = json.loads(out.stdout)
+    assert Path(report["model"]).resolve() == (ROOT / "models" / "mnist-t2i").resolve()
+    assert np.load(tmp_path / "s.npy").shape == (2, 1, 32, 32)
+    # Without a prompt the default stays the pixel MNIST model.
+    out = run_cli(edgediff_bin, "sample", "-n", "1", "--steps", "2", "--out", str(tmp_path / "p.npy"),
+                  "-q", "--json")
+    assert np.load(tmp_path / "p.npy").shape == (1, 1, 28, 28)

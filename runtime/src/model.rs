@@ -44,6 +44,30 @@ impl ModelOptions {
     }
 }
 
+/// Where the shipped text-to-image model (`models/mnist-t2i`, a pipeline folder too large to
+/// embed as the MNIST model is) is looked for, in order: beside the executable's ancestors
+/// (`target/release/edgediff` is three levels below the repository), under their
+/// `share/edgediff/`, then in the source tree this binary was built from.
+pub fn default_text_model_candidates() -> Vec<PathBuf> {
+    let rel = Path::new("models").join("mnist-t2i");
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Ok(exe) = std::env::current_exe() {
+        for dir in exe.ancestors().skip(1).take(4) {
+            dirs.push(dir.join(&rel));
+            dirs.push(dir.join("share").join("edgediff").join(&rel));
+        }
+    }
+    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(&rel));
+    dirs
+}
+
+/// The first of [`default_text_model_candidates`] holding a pipeline (`model_index.json`).
+pub fn default_text_model() -> Option<PathBuf> {
+    default_text_model_candidates()
+        .into_iter()
+        .find(|d| d.join("model_index.json").is_file())
+}
+
 impl std::ops::Deref for ModelOptions {
     type Target = NetworkOptions;
     fn deref(&self) -> &NetworkOptions {

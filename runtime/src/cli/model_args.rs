@@ -21,7 +21,7 @@ macro_rules! model_command {
     ) => {
         $(#[$($attr)*])*
         $vis struct $name {
-            /// the ONNX model (default: the shipped MNIST model)
+            /// the ONNX model or pipeline folder (default: the shipped MNIST model; with --prompt, models/mnist-t2i)
             #[argh(option)]
             model: Option<std::path::PathBuf>,
             $($body)*
