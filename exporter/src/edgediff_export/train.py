@@ -81,6 +81,17 @@ def save_atomic(obj: object, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, lr: float,
+                   grad_clip: float) -> None:
+    """One update at learning rate `lr`, the gradient norm of `params` clipped to `grad_clip`."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
 def train_step_loss(model: nn.Module, cfg: TrainConfig, x0: torch.Tensor, eps: torch.Tensor,
                     t: torch.Tensor, lv: Levels, sampler: LevelSampler,
                     labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,12 +202,7 @@ def train(out_dir: Path, cfg: TrainConfig, ucfg: UNetConfig, checkpoint_every: i
             labels[drop.to(dev)] = ucfg.num_classes
         loss = train_step_loss(model, cfg, x0, eps, t, sampler.levels(t), sampler, labels)
         lr = lr_at(step, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, list(model.parameters()), lr, cfg.grad_clip)
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, model_params, 1 - decay)

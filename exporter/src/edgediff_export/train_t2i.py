@@ -39,6 +39,8 @@ import numpy as np
 import torch
 
 from .data import load_mnist
+from .schedules import alphas_cumprod, betas_for
+from .train import optimizer_step, save_atomic
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Caption templates: {w} is the digit's word, {n} its numeral. The two prompts the model card
@@ -126,18 +128,6 @@ def lr_at(step: int, steps: int | None, peak: float, cfg: T2IConfig) -> float:
 
 def generator(seed: int, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + stage) * 1_000_003 + step)
-
-
-def save_atomic(obj: object, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def alphas_cumprod(sc: dict) -> torch.Tensor:
-    betas = torch.linspace(sc["beta_start"] ** 0.5, sc["beta_end"] ** 0.5,
-                           sc["num_train_timesteps"], dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float()
 
 
 def encode_all(vae, x: torch.Tensor, batch: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,12 +244,7 @@ def train(out_dir: Path, cfg: T2IConfig, checkpoint_every: int, time_budget_min:
             rec = vae.decode(z).sample
             loss = torch.nn.functional.mse_loss(rec, x) + cfg.kl_weight * post.kl().mean()
             lr = lr_at(step, cfg.vae_steps, cfg.vae_lr, cfg)
-            for group in vae_opt.param_groups:
-                group["lr"] = lr
-            vae_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(vae.parameters(), cfg.grad_clip)
-            vae_opt.step()
+            optimizer_step(vae_opt, loss, list(vae.parameters()), lr, cfg.grad_clip)
             state["step"] = step + 1
             log.add("vae", step, loss.item(), lr, time.time() - t0)
             if step + 1 == cfg.vae_steps:
@@ -284,7 +269,10 @@ def train(out_dir: Path, cfg: T2IConfig, checkpoint_every: int, time_budget_min:
     table = torch.tensor([tok(c, padding="max_length", max_length=cfg.max_length, truncation=True).input_ids
                           for d in range(10) for c in captions(d)], device=dev)
     empty = torch.tensor(tok("", padding="max_length", max_length=cfg.max_length).input_ids, device=dev)
-    abar = alphas_cumprod(SCHEDULER).to(dev)
+    # SD's scaled_linear betas are this project's "quadratic" schedule.
+    abar = torch.from_numpy(alphas_cumprod(betas_for(
+        "quadratic", SCHEDULER["num_train_timesteps"], SCHEDULER["beta_start"],
+        SCHEDULER["beta_end"]))).float().to(dev)
     unet.train()
     text.train()
     ema_params = [*ema_unet.parameters(), *ema_text.parameters()]
@@ -304,12 +292,7 @@ def train(out_dir: Path, cfg: T2IConfig, checkpoint_every: int, time_budget_min:
         cond = text(input_ids=ids).last_hidden_state
         loss = torch.nn.functional.mse_loss(unet(zt, t, cond).sample, eps)
         lr = lr_at(step, None, cfg.unet_lr, cfg)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
+        optimizer_step(opt, loss, params, lr, cfg.grad_clip)
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, params, 1 - decay)
