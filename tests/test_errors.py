@@ -169,6 +169,8 @@ def cases():
          lambda t, m: ["--model", str(m), "--sampler", "ode-adaptive", "--rtol", "1e-300", "--atol", "1e-300"], 2),
         ("model-directory", "a directory given as the model",
          lambda t, m: ["--model", str(t)], 3),
+        ("text-model-env-missing", "a prompt with no --model, EDGEDIFF_TEXT_MODEL naming no pipeline folder",
+         lambda t, m: ["--ENV", f"EDGEDIFF_TEXT_MODEL={t / 'nowhere'}", "--prompt", "a cat"], 2),
         ("prompt-no-text", "a prompt for a model without text conditioning",
          lambda t, m: ["--model", str(m), "--prompt", "a cat"], 2),
         ("class-text", "a class label for a text-to-image pipeline",
@@ -370,6 +372,12 @@ def run_case(binary: Path, tiny: Path, tmp: Path, setup) -> tuple[int, str, Path
         args = [*args, "--out", str(out)]
     if "--steps" not in args and command not in ("invert", "elbo"):
         args = [*args, "--steps", "2"]
+    env = {}
+    while "--ENV" in args:  # --ENV K=V: an environment variable for this case's run
+        i = args.index("--ENV")
+        key, value = args[i + 1].split("=", 1)
+        env[key] = value
+        del args[i:i + 2]
     if "--ULIMIT" in args:
         args.remove("--ULIMIT")
         import subprocess
@@ -377,7 +385,7 @@ def run_case(binary: Path, tiny: Path, tmp: Path, setup) -> tuple[int, str, Path
         proc = subprocess.run(["bash", "-c", f"trap '' XFSZ; ulimit -f 16; exec {cmd}"],
                               capture_output=True, text=True)
     else:
-        proc = run_cli(binary, command, *args, check=False)
+        proc = run_cli(binary, command, *args, check=False, env=env)
     lines = proc.stderr.strip().splitlines()
     start = next((i for i, line in enumerate(lines) if line.startswith("edgediff: error:")), len(lines))
     message = " / ".join(line.strip() for line in lines[start:])

@@ -402,3 +402,10 @@ def test_a_prompt_without_a_model_uses_the_shipped_text_model(edgediff_bin, tmp_
     out = run_cli(edgediff_bin, "sample", "-n", "1", "--steps", "2", "--out", str(tmp_path / "p.npy"),
                   "-q", "--json")
     assert np.load(tmp_path / "p.npy").shape == (1, 1, 28, 28)
+    # EDGEDIFF_TEXT_MODEL names a deployment's own default (here optimum's tiny folder).
+    folder = ROOT / "tests" / "data" / "optimum-tiny"
+    out = run_cli(edgediff_bin, "sample", "--prompt", "a cat", "-n", "1", "--steps", "2",
+                  "--out", str(tmp_path / "e.npy"), "-q", "--json",
+                  env={"EDGEDIFF_TEXT_MODEL": str(folder)})
+    assert Path(json.loads(out.stdout)["model"]).resolve() == folder.resolve()
+    assert np.load(tmp_path / "e.npy").shape == (1, 3, 16, 16)

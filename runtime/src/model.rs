@@ -44,11 +44,19 @@ impl ModelOptions {
     }
 }
 
+/// The environment variable naming the folder a prompt with no model uses, instead of the
+/// shipped `models/mnist-t2i` (a deployment's own pipeline, an installed copy elsewhere).
+pub const TEXT_MODEL_ENV: &str = "EDGEDIFF_TEXT_MODEL";
+
 /// Where the shipped text-to-image model (`models/mnist-t2i`, a pipeline folder too large to
 /// embed as the MNIST model is) is looked for, in order: beside the executable's ancestors
 /// (`target/release/edgediff` is three levels below the repository), under their
-/// `share/edgediff/`, then in the source tree this binary was built from.
+/// `share/edgediff/`, then in the source tree this binary was built from. With
+/// [`TEXT_MODEL_ENV`] set, its folder is the only candidate.
 pub fn default_text_model_candidates() -> Vec<PathBuf> {
+    if let Some(dir) = std::env::var_os(TEXT_MODEL_ENV).filter(|v| !v.is_empty()) {
+        return vec![PathBuf::from(dir)];
+    }
     let rel = Path::new("models").join("mnist-t2i");
     let mut dirs: Vec<PathBuf> = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
@@ -61,11 +69,27 @@ pub fn default_text_model_candidates() -> Vec<PathBuf> {
     dirs
 }
 
-/// The first of [`default_text_model_candidates`] holding a pipeline (`model_index.json`).
-pub fn default_text_model() -> Option<PathBuf> {
-    default_text_model_candidates()
-        .into_iter()
+/// The first of [`default_text_model_candidates`] holding a pipeline (`model_index.json`);
+/// an error naming where it looked when none does.
+pub fn default_text_model() -> Result<PathBuf> {
+    let candidates = default_text_model_candidates();
+    if let Some(found) = candidates
+        .iter()
         .find(|d| d.join("model_index.json").is_file())
+    {
+        return Ok(found.clone());
+    }
+    let from_env = std::env::var_os(TEXT_MODEL_ENV).is_some_and(|v| !v.is_empty());
+    let looked = candidates
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    Err(Error::invalid(if from_env {
+        format!("{TEXT_MODEL_ENV} names {looked}, which is not a text-to-image pipeline folder (no model_index.json): set it to a pipeline folder, or pass --model DIR")
+    } else {
+        format!("a prompt needs a text-to-image model and the shipped models/mnist-t2i was not found (looked in {looked}): pass --model DIR, or set {TEXT_MODEL_ENV} to a pipeline folder")
+    }))
 }
 
 impl std::ops::Deref for ModelOptions {

@@ -354,11 +354,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
     let mut model_opts = cmd.model_options()?;
     if model_opts.path.is_none() && (cmd.prompt.is_some() || cmd.prompts.is_some()) {
         // A prompt with no model: the shipped text-to-image model, not the pixel default.
-        model_opts.path = Some(edgediff::default_text_model().ok_or_else(|| {
-            Error::invalid(
-                "a prompt needs a text-to-image model: pass --model DIR (the shipped models/mnist-t2i was not found beside the executable or in the source tree)",
-            )
-        })?);
+        model_opts.path = Some(edgediff::default_text_model()?);
     }
     model_opts.low_memory = cmd.low_memory;
     let mut model = model_opts.open()?;
