@@ -12,6 +12,15 @@ reach beyond a tile changes (max and mean abs difference printed).
     .venv/bin/python benches/bench_pipeline_memory.py --build-sd-like DIR # build, then measure it
     .venv/bin/python benches/bench_pipeline_memory.py --model DIR         # any pipeline folder
     (--vae-tiles 32,16: the tile sizes to try; -n, --batch-size, --steps, --threads as for sample)
+    ... --optimum-python /work/venv-optimum/bin/python   # and optimum's pipeline beside them
+
+Every run starts from the same initial latents (`--init-noise`). With --optimum-python (a venv of
+tools/requirements-optimum.txt), optimum's ORTStableDiffusionPipeline runs the same folder (the
+optimum layout, which `edgediff-export diffusers` writes) in a process of its own, with the same
+prompt, guidance 7.5, steps, batches, threads and latents: its peak RSS is the last row, every
+row's ratio to it the last column, and its images are compared with edgediff's (the same
+computation: a difference at float32 rounding). Its process's memory includes the Python
+interpreter, torch (optimum's pipeline imports it) and ONNX Runtime, as a user's would.
 
 `--build-sd-like DIR` saves a randomly initialised diffusers StableDiffusionPipeline with
 Stable Diffusion 1.5's configs where memory is decided (its VAE, 512x512 images from 64x64
@@ -34,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a photo of a cat"
 
 
 def measure(cmd: list[str]) -> tuple[float, dict[str, float], float]:
@@ -71,6 +81,28 @@ def measure(cmd: list[str]) -> tuple[float, dict[str, float], float]:
     if proc.wait() != 0:
         raise SystemExit(f"{' '.join(cmd)} failed: {''.join(log[-20:])}")
     return hwm[0], peaks, time.time() - start
+
+
+def optimum_run(folder: str, init: str, steps: int, threads: int, batch: int, out: str) -> None:
+    """In the optimum venv: ORTStableDiffusionPipeline on `folder`, the latents of `init` in
+    batches of `batch`, images saved to `out` as [n, C, H, W] in [-1, 1]."""
+    import onnxruntime as ort
+    import torch
+    from optimum.onnxruntime import ORTStableDiffusionPipeline
+    torch.set_num_threads(max(threads, 1))
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = threads
+    pipe = ORTStableDiffusionPipeline.from_pretrained(folder, provider="CPUExecutionProvider",
+                                                      session_options=so)
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.from_numpy(np.load(init))
+    images = []
+    for i in range(0, latents.shape[0], batch):
+        z = latents[i:i + batch]
+        images.append(pipe(PROMPT, guidance_scale=7.5, num_inference_steps=steps, latents=z.clone(),
+                           num_images_per_prompt=z.shape[0], output_type="np").images)
+    np.save(out, (np.concatenate(images).transpose(0, 3, 1, 2) * 2 - 1).astype(np.float32))
 
 
 def build_sd_like(root: Path) -> Path:
@@ -133,6 +165,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--optimum-python", default="",
+                   help="python of a venv with optimum-onnx: measure its pipeline too")
+    if len(sys.argv) > 1 and sys.argv[1] == "optimum-run":
+        folder, init, steps, threads, batch, out = sys.argv[2:8]
+        return optimum_run(folder, init, int(steps), int(threads), int(batch), out)
     a = p.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-memory-"))
     if a.build_sd_like:
@@ -153,25 +190,39 @@ def main() -> None:
     print(f"-n {a.n} --batch-size {a.batch_size} --steps {a.steps} --threads {a.threads}, {a.binary}")
     print("Peak RSS in MB: of the whole run (VmHWM), and while the model is opened and while each")
     print("graph works (polled; without --low-memory the U-Net is still held while decoding).")
-    print("| mode | peak RSS | opening | text encoder | U-Net | VAE decoder | s | output vs normal |")
-    print("|---|---|---|---|---|---|---|---|")
-    first = None
+    init = tmp / "init.npy"
+    np.save(init, np.random.default_rng(0).standard_normal((a.n, *latent)).astype(np.float32))
+    rows, first = [], None
+
+    def compare(x: np.ndarray) -> str:
+        if x.tobytes() == first.tobytes():
+            return "identical bytes"
+        d = np.abs(x - first)
+        return f"max abs diff {d.max():.2g}, mean {d.mean():.2g}"
+
     for name, flags in modes:
         out = tmp / f"{len(flags)}-{name.replace(' ', '_')}.npy"
-        cmd = [a.binary, "sample", "--model", str(model), "--prompt", "a photo of a cat",
+        cmd = [a.binary, "sample", "--model", str(model), "--prompt", PROMPT,
                "-n", str(a.n), "--batch-size", str(a.batch_size), "--steps", str(a.steps),
-               "--threads", str(a.threads), "-q", "--out", str(out), *flags]
+               "--threads", str(a.threads), "--init-noise", str(init), "-q", "--out", str(out), *flags]
         rss, peaks, secs = measure(cmd)
         x = np.load(out)
-        if first is None:
-            first, same = x, "-"
-        elif x.tobytes() == first.tobytes():
-            same = "identical bytes"
-        else:
-            d = np.abs(x - first)
-            same = f"max abs diff {d.max():.4f}, mean {d.mean():.5f}"
+        same = "-" if first is None else compare(x)
+        first = x if first is None else first
         stages = [f"{peaks[k]:.0f}" if k in peaks else "-" for k in ("load", "Text", "Sampling", "Decoding")]
-        print(f"| {name} | {rss:.0f} | {' | '.join(stages)} | {secs:.1f} | {same} |", flush=True)
+        rows.append([name, rss, *stages, f"{secs:.1f}", same])
+    if a.optimum_python:
+        out = tmp / "optimum.npy"
+        rss, _, secs = measure([a.optimum_python, __file__, "optimum-run", str(model), str(init),
+                                str(a.steps), str(a.threads), str(a.batch_size), str(out)])
+        rows.append(["optimum ORTStableDiffusionPipeline", rss, "-", "-", "-", "-", f"{secs:.1f}",
+                     compare(np.load(out))])
+    print("| mode | peak RSS | opening | text encoder | U-Net | VAE decoder | s | output vs normal |"
+          + (" peak / optimum's |" if a.optimum_python else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if a.optimum_python else ""))
+    for r in rows:
+        ratio = f" {r[1] / rows[-1][1]:.2f} |" if a.optimum_python else ""
+        print(f"| {r[0]} | {r[1]:.0f} | {' | '.join(r[2:])} |{ratio}", flush=True)
     shutil.rmtree(tmp)
 
 

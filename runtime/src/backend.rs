@@ -172,7 +172,9 @@ pub struct NetworkOptions {
     /// run then encodes every prompt with the text encoder, frees it, samples every batch with
     /// the U-Net, frees it, and decodes the kept latents with the VAE decoder (the VAE encoder
     /// of an img2img or inpainting run is held only while it encodes); graphs are opened again by the next run
-    /// that needs them, and the samples are the same bytes as without it. Default: off.
+    /// that needs them. The U-Net runs one row per call (a guided sample's two rows apart), so
+    /// its working memory is one row's; samples are the same as without it to float32
+    /// rounding (on ONNX Runtime's CPU kernels, the same bytes). Default: off.
     pub low_memory: bool,
 }
 
@@ -865,8 +867,12 @@ impl Network {
     ) -> Result<Array4<f32>> {
         let n = x.shape()[0];
         debug_assert_eq!(time.len(), n);
-        if self.scalar_time && time.iter().any(|&t| t != time[0]) {
-            // One time per call: each sample on its own, then the batch put back together.
+        // One time per call (a scalar timestep), or low-memory mode's one row per call (the
+        // working memory of a U-Net call grows with its rows; guidance doubles them): each
+        // sample on its own, then the batch put back together.
+        let one_time = self.scalar_time && time.iter().any(|&t| t != time[0]);
+        let low_memory = self.reopen.as_ref().is_some_and(|o| o.low_memory);
+        if n > 1 && (one_time || low_memory) {
             let outs = (0..n)
                 .map(|i| {
                     self.run(
