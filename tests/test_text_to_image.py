@@ -402,6 +402,14 @@ def test_a_prompt_without_a_model_uses_the_shipped_text_model(edgediff_bin, tmp_
     out = run_cli(edgediff_bin, "sample", "-n", "1", "--steps", "2", "--out", str(tmp_path / "p.npy"),
                   "-q", "--json")
     assert np.load(tmp_path / "p.npy").shape == (1, 1, 28, 28)
+    # inpaint too: a prompt with no model is for the shipped model (its 32x32 images).
+    np.save(tmp_path / "img.npy", np.zeros((1, 1, 32, 32), np.float32))
+    mask = np.zeros((1, 1, 32, 32), np.float32)
+    mask[..., 8:24, 8:24] = 1
+    np.save(tmp_path / "mask.npy", mask)
+    run_cli(edgediff_bin, "inpaint", "--prompt", "the number 3", "--image", str(tmp_path / "img.npy"),
+            "--mask", str(tmp_path / "mask.npy"), "--steps", "5", "-o", str(tmp_path / "i.npy"), "-q")
+    assert np.load(tmp_path / "i.npy").shape == (1, 1, 32, 32)
     # EDGEDIFF_TEXT_MODEL names a deployment's own default (here optimum's tiny folder).
     folder = ROOT / "tests" / "data" / "optimum-tiny"
     out = run_cli(edgediff_bin, "sample", "--prompt", "a cat", "-n", "1", "--steps", "2",

@@ -435,6 +435,10 @@ pub(super) fn inpaint(cmd: InpaintCmd) -> Result<()> {
         .map(|p| super::load_injected(p, None))
         .transpose()?;
     let mut model_opts = cmd.model_options()?;
+    if model_opts.path.is_none() && cmd.prompt.is_some() {
+        // As `sample`: a prompt with no model is for the shipped text-to-image model.
+        model_opts.path = Some(edgediff::default_text_model()?);
+    }
     model_opts.low_memory = cmd.low_memory;
     let mut model = model_opts.open()?;
     let meta = model.metadata().clone();
