@@ -136,13 +136,27 @@ def test_typed_params_match_the_cli(edgediff_bin, tiny_models, tmp_path, env):
     cal = json.loads(cli("calibrate", "--steps", "3", "--pilot", "8", "--teacher-steps", "8", "--max-evals", "6",
                          "--batch-size", "8", "--json"))
     assert figures["calibrate"] == cal["timesteps"]
+    # Inpainting with strength and init_noise: `edgediff inpaint --strength --init-noise`.
+    images = np.fromfile(out / "inpaint-images.f32", np.float32).reshape(3, 1, 8, 8)
+    np.save(tmp_path / "inpaint-images.npy", images)
+    np.save(tmp_path / "inpaint-mask.npy", np.fromfile(out / "inpaint-mask.f32", np.float32).reshape(3, 1, 8, 8))
+    np.save(tmp_path / "inpaint-noise.npy", np.fromfile(out / "inpaint-noise.f32", np.float32).reshape(3, 1, 8, 8))
+    cli("inpaint", "--image", str(tmp_path / "inpaint-images.npy"), "--mask", str(tmp_path / "inpaint-mask.npy"),
+        "--sampler", "dpm++2m", "--steps", "6", "--seed", "5", "--batch-size", "2", "--strength", "0.6",
+        "--init-noise", str(tmp_path / "inpaint-noise.npy"), "--out", str(tmp_path / "inpaint.npy"))
+    inpainted = np.load(tmp_path / "inpaint.npy")
+    assert (out / "inpaint-out.f32").read_bytes() == inpainted.tobytes()
+    assert np.abs(inpainted - images).max() > 1e-3  # the masked pixels were filled
 
 
 def test_prompts_through_c_match_the_cli(edgediff_bin, tmp_path, env):
     """tests/c/text_check.c: prompt, negative prompt and guidance through the typed struct on
     the tiny text-to-image pipeline (tests/sd_tiny.py), byte for byte against the CLI, for
-    sampling and for latent inpainting; the request API, an older struct size and bad prompts
-    are checked in the program."""
+    sampling and for latent inpainting; img2img (init_image, strength 0.6; one image for all
+    samples and one each), the final latents (latents_out vs --latents-out), one prompt per
+    sample (prompts vs --prompts FILE) and inpainting with strength 0.6 and init_noise, each
+    byte for byte against the CLI; the request API, older struct sizes and bad values of every
+    field (refused naming it, the buffers untouched) are checked in the program."""
     pytest.importorskip("diffusers")
     import sd_tiny
     pipe = sd_tiny.exported()
@@ -167,6 +181,42 @@ def test_prompts_through_c_match_the_cli(edgediff_bin, tmp_path, env):
             "--steps", "4", "--seed", "3", "--image", str(tmp_path / "image.npy"), "--mask",
             str(tmp_path / "mask.npy"), "-q", "--out", str(tmp_path / "inpaint.npy"), env=env)
     assert (tmp_path / "inpaint-out.f32").read_bytes() == np.load(tmp_path / "inpaint.npy").tobytes()
+    assert "latents_out on MNIST: invalid argument: latents_out applies to text-to-image pipelines" in proc.stdout
+
+    def raw(name, *shape):
+        return np.fromfile(tmp_path / f"{name}.f32", np.float32).reshape(shape)
+
+    common = ["--model", str(pipe), "--negative-prompt", "blurry low quality", "--guidance", "7.5",
+              "--sampler", "dpm++2m", "--seed", "3", "-q"]
+    # img2img at strength 0.6 with the latents: one image for both samples, then one each.
+    images = raw("img2img-images", 2, 3, 16, 16)
+    np.save(tmp_path / "one.npy", images[:1])
+    np.save(tmp_path / "each.npy", images)
+    for name, image in (("one", "one.npy"), ("each", "each.npy")):
+        run_cli(edgediff_bin, "sample", *common, "--prompt", "a lighthouse at dusk", "--steps", "5", "-n", "2",
+                "--image", str(tmp_path / image), "--strength", "0.6", "--latents-out", str(tmp_path / f"{name}-z.npy"),
+                "--out", str(tmp_path / f"{name}-cli.npy"), env=env)
+        assert raw(f"img2img-{name}", 2, 3, 16, 16).tobytes() == np.load(tmp_path / f"{name}-cli.npy").tobytes(), name
+    z = np.load(tmp_path / "one-z.npy")
+    assert z.shape == (2, 4, 8, 8)
+    assert raw("img2img-one-latents", 2, 4, 8, 8).tobytes() == z.tobytes()
+    assert np.load(tmp_path / "img2img-file.npy").tobytes() == np.load(tmp_path / "one-cli.npy").tobytes()
+    # The two runs differ (the second image is another), and img2img is not plain sampling.
+    assert np.abs(np.load(tmp_path / "one-cli.npy")[1] - np.load(tmp_path / "each-cli.npy")[1]).max() > 1e-3
+    assert np.abs(np.load(tmp_path / "one-cli.npy") - cli).max() > 1e-3
+    # One prompt per sample: the CLI's -n is the file's three lines.
+    (tmp_path / "p.txt").write_text("a lighthouse at dusk\na red dog\nthe sea\n", encoding="utf-8")
+    run_cli(edgediff_bin, "sample", *common, "--prompts", str(tmp_path / "p.txt"), "--steps", "4", "--batch-size", "2",
+            "--out", str(tmp_path / "prompts.npy"), env=env)
+    assert raw("prompts", 3, 3, 16, 16).tobytes() == np.load(tmp_path / "prompts.npy").tobytes()
+    # Inpainting at strength 0.6 from the given latent noise.
+    np.save(tmp_path / "noise.npy", raw("inpaint-s-noise", 1, 4, 8, 8))
+    run_cli(edgediff_bin, "inpaint", *common, "--prompt", "a lighthouse at dusk", "--steps", "4",
+            "--image", str(tmp_path / "image.npy"), "--mask", str(tmp_path / "mask.npy"), "--strength", "0.6",
+            "--init-noise", str(tmp_path / "noise.npy"), "--out", str(tmp_path / "inpaint-s.npy"), env=env)
+    inpainted = np.load(tmp_path / "inpaint-s.npy")
+    assert raw("inpaint-s-out", 1, 3, 16, 16).tobytes() == inpainted.tobytes()
+    assert np.abs(inpainted - np.load(tmp_path / "inpaint.npy")).max() > 1e-3  # strength and noise were read
 
 
 def test_pkg_config_builds_an_application(tmp_path, env):

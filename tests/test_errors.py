@@ -402,8 +402,10 @@ def table(rows: list[tuple[str, str, int, str]]) -> str:
             "with the samples already written, for `--resume`). Further faults are tested in `tests/test_faults.py`",
             "(NaN from the network: exit 5 naming the step and sample, finished chunks kept; SIGKILL",
             "then `--resume`: the uninterrupted bytes; a second writer on one output: exit 4),",
-            "`tests/test_integrity.py` (resume of another job, planted links, impossible destinations) and",
-            "`tests/c/capi_check.c` (NULL handles, small buffers, invalid UTF-8, cancellation).", "",
+            "`tests/test_integrity.py` (resume of another job, planted links, impossible destinations),",
+            "`tests/c/capi_check.c` (NULL handles, small buffers, invalid UTF-8, cancellation) and",
+            "`tests/c/text_check.c` (bad img2img, prompt-list and latents fields of `edgediff_sample_params`:",
+            "EDGEDIFF_ERR_ARGUMENT naming the field, the output buffers untouched).", "",
             "| case | id | exit | C status | message |", "|---|---|---|---|---|"]
     body = [f"| {case} | `{cid}` | {code} | {C_STATUS.get(code, '-')} | {msg.replace('|', '/')} |"
             for cid, case, code, msg in rows]

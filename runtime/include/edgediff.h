@@ -30,8 +30,8 @@
  * program built against a newer header, or a struct never initialised) is
  * EDGEDIFF_ERR_ARGUMENT. Result structs (edgediff_likelihood_result, edgediff_calibrate_result)
  * work the same way: set struct_size = sizeof before the call (`r = {.struct_size = sizeof r}`); the
- * library writes that many bytes. Pointers in a struct are read during the call only; nothing
- * keeps them afterwards.
+ * library writes that many bytes. Pointers in a struct are used during the call only (read,
+ * or written for an output buffer such as latents_out); nothing keeps them afterwards.
  *
  * Unset values: integer sampler options and class labels take EDGEDIFF_UNSET (any negative
  * value): "the sampler's default" (listed in `edgediff samplers`) or unconditional. Floating-
@@ -258,6 +258,28 @@ typedef struct edgediff_sample_params {
                                  * across overlaps of at least a quarter tile; latents of at most one
                                  * tile decode as untiled (`edgediff sample --vae-tiles`)
                                  * [0: untiled] */
+    /* Appended for img2img, one prompt per sample and the final latents (same rule). */
+    const float *init_image;    /* img2img, pipelines only (`edgediff sample --image`): images
+                                 * [1 or n, C, H, W] in [-1, 1], [C, H, W] as
+                                 * edgediff_model_output_shape, one for every sample or one each;
+                                 * encoded by the VAE encoder, noised to the level strength
+                                 * selects, and sampled from there [NULL: none] */
+    size_t init_image_len;      /* floats at init_image: C * H * W or n * C * H * W [0] */
+    double strength;            /* how much of the sampling runs, in (0, 1]: the last
+                                 * floor(steps * strength) steps; read with init_image and by
+                                 * edgediff_inpaint_with, refused otherwise (`--strength`)
+                                 * [unset: 0.8 with init_image, 1 for inpainting] */
+    const char *const *prompts; /* one UTF-8 prompt per sample, pipelines only: sample i uses
+                                 * prompts[i % prompts_len] (n is not taken from the list);
+                                 * refused with prompt (`--prompts FILE`) [NULL: none] */
+    size_t prompts_len;         /* strings at prompts, at least 1 with prompts [0] */
+    float *latents_out;         /* pipelines only: receives the final latents [n, C, h, w]
+                                 * (edgediff_model_sample_shape), those the VAE decodes into the
+                                 * samples, by edgediff_sample_with and
+                                 * edgediff_sample_to_file_with (not with resume), as
+                                 * `--latents-out`; written only when the run succeeds
+                                 * [NULL: not wanted] */
+    size_t latents_out_len;     /* floats at latents_out: at least n * C * h * w [0] */
 } edgediff_sample_params;
 
 /* Fills *params with the defaults; size is sizeof *params (use edgediff_sample_params_init). */
@@ -270,22 +292,29 @@ static inline int edgediff_sample_params_init(edgediff_sample_params *params) {
 
 /* Generates params->n samples into out (out_len floats >= n * C * H * W, [C, H, W] from
  * edgediff_model_output_shape; C order, the model's data range, a pipeline's images in
- * [-1, 1]). A cancelling progress callback gives EDGEDIFF_ERR_CANCELLED. */
+ * [-1, 1]), and their latents into params->latents_out if given. Every field is checked
+ * before anything is written. A cancelling progress callback gives EDGEDIFF_ERR_CANCELLED. */
 int edgediff_sample_with(const edgediff_model *model, const edgediff_sample_params *params,
                          float *out, size_t out_len);
 
 /* Generates params->n samples into a file as `edgediff sample --out path` does: a .png grid,
  * a .npy array, or a folder of PNGs; resume non-zero continues an interrupted run into the
- * same folder or .npy (`--resume`), keeping the samples already written. */
+ * same folder or .npy (`--resume`), keeping the samples already written; the final latents
+ * go to params->latents_out if given (refused with resume, whose run makes only the missing
+ * samples), as `--latents-out` beside `--out`. */
 int edgediff_sample_to_file_with(const edgediff_model *model, const edgediff_sample_params *params,
                                  const char *path, int resume);
 
 /* Inpaints n images (n * C * H * W floats, data range) where masks (n * H * W floats) is 1,
  * keeping the pixels where it is 0, into out (out_len >= n * C * H * W), with the sampler,
- * steps, seed... of params (params->n is not read: n is; init_noise/step_noise are refused);
- * jumps/resample: RePaint resampling (0, 0: none), as `edgediff inpaint`. [C, H, W] is
- * edgediff_model_output_shape's: a text-to-image pipeline inpaints its images (in [-1, 1])
- * through its latents, with params' prompt and negative_prompt, at strength 1, as
+ * steps, seed... of params (params->n is not read: n is); jumps/resample: RePaint
+ * resampling (0, 0: none), as `edgediff inpaint`. params' strength (unset: 1, every step
+ * from pure noise) runs the last floor(steps * strength) steps from the images noised to
+ * that level, and init_noise (n * C * H * W floats of the sample shape, a pipeline's
+ * latents) replaces the seeded noise, as `inpaint --strength --init-noise`; step_noise,
+ * init_image, prompts and latents_out are refused (inpainting has no use for them).
+ * [C, H, W] is edgediff_model_output_shape's: a text-to-image pipeline inpaints its images
+ * (in [-1, 1]) through its latents, with params' prompt and negative_prompt, as
  * `edgediff inpaint --model PIPELINE` does. */
 int edgediff_inpaint_with(const edgediff_model *model, const edgediff_sample_params *params,
                           const float *images, const float *masks, size_t n, size_t jumps,
@@ -295,7 +324,8 @@ int edgediff_inpaint_with(const edgediff_model *model, const edgediff_sample_par
  * >= that) that deterministic DDIM decodes back to the n images (n * C * H * W floats, data
  * range). Reads steps, spacing, rho, batch_size, class_label and progress of params; sampler
  * must be "ddim" with eta unset or 0, and timesteps, guidance, x0_clip, init_noise,
- * step_noise, prompt and negative_prompt must be unset (inversion has no use for them). The same params with init_noise
+ * step_noise, prompt, negative_prompt, vae_tile_size, init_image, strength, prompts and
+ * latents_out must be unset (inversion has no use for them). The same params with init_noise
  * set to the noise decode it again through edgediff_sample_with. progress's return value is
  * not heeded (inversion cannot be cancelled). */
 int edgediff_invert(const edgediff_model *model, const edgediff_sample_params *params,
@@ -316,10 +346,13 @@ void edgediff_request_free(edgediff_request *req);
  * by its field name ("sampler", "steps", "spacing" as a name, "rho", "eta", "order", "snr",
  * "rtol", "atol", "min_steps", "max_steps", "n", "batch_size", "seed", "class_label" or
  * "class" (negative: unconditional), "guidance", "x0_clip" ("none", "range", "dynamic"),
- * "dynamic_threshold", "threshold_max", "vae_tile_size"), "prompt" and "negative_prompt" (the request keeps
- * its own copy of the text), and "timesteps" as a comma-separated list. Names
- * (of the sampler, spacing, x0_clip) and the syntax of numbers are checked here, ranges when
- * the request runs. */
+ * "dynamic_threshold", "threshold_max", "vae_tile_size", "strength" (for edgediff_inpaint:
+ * img2img needs init_image, which is no text)), "prompt" and "negative_prompt" (the request
+ * keeps its own copy of the text), "prompts" as one prompt per line (as a `--prompts` file:
+ * "\n" or "\r\n" ends a line, a final one is optional) and "timesteps" as a
+ * comma-separated list. The buffers (init_image, init_noise, step_noise, latents_out) have no
+ * text form: use edgediff_sample_params for them. Names (of the sampler, spacing, x0_clip)
+ * and the syntax of numbers are checked here, ranges when the request runs. */
 int edgediff_request_set(edgediff_request *req, const char *key, const char *value);
 
 /* Sets the progress callback (NULL: none). */

@@ -26,7 +26,7 @@ use crate::backend::{NetworkOptions, Provider};
 use crate::calibrate::CalibrateOptions;
 use crate::denoiser::X0Clip;
 use crate::error::Error;
-use crate::generate::{generate_chunks, SampleOptions};
+use crate::generate::{generate_chunks, Report, SampleOptions};
 use crate::likelihood::{LikelihoodOptions, OdeSolver, Probe};
 use crate::model::{Model, ModelOptions};
 use crate::noise::InjectedNoise;
@@ -91,9 +91,18 @@ fn status_of(e: &Error) -> c_int {
     }
 }
 
+/// How the C interface names a library option in messages: by the struct field (or function
+/// argument) that sets it, which is the library's name but where one differs.
+fn c_field(name: &str) -> String {
+    match name {
+        // SampleOptions::keep_latents is set by giving the buffer.
+        "keep_latents" => "latents_out".into(),
+        other => other.into(),
+    }
+}
+
 /// Runs `f`, turning errors and panics into a status and the thread's last error. Library
-/// errors are shown as they are: they name options by their library names, which are the
-/// names of the C struct fields.
+/// errors name options by their library names; [`c_field`] renders them as the C fields.
 fn guard(f: impl FnOnce() -> Result<(), Error>) -> c_int {
     if IN_CALLBACK.get() {
         set_error(REENTRY);
@@ -105,7 +114,7 @@ fn guard(f: impl FnOnce() -> Result<(), Error>) -> c_int {
             EDGEDIFF_OK
         }
         Ok(Err(e)) => {
-            set_error(&e.to_string());
+            set_error(&e.message_with(&c_field));
             status_of(&e)
         }
         Err(panic) => {
@@ -990,6 +999,19 @@ pub struct EdgediffSampleParams {
     // Version 3 (tiled VAE decoding): appended, so version 1 and 2 structs stay readable.
     /// `SampleOptions::vae_tile_size`; 0: None, untiled.
     pub vae_tile_size: usize,
+    // Version 4 (img2img, one prompt per sample, the final latents): appended likewise.
+    /// `SampleOptions::init_image`, `[1 or n, C, H, W]` of the output shape; NULL: None.
+    pub init_image: *const f32,
+    pub init_image_len: usize,
+    /// img2img's `SampleOptions::strength` or inpainting's `InpaintOptions::strength`; NaN:
+    /// the operation's default.
+    pub strength: f64,
+    /// `SampleOptions::prompts`; NULL: None.
+    pub prompts: *const *const c_char,
+    pub prompts_len: usize,
+    /// Where `Report::latents` goes (`SampleOptions::keep_latents` when not NULL).
+    pub latents_out: *mut f32,
+    pub latents_out_len: usize,
 }
 
 // SAFETY: repr(C), struct_size first, only integers, floats, raw and Option<fn> pointers.
@@ -1044,6 +1066,15 @@ impl EdgediffSampleParams {
             prompt: std::ptr::null(),
             negative_prompt: std::ptr::null(),
             vae_tile_size: d.vae_tile_size.unwrap_or(0),
+            // No image, prompt list or latents buffer by default (SampleOptions' None and
+            // false); the strength is unset, each operation's own default.
+            init_image: std::ptr::null(),
+            init_image_len: 0,
+            strength: f64::NAN,
+            prompts: std::ptr::null(),
+            prompts_len: 0,
+            latents_out: std::ptr::null_mut(),
+            latents_out_len: 0,
         }
     }
 
@@ -1091,6 +1122,14 @@ unsafe fn sample_options(p: &EdgediffSampleParams) -> Result<SampleOptions, Erro
     // SAFETY: as for `prompt`.
     let negative_prompt =
         unsafe { opt_text(p.negative_prompt, "negative_prompt") }?.map(str::to_owned);
+    // SAFETY: the caller's struct holds NULL or `prompts_len` NUL-terminated strings.
+    let prompts = unsafe { prompt_list(p.prompts, p.prompts_len) }?;
+    if p.latents_out.is_null() && p.latents_out_len != 0 {
+        return Err(Error::options(
+            format!("{{0}} is NULL but {{1}} is {}", p.latents_out_len),
+            &["latents_out", "latents_out_len"],
+        ));
+    }
     let spacing = if p.spacing == EDGEDIFF_SPACING_DEFAULT {
         if opt_f64(p.rho).is_some() {
             return Err(Error::options(
@@ -1117,8 +1156,122 @@ unsafe fn sample_options(p: &EdgediffSampleParams) -> Result<SampleOptions, Erro
         prompt,
         negative_prompt,
         vae_tile_size: (p.vae_tile_size != 0).then_some(p.vae_tile_size),
+        prompts,
+        strength: opt_f64(p.strength).unwrap_or(defaults.strength),
+        keep_latents: !p.latents_out.is_null(),
         ..defaults
     })
+}
+
+/// The caller's list of `len` prompts at `list` (NULL with 0: none), copied; an empty list is
+/// kept for the library to refuse by name.
+///
+/// # Safety
+/// `list` is NULL or holds `len` pointers, each NULL or NUL-terminated.
+unsafe fn prompt_list(
+    list: *const *const c_char,
+    len: usize,
+) -> Result<Option<Vec<String>>, Error> {
+    if list.is_null() {
+        if len != 0 {
+            return Err(Error::options(
+                format!("{{0}} is NULL but {{1}} is {len}"),
+                &["prompts", "prompts_len"],
+            ));
+        }
+        return Ok(None);
+    }
+    // SAFETY: `list` holds `len` pointers (caller).
+    let ptrs = unsafe { slice(list, len, "prompts") }?;
+    ptrs.iter()
+        .enumerate()
+        // SAFETY: each pointer is NULL or NUL-terminated (caller); NULL is refused by `text`.
+        .map(|(i, &t)| unsafe { text(t, &format!("prompts[{i}]")) }.map(str::to_owned))
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
+}
+
+/// img2img's images of `p` for `n` samples of the output shape `[c, h, w]`: `init_image`
+/// holds one image (for every sample) or n, the library checks the rest.
+///
+/// # Safety
+/// `p.init_image` is NULL or holds `p.init_image_len` floats.
+unsafe fn init_image(
+    p: &EdgediffSampleParams,
+    n: usize,
+    [c, h, w]: [usize; 3],
+) -> Result<Option<Array4<f32>>, Error> {
+    if p.init_image.is_null() {
+        if p.init_image_len != 0 {
+            return Err(Error::options(
+                format!("{{0}} is NULL but {{1}} is {}", p.init_image_len),
+                &["init_image", "init_image_len"],
+            ));
+        }
+        return Ok(None);
+    }
+    let one = count(&[c, h, w], "C * H * W")?;
+    let all = count(&[n, c, h, w], "n * C * H * W")?;
+    if p.init_image_len != one && p.init_image_len != all {
+        return Err(Error::out_of_range(
+            "init_image_len",
+            p.init_image_len,
+            &format!("must be C * H * W = {c} * {h} * {w} = {one} (one image for every sample) or n * C * H * W = {all} (one per sample)"),
+        ));
+    }
+    // SAFETY: the caller's struct holds `init_image_len` floats at `init_image`.
+    let img = unsafe { slice(p.init_image, p.init_image_len, "init_image") }?;
+    let k = p.init_image_len / one.max(1);
+    Array4::from_shape_vec((k, c, h, w), img.to_vec())
+        .map(Some)
+        .map_err(|e| arg(&e.to_string()))
+}
+
+/// The caller's buffer for the final latents of `n` samples of the latent shape `[c, h, w]`,
+/// checked to hold them (None: not wanted).
+///
+/// # Safety
+/// `p.latents_out` is NULL or holds `p.latents_out_len` writable floats.
+unsafe fn latents_buffer<'a>(
+    p: &EdgediffSampleParams,
+    n: usize,
+    [c, h, w]: [usize; 3],
+) -> Result<Option<&'a mut [f32]>, Error> {
+    if p.latents_out.is_null() {
+        return Ok(None);
+    }
+    let need = count(&[n, c, h, w], "n * C * H * W")?;
+    if p.latents_out_len < need {
+        return Err(Error::out_of_range(
+            "latents_out_len",
+            p.latents_out_len,
+            &format!("is too small: the latents of n = {n} samples of [{c}, {h}, {w}] (edgediff_model_sample_shape) need {need} floats"),
+        ));
+    }
+    // SAFETY: `latents_out` holds `latents_out_len` >= `need` writable floats (caller).
+    unsafe { slice_mut(p.latents_out, need, "latents_out") }.map(Some)
+}
+
+/// Copies a run's final latents into the caller's buffer (when one was given).
+fn put_latents(dst: Option<&mut [f32]>, report: &Report) -> Result<(), Error> {
+    let Some(dst) = dst else {
+        return Ok(());
+    };
+    let z = report
+        .latents
+        .as_ref()
+        .ok_or_else(|| arg("the run kept no latents"))?
+        .as_standard_layout();
+    let z = z.as_slice().expect("standard layout");
+    if z.len() != dst.len() {
+        return Err(arg(&format!(
+            "the run kept {} latent values; {} were expected",
+            z.len(),
+            dst.len()
+        )));
+    }
+    dst.copy_from_slice(z);
+    Ok(())
 }
 
 /// `opts` (of `p`) with the model's scheduler settings when `p.spacing` leaves them to it,
@@ -1196,6 +1349,71 @@ unsafe fn injected_noise(
     Ok(Some(InjectedNoise { initial, steps }))
 }
 
+/// What a run of the struct does: each reads some of its fields and refuses the others set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    /// `edgediff_sample_with`, `edgediff_sample_to_file_with`.
+    Sample,
+    /// `edgediff_inpaint_with`: what `edgediff inpaint` takes.
+    Inpaint,
+    /// `edgediff_invert`: deterministic DDIM, nothing that changes the images.
+    Invert,
+}
+
+impl Op {
+    /// Refuses a field of `p` set that this operation does not read, naming the first.
+    fn refuse_unused(self, p: &EdgediffSampleParams) -> Result<(), Error> {
+        let (what, unused): (&str, &[(&'static str, bool)]) = match self {
+            // Sampling reads strength for img2img only, as `edgediff sample --strength`.
+            // (A NULL image with a length is reported as that, by init_image.)
+            Op::Sample
+                if opt_f64(p.strength).is_some()
+                    && p.init_image.is_null()
+                    && p.init_image_len == 0 =>
+            {
+                return Err(Error::options(
+                    "{0} applies to img2img, with {1}",
+                    &["strength", "init_image"],
+                ))
+            }
+            Op::Sample => return Ok(()),
+            Op::Inpaint => (
+                "inpainting",
+                &[
+                    ("step_noise", !p.step_noise.is_null()),
+                    ("init_image", !p.init_image.is_null()),
+                    ("prompts", !p.prompts.is_null()),
+                    ("latents_out", !p.latents_out.is_null()),
+                ],
+            ),
+            Op::Invert => (
+                "inversion",
+                &[
+                    ("timesteps", !p.timesteps.is_null()),
+                    ("guidance", opt_f64(p.guidance).is_some()),
+                    ("x0_clip", p.x0_clip != X0_CLIP_NONE),
+                    ("init_noise", !p.init_noise.is_null()),
+                    ("step_noise", !p.step_noise.is_null()),
+                    ("prompt", !p.prompt.is_null()),
+                    ("negative_prompt", !p.negative_prompt.is_null()),
+                    ("vae_tile_size", p.vae_tile_size != 0),
+                    ("init_image", !p.init_image.is_null()),
+                    ("strength", opt_f64(p.strength).is_some()),
+                    ("prompts", !p.prompts.is_null()),
+                    ("latents_out", !p.latents_out.is_null()),
+                ],
+            ),
+        };
+        match unused.iter().find(|(_, set)| *set) {
+            Some((field, _)) => Err(Error::options(
+                format!("{{0}} does not apply to {what}"),
+                &[*field],
+            )),
+            None => Ok(()),
+        }
+    }
+}
+
 /// One run: the options with the flag its progress callback sets to cancel it.
 struct Run {
     opts: SampleOptions,
@@ -1205,17 +1423,23 @@ struct Run {
 }
 
 impl Run {
-    /// The run of `p` on `model` (whose scheduler settings may be the defaults).
+    /// The run `op` of `p` on `model` (whose scheduler settings may be the defaults), with
+    /// the fields `op` does not read refused.
     ///
     /// # Safety
-    /// As [`sample_options`].
-    unsafe fn new(p: &EdgediffSampleParams, model: &Model) -> Result<Run, Error> {
+    /// As [`sample_options`]; `p.init_image` is NULL or holds `p.init_image_len` floats.
+    unsafe fn new(p: &EdgediffSampleParams, model: &Model, op: Op) -> Result<Run, Error> {
+        op.refuse_unused(p)?;
         let cancel = Arc::new(AtomicBool::new(false));
         // SAFETY: forwarded from the caller.
         let opts = for_model(unsafe { sample_options(p) }?, p, model);
+        // The images are what the model outputs (a pipeline's, not its latents).
+        // SAFETY: forwarded from the caller.
+        let init_image = unsafe { init_image(p, p.n, model.output_shape()) }?;
         Ok(Run {
             opts: SampleOptions {
                 cancel: Some(cancel.clone()),
+                init_image,
                 ..opts
             },
             cancel,
@@ -1266,9 +1490,9 @@ unsafe fn sample_into(
 ) -> Result<(), Error> {
     let mut model = lock(m);
     // SAFETY: forwarded from the caller.
-    let run = unsafe { Run::new(p, &model) }?;
+    let run = unsafe { Run::new(p, &model, Op::Sample) }?;
     // The buffer takes what sampling outputs (a pipeline's decoded images); injected noise
-    // is in the sample (latent) shape.
+    // and the latents are in the sample (latent) shape.
     let shape = model.metadata().sample_shape;
     let [c, h, w] = model.output_shape();
     let per = count(&[c, h, w], "C * H * W")?;
@@ -1284,10 +1508,12 @@ unsafe fn sample_into(
     }
     // SAFETY: forwarded from the caller.
     let injected = unsafe { injected_noise(p, p.n, shape) }?;
+    // SAFETY: forwarded from the caller.
+    let latents = unsafe { checked_latents(p, &model, &run, injected.as_ref()) }?;
     // SAFETY: `out` holds `out_len` >= `need` writable floats (caller, checked).
     let dst = unsafe { slice_mut(out, need, "out") }?;
     let mut progress = run.progress();
-    generate_chunks(
+    let report = generate_chunks(
         &mut model,
         &run.opts,
         injected.as_ref(),
@@ -1300,7 +1526,27 @@ unsafe fn sample_into(
             Ok(())
         },
     )?;
-    Ok(())
+    put_latents(latents, &report)
+}
+
+/// The caller's latents buffer of `p` for `run`, after the options are checked against the
+/// model (a pixel model refuses latents before their buffer is looked at, as the CLI refuses
+/// `--latents-out` first).
+///
+/// # Safety
+/// As [`latents_buffer`].
+unsafe fn checked_latents<'a>(
+    p: &EdgediffSampleParams,
+    model: &Model,
+    run: &Run,
+    injected: Option<&InjectedNoise>,
+) -> Result<Option<&'a mut [f32]>, Error> {
+    if p.latents_out.is_null() {
+        return Ok(None);
+    }
+    crate::generate::check_options(model, &run.opts, injected)?;
+    // SAFETY: forwarded from the caller.
+    unsafe { latents_buffer(p, p.n, model.metadata().sample_shape) }
 }
 
 /// Samples as `p` says into a file, as `edgediff sample --out path [--resume]` does.
@@ -1317,12 +1563,14 @@ unsafe fn sample_to_file(
     let path = PathBuf::from(unsafe { text(path, "path") }?);
     let mut model = lock(m);
     // SAFETY: forwarded from the caller.
-    let run = unsafe { Run::new(p, &model) }?;
+    let run = unsafe { Run::new(p, &model, Op::Sample) }?;
     let shape = model.metadata().sample_shape;
     // SAFETY: forwarded from the caller.
     let injected = unsafe { injected_noise(p, p.n, shape) }?;
+    // SAFETY: forwarded from the caller.
+    let latents = unsafe { checked_latents(p, &model, &run, injected.as_ref()) }?;
     let mut progress = run.progress();
-    generate_to_path(
+    let written = generate_to_path(
         &mut model,
         &run.opts,
         injected.as_ref(),
@@ -1330,7 +1578,7 @@ unsafe fn sample_to_file(
         resume,
         &mut progress,
     )?;
-    Ok(())
+    put_latents(latents, &written.report)
 }
 
 /// Inpaints `n` images with masks (one channel) as `p` says into `out`.
@@ -1349,15 +1597,9 @@ unsafe fn inpaint_into(
     out: *mut f32,
     out_len: usize,
 ) -> Result<(), Error> {
-    if !p.init_noise.is_null() || !p.step_noise.is_null() {
-        return Err(Error::options(
-            "{0} and {1} do not apply to inpainting",
-            &["init_noise", "step_noise"],
-        ));
-    }
     let mut model = lock(m);
     // SAFETY: forwarded from the caller.
-    let run = unsafe { Run::new(p, &model) }?;
+    let run = unsafe { Run::new(p, &model, Op::Inpaint) }?;
     // Images, masks and out are what the model outputs: a pipeline's images, not its latents.
     let [c, h, w] = model.output_shape();
     let need = count(&[n, c, h, w], "n * C * H * W")?;
@@ -1378,10 +1620,15 @@ unsafe fn inpaint_into(
         Array4::from_shape_vec((n, c, h, w), imgs.to_vec()).map_err(|e| arg(&e.to_string()))?;
     let mks =
         Array4::from_shape_vec((n, 1, h, w), mks.to_vec()).map_err(|e| arg(&e.to_string()))?;
+    // Initial noise in the sample shape (a pipeline's latents), one row per image.
+    // SAFETY: forwarded from the caller.
+    let injected = unsafe { injected_noise(p, n, model.metadata().sample_shape) }?;
     let mut progress = run.progress();
+    let defaults = crate::inpaint::InpaintOptions::default();
     let how = crate::inpaint::InpaintOptions {
         resampling,
-        ..Default::default()
+        // Inpainting's own default (every step), not img2img's.
+        strength: opt_f64(p.strength).unwrap_or(defaults.strength),
     };
     let (x, _) = crate::inpaint::inpaint(
         &mut model,
@@ -1389,7 +1636,7 @@ unsafe fn inpaint_into(
         &imgs,
         &mks,
         &how,
-        None,
+        injected.as_ref(),
         &mut progress,
     )?;
     let x = x.as_standard_layout();
@@ -1444,7 +1691,8 @@ pub unsafe extern "C" fn edgediff_sample_to_file_with(
     })
 }
 
-/// Inpaints `n` images where `masks` is 1 with the sampler, steps, seed... of `params`.
+/// Inpaints `n` images where `masks` is 1 with the sampler, steps, seed, strength and initial
+/// noise of `params`.
 ///
 /// # Safety
 /// `model` is a valid handle; `params` an initialised struct; the buffers hold the sizes
@@ -1501,22 +1749,9 @@ pub unsafe extern "C" fn edgediff_invert(
                 &["sampler", "eta"],
             ));
         }
-        let unused = [
-            ("timesteps", !p.timesteps.is_null()),
-            ("guidance", opt_f64(p.guidance).is_some()),
-            ("x0_clip", p.x0_clip != X0_CLIP_NONE),
-            ("init_noise", !p.init_noise.is_null()),
-            ("step_noise", !p.step_noise.is_null()),
-            ("prompt", !p.prompt.is_null()),
-            ("negative_prompt", !p.negative_prompt.is_null()),
-            ("vae_tile_size", p.vae_tile_size != 0),
-        ];
-        if let Some((field, _)) = unused.iter().find(|(_, set)| *set) {
-            return Err(Error::options("{0} does not apply to inversion", &[*field]));
-        }
         let mut model = lock(m);
         // SAFETY: the caller's struct is valid as the header says.
-        let run = unsafe { Run::new(&p, &model) }?;
+        let run = unsafe { Run::new(&p, &model, Op::Invert) }?;
         let [c, h, w] = model.metadata().sample_shape;
         let need = count(&[n, c, h, w], "n * C * H * W")?;
         if noise.is_null() {
@@ -1563,6 +1798,9 @@ pub struct EdgediffRequest {
     timesteps: Option<Vec<f64>>,
     prompt: Option<CString>,
     negative_prompt: Option<CString>,
+    /// The prompts of "prompts" and the pointer array `params.prompts` points at (each
+    /// CString's buffer stays where it is when the Vec moves).
+    prompts: Option<(Vec<CString>, Vec<*const c_char>)>,
 }
 
 impl EdgediffRequest {
@@ -1576,6 +1814,7 @@ impl EdgediffRequest {
             timesteps: None,
             prompt: None,
             negative_prompt: None,
+            prompts: None,
         }
     }
 
@@ -1586,12 +1825,18 @@ impl EdgediffRequest {
             None => (std::ptr::null(), 0),
         };
         let text = |t: &Option<CString>| t.as_ref().map_or(std::ptr::null(), |t| t.as_ptr());
+        let (prompts, prompts_len) = match &self.prompts {
+            Some((_, ptrs)) => (ptrs.as_ptr(), ptrs.len()),
+            None => (std::ptr::null(), 0),
+        };
         EdgediffSampleParams {
             sampler: self.sampler.as_ptr(),
             timesteps,
             num_timesteps,
             prompt: text(&self.prompt),
             negative_prompt: text(&self.negative_prompt),
+            prompts,
+            prompts_len,
             ..self.params
         }
     }
@@ -1625,6 +1870,17 @@ impl EdgediffRequest {
                 self.negative_prompt =
                     Some(CString::new(value).map_err(|_| arg("negative_prompt holds a NUL"))?)
             }
+            // One prompt per line, as in `edgediff sample --prompts FILE` (a final newline ends
+            // the last line; "\r\n" ends a line too).
+            "prompts" => {
+                let list = value
+                    .lines()
+                    .map(|l| CString::new(l).map_err(|_| arg("prompts holds a NUL")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let ptrs = list.iter().map(|c| c.as_ptr()).collect();
+                self.prompts = Some((list, ptrs));
+            }
+            "strength" => p.strength = num(key, value, "a number")?,
             "spacing" => p.spacing = spacing_to_c(value.parse()?).0,
             "rho" => p.rho = num(key, value, "a number")?,
             "timesteps" => {
@@ -1726,7 +1982,7 @@ unsafe fn req_ref<'a>(r: *const EdgediffRequest) -> Result<&'a EdgediffRequest, 
 
 /// Sets a request parameter by name and text: any field of `edgediff_sample_params` that
 /// holds a name or a number ("sampler", "spacing", "steps", "eta", "x0_clip"...; "class" for
-/// "class_label"), "timesteps" as a comma-separated list, e.g.
+/// "class_label"), "timesteps" as a comma-separated list, "prompts" one per line, e.g.
 /// `edgediff_request_set(req, "steps", "50")`.
 ///
 /// # Safety
@@ -2444,6 +2700,51 @@ mod tests {
     }
 
     #[test]
+    fn prompt_lists_and_latents_name_their_fields() {
+        let mut p = EdgediffSampleParams::defaults();
+        p.prompts_len = 2;
+        // SAFETY: the test's structs hold static strings and no other pointer.
+        let e = unsafe { sample_options(&p) }.unwrap_err();
+        assert_eq!(
+            e.message_with(&c_field),
+            "invalid argument: prompts is NULL but prompts_len is 2"
+        );
+        let list = [c"a cat".as_ptr(), std::ptr::null()];
+        p.prompts = list.as_ptr();
+        // SAFETY: `list` holds prompts_len pointers, NULL or static strings.
+        let e = unsafe { sample_options(&p) }.unwrap_err();
+        assert!(e.to_string().contains("prompts[1] is NULL"), "{e}");
+        p.prompts_len = 1;
+        // SAFETY: as above.
+        let o = unsafe { sample_options(&p) }.unwrap();
+        assert_eq!(o.prompts, Some(vec!["a cat".to_string()]));
+        // The library's keep_latents is the C field latents_out.
+        let e = Error::options("{0} applies to pipelines", &["keep_latents"]);
+        assert_eq!(
+            e.message_with(&c_field),
+            "invalid argument: latents_out applies to pipelines"
+        );
+        // Unset strength is the library's img2img default; a set one is taken as it is.
+        assert_eq!(o.strength, SampleOptions::default().strength);
+        p.strength = 0.6;
+        // SAFETY: as above.
+        assert_eq!(unsafe { sample_options(&p) }.unwrap().strength, 0.6);
+    }
+
+    #[test]
+    fn request_prompts_are_lines() {
+        let mut r = EdgediffRequest::new();
+        r.set("prompts", "a cat\r\nthe sea\n").unwrap();
+        let p = r.params();
+        // SAFETY: the request's params point into `r`, alive here.
+        let o = unsafe { sample_options(&p) }.unwrap();
+        assert_eq!(o.prompts, Some(vec!["a cat".into(), "the sea".into()]));
+        r.set("strength", "0.6").unwrap();
+        assert_eq!(r.params().strength, 0.6);
+        assert!(r.set("strength", "much").is_err());
+    }
+
+    #[test]
     fn sizes_multiplied_from_caller_input_do_not_overflow() {
         let e = count(&[usize::MAX / 2, 3, 1, 1], "n * C * H * W").unwrap_err();
         assert!(e.to_string().contains("overflows"), "{e}");
@@ -2472,13 +2773,17 @@ mod tests {
         // 64-bit targets: every field 8 bytes but the pairs of ints, so adding a field later
         // cannot land in padding an older caller left uninitialised.
         if std::mem::size_of::<usize>() == 8 {
-            assert_eq!(std::mem::size_of::<EdgediffSampleParams>(), 30 * 8);
+            assert_eq!(std::mem::size_of::<EdgediffSampleParams>(), 37 * 8);
             // Version 1 (before the prompts) was 27 fields of 8 bytes, version 2 (before
-            // vae_tile_size) 29.
+            // vae_tile_size) 29, version 3 (before init_image) 30.
             assert_eq!(EdgediffSampleParams::MIN_SIZE, 27 * 8);
             assert_eq!(
                 std::mem::offset_of!(EdgediffSampleParams, vae_tile_size),
                 29 * 8
+            );
+            assert_eq!(
+                std::mem::offset_of!(EdgediffSampleParams, init_image),
+                30 * 8
             );
             assert_eq!(std::mem::size_of::<EdgediffModelParams>(), 5 * 8 + 6 * 4);
             assert_eq!(std::mem::size_of::<EdgediffLikelihoodParams>(), 13 * 8);

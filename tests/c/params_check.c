@@ -3,8 +3,8 @@
  * Opens MODEL through edgediff_model_params; samples through edgediff_sample_params and checks
  * the result against a second run and against the request API with the same settings; writes
  * files and prints figures that the Python side compares with the CLI's for the same settings
- * (OUTDIR/sample.npy, OUTDIR/karras.npy, OUTDIR/noise.f32, the "likelihood" and "calibrate"
- * lines); and checks that bad values fail with EDGEDIFF_ERR_ARGUMENT and a message naming the
+ * (OUTDIR/sample.npy, OUTDIR/karras.npy, OUTDIR/noise.f32, OUTDIR/inpaint-*.f32 of inpainting
+ * with strength and init_noise, the "likelihood" and "calibrate" lines); and checks that bad values fail with EDGEDIFF_ERR_ARGUMENT and a message naming the
  * field by its C name. */
 #include <math.h>
 #include <stddef.h>
@@ -210,6 +210,29 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < p.n * shape[1] * shape[2]; i += 2) mask[i] = 1;
     EXPECT(edgediff_inpaint_with(model, &p, a, mask, p.n, 0, 0, b, len) == EDGEDIFF_OK, "inpaint");
     EXPECT(b[1] == a[1], "a kept pixel stays");
+    /* With strength and initial noise, as `edgediff inpaint --strength --init-noise`: images,
+     * mask, noise and result go raw to OUTDIR/inpaint-{images,mask,noise,out}.f32. */
+    for (size_t i = 0; i < len; i++) a[i] = (float)sin(0.37 * (double)i) * 0.9f;
+    for (size_t i = 0; i < len; i++) c[i] = (float)cos(1.3 * (double)i + 0.5) * 1.1f;
+    edgediff_sample_params is = p;
+    is.strength = 0.6;
+    is.init_noise = c;
+    is.init_noise_len = len;
+    EXPECT(edgediff_inpaint_with(model, &is, a, mask, p.n, 0, 0, b, len) == EDGEDIFF_OK, "inpaint with strength");
+    const char *names[4] = {"inpaint-images", "inpaint-mask", "inpaint-noise", "inpaint-out"};
+    const float *bufs[4] = {a, mask, c, b};
+    const size_t lens[4] = {len, p.n * shape[1] * shape[2], len, len};
+    for (int i = 0; i < 4; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "%s.f32", names[i]);
+        FILE *g = fopen(path_in(dir, name), "wb");
+        if (g) {
+            fwrite(bufs[i], sizeof(float), lens[i], g);
+            fclose(g);
+        }
+    }
+    is.strength = 0;
+    EXPECT(argument_error(edgediff_inpaint_with(model, &is, a, mask, p.n, 0, 0, b, len), "strength"), "inpaint strength 0");
     free(mask);
 
     /* Inversion of deterministic DDIM samples, then decoding the noise back. */
@@ -239,6 +262,9 @@ int main(int argc, char **argv) {
     ip.sampler = "ddim";
     ip.guidance = 2;
     EXPECT(argument_error(edgediff_invert(model, &ip, a, p.n, z, len), "guidance"), "no guidance in inversion");
+    ip.guidance = NAN;
+    ip.strength = 0.5;
+    EXPECT(argument_error(edgediff_invert(model, &ip, a, p.n, z, len), "strength"), "no strength in inversion");
     free(z);
 
     /* Likelihood of two of the images. */
