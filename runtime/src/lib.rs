@@ -63,7 +63,7 @@ pub use denoiser::X0Clip;
 pub use edit::{invert, slerp};
 pub use error::{ArgumentError, ArgumentKind, Error, Result, ORT_VERSION};
 pub use generate::{generate, generate_with_report, Report, SampleOptions};
-pub use model::{default_text_model, default_text_model_candidates, Model, ModelOptions};
+pub use model::{default_text_model, default_text_model_candidates, Model, ModelOptions, Shapes};
 pub use pipeline::{Pipeline, PipelineConfig};
 pub use sampler::{SamplerKind, SamplerParams};
 pub use spacing::Spacing;
