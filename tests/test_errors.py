@@ -232,6 +232,16 @@ def cases():
         ("external-data-outside", "a graph naming an external data file outside its folder",
          lambda t, m: do(_external(m, t / "model.onnx", location="../model.onnx_data"),
                          ["--model", str(t / "model.onnx")]), 3),
+        ("pipeline-context-dtype", "a pipeline U-Net whose encoder_hidden_states is not float (int32)",
+         lambda t, m: ["--model", str(_pipeline(t, _int_context))], 3),
+        ("image-size-multiple", "--height/--width not a multiple of what the pipeline needs (VAE x U-Net)",
+         lambda t, m: ["--model", str(_pipeline(t)), "--height", "18", "--width", "16"], 2),
+        ("image-size-fixed-unet", "--height/--width for a U-Net graph of one fixed size",
+         lambda t, m: ["--model", str(_pipeline(t, _fixed_size_unet)), "--height", "32", "--width", "32"], 3),
+        ("image-size-pixel", "--height for a single-file pixel model",
+         lambda t, m: ["--model", str(m), "--height", "16"], 2),
+        ("image-size-img2img", "img2img: --height/--width other than the --image's size (not resized)",
+         lambda t, m: ["--model", str(_pipeline(t)), *_init_image(t), "--height", "32", "--width", "32"], 2),
         ("pipeline-external-missing", "a pipeline whose VAE decoder's model.onnx_data is missing",
          lambda t, m: ["--model", str(_pipeline(t, lambda d: (
              _external(d / "vae_decoder" / "model.onnx", d / "vae_decoder" / "model.onnx"),
@@ -282,6 +292,29 @@ def _fixed_size_decoder(d: Path) -> None:
     proto = onnx.load(str(path))
     for dim in proto.graph.input[0].type.tensor_type.shape.dim[2:]:
         dim.dim_value = 8
+    onnx.save(proto, str(path))
+
+
+def _fixed_size_unet(d: Path) -> None:
+    """The pipeline's U-Net declaring its sample 8x8 (as an export with only N dynamic)."""
+    path = d / "unet" / "model.onnx"
+    proto = onnx.load(str(path))
+    sample = next(i for i in proto.graph.input if i.name == "sample")
+    for dim in sample.type.tensor_type.shape.dim[2:]:
+        dim.dim_value = 8
+    onnx.save(proto, str(path))
+
+
+def _int_context(d: Path) -> None:
+    """The pipeline's U-Net taking encoder_hidden_states as int32 (cast to float inside)."""
+    path = d / "unet" / "model.onnx"
+    proto = onnx.load(str(path))
+    for node in proto.graph.node:
+        node.input[:] = ["ehs_float" if i == "encoder_hidden_states" else i for i in node.input]
+    proto.graph.node.insert(0, onnx.helper.make_node("Cast", ["encoder_hidden_states"], ["ehs_float"],
+                                                     to=onnx.TensorProto.FLOAT))
+    ehs = next(i for i in proto.graph.input if i.name == "encoder_hidden_states")
+    ehs.type.tensor_type.elem_type = onnx.TensorProto.INT32
     onnx.save(proto, str(path))
 
 

@@ -136,11 +136,118 @@ pub(crate) fn return_freed_memory() {
     }
 }
 
-/// Element type of the network's `sample` input and output.
+/// Element type of a float tensor where it crosses a graph's boundary: the network's
+/// `sample`, and every float input and output of a pipeline's graphs (`encoder_hidden_states`,
+/// the text encoder's hidden states, the VAE's latents and images). A graph converted to
+/// float16 with float16 inputs and outputs (optimum's `--dtype fp16`, onnxconverter's
+/// `keep_io_types=False`) takes and gives float16; the runtime's arrays stay f32 between
+/// graphs, and only the boundary rounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SampleType {
     F32,
     F16,
+}
+
+impl SampleType {
+    /// The float type `ty` is, None for any other.
+    fn of(ty: TensorElementType) -> Option<SampleType> {
+        match ty {
+            TensorElementType::Float32 => Some(SampleType::F32),
+            TensorElementType::Float16 => Some(SampleType::F16),
+            _ => None,
+        }
+    }
+
+    /// The float type of `session`'s input `name` (of graph `path`), or a contract error
+    /// naming what the graph declares instead.
+    pub(crate) fn of_input(session: &Session, name: &str, path: &Path) -> Result<SampleType> {
+        let contract = |detail: String| Error::Contract {
+            path: path.into(),
+            detail,
+        };
+        let input = session
+            .inputs()
+            .iter()
+            .find(|i| i.name() == name)
+            .ok_or_else(|| contract(format!("the graph has no input named '{name}'")))?;
+        match tensor_info(input.dtype()).and_then(|(ty, _)| SampleType::of(ty)) {
+            Some(t) => Ok(t),
+            None => Err(contract(format!(
+                "input '{name}' is {}; expected float32 or float16",
+                describe(input.dtype())
+            ))),
+        }
+    }
+
+    /// `x` as an input tensor of this type: f32 as it is (a view when its layout allows),
+    /// f16 rounded from it.
+    pub(crate) fn tensor<'a, D: ndarray::Dimension + 'static>(
+        self,
+        x: ndarray::ArrayView<'a, f32, D>,
+        what: &str,
+    ) -> Result<ort::session::SessionInputValue<'a>> {
+        let what = format!("{what} tensor");
+        Ok(match self {
+            SampleType::F32 if x.is_standard_layout() => TensorRef::from_array_view(x)
+                .map_err(Error::ort(what))?
+                .into(),
+            SampleType::F32 => Tensor::from_array(x.to_owned())
+                .map_err(Error::ort(what))?
+                .into(),
+            SampleType::F16 => Tensor::from_array(x.mapv(f16::from_f32))
+                .map_err(Error::ort(what))?
+                .into(),
+        })
+    }
+}
+
+/// A float output of a graph as f32, whichever float type the graph gives (see
+/// [`SampleType`]); `what` names it in errors.
+pub(crate) fn output_f32(value: &ort::value::DynValue, what: &str) -> Result<ArrayD<f32>> {
+    let what = format!("reading {what}");
+    match value.dtype() {
+        ValueType::Tensor {
+            ty: TensorElementType::Float16,
+            ..
+        } => Ok(value
+            .try_extract_array::<f16>()
+            .map_err(Error::ort(what))?
+            .mapv(f16::to_f32)),
+        _ => Ok(value
+            .try_extract_array::<f32>()
+            .map_err(Error::ort(what))?
+            .to_owned()),
+    }
+}
+
+/// An input's or output's type as ONNX tools write it, `float16 [?, 77, 32]` (`?`: a dynamic
+/// axis), for contract errors.
+pub(crate) fn describe(ty: &ValueType) -> String {
+    let Some((ty, shape)) = tensor_info(ty) else {
+        return format!("not a tensor ({ty})");
+    };
+    let name = match ty {
+        TensorElementType::Float32 => "float32".to_string(),
+        TensorElementType::Float16 => "float16".into(),
+        TensorElementType::Float64 => "float64".into(),
+        TensorElementType::Bfloat16 => "bfloat16".into(),
+        TensorElementType::Bool => "bool".into(),
+        TensorElementType::String => "string".into(),
+        TensorElementType::Int8 => "int8".into(),
+        TensorElementType::Int16 => "int16".into(),
+        TensorElementType::Int32 => "int32".into(),
+        TensorElementType::Int64 => "int64".into(),
+        TensorElementType::Uint8 => "uint8".into(),
+        TensorElementType::Uint16 => "uint16".into(),
+        TensorElementType::Uint32 => "uint32".into(),
+        TensorElementType::Uint64 => "uint64".into(),
+        other => other.to_string(),
+    };
+    let dims: Vec<String> = shape
+        .iter()
+        .map(|&d| if d < 0 { "?".into() } else { d.to_string() })
+        .collect();
+    format!("{name} [{}]", dims.join(", "))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -475,6 +582,8 @@ pub struct Network {
     has_class_labels: bool,
     /// `[L, D]` of the `encoder_hidden_states` input (-1 where dynamic), when the graph has it.
     pub(crate) context_shape: Option<[i64; 2]>,
+    /// Element type of `encoder_hidden_states` (float32 when the graph has none).
+    context_type: SampleType,
     /// `[C, H, W]` as the graph declares it (-1 where dynamic).
     pub(crate) declared_shape: Vec<i64>,
     /// Input channels beyond the output's: an inpainting U-Net's mask and masked image
@@ -576,6 +685,7 @@ impl Network {
                 || net.time_type != self.time_type
                 || net.scalar_time != self.scalar_time
                 || net.context_shape != self.context_shape
+                || net.context_type != self.context_type
                 || net.declared_shape != self.declared_shape
             {
                 return Err(Error::ModelFile {
@@ -750,17 +860,8 @@ impl Network {
         let find = |name: &str| session.inputs().iter().find(|o| o.name() == name);
         let sample = find("sample")
             .ok_or_else(|| contract("the graph has no input named 'sample'".into()))?;
-        let (sty, sshape) = tensor_info(sample.dtype())
-            .ok_or_else(|| contract("input 'sample' is not a tensor".into()))?;
-        let sample_type = match sty {
-            TensorElementType::Float32 => SampleType::F32,
-            TensorElementType::Float16 => SampleType::F16,
-            other => {
-                return Err(contract(format!(
-                    "input 'sample' is {other:?}; expected float32 or float16"
-                )))
-            }
-        };
+        let sample_type = SampleType::of_input(&session, "sample", path)?;
+        let sshape = tensor_info(sample.dtype()).map_or(Vec::new(), |(_, s)| s);
         if sshape.len() != 4 {
             return Err(contract(format!(
                 "input 'sample' has rank {}; expected [N, C, H, W]",
@@ -775,23 +876,26 @@ impl Network {
             Some(TensorElementType::Int64) => TimeType::I64,
             Some(TensorElementType::Float32) => TimeType::F32,
             Some(TensorElementType::Float16) => TimeType::F16,
-            other => {
+            _ => {
                 return Err(contract(format!(
-                    "input 'timestep' is {other:?}; expected int64 or float"
+                    "input 'timestep' is {}; expected int64, float32 or float16",
+                    describe(timestep.dtype())
                 )))
             }
         };
         let has_class_labels = find("class_labels").is_some();
-        let context_shape = match find("encoder_hidden_states") {
-            None => None,
+        let (context_shape, context_type) = match find("encoder_hidden_states") {
+            None => (None, SampleType::F32),
             Some(input) => match tensor_info(input.dtype()) {
-                Some((TensorElementType::Float32, shape)) if shape.len() == 3 => {
-                    Some([shape[1], shape[2]])
-                }
-                other => {
+                Some((ty, shape)) if shape.len() == 3 && SampleType::of(ty).is_some() => (
+                    Some([shape[1], shape[2]]),
+                    SampleType::of_input(&session, "encoder_hidden_states", path)?,
+                ),
+                _ => {
                     return Err(contract(format!(
-                        "input 'encoder_hidden_states' is {other:?}; expected float32 [N, L, D]"
-                    )))
+                    "input 'encoder_hidden_states' is {}; expected float32 or float16 [N, L, D]",
+                    describe(input.dtype())
+                )))
                 }
             },
         };
@@ -827,6 +931,7 @@ impl Network {
             scalar_time,
             has_class_labels,
             context_shape,
+            context_type,
             declared_shape,
             extra_channels: 0,
             fingerprint: crate::job::model_fingerprint(bytes),
@@ -891,21 +996,7 @@ impl Network {
             std::borrow::Cow<'_, str>,
             ort::session::SessionInputValue<'_>,
         )> = Vec::with_capacity(3);
-        let x_std = x.as_standard_layout();
-        match self.sample_type {
-            SampleType::F32 => inputs.push((
-                "sample".into(),
-                TensorRef::from_array_view(x_std.view())
-                    .map_err(Error::ort("sample tensor"))?
-                    .into(),
-            )),
-            SampleType::F16 => inputs.push((
-                "sample".into(),
-                Tensor::from_array(x_std.mapv(f16::from_f32))
-                    .map_err(Error::ort("sample tensor"))?
-                    .into(),
-            )),
-        }
+        inputs.push(("sample".into(), self.sample_type.tensor(x, "sample")?));
         let t: ArrayD<f64> = if self.scalar_time {
             ndarray::arr0(time.first().copied().unwrap_or(0.0)).into_dyn()
         } else {
@@ -941,21 +1032,18 @@ impl Network {
                     .into(),
             ));
         }
-        let (c, context_std);
         if self.context_shape.is_some() {
-            c = context.ok_or_else(|| Error::invalid("this model needs encoder_hidden_states"))?;
+            let c =
+                context.ok_or_else(|| Error::invalid("this model needs encoder_hidden_states"))?;
             if c.shape()[0] != n {
                 return Err(Error::invalid(format!(
                     "encoder_hidden_states has {} rows for a batch of {n}",
                     c.shape()[0]
                 )));
             }
-            context_std = c.as_standard_layout();
             inputs.push((
                 "encoder_hidden_states".into(),
-                TensorRef::from_array_view(context_std.view())
-                    .map_err(Error::ort("encoder_hidden_states tensor"))?
-                    .into(),
+                self.context_type.tensor(c, "encoder_hidden_states")?,
             ));
         }
         self.ensure_open()?;
@@ -965,18 +1053,7 @@ impl Network {
         let outputs = session
             .run(inputs)
             .map_err(Error::ort("running the network"))?;
-        let out = &outputs[0];
-        let arr = match self.sample_type {
-            SampleType::F32 => out
-                .try_extract_array::<f32>()
-                .map_err(Error::ort("reading the output"))?
-                .to_owned(),
-            SampleType::F16 => out
-                .try_extract_array::<f16>()
-                .map_err(Error::ort("reading the output"))?
-                .mapv(f16::to_f32),
-        };
-        let arr = arr
+        let arr = output_f32(&outputs[0], "the output")?
             .into_dimensionality::<Ix4>()
             .map_err(|_| Error::Contract {
                 path: self.path.clone(),

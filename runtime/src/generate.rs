@@ -104,6 +104,15 @@ pub struct SampleOptions {
     /// bytes as without it; larger ones agree with untiled decoding to within what the VAE's
     /// reach beyond a tile changes. Refused for a pixel model. Default: None, untiled.
     pub vae_tile_size: Option<usize>,
+    /// `[height, width]` of a text-to-image pipeline's images, as diffusers' `height=` and
+    /// `width=`: the latents are that divided by the VAE's upsampling. Each side must be a
+    /// multiple of [`crate::Pipeline::size_multiple`] (the VAE's factor times 2 for each of
+    /// the U-Net's downsamplings; 64 for Stable Diffusion, 4 for the tests' tiny pipeline), and
+    /// the U-Net and VAE decoder graphs must take that size (dynamic height and width, as
+    /// optimum's and `edgediff-export diffusers`' graphs have). With `init_image` (img2img) or
+    /// inpainting's images the run takes the images' size (they are not resized), which this
+    /// must then equal if given. Refused for a pixel model. Default: None, the folder's size.
+    pub image_size: Option<[usize; 2]>,
     /// When set, the run stops with [`Error::Cancelled`] before its next network call.
     /// Default: None.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
@@ -132,12 +141,23 @@ impl Default for SampleOptions {
             leading_as_diffusers: false,
             keep_latents: false,
             vae_tile_size: None,
+            image_size: None,
             cancel: None,
         }
     }
 }
 
 impl SampleOptions {
+    /// The shapes of this run on `model` ([`crate::Model::shapes_for`]): of `image_size`, or
+    /// for a pipeline given an `init_image`, of the image's size; checked as there.
+    pub fn shapes(&self, model: &Model) -> Result<crate::Shapes> {
+        let from_image = match (&self.init_image, model.pipeline()) {
+            (Some(img), Some(_)) => Some([img.shape()[2], img.shape()[3]]),
+            _ => None,
+        };
+        model.shapes_for(self.image_size.or(from_image))
+    }
+
     /// The defaults for `model`: [`SampleOptions::default`], with a text-to-image pipeline's
     /// scheduler settings (spacing, steps_offset, set_alpha_to_one, leading_as_diffusers) in
     /// place of the library's,
@@ -360,6 +380,7 @@ pub(crate) fn run_batches(
     let schedule = model.schedule().clone();
     let level_at_sbar = move |s: f64| schedule.level_for_sbar(s);
     let guidance = guidance_for(&meta, opts)?;
+    let shapes = opts.shapes(model)?;
     // Low-memory mode holds one graph at a time: every prompt of the run is encoded before
     // the U-Net is opened, and the latents of every batch are kept until it is freed again
     // (1/48 of the images' size for Stable Diffusion's VAE), then decoded.
@@ -391,7 +412,7 @@ pub(crate) fn run_batches(
                 &mut rows
             }
             None => {
-                seeded = SeededNoise::new(opts.seed, first, m, meta.sample_shape);
+                seeded = SeededNoise::new(opts.seed, first, m, shapes.sample);
                 &mut seeded
             }
         };
@@ -680,16 +701,29 @@ pub(crate) fn prepare(
         return Err(Error::options("{0} must be at least 1", &["batch_size"]));
     }
     let meta = model.metadata().clone();
+    if let (Some(img), Some([h, w])) = (&opts.init_image, opts.image_size) {
+        let k = img.shape();
+        if model.pipeline.is_some() && k[2..] != [h, w] {
+            return Err(Error::options(
+                format!(
+                    "{{1}} is {}x{} but {{0}} asks for {h}x{w}; the image is not resized: give an image of that size, or leave {{0}} out (the image's size is then the run's)",
+                    k[2], k[3]
+                ),
+                &["image_size", "init_image"],
+            ));
+        }
+    }
+    let shapes = opts.shapes(model)?;
     // Samplers keep a few batch-sized arrays (multistep histories up to ~6); refuse batches
     // whose single array would already pass 2 GiB rather than die in the allocator.
-    let sample_bytes = 4 * meta.sample_shape.iter().product::<usize>();
+    let sample_bytes = 4 * shapes.sample.iter().product::<usize>();
     check_batch_bytes(
         opts,
         sample_bytes,
         "per batch array (several are live at once)",
     )?;
     let text = matches!(meta.conditioning, Some(Conditioning::Text { .. }));
-    let [c, h, w] = model.output_shape();
+    let [c, h, w] = shapes.output;
     check_batch_bytes(opts, 4 * c * h * w, "per batch of decoded images")?;
     for (arg, given) in [
         ("prompt", opts.prompt.is_some()),
@@ -728,7 +762,7 @@ pub(crate) fn prepare(
                 &["vae_tile_size"],
             ));
         };
-        p.check_vae_tiles(tile)?;
+        p.check_vae_tiles(tile, [shapes.sample[1], shapes.sample[2]])?;
     }
     if let Some(img) = &opts.init_image {
         check_init_image(img, opts.n, [c, h, w], text)?;
@@ -770,7 +804,7 @@ pub(crate) fn prepare(
         lv = img2img_levels(lv, opts.strength)?;
     }
     if let Some(inj) = injected {
-        check_injected(inj, opts.n, meta.sample_shape)?;
+        check_injected(inj, opts.n, shapes.sample)?;
     }
     guidance_for(&meta, opts)?;
     Ok((labels, lv))

@@ -77,6 +77,26 @@ pub fn grid_png(x: ArrayView4<f32>, range: [f64; 2], cols: Option<usize>) -> Res
 /// it against the model's sample shape `[C, H, W]` (a gray image feeds a 3-channel model by
 /// repetition; an RGB image feeds a 1-channel model only if it is gray).
 pub fn read_png(bytes: &[u8], shape: [usize; 3], range: [f64; 2]) -> Result<ndarray::Array3<f32>> {
+    let [c, h, w] = shape;
+    decode_png(bytes, c, Some([h, w]), range)
+}
+
+/// [`read_png`] of an image of any height and width (a text-to-image pipeline's input, whose
+/// size is then the run's), with `channels` channels.
+pub fn read_png_any_size(
+    bytes: &[u8],
+    channels: usize,
+    range: [f64; 2],
+) -> Result<ndarray::Array3<f32>> {
+    decode_png(bytes, channels, None, range)
+}
+
+fn decode_png(
+    bytes: &[u8],
+    c: usize,
+    want: Option<[usize; 2]>,
+    range: [f64; 2],
+) -> Result<ndarray::Array3<f32>> {
     let bad = |why: String| Error::invalid(format!("PNG input: {why}"));
     let mut dec = png::Decoder::new(std::io::Cursor::new(bytes));
     dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
@@ -96,8 +116,7 @@ pub fn read_png(bytes: &[u8], shape: [usize; 3], range: [f64; 2]) -> Result<ndar
         png::ColorType::Rgba => 4,
         other => return Err(bad(format!("unsupported colour type {other:?}"))),
     };
-    let [c, mh, mw] = shape;
-    if (h, w) != (mh, mw) {
+    if let Some([mh, mw]) = want.filter(|&s| s != [h, w]) {
         return Err(bad(format!("image is {w}x{h}; the model takes {mw}x{mh}")));
     }
     let colour = stride >= 3;

@@ -189,17 +189,37 @@ pub fn inpaint(
     let [c, h, w] = model.output_shape();
     let pipeline = model.pipeline().cloned();
     let n = images.shape()[0];
-    if images.shape() != [n, c, h, w] {
+    // A pipeline's images may be of another size than the folder's: it is then the run's.
+    let size = [images.shape()[2], images.shape()[3]];
+    if images.shape()[1] != c || (pipeline.is_none() && size != [h, w]) {
         return Err(Error::invalid(format!(
             "images have shape {:?}; the model takes [n, {c}, {h}, {w}]{}",
             images.shape(),
             if pipeline.is_some() {
-                " (the pipeline's images, not its latents)"
+                " (the pipeline's images, not its latents; or of another height and width)"
             } else {
                 ""
             }
         )));
     }
+    let opts = match (&pipeline, opts.image_size) {
+        (Some(_), Some(asked)) if asked != size => {
+            return Err(Error::options(
+                format!(
+                    "{{0}} asks for {}x{} but the images to inpaint are {}x{}; they are not resized: leave {{0}} out (the images' size is the run's)",
+                    asked[0], asked[1], size[0], size[1]
+                ),
+                &["image_size"],
+            ))
+        }
+        (Some(_), _) => SampleOptions {
+            image_size: Some(size),
+            ..opts.clone()
+        },
+        (None, _) => opts.clone(),
+    };
+    let shapes = opts.shapes(model)?;
+    let [_, h, w] = shapes.output;
     // A pipeline's mask is downscaled to the latents, whose channels are not the image's.
     let per_channel = pipeline.is_none() && c > 1;
     if masks.shape()[0] != n
@@ -225,7 +245,7 @@ pub fn inpaint(
     if let Some(p) = model.pipeline.as_ref() {
         p.check_vae_encoder()?;
     }
-    let opts = SampleOptions { n, ..opts.clone() };
+    let opts = SampleOptions { n, ..opts };
     let (label, lv) = prepare(model, &opts, injected)?;
     let lv = img2img_levels(lv, how.strength)?;
     let resampling = how.resampling;
@@ -266,7 +286,14 @@ pub fn inpaint(
     // A pipeline encodes the images first: in low-memory mode the VAE encoder is then the one
     // graph held, freed again when the run moves on to the prompts.
     model.enter(Stage::ImageEncoding);
-    let plan = plan(model, images, &fill, from_image, opts.batch_size)?;
+    let plan = plan(
+        model,
+        images,
+        &fill,
+        from_image,
+        opts.batch_size,
+        shapes.sample,
+    )?;
     let latent = pipeline.is_some();
     let prior = prior_std(model.schedule(), &lv);
     let batch_plan = BatchPlan {
@@ -367,13 +394,15 @@ pub fn inpaint(
 }
 
 /// What [`inpaint`] pins, conditions on and starts from, for a pixel model or a pipeline
-/// (whose images are encoded here, in batches of `batch_size`); `fill` is the binarised mask.
+/// (whose images are encoded here, in batches of `batch_size`, into latents of `latent`
+/// `[C, h, w]`); `fill` is the binarised mask.
 fn plan(
     model: &mut Model,
     images: &Array4<f32>,
     fill: &Array4<f32>,
     from_image: bool,
     batch_size: usize,
+    latent: [usize; 3],
 ) -> Result<Plan> {
     let [n, c, h, w] = [
         images.shape()[0],
@@ -392,7 +421,7 @@ fn plan(
             start: from_image.then(|| images.clone()),
         });
     };
-    let [lc, lh, lw] = p.config().latent_shape;
+    let [lc, lh, lw] = latent;
     // The mask at the latents' size by nearest neighbour, as diffusers' F.interpolate: latent
     // cell (y, x) takes pixel (floor(y H / h), floor(x W / w)), the top left of its block.
     let small = Array4::from_shape_fn((n, 1, lh, lw), |(i, _, y, x)| {

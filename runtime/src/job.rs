@@ -121,6 +121,16 @@ pub(crate) fn job_record(
         // Tiled decoding changes the images a little (not below one tile: recorded anyway).
         m.insert("vae_tile_size".into(), json!(t));
     }
+    if let Ok(shapes) = opts.shapes(model) {
+        // Another image size than the model's (given, or an img2img image's): recorded only
+        // then, so a record from before it existed stays resumable.
+        if shapes.output != model.output_shape() {
+            m.insert(
+                "image_size".into(),
+                json!([shapes.output[1], shapes.output[2]]),
+            );
+        }
+    }
     if opts.leading_as_diffusers {
         // It moves a multistep solver's leading steps: a record from before it (another
         // layout) must not be resumed as this run.
@@ -216,6 +226,7 @@ const KEYS: &[&str] = &[
     "set_alpha_to_one",
     "leading_as_diffusers",
     "vae_tile_size",
+    "image_size",
     "guidance",
     "init_noise",
     "step_noise",

@@ -64,7 +64,7 @@ pub use edit::{invert, slerp};
 pub use error::{ArgumentError, ArgumentKind, Error, Result, ORT_VERSION};
 pub use generate::{generate, generate_with_report, Report, SampleOptions};
 pub use model::{
-    default_text_model, default_text_model_candidates, Model, ModelOptions, TEXT_MODEL_ENV,
+    default_text_model, default_text_model_candidates, Model, ModelOptions, Shapes, TEXT_MODEL_ENV,
 };
 pub use pipeline::{Pipeline, PipelineConfig};
 pub use sampler::{SamplerKind, SamplerParams};

@@ -105,6 +105,15 @@ impl std::ops::DerefMut for ModelOptions {
     }
 }
 
+/// The shapes of one run ([`Model::shapes_for`]), each `[C, H, W]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shapes {
+    /// What the sampler draws and denoises: a pipeline's latents, a pixel model's samples.
+    pub sample: [usize; 3],
+    /// What the run outputs: a pipeline's decoded images, a pixel model's samples.
+    pub output: [usize; 3],
+}
+
 /// A self-describing diffusion model opened through ONNX Runtime.
 ///
 /// ```
@@ -241,10 +250,42 @@ impl Model {
         log::debug!("stage: {stage:?}");
     }
 
-    /// `[C, H, W]` of what sampling outputs: the decoded images of a pipeline, else the sample.
+    /// `[C, H, W]` of what sampling outputs: the decoded images of a pipeline (at the
+    /// folder's size; see [`Model::shapes_for`] for others), else the sample.
     pub fn output_shape(&self) -> [usize; 3] {
         self.pipeline()
             .map_or(self.metadata.sample_shape, |p| p.image_shape)
+    }
+
+    /// The shapes of a run making images of `image_size` `[height, width]` (None: the model's
+    /// own size, [`Model::output_shape`]): a pipeline's latents are the images' size divided
+    /// by the VAE's upsampling. Refused: another size for a pixel model (its network samples
+    /// one size), and for a pipeline a side that is not a multiple of
+    /// [`Pipeline::size_multiple`] or a U-Net or VAE decoder graph of another fixed size.
+    pub fn shapes_for(&self, image_size: Option<[usize; 2]>) -> Result<Shapes> {
+        let own = Shapes {
+            sample: self.metadata.sample_shape,
+            output: self.output_shape(),
+        };
+        let Some(size) = image_size else {
+            return Ok(own);
+        };
+        let Some(p) = &self.pipeline else {
+            let [c, h, w] = own.output;
+            return Err(Error::options(
+                format!("{{0}} applies to text-to-image pipelines, whose U-Net and VAE take other sizes; this pixel model samples its own {c}x{h}x{w}"),
+                &["image_size"],
+            ));
+        };
+        let unet = match self.network.declared_shape[..] {
+            [_, h, w] => [h, w],
+            _ => [-1, -1],
+        };
+        let [lh, lw] = p.latent_size(size, unet)?;
+        Ok(Shapes {
+            sample: [own.sample[0], lh, lw],
+            output: [own.output[0], size[0], size[1]],
+        })
     }
 
     fn from_network(network: Network, raw: Option<String>, path: &Path) -> Result<Model> {

@@ -494,7 +494,7 @@ pub fn generate_to_path(
     let (mut output, todo) = Output::create(
         path,
         opts.n,
-        model.output_shape(),
+        opts.shapes(model)?.output,
         meta.data_range,
         resume,
         None,

@@ -26,16 +26,19 @@
 
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array2, Array3, Array4, Axis, Ix3, Ix4};
+use ndarray::{Array2, Array3, Array4, ArrayView4, Axis, Ix3, Ix4};
 use ort::session::Session;
 use ort::value::TensorRef;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Network, NetworkOptions};
+use crate::backend::{output_f32, Network, NetworkOptions, SampleType};
 use crate::error::{Error, Result};
 use crate::metadata::{Conditioning, ModelMetadata, Prediction, ScheduleSpec, TimeInput};
 use crate::spacing::Spacing;
 use crate::text::ClipTokenizer;
+
+/// The largest image height or width a run may ask for (`SampleOptions::image_size`).
+pub const MAX_IMAGE_SIDE: usize = 1 << 16;
 
 /// The pipeline classes this runtime runs.
 pub const SUPPORTED_PIPELINES: &[&str] = &[
@@ -324,8 +327,12 @@ pub struct Pipeline {
     /// not pay for loading a graph they never call (optimum folders may lack it altogether).
     vae_encoder: Graph,
     /// `[h, w]` of the VAE decoder's `latent_sample` input as the graph declares it (-1 where
-    /// dynamic): tiled decoding needs both dynamic.
+    /// dynamic): tiled decoding and other image sizes need both dynamic.
     decoder_latent_dims: [i64; 2],
+    /// The U-Net's 2x downsamplings (its levels less one, from unet/config.json): its latents'
+    /// sides must divide by 2 to this power, as each level's skip connection meets the
+    /// upsampled one at its own size (the ONNX graph has no diffusers' `upsample_size` branch).
+    unet_downsamplings: u32,
     opts: NetworkOptions,
 }
 
@@ -354,6 +361,33 @@ impl Graph {
             Some(s) => Ok(s),
             None => unreachable!("opened above"),
         }
+    }
+
+    /// One call of a VAE graph: `input` (name, values) in, the output `output` (None: the
+    /// first) out as f32 `[N, C, H, W]`, each in the graph's own float type. `what` and
+    /// `layout` name the graph and its output's layout in errors.
+    fn run_vae(
+        &mut self,
+        opts: &NetworkOptions,
+        (name, x): (&str, ArrayView4<f32>),
+        output: Option<&str>,
+        what: &str,
+        layout: &str,
+    ) -> Result<Array4<f32>> {
+        let path = self.path.clone();
+        let session = self.session(opts)?;
+        let ty = SampleType::of_input(session, name, &path)?;
+        let input = ty.tensor(x, name)?;
+        let outputs = session
+            .run(vec![(std::borrow::Cow::from(name), input)])
+            .map_err(Error::ort(format!("running {what}")))?;
+        let value = output.and_then(|o| outputs.get(o)).unwrap_or(&outputs[0]);
+        output_f32(value, &format!("{what}'s output"))?
+            .into_dimensionality::<Ix4>()
+            .map_err(|_| Error::Contract {
+                path,
+                detail: format!("{what}'s output is not {layout}"),
+            })
     }
 
     fn release(&mut self) -> bool {
@@ -456,10 +490,21 @@ impl Pipeline {
                 });
             }
         }
-        // The U-Net's config names its cross-attention width; the graph's declared input too.
-        let cross = read_json(&dir.join("unet/config.json"))
-            .ok()
+        // The U-Net's config names its cross-attention width (the graph's declared input
+        // too) and its levels.
+        let unet_config = read_json(&dir.join("unet/config.json")).ok();
+        let cross = unet_config
+            .as_ref()
             .and_then(|c| c.get("cross_attention_dim").and_then(|v| v.as_u64()));
+        let unet_downsamplings = unet_config
+            .as_ref()
+            .and_then(|c| {
+                c.get("block_out_channels")
+                    .or_else(|| c.get("down_block_types"))
+                    .and_then(|v| v.as_array())
+                    .map(|a| a.len().saturating_sub(1) as u32)
+            })
+            .unwrap_or(0);
         let hidden = config.text.hidden_size;
         if let Some(cross) = cross.filter(|&c| c as usize != hidden) {
             return Err(contract(format!(
@@ -557,6 +602,7 @@ impl Pipeline {
                 vae_decoder,
                 vae_encoder: Graph::new(dir.join("vae_encoder/model.onnx")),
                 decoder_latent_dims,
+                unet_downsamplings: unet_downsamplings.min(16),
                 opts: opts.clone(),
             },
         ))
@@ -614,17 +660,15 @@ impl Pipeline {
             .session(&self.opts)?
             .run(ort::inputs!["input_ids" => input])
             .map_err(Error::ort("running the text encoder"))?;
-        let out = outputs
-            .get("last_hidden_state")
-            .unwrap_or(&outputs[0])
-            .try_extract_array::<f32>()
-            .map_err(Error::ort("reading the text encoder's output"))?
-            .to_owned()
-            .into_dimensionality::<Ix3>()
-            .map_err(|_| Error::Contract {
-                path: path.clone(),
-                detail: "last_hidden_state is not [N, L, D]".into(),
-            })?;
+        let out = output_f32(
+            outputs.get("last_hidden_state").unwrap_or(&outputs[0]),
+            "the text encoder's output",
+        )?
+        .into_dimensionality::<Ix3>()
+        .map_err(|_| Error::Contract {
+            path: path.clone(),
+            detail: "last_hidden_state is not [N, L, D]".into(),
+        })?;
         if out.shape()[2] != self.config.text.hidden_size {
             return Err(Error::Contract {
                 path,
@@ -652,13 +696,14 @@ impl Pipeline {
     /// decoder's reach beyond a tile changes. The decoder graph must take any latent height
     /// and width (an `edgediff-export diffusers` or optimum export does).
     pub fn decode_tiled(&mut self, latents: &Array4<f32>, tile: usize) -> Result<Array4<f32>> {
-        self.check_vae_tiles(tile)?;
+        self.check_vae_tiles(tile, [latents.shape()[2], latents.shape()[3]])?;
         self.decode_with(latents, Some(tile))
     }
 
     /// Refuses a tile size outside [`crate::tiles::MIN_TILE`]..=[`crate::tiles::MAX_TILE`],
-    /// or one smaller than the latents when the decoder graph takes latents of one size only.
-    pub(crate) fn check_vae_tiles(&self, tile: usize) -> Result<()> {
+    /// or one smaller than latents of `[h, w]` when the decoder graph takes latents of one
+    /// size only.
+    pub(crate) fn check_vae_tiles(&self, tile: usize, [h, w]: [usize; 2]) -> Result<()> {
         use crate::tiles::{tile_overlap, MAX_TILE, MIN_TILE};
         if !(MIN_TILE..=MAX_TILE).contains(&tile) {
             return Err(Error::out_of_range(
@@ -667,7 +712,6 @@ impl Pipeline {
                 &format!("must be in {MIN_TILE}..={MAX_TILE} latent pixels (a tile overlaps its neighbours by a quarter of it, at least 1)"),
             ));
         }
-        let [_, h, w] = self.config.latent_shape;
         let [dh, dw] = self.decoder_latent_dims;
         if (tile < h || tile < w) && (dh >= 0 || dw >= 0) {
             return Err(Error::Contract {
@@ -680,6 +724,98 @@ impl Pipeline {
             });
         }
         Ok(())
+    }
+
+    /// What each side of an image must be a multiple of, `[height, width]`: the VAE's
+    /// upsampling times 2 for each of the U-Net's downsamplings (Stable Diffusion: 8 x 8 = 64).
+    pub fn size_multiple(&self) -> Result<[usize; 2]> {
+        let (fh, fw) = self.upsampling()?;
+        let unet = 1usize << self.unet_downsamplings;
+        Ok([fh * unet, fw * unet])
+    }
+
+    /// `[h, w]` of the latents that make images of `[height, width]`, checked: each side a
+    /// multiple of [`Pipeline::size_multiple`] (the folder's own size is taken as it is), and
+    /// a U-Net (`unet_dims`, its `sample` input's `[h, w]` as declared, -1 where dynamic) and
+    /// VAE decoder graph that take latents of that size.
+    pub(crate) fn latent_size(
+        &self,
+        [hh, ww]: [usize; 2],
+        unet_dims: [i64; 2],
+    ) -> Result<[usize; 2]> {
+        let [_, nh, nw] = self.config.image_shape;
+        let [_, lh, lw] = self.config.latent_shape;
+        if [hh, ww] == [nh, nw] {
+            return Ok([lh, lw]);
+        }
+        let [mh, mw] = self.size_multiple()?;
+        let (fh, fw) = self.upsampling()?;
+        let bad: Vec<String> = [("height", hh, mh), ("width", ww, mw)]
+            .into_iter()
+            .filter(|&(_, side, m)| side == 0 || side % m != 0 || side > MAX_IMAGE_SIDE)
+            .map(|(name, side, m)| {
+                let below = (side / m * m).clamp(m, MAX_IMAGE_SIDE / m * m);
+                let above = (side.div_ceil(m) * m).clamp(m, MAX_IMAGE_SIDE / m * m);
+                if below == above {
+                    format!("{name} {below}")
+                } else {
+                    format!("{name} {below} or {above}")
+                }
+            })
+            .collect();
+        if !bad.is_empty() {
+            let why = match self.unet_downsamplings {
+                0 => format!("the VAE's {fh}x upsampling"),
+                1 => {
+                    format!("the VAE's {fh}x upsampling times 2: the U-Net halves its latents once")
+                }
+                d => format!(
+                    "the VAE's {fh}x upsampling times {}: the U-Net halves its latents {d} times",
+                    1 << d
+                ),
+            };
+            let multiple = if mh == mw {
+                format!("multiples of {mh}")
+            } else {
+                format!("multiples of {mh} (height) and {mw} (width)")
+            };
+            return Err(Error::options(
+                format!(
+                    "{{0}} {hh}x{ww}: the pipeline makes images whose height and width are {multiple} ({why}), up to {MAX_IMAGE_SIDE}; the nearest valid: {}",
+                    bad.join(", ")
+                ),
+                &["image_size"],
+            ));
+        }
+        let latents = [hh / fh, ww / fw];
+        for (graph, dims) in [
+            ("unet/model.onnx", unet_dims),
+            ("vae_decoder/model.onnx", self.decoder_latent_dims),
+        ] {
+            let fits = |d: i64, side: usize| d < 0 || d as usize == side;
+            if !fits(dims[0], latents[0]) || !fits(dims[1], latents[1]) {
+                let show = |d: i64| {
+                    if d < 0 {
+                        "any".to_string()
+                    } else {
+                        d.to_string()
+                    }
+                };
+                return Err(Error::Contract {
+                    path: self.dir.join(graph),
+                    detail: format!(
+                        "the graph takes latents of {}x{} only ({}x{} images), so it cannot make {hh}x{ww} images ({}x{} latents); export the pipeline again with edgediff-export diffusers, whose graphs take any size",
+                        show(dims[0]),
+                        show(dims[1]),
+                        show(dims[0] * fh as i64),
+                        show(dims[1] * fw as i64),
+                        latents[0],
+                        latents[1]
+                    ),
+                });
+            }
+        }
+        Ok(latents)
     }
 
     /// The VAE's upsampling (image height / latent height, width / width).
@@ -721,14 +857,22 @@ impl Pipeline {
                 )?
             }
         };
-        let [c, h, w] = self.config.image_shape;
-        if out.shape()[1..] != [c, h, w] || out.len_of(Axis(0)) != latents.len_of(Axis(0)) {
+        let (fh, fw) = self.upsampling()?;
+        let want = [
+            latents.len_of(Axis(0)),
+            self.config.image_shape[0],
+            latents.shape()[2] * fh,
+            latents.shape()[3] * fw,
+        ];
+        if out.shape() != want {
             return Err(Error::Contract {
                 path,
                 detail: format!(
-                    "the VAE decoder gave {:?}; the manifest's image_shape is {:?}",
+                    "the VAE decoder gave {:?} for latents {:?}; expected {want:?} (the manifest's image_shape {:?} for latents {:?})",
                     out.shape(),
-                    self.config.image_shape
+                    latents.shape(),
+                    self.config.image_shape,
+                    self.config.latent_shape
                 ),
             });
         }
@@ -738,23 +882,13 @@ impl Pipeline {
 
     /// One call of the VAE decoder graph on (scaled) latents `[N, c, h, w]`.
     fn run_decoder(&mut self, z: Array4<f32>) -> Result<Array4<f32>> {
-        let path = self.dir.join("vae_decoder/model.onnx");
-        let input =
-            TensorRef::from_array_view(z.view()).map_err(Error::ort("latent_sample tensor"))?;
-        let outputs = self
-            .vae_decoder
-            .session(&self.opts)?
-            .run(ort::inputs!["latent_sample" => input])
-            .map_err(Error::ort("running the VAE decoder"))?;
-        outputs[0]
-            .try_extract_array::<f32>()
-            .map_err(Error::ort("reading the VAE decoder's output"))?
-            .to_owned()
-            .into_dimensionality::<Ix4>()
-            .map_err(|_| Error::Contract {
-                path,
-                detail: "the VAE decoder's output is not [N, C, H, W]".into(),
-            })
+        self.vae_decoder.run_vae(
+            &self.opts,
+            ("latent_sample", z.view()),
+            None,
+            "the VAE decoder",
+            "[N, C, H, W]",
+        )
     }
 
     /// Refuses an img2img or inpainting run on a folder without a VAE encoder graph, before
@@ -779,34 +913,28 @@ impl Pipeline {
     pub fn encode_image(&mut self, images: &Array4<f32>) -> Result<Array4<f32>> {
         let path = self.dir.join("vae_encoder/model.onnx");
         self.check_vae_encoder()?;
-        let session = self.vae_encoder.session(&self.opts)?;
-        let input =
-            TensorRef::from_array_view(images.view()).map_err(Error::ort("sample tensor"))?;
-        let outputs = session
-            .run(ort::inputs!["sample" => input])
-            .map_err(Error::ort("running the VAE encoder"))?;
-        let params = outputs
-            .get("latent_parameters")
-            .unwrap_or(&outputs[0])
-            .try_extract_array::<f32>()
-            .map_err(Error::ort("reading the VAE encoder's output"))?
-            .to_owned()
-            .into_dimensionality::<Ix4>()
-            .map_err(|_| Error::Contract {
-                path: path.clone(),
-                detail: "the VAE encoder's output is not [N, 2C, h, w]".into(),
-            })?;
-        let [c, h, w] = self.config.latent_shape;
+        let params = self.vae_encoder.run_vae(
+            &self.opts,
+            ("sample", images.view()),
+            Some("latent_parameters"),
+            "the VAE encoder",
+            "[N, 2C, h, w]",
+        )?;
+        let c = self.config.latent_shape[0];
+        let (fh, fw) = self.upsampling()?;
+        let (h, w) = (images.shape()[2] / fh, images.shape()[3] / fw);
         if params.shape()[1..] != [2 * c, h, w] || params.len_of(Axis(0)) != images.len_of(Axis(0))
         {
             return Err(Error::Contract {
                 path,
                 detail: format!(
-                    "the VAE encoder gave {:?}; expected [{}, {}, {h}, {w}] (mean and log-variance of the latent_shape {:?})",
+                    "the VAE encoder gave {:?} for images {:?}; expected [{}, {}, {h}, {w}] (mean and log-variance of latents {fh}x{fw} times smaller, as the manifest's latent_shape {:?} is of its image_shape {:?})",
                     params.shape(),
+                    images.shape(),
                     images.len_of(Axis(0)),
                     2 * c,
-                    self.config.latent_shape
+                    self.config.latent_shape,
+                    self.config.image_shape
                 ),
             });
         }

@@ -33,8 +33,9 @@ below protobuf's 2 GiB limit; SD 1.5's fp32 U-Net is 3.4 GB) keeps its weights i
 
 The U-Net's timestep is float32 (as in optimum's export): diffusers' Euler-family schedulers
 pass fractional timesteps, and the sinusoidal embedding takes any real time. The batch axis N
-is dynamic in every graph, and the VAE decoder's height and width too (as in optimum's
-export), so that the runtime can decode large latents in tiles (`edgediff sample --vae-tiles`).
+is dynamic in every graph, and the height and width of the U-Net's and the VAE's images and
+latents too (as in optimum's export), so that the runtime can make images of other sizes
+(`edgediff sample --height --width`) and decode large latents in tiles (`--vae-tiles`).
 """
 
 from __future__ import annotations
@@ -204,10 +205,11 @@ def save_graph(proto: onnx.ModelProto, path: Path, threshold: int) -> bool:
 
 def _export_graph(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outputs: list[str],
                   path: Path, check_inputs: list[dict[str, torch.Tensor]], opset: int = 17,
-                  spatial: bool = False, fp16_islands=None,
+                  spatial: tuple[str, ...] = (), fp16_islands=None,
                   threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict:
-    """Export `module` to `path` (N dynamic everywhere; with `spatial`, height and width too,
-    axes 2 and 3 of every input and output), verify it, return the check's figures.
+    """Export `module` to `path` (N dynamic everywhere; height and width too, axes 2 and 3, of
+    the [N, C, H, W] inputs and outputs named in `spatial`), verify it, return the check's
+    figures.
 
     fp16_islands: None for float32; else a function of the fp32 graph giving the
     (operator types, node names) kept float32 in the float16 graph written instead.
@@ -220,7 +222,7 @@ def _export_graph(module: torch.nn.Module, inputs: dict[str, torch.Tensor], outp
     (stage / "fp32").mkdir(parents=True)
     raw = stage / "fp32" / "torch.onnx"  # torch.onnx writes a graph over 2 GB as many files here
     names = list(inputs)
-    dynamic = {k: {0: "N", 2: f"{k}_height", 3: f"{k}_width"} if spatial else {0: "N"}
+    dynamic = {k: {0: "N", 2: f"{k}_height", 3: f"{k}_width"} if k in spatial else {0: "N"}
                for k in [*names, *outputs]}
     try:
         with warnings.catch_warnings():
@@ -432,10 +434,10 @@ def export_pipeline(src: Path, out: Path, name: str | None = None, description: 
     def ids(n: int, seed: int) -> dict:
         return {"input_ids": torch.randint(0, vocab, (n, L), generator=g(seed))}
 
-    def unet_in(n: int, seed: int) -> dict:
+    def unet_in(n: int, seed: int, size: tuple[int, int] | None = None) -> dict:
         r = g(seed)
         # Fractional times too: diffusers' Euler-family schedulers pass them.
-        return {"sample": torch.randn(n, C_in, h, w, generator=r),
+        return {"sample": torch.randn(n, C_in, *(size or (h, w)), generator=r),
                 "timestep": torch.rand(n, generator=r) * (T - 1),
                 "encoder_hidden_states": torch.randn(n, L, D, generator=r)}
 
@@ -444,8 +446,21 @@ def export_pipeline(src: Path, out: Path, name: str | None = None, description: 
         return {"latent_sample": torch.randn(n, C, *(size or (h, w)), generator=g(seed))
                 / meta["vae"]["scaling_factor"]}
 
-    def enc_in(n: int, seed: int) -> dict:
-        return {"sample": torch.rand(n, Ci, H, W, generator=g(seed)) * 2 - 1}
+    def enc_in(n: int, seed: int, size: tuple[int, int] | None = None) -> dict:
+        return {"sample": torch.rand(n, Ci, *(size or (H, W)), generator=g(seed)) * 2 - 1}
+
+    # Every graph but the text encoder takes any height and width (the runtime's --height
+    # --width; the decoder's tiles), each checked at a smaller, non-square size too (in fp16
+    # against the fp32 graph as well). The U-Net's latent sides must divide by 2 for each of
+    # its downsamplings: its skip connections meet the upsampled path at their own size (the
+    # traced graph has no diffusers' upsample_size branch), and the check size keeps to that.
+    m = 2 ** (len(unet_cfg.get("block_out_channels", [1])) - 1)
+    vf = H // h
+    unet_other = (max(m, h - m), w + m)
+    dec_other = (h // 2 + 1, max(1, w // 2))
+    spatial = {"unet": (("sample", "out_sample"), unet_other),
+               "vae_decoder": (("latent_sample", "sample"), dec_other),
+               "vae_encoder": (("sample", "latent_parameters"), (dec_other[0] * vf, dec_other[1] * vf))}
 
     checks = {}
     parts = [("text_encoder", TextEncoder(text), ids, ["last_hidden_state", "pooler_output"], text_cfg),
@@ -453,15 +468,13 @@ def export_pipeline(src: Path, out: Path, name: str | None = None, description: 
              ("vae_decoder", VaeDecoder(vae), dec_in, ["sample"], vae_cfg),
              ("vae_encoder", VaeEncoder(vae), enc_in, ["latent_parameters"], vae_cfg)]
     for part, module, make, outputs, cfg in parts:
-        # The decoder takes latents of any height and width (tiled decoding gives it tiles),
-        # checked at a smaller, non-square size too (in fp16 against the fp32 graph as well).
-        spatial = part == "vae_decoder"
-        extra = [make(2, 3, (h // 2 + 1, max(1, w // 2)))] if spatial else []
+        axes, other = spatial.get(part, ((), None))
+        extra = [make(2, 3, other)] if other else []
         islands = None
         if precision == "fp16":
             islands = (lambda graph, part=part, cfg=cfg: fp32_islands(part, graph, cfg))
         checks[part] = _export_graph(module.eval(), make(2, 0), outputs, out / part / "model.onnx",
-                                     [make(3, 1), make(1, 2), *extra], spatial=spatial,
+                                     [make(3, 1), make(1, 2), *extra], spatial=axes,
                                      fp16_islands=islands, threshold=threshold)
         (out / part / "config.json").write_text(json.dumps(cfg, indent=2))
     (out / "scheduler").mkdir(exist_ok=True)

@@ -109,8 +109,34 @@ pub(super) struct InterpolateCmd {
 /// Most frames one strip may have.
 const MAX_FRAMES: usize = 10_000;
 
-/// Reads the images given to `invert` into `[n, C, H, W]`.
-fn load_images(paths: &[PathBuf], shape: [usize; 3], range: [f64; 2]) -> Result<Array4<f32>> {
+/// One PNG file as `[C, H, W]`: of `shape`, or with `any_size` of its channels and any size;
+/// errors name the file.
+fn read_png_file(
+    path: &Path,
+    shape: [usize; 3],
+    any_size: bool,
+    range: [f64; 2],
+) -> Result<ndarray::Array3<f32>> {
+    let bytes = std::fs::read(path).map_err(Error::io(format!("reading {}", path.display())))?;
+    let img = if any_size {
+        edgediff::image::read_png_any_size(&bytes, shape[0], range)
+    } else {
+        edgediff::image::read_png(&bytes, shape, range)
+    };
+    img.map_err(|e| Error::BadInput {
+        path: path.into(),
+        detail: e.to_string(),
+    })
+}
+/// Reads the images given to `invert`, `inpaint` or img2img into `[n, C, H, W]`: PNGs of
+/// `shape`, or with `any_size` of its channels and any one size (a pipeline's, whose run
+/// takes it), or one .npy (the library checks its shape against the run).
+pub(super) fn load_images(
+    paths: &[PathBuf],
+    shape: [usize; 3],
+    any_size: bool,
+    range: [f64; 2],
+) -> Result<Array4<f32>> {
     let is_npy = |p: &PathBuf| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy"));
     match paths {
         [] => Err(Error::invalid(
@@ -120,18 +146,15 @@ fn load_images(paths: &[PathBuf], shape: [usize; 3], range: [f64; 2]) -> Result<
         _ if paths.iter().any(is_npy) => Err(Error::invalid(
             "give either PNG files or a single .npy to --image",
         )),
-        _ => {
+        [first, rest @ ..] => {
+            let one = read_png_file(first, shape, any_size, range)?;
+            // Every image at the first one's size.
+            let shape = [one.shape()[0], one.shape()[1], one.shape()[2]];
             let mut out = Array4::zeros((paths.len(), shape[0], shape[1], shape[2]));
-            for (i, p) in paths.iter().enumerate() {
-                let bytes =
-                    std::fs::read(p).map_err(Error::io(format!("reading {}", p.display())))?;
-                let img = edgediff::image::read_png(&bytes, shape, range).map_err(|e| {
-                    Error::BadInput {
-                        path: p.clone(),
-                        detail: e.to_string(),
-                    }
-                })?;
-                out.index_axis_mut(Axis(0), i).assign(&img);
+            out.index_axis_mut(Axis(0), 0).assign(&one);
+            for (i, p) in rest.iter().enumerate() {
+                let img = read_png_file(p, shape, false, range)?;
+                out.index_axis_mut(Axis(0), i + 1).assign(&img);
             }
             Ok(out)
         }
@@ -147,7 +170,7 @@ pub(super) fn invert(cmd: InvertCmd) -> Result<()> {
     }
     let mut model = cmd.open_model()?;
     let meta = model.metadata().clone();
-    let images = load_images(&cmd.image, meta.sample_shape, meta.data_range)?;
+    let images = load_images(&cmd.image, meta.sample_shape, false, meta.data_range)?;
     let n = images.shape()[0];
     let start = Instant::now();
     let mut b = Bar::new(cmd.quiet, n);
@@ -401,7 +424,7 @@ fn load_masks(paths: &[PathBuf], n: usize, hw: [usize; 2]) -> Result<Array4<f32>
         [p] if p.extension().is_some_and(|e| e.eq_ignore_ascii_case("npy")) => {
             read_npy4_finite(p, "a mask .npy must be 4-D [n, 1 or C, H, W]")?
         }
-        _ => load_images(paths, [1, hw[0], hw[1]], [0.0, 1.0]).map_err(|e| match e {
+        _ => load_images(paths, [1, hw[0], hw[1]], false, [0.0, 1.0]).map_err(|e| match e {
             Error::BadInput { path, detail } => Error::BadInput {
                 path,
                 detail: format!("mask: {detail}"),
@@ -442,11 +465,13 @@ pub(super) fn inpaint(cmd: InpaintCmd) -> Result<()> {
     model_opts.low_memory = cmd.low_memory;
     let mut model = model_opts.open()?;
     let meta = model.metadata().clone();
-    // The images are what the model outputs: a pipeline's decoded images, not its latents.
+    // The images are what the model outputs: a pipeline's decoded images (of any size, then
+    // the run's), not its latents.
     let shape = model.output_shape();
-    let images = load_images(&cmd.image, shape, meta.data_range)?;
+    let any_size = model.pipeline().is_some();
+    let images = load_images(&cmd.image, shape, any_size, meta.data_range)?;
     let n = images.shape()[0];
-    let masks = load_masks(&cmd.mask, n, [shape[1], shape[2]])?;
+    let masks = load_masks(&cmd.mask, n, [images.shape()[2], images.shape()[3]])?;
     // A pipeline's scheduler settings are its defaults, as for `sample`.
     let defaults = match spacing {
         None => SampleOptions::for_model(&model),
@@ -503,6 +528,7 @@ pub(super) fn inpaint(cmd: InpaintCmd) -> Result<()> {
     if cmd.json {
         let summary = serde_json::json!({
             "out": cmd.out, "files": files, "n": n, "sampler": sampler.name(), "steps": cmd.steps,
+            "height": x.shape()[2], "width": x.shape()[3],
             "jumps": cmd.jumps, "resample": cmd.resample, "strength": cmd.strength,
             "known_rmse": known_rmse,
             "network_calls": report.network_calls, "seconds": start.elapsed().as_secs_f64(),

@@ -140,6 +140,13 @@ struct SampleCmd {
     /// floor(steps * strength) steps, from the image noised to that level
     #[argh(option)]
     strength: Option<f64>,
+    /// text-to-image: image height in pixels (default: the folder's, or --image's); a multiple
+    /// of what `edgediff info` names (64 for Stable Diffusion)
+    #[argh(option)]
+    height: Option<usize>,
+    /// text-to-image: image width in pixels (default: the folder's, or --image's)
+    #[argh(option)]
+    width: Option<usize>,
     /// clip x0 predictions to the model's data range at every step
     #[argh(switch)]
     clip_x0: bool,
@@ -211,6 +218,7 @@ pub fn flag(name: &str) -> String {
         "init_image" => "--image".into(),
         "keep_latents" => "--latents-out".into(),
         "vae_tile_size" => "--vae-tiles".into(),
+        "image_size" => "--height/--width".into(),
         other => format!("--{}", other.replace('_', "-")),
     }
 }
@@ -358,11 +366,30 @@ fn sample(cmd: SampleCmd) -> Result<()> {
     }
     model_opts.low_memory = cmd.low_memory;
     let mut model = model_opts.open()?;
+    // A pipeline's image may be of any size (then the run's); a pixel model's is its own.
+    let any_size = model.pipeline().is_some();
     let init_image = cmd
         .image
-        .as_deref()
-        .map(|p| load_image(p, model.output_shape(), model.metadata().data_range))
+        .map(|p| {
+            edit::load_images(
+                &[p],
+                model.output_shape(),
+                any_size,
+                model.metadata().data_range,
+            )
+        })
         .transpose()?;
+    // A side not given is the image's, else the folder's (as diffusers' height/width).
+    let image_size = (cmd.height.is_some() || cmd.width.is_some()).then(|| {
+        let base = match &init_image {
+            Some(img) if any_size => [img.shape()[2], img.shape()[3]],
+            _ => {
+                let [_, h, w] = model.output_shape();
+                [h, w]
+            }
+        };
+        [cmd.height.unwrap_or(base[0]), cmd.width.unwrap_or(base[1])]
+    });
     // A pipeline's scheduler settings are its defaults (the library's otherwise); a --spacing
     // given replaces them all, as a scheduler of another spacing would have no offset.
     let defaults = match spacing {
@@ -387,6 +414,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         strength: cmd.strength.unwrap_or(defaults.strength),
         keep_latents: cmd.latents_out.is_some(),
         vae_tile_size: cmd.vae_tiles,
+        image_size,
         ..defaults
     };
     if let Some(path) = &cmd.latents_out {
@@ -404,6 +432,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         &mut |d, t| bar.update(d, t),
     )?;
     let sample_secs = start.elapsed().as_secs_f64();
+    let [_, height, width] = opts.shapes(&model)?.output;
     let (files, report, skipped) = (written.files, written.report, written.resumed);
     if let (Some(path), Some(z)) = (&cmd.latents_out, &report.latents) {
         write_atomic(path, &npy_bytes(z.shape(), z.iter().copied()))?;
@@ -415,6 +444,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
     if cmd.json {
         let summary = serde_json::json!({
             "out": cmd.out, "files": files, "n": n, "sampler": sampler.name(),
+            "height": height, "width": width,
             "steps": opts.timesteps.as_ref().map_or(opts.steps, Vec::len),
             "seconds": sample_secs, "model": model.path(), "network_calls": report.network_calls,
             "resumed_samples": skipped, "provider": model_opts.provider.name(),
@@ -438,23 +468,6 @@ fn read_prompts(path: &Path) -> Result<Vec<String>> {
     let file =
         std::fs::File::open(path).map_err(Error::io(format!("reading {}", path.display())))?;
     edgediff::text::prompt_lines(std::io::BufReader::new(file), path).collect()
-}
-
-/// img2img's image: a PNG of the model's output shape, or a float32 .npy `[k, C, H, W]` (the
-/// library checks k and the shape against the run).
-fn load_image(path: &Path, shape: [usize; 3], range: [f64; 2]) -> Result<ndarray::Array4<f32>> {
-    if path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("npy"))
-    {
-        return read_npy4_finite(path, "images must be 4-D [n, C, H, W]");
-    }
-    let bytes = std::fs::read(path).map_err(Error::io(format!("reading {}", path.display())))?;
-    let img = edgediff::image::read_png(&bytes, shape, range).map_err(|e| Error::BadInput {
-        path: path.into(),
-        detail: e.to_string(),
-    })?;
-    Ok(img.insert_axis(ndarray::Axis(0)))
 }
 
 fn x0_clip(clip: bool, percentile: Option<f64>, max: Option<f64>) -> Result<X0Clip> {
@@ -509,7 +522,8 @@ fn info(cmd: InfoCmd) -> Result<()> {
     if cmd.threads == 0 {
         opts.intra_threads = 1; // nothing runs: one thread is enough to open the session
     }
-    let model = opts.open()?;
+    let mut model = opts.open()?;
+    let sizes = model.pipeline_mut().map(|p| p.size_multiple());
     let m = model.metadata();
     if cmd.json {
         let text = serde_json::to_string_pretty(m).map_err(|e| Error::invalid(e.to_string()))?;
@@ -547,6 +561,14 @@ fn info(cmd: InfoCmd) -> Result<()> {
             "image shape:  {:?} (latents {:?})",
             p.image_shape, p.latent_shape
         );
+        if let Some(Ok([mh, mw])) = sizes {
+            // A size beside the folder's, to learn whether the graphs take other sizes.
+            let [_, h, w] = p.image_shape;
+            match model.shapes_for(Some([h + mh, w + mw])) {
+                Ok(_) => println!("other sizes:  --height a multiple of {mh}, --width of {mw}"),
+                Err(e) => println!("other sizes:  none ({e})"),
+            }
+        }
         println!(
             "scheduler:    {} spacing, steps offset {}, set_alpha_to_one {}",
             p.spacing, p.steps_offset, p.set_alpha_to_one
