@@ -1,6 +1,8 @@
 """A tiny randomly initialised diffusers StableDiffusionPipeline, built from configs (no download);
 with `inpainting=True` a StableDiffusionInpaintPipeline whose U-Net takes 9 channels (latents,
-mask, masked image latents), as stable-diffusion-inpainting's.
+mask, masked image latents), as stable-diffusion-inpainting's; with `time_cond_proj_dim=D` a
+LatentConsistencyModelPipeline with LCMScheduler whose U-Net takes the guidance-scale embedding
+of width D (`timestep_cond`), as a guidance-distilled LCM's (LCM_Dreamshaper_v7: 256).
 
 The tokenizer is a real CLIP byte-level BPE tokenizer (transformers' CLIPTokenizer) over a
 small generated vocabulary: the 256 byte symbols, each also with the end-of-word mark `</w>`,
@@ -61,17 +63,19 @@ def build(out: Path, seed: int = 0, hidden_size: int = 32, cross_attention_dim: 
           layers_per_block: int = 1, sample_size: int = 8, attention_head_dim: int = 4,
           norm_num_groups: int = 8, vae_channels: tuple[int, ...] = (16, 32),
           vae_layers_per_block: int = 1, text_layers: int = 2, text_heads: int = 4,
-          intermediate_size: int = 37) -> Path:
+          intermediate_size: int = 37, time_cond_proj_dim: int | None = None) -> Path:
     """Save a tiny StableDiffusionPipeline (with `inpainting`, a StableDiffusionInpaintPipeline
-    with a 9-channel U-Net) to `out` with save_pretrained; returns `out`.
+    with a 9-channel U-Net; with `time_cond_proj_dim`, a LatentConsistencyModelPipeline whose
+    U-Net takes `timestep_cond` of that width) to `out` with save_pretrained; returns `out`.
 
     The keywords size the parts (the defaults are the tiny test pipeline; `SD_SMALL` is a
     bigger one): the U-Net's widths (every level but the first has cross-attention when there
     are two levels, as here; with more, every level but the last, as in Stable Diffusion), its
     latents `sample_size` a side, the VAE's widths (each level past the first doubles the
     image side), the text encoder's depth and width."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline,
-                           StableDiffusionPipeline, UNet2DConditionModel)
+    from diffusers import (AutoencoderKL, DDIMScheduler, LatentConsistencyModelPipeline,
+                           LCMScheduler, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+                           UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     vocab_dir = out.parent / (out.name + "-vocab")
@@ -89,7 +93,8 @@ def build(out: Path, seed: int = 0, hidden_size: int = 32, cross_attention_dim: 
         block_out_channels=block_out_channels, layers_per_block=layers_per_block,
         sample_size=sample_size, in_channels=9 if inpainting else 4, out_channels=4,
         down_block_types=down, up_block_types=up, cross_attention_dim=cross_attention_dim,
-        attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups)
+        attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups,
+        time_cond_proj_dim=time_cond_proj_dim)
     vae = AutoencoderKL(block_out_channels=vae_channels, in_channels=3, out_channels=3,
                         down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
                         up_block_types=("UpDecoderBlock2D",) * len(vae_channels), latent_channels=4,
@@ -99,10 +104,13 @@ def build(out: Path, seed: int = 0, hidden_size: int = 32, cross_attention_dim: 
         bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, hidden_size=hidden_size,
         intermediate_size=intermediate_size, layer_norm_eps=1e-5, num_attention_heads=text_heads,
         num_hidden_layers=text_layers, vocab_size=size, max_position_embeddings=77))
-    cls = StableDiffusionInpaintPipeline if inpainting else StableDiffusionPipeline
-    pipe = cls(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
-               scheduler=DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
-               requires_safety_checker=False)
+    cls, scheduler = StableDiffusionPipeline, DDIMScheduler(**SCHEDULER)
+    if inpainting:
+        cls = StableDiffusionInpaintPipeline
+    if time_cond_proj_dim is not None:
+        cls, scheduler = LatentConsistencyModelPipeline, LCMScheduler(**SCHEDULER)
+    pipe = cls(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(str(out))
     return out
 

@@ -89,6 +89,17 @@ def cases():
         ("guidance-unconditional", "guidance on an unconditional model",
          lambda t, m: ["--model", str(m), "--guidance", "3"], 2),
         ("bad-eta", "eta outside [0, 1]", lambda t, m: ["--model", str(m), "--eta", "2"], 2),
+        ("bad-gamma", "tcd's gamma outside [0, 1]",
+         lambda t, m: ["--model", str(m), "--sampler", "tcd", "--gamma", "1.5"], 2),
+        ("lcm-continuous", "lcm on a continuous-time (VP) model (its boundary condition is on training indices)",
+         lambda t, m: _vp_model(t) + ["--sampler", "lcm"], 2),
+        ("lcm-grid-steps", "more steps than the lcm spacing's grid of 50",
+         lambda t, m: ["--model", str(m), "--spacing", "lcm", "--steps", "51"], 2),
+        ("metadata-sampler", "metadata whose default sampler this runtime lacks",
+         lambda t, m: do(_set_metadata(m, t / "m.onnx", lambda v: v[:-1] + ', "sampling": {"sampler": "magic", "steps": 4}}'),
+                         ["--model", str(t / "m.onnx")]), 3),
+        ("timestep-cond-dynamic", "a pixel model whose timestep_cond input has a dynamic width",
+         lambda t, m: _dynamic_timestep_cond(t), 3),
         ("init-noise-shape", "initial noise of the wrong shape",
          lambda t, m: do(np.save(t / "z.npy", np.zeros((2, 1, 4, 4), np.float32)),
                          ["--model", str(m), "--init-noise", str(t / "z.npy")]), 2),
@@ -187,6 +198,14 @@ def cases():
         ("pipeline-hidden-size", "a text encoder wider than the U-Net's cross-attention (optimum folder)",
          lambda t, m: ["--model", str(_pipeline(t, lambda d: ((d / "edgediff.json").unlink(), _edit_json(
              d / "text_encoder" / "config.json", hidden_size=64))))], 3),
+        ("lcm-negative-prompt", "a negative prompt for an LCM pipeline (its U-Net takes the guidance scale; no CFG)",
+         lambda t, m: ["--model", str(_lcm_folder(t)), "--prompt", "a cat", "--negative-prompt", "blurry"], 2),
+        ("lcm-cond-width", "a U-Net whose timestep_cond width differs from its config's time_cond_proj_dim",
+         lambda t, m: ["--model", str(_lcm_folder(t, lambda d: _edit_json(
+             d / "unet" / "config.json", time_cond_proj_dim=16)))], 3),
+        ("lcm-cond-missing", "a U-Net config naming time_cond_proj_dim for a graph without timestep_cond",
+         lambda t, m: ["--model", str(_optimum_folder(t, "optimum-tiny", lambda d: _edit_json(
+             d / "unet" / "config.json", time_cond_proj_dim=32)))], 3),
         ("strength-zero", "img2img: --strength 0 (outside (0, 1])",
          lambda t, m: ["--model", str(_pipeline(t)), *_init_image(t), "--strength", "0"], 2),
         ("strength-high", "img2img: --strength 1.5 (outside (0, 1])",
@@ -286,6 +305,20 @@ def _pipeline(t: Path, edit=None, inpainting: bool = False) -> Path:
     return dst
 
 
+def _optimum_folder(t: Path, name: str, edit=None) -> Path:
+    """A copy in `t` of the optimum folder tests/data/`name`, edited."""
+    dst = t / name
+    shutil.copytree(ROOT / "tests" / "data" / name, dst)
+    if edit is not None:
+        edit(dst)
+    return dst
+
+
+def _lcm_folder(t: Path, edit=None) -> Path:
+    """A copy of optimum's tiny LCM folder (U-Net with timestep_cond of width 32), edited."""
+    return _optimum_folder(t, "optimum-tiny-lcm", edit)
+
+
 def _fixed_size_decoder(d: Path) -> None:
     """The pipeline's VAE decoder declaring its latents 8x8 (as an export with only N dynamic)."""
     path = d / "vae_decoder" / "model.onnx"
@@ -331,14 +364,17 @@ def _made_with_seed_1(t: Path, m: Path) -> list[str]:
     return ["--model", str(m), "-n", "2", "--seed", "2", "--resume", "--out", str(t / "imgs")]
 
 
-def _torch_model(dst: Path, module, sample_dtype=None) -> None:
-    """An edgediff-described ONNX model of `module` with an 8x8 one-channel sample."""
+def _torch_model(dst: Path, module, sample_dtype=None, extra=None) -> None:
+    """An edgediff-described ONNX model of `module` with an 8x8 one-channel sample; `extra`:
+    further inputs, {name: (example tensor, dynamic axes)}."""
     import torch
     from edgediff_export.metadata import make_metadata, write_metadata
     from edgediff_export.schedules import schedule_metadata
     x = torch.randn(2, 1, 8, 8) if sample_dtype is None else torch.zeros(2, 1, 8, 8, dtype=sample_dtype)
-    torch.onnx.export(module, (x, torch.tensor([1, 2])), str(dst), input_names=["sample", "timestep"],
-                      output_names=["out"], dynamic_axes={"sample": {0: "N"}, "timestep": {0: "N"}, "out": {0: "N"}},
+    extra = extra or {}
+    axes = {"sample": {0: "N"}, "timestep": {0: "N"}, "out": {0: "N"}, **{k: a for k, (_, a) in extra.items()}}
+    torch.onnx.export(module, (x, torch.tensor([1, 2]), *(v for v, _ in extra.values())), str(dst),
+                      input_names=["sample", "timestep", *extra], output_names=["out"], dynamic_axes=axes,
                       opset_version=17, dynamo=False)
     proto = onnx.load(str(dst))
     write_metadata(proto, make_metadata(name="bad", description="", prediction="epsilon", time_input="index",
@@ -379,11 +415,27 @@ def _inpaint_bad_mask(t: Path, m: Path) -> list[str]:
     return ["inpaint", "--model", str(m), "--image", str(t / "img.npy"), "--mask", str(t / "mask.npy")]
 
 
-def _elbo_continuous(t: Path) -> list[str]:
+def _vp_model(t: Path) -> list[str]:
+    """--model with a continuous-time (VP) oracle model."""
     from edgediff_export.oracle import export_oracle
     export_oracle(t / "vp.onnx", "vp", shape=(1, 8, 8))
+    return ["--model", str(t / "vp.onnx")]
+
+
+def _elbo_continuous(t: Path) -> list[str]:
     np.save(t / "x.npy", np.full((2, 1, 8, 8), -1.0, np.float32))
-    return ["elbo", "--model", str(t / "vp.onnx"), "--data", str(t / "x.npy")]
+    return ["elbo", *_vp_model(t), "--data", str(t / "x.npy")]
+
+
+def _dynamic_timestep_cond(t: Path) -> list[str]:
+    """A model taking timestep_cond [N, D] with D left dynamic: no embedding width to fill."""
+    import torch
+
+    class Cond(torch.nn.Module):
+        def forward(self, sample, timestep, timestep_cond):
+            return sample + 0 * timestep.float().sum() + timestep_cond.mean()
+    _torch_model(t / "m.onnx", Cond(), extra={"timestep_cond": (torch.randn(2, 8), {0: "N", 1: "D"})})
+    return ["--model", str(t / "m.onnx")]
 
 
 def _libm() -> str:

@@ -156,6 +156,41 @@ def test_images_match_diffusers_pipeline(edgediff_bin, tiny_pipeline, tmp_path, 
     assert inside > 0.5, "the images saturate: the comparison would prove little"
 
 
+def test_lcm_on_a_plain_unet_is_cfg_on_the_consistency_grid(edgediff_bin, tiny_pipeline, tmp_path,
+                                                             monkeypatch):
+    """lcm on a U-Net without the guidance embedding (LCM-LoRA's setting): diffusers'
+    StableDiffusionPipeline with LCMScheduler.from_config runs classifier-free guidance on the
+    doubled batch and puts its steps on the consistency grid whatever the config's leading
+    spacing and steps_offset; so does edgediff with `--sampler lcm` alone. Per-step noise is
+    injected into both (tests/test_consistency.py has the guidance-embedding U-Nets)."""
+    from diffusers.schedulers import scheduling_lcm
+    src, out = tiny_pipeline
+    steps = 4
+    rng = np.random.default_rng(9)
+    latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    step_noise = rng.standard_normal((steps, 2, 4, 8, 8)).astype(np.float32)
+    draws = iter(step_noise)
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", lambda shape, **kw: torch.from_numpy(next(draws).copy()))
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(src), safety_checker=None,
+                                                             requires_safety_checker=False)
+    pipe.scheduler = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = pipe(PROMPT, negative_prompt=NEGATIVE, guidance_scale=GUIDANCE, num_inference_steps=steps,
+                   latents=torch.from_numpy(latents), num_images_per_prompt=2, output_type="pt").images
+    ref = ref.numpy() * 2 - 1
+    np.save(tmp_path / "init.npy", latents)
+    np.save(tmp_path / "steps.npy", step_noise)
+    proc = run_cli(edgediff_bin, "sample", "--model", str(out), "--prompt", PROMPT, "--negative-prompt",
+                   NEGATIVE, "--guidance", str(GUIDANCE), "--sampler", "lcm", "--steps", str(steps),
+                   "--init-noise", str(tmp_path / "init.npy"), "--step-noise", str(tmp_path / "steps.npy"),
+                   "--out", str(tmp_path / "img.npy"), "-q", "--json")
+    assert json.loads(proc.stdout)["network_calls"] == steps  # one call per step, on the doubled batch
+    err = float(np.abs(np.load(tmp_path / "img.npy") - ref).max())
+    print(f"lcm with CFG vs StableDiffusionPipeline + LCMScheduler: max abs difference {err:.2e}")
+    assert err <= TOL
+
+
 def test_guidance_and_the_negative_prompt_change_the_images(edgediff_bin, tiny_pipeline, tmp_path):
     _, out = tiny_pipeline
     runs = {}

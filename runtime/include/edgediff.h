@@ -105,7 +105,8 @@ typedef enum edgediff_spacing {
     EDGEDIFF_SPACING_TRAILING = 1, /* "trailing": always starts at T-1 (Lin et al. 2024) */
     EDGEDIFF_SPACING_LINSPACE = 2, /* "linspace": round(linspace(0, T-1, steps)) */
     EDGEDIFF_SPACING_KARRAS = 3,   /* "karras": even in sigma^(1/rho) (Karras et al. 2022) */
-    EDGEDIFF_SPACING_LOGSNR = 4    /* "logsnr": even in log-SNR (DPM-Solver) */
+    EDGEDIFF_SPACING_LOGSNR = 4,   /* "logsnr": even in log-SNR (DPM-Solver) */
+    EDGEDIFF_SPACING_LCM = 5       /* "lcm": LCMScheduler's grid, 50 original steps (lcm, tcd) */
 } edgediff_spacing;
 
 const char *edgediff_spacing_name(int spacing);
@@ -211,7 +212,9 @@ int edgediff_model_metadata_json(const edgediff_model *model, char *buf, size_t 
  * it; "unset" is EDGEDIFF_UNSET for integers and NAN for doubles. */
 typedef struct edgediff_sample_params {
     size_t struct_size;         /* set by edgediff_sample_params_init */
-    const char *sampler;        /* a name `edgediff samplers` lists ["ddim"] */
+    const char *sampler;        /* a name `edgediff samplers` lists ["ddim"; a model's own
+                                 * default, if it names one, is the "sampling" entry of
+                                 * edgediff_model_metadata_json] */
     size_t steps;               /* sampling steps [100] */
     int spacing;                /* an edgediff_spacing [EDGEDIFF_SPACING_DEFAULT] */
     int x0_clip;                /* an edgediff_x0_clip [EDGEDIFF_X0_CLIP_NONE] */
@@ -258,7 +261,8 @@ typedef struct edgediff_sample_params {
                                  * across overlaps of at least a quarter tile; latents of at most one
                                  * tile decode as untiled (`edgediff sample --vae-tiles`)
                                  * [0: untiled] */
-    /* Appended for img2img, one prompt per sample and the final latents (same rule). */
+    /* Appended for img2img, one prompt per sample, the final latents and the consistency
+     * samplers (same rule). */
     const float *init_image;    /* img2img, pipelines only (`edgediff sample --image`): images
                                  * [1 or n, C, H, W] in [-1, 1], [C, H, W] as
                                  * edgediff_model_output_shape, one for every sample or one each;
@@ -280,6 +284,8 @@ typedef struct edgediff_sample_params {
                                  * `--latents-out`; written only when the run succeeds
                                  * [NULL: not wanted] */
     size_t latents_out_len;     /* floats at latents_out: at least n * C * h * w [0] */
+    double gamma;               /* stochasticity in [0, 1] of tcd (Zheng et al.'s gamma,
+                                 * diffusers' eta of TCDScheduler) [unset: 0.3] */
 } edgediff_sample_params;
 
 /* Fills *params with the defaults; size is sizeof *params (use edgediff_sample_params_init). */
@@ -343,8 +349,8 @@ int edgediff_request_new(edgediff_request **out);
 void edgediff_request_free(edgediff_request *req);
 
 /* Sets a parameter from text: any field of edgediff_sample_params holding a name or a number,
- * by its field name ("sampler", "steps", "spacing" as a name, "rho", "eta", "order", "snr",
- * "rtol", "atol", "min_steps", "max_steps", "n", "batch_size", "seed", "class_label" or
+ * by its field name ("sampler", "steps", "spacing" as a name, "rho", "eta", "gamma", "order",
+ * "snr", "rtol", "atol", "min_steps", "max_steps", "n", "batch_size", "seed", "class_label" or
  * "class" (negative: unconditional), "guidance", "x0_clip" ("none", "range", "dynamic"),
  * "dynamic_threshold", "threshold_max", "vae_tile_size", "strength" (for edgediff_inpaint:
  * img2img needs init_image, which is no text)), "prompt" and "negative_prompt" (the request

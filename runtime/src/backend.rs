@@ -1,12 +1,12 @@
 //! The network backend: one ONNX Runtime environment per process, and a session per model that
-//! takes `sample`/`timestep`(/`class_labels` or `encoder_hidden_states`) and returns one tensor
+//! takes `sample`/`timestep`(/`class_labels` or `encoder_hidden_states`, `timestep_cond`) and returns one tensor
 //! shaped like `sample`; plus plain sessions for a pipeline's other graphs (text encoder, VAE).
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use half::f16;
-use ndarray::{s, Array1, Array4, ArrayD, ArrayView3, ArrayView4, Axis, Ix4};
+use ndarray::{s, Array1, Array4, ArrayD, ArrayView1, ArrayView3, ArrayView4, Axis, Ix4};
 use ort::session::Session;
 use ort::value::{Tensor, TensorElementType, TensorRef, ValueType};
 
@@ -584,6 +584,14 @@ pub struct Network {
     pub(crate) context_shape: Option<[i64; 2]>,
     /// Element type of `encoder_hidden_states` (float32 when the graph has none).
     context_type: SampleType,
+    /// The width of the optional `timestep_cond` input `[N, D]` (-1 where dynamic): LCM's
+    /// guidance-scale embedding, which the U-Net adds to its time embedding.
+    pub(crate) timestep_cond_width: Option<i64>,
+    /// Element type of `timestep_cond` (float32 when the graph has none).
+    timestep_cond_type: SampleType,
+    /// The width the embedding is made for, once the model has checked the declared one
+    /// (against the U-Net's config where the graph leaves it dynamic).
+    pub(crate) timestep_cond_dim: Option<usize>,
     /// `[C, H, W]` as the graph declares it (-1 where dynamic).
     pub(crate) declared_shape: Vec<i64>,
     /// Input channels beyond the output's: an inpainting U-Net's mask and masked image
@@ -686,6 +694,8 @@ impl Network {
                 || net.scalar_time != self.scalar_time
                 || net.context_shape != self.context_shape
                 || net.context_type != self.context_type
+                || net.timestep_cond_width != self.timestep_cond_width
+                || net.timestep_cond_type != self.timestep_cond_type
                 || net.declared_shape != self.declared_shape
             {
                 return Err(Error::ModelFile {
@@ -899,6 +909,21 @@ impl Network {
                 }
             },
         };
+        let (timestep_cond_width, timestep_cond_type) = match find("timestep_cond") {
+            None => (None, SampleType::F32),
+            Some(input) => match tensor_info(input.dtype()) {
+                Some((ty, shape)) if shape.len() == 2 && SampleType::of(ty).is_some() => (
+                    Some(shape[1]),
+                    SampleType::of_input(&session, "timestep_cond", path)?,
+                ),
+                _ => {
+                    return Err(contract(format!(
+                        "input 'timestep_cond' is {}; expected float32 or float16 [N, D] (the guidance-scale embedding)",
+                        describe(input.dtype())
+                    )))
+                }
+            },
+        };
         if has_class_labels && context_shape.is_some() {
             return Err(contract(
                 "the graph takes both 'class_labels' and 'encoder_hidden_states'; the contract allows one conditioning".into(),
@@ -909,6 +934,7 @@ impl Network {
             "timestep",
             "class_labels",
             "encoder_hidden_states",
+            "timestep_cond",
         ];
         if let Some(extra) = session.inputs().iter().find(|o| !known.contains(&o.name())) {
             return Err(contract(format!(
@@ -932,6 +958,9 @@ impl Network {
             has_class_labels,
             context_shape,
             context_type,
+            timestep_cond_width,
+            timestep_cond_type,
+            timestep_cond_dim: None,
             declared_shape,
             extra_channels: 0,
             fingerprint: crate::job::model_fingerprint(bytes),
@@ -960,15 +989,17 @@ impl Network {
 
     /// Runs the network on a batch. `time` is the network's own time input per sample (already
     /// mapped by the caller); integer inputs get it rounded. `context` is the
-    /// `encoder_hidden_states` `[N, L, D]` of a text-conditioned graph, one row per sample.
-    /// The output is shaped like `x`, less the extra input channels of an inpainting U-Net
-    /// (which `x` then holds after the latents).
+    /// `encoder_hidden_states` `[N, L, D]` of a text-conditioned graph, one row per sample;
+    /// `timestep_cond` the one `[D]` row every sample's `timestep_cond` gets, for a
+    /// graph that takes it. The output is shaped like `x`, less the extra input channels of an
+    /// inpainting U-Net (which `x` then holds after the latents).
     pub fn run(
         &mut self,
         x: ArrayView4<f32>,
         time: &[f64],
         class_labels: Option<&[i64]>,
         context: Option<ArrayView3<f32>>,
+        timestep_cond: Option<ArrayView1<f32>>,
     ) -> Result<Array4<f32>> {
         let n = x.shape()[0];
         debug_assert_eq!(time.len(), n);
@@ -985,6 +1016,7 @@ impl Network {
                         &time[i..i + 1],
                         class_labels.map(|l| &l[i..i + 1]),
                         context.map(|c| c.slice_move(s![i..i + 1, .., ..])),
+                        timestep_cond,
                     )
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -1044,6 +1076,21 @@ impl Network {
             inputs.push((
                 "encoder_hidden_states".into(),
                 self.context_type.tensor(c, "encoder_hidden_states")?,
+            ));
+        }
+        let rows;
+        if self.timestep_cond_width.is_some() {
+            let row = timestep_cond.ok_or_else(|| {
+                Error::invalid("this model needs timestep_cond (the guidance-scale embedding)")
+            })?;
+            rows = row
+                .broadcast((n, row.len()))
+                .ok_or_else(|| Error::invalid("timestep_cond shape"))?
+                .to_owned();
+            inputs.push((
+                "timestep_cond".into(),
+                self.timestep_cond_type
+                    .tensor(rows.view(), "timestep_cond")?,
             ));
         }
         self.ensure_open()?;

@@ -387,7 +387,14 @@ fn class_of(v: i64) -> Option<i64> {
 /// default spacing for other models. The default of the struct.
 pub const EDGEDIFF_SPACING_DEFAULT: c_int = -1;
 
-const SPACINGS: [&CStr; 5] = [c"leading", c"trailing", c"linspace", c"karras", c"logsnr"];
+const SPACINGS: [&CStr; 6] = [
+    c"leading",
+    c"trailing",
+    c"linspace",
+    c"karras",
+    c"logsnr",
+    c"lcm",
+];
 const PROVIDERS: [&CStr; 3] = [c"cpu", c"cuda", c"tensorrt"];
 const X0_CLIPS: [&CStr; 3] = [c"none", c"range", c"dynamic"];
 const X0_CLIP_NONE: c_int = 0;
@@ -435,6 +442,7 @@ fn spacing_to_c(s: Spacing) -> (c_int, f64) {
         Spacing::Linspace => "linspace",
         Spacing::Karras { .. } => "karras",
         Spacing::LogSnr => "logsnr",
+        Spacing::Lcm { .. } => "lcm",
     };
     let rho = match s {
         Spacing::Karras { rho } => rho,
@@ -999,7 +1007,8 @@ pub struct EdgediffSampleParams {
     // Version 3 (tiled VAE decoding): appended, so version 1 and 2 structs stay readable.
     /// `SampleOptions::vae_tile_size`; 0: None, untiled.
     pub vae_tile_size: usize,
-    // Version 4 (img2img, one prompt per sample, the final latents): appended likewise.
+    // Version 4 (img2img, one prompt per sample, the final latents, the consistency samplers'
+    // gamma): appended likewise.
     /// `SampleOptions::init_image`, `[1 or n, C, H, W]` of the output shape; NULL: None.
     pub init_image: *const f32,
     pub init_image_len: usize,
@@ -1012,6 +1021,8 @@ pub struct EdgediffSampleParams {
     /// Where `Report::latents` goes (`SampleOptions::keep_latents` when not NULL).
     pub latents_out: *mut f32,
     pub latents_out_len: usize,
+    /// `SamplerParams::gamma` (tcd); unset: the sampler's default.
+    pub gamma: f64,
 }
 
 // SAFETY: repr(C), struct_size first, only integers, floats, raw and Option<fn> pointers.
@@ -1075,6 +1086,7 @@ impl EdgediffSampleParams {
             prompts_len: 0,
             latents_out: std::ptr::null_mut(),
             latents_out_len: 0,
+            gamma: f64_or_unset(s.gamma),
         }
     }
 
@@ -1082,6 +1094,7 @@ impl EdgediffSampleParams {
     fn sampler_params(&self) -> SamplerParams {
         SamplerParams {
             eta: opt_f64(self.eta),
+            gamma: opt_f64(self.gamma),
             order: opt_usize(self.order),
             snr: opt_f64(self.snr),
             rtol: opt_f64(self.rtol),
@@ -1899,6 +1912,7 @@ impl EdgediffRequest {
             "min_steps" => p.min_steps = int(value)?,
             "max_steps" => p.max_steps = int(value)?,
             "eta" => p.eta = num(key, value, "a number")?,
+            "gamma" => p.gamma = num(key, value, "a number")?,
             "snr" => p.snr = num(key, value, "a number")?,
             "rtol" => p.rtol = num(key, value, "a number")?,
             "atol" => p.atol = num(key, value, "a number")?,
@@ -2610,6 +2624,15 @@ mod tests {
         let e = unsafe { sample_options(&p) }.unwrap_err();
         assert_eq!(e.to_string(), "invalid argument: eta 2 is outside [0, 1]");
         let mut p = EdgediffSampleParams::defaults();
+        p.sampler = c"tcd".as_ptr();
+        p.gamma = -0.5;
+        // SAFETY: as in defaults_round_trip.
+        let e = unsafe { sample_options(&p) }.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid argument: gamma -0.5 is outside [0, 1]"
+        );
+        let mut p = EdgediffSampleParams::defaults();
         p.rho = 3.0;
         // SAFETY: the test's structs hold static strings and no other pointer.
         let e = unsafe { sample_options(&p) }.unwrap_err();
@@ -2639,7 +2662,7 @@ mod tests {
         let e = unsafe { sample_options(&p) }.unwrap_err();
         assert_eq!(
             e.to_string(),
-            "invalid argument: spacing 9 is outside 0..=4"
+            "invalid argument: spacing 9 is outside 0..=5"
         );
     }
 
@@ -2765,7 +2788,7 @@ mod tests {
         for s in PROBES {
             s.to_str().unwrap().parse::<Probe>().unwrap();
         }
-        assert!(edgediff_spacing_name(5).is_null() && edgediff_provider_name(-1).is_null());
+        assert!(edgediff_spacing_name(6).is_null() && edgediff_provider_name(-1).is_null());
     }
 
     #[test]
@@ -2773,9 +2796,9 @@ mod tests {
         // 64-bit targets: every field 8 bytes but the pairs of ints, so adding a field later
         // cannot land in padding an older caller left uninitialised.
         if std::mem::size_of::<usize>() == 8 {
-            assert_eq!(std::mem::size_of::<EdgediffSampleParams>(), 37 * 8);
+            assert_eq!(std::mem::size_of::<EdgediffSampleParams>(), 38 * 8);
             // Version 1 (before the prompts) was 27 fields of 8 bytes, version 2 (before
-            // vae_tile_size) 29, version 3 (before init_image) 30.
+            // vae_tile_size) 29, version 3 (before init_image) 30; version 4 ends with gamma.
             assert_eq!(EdgediffSampleParams::MIN_SIZE, 27 * 8);
             assert_eq!(
                 std::mem::offset_of!(EdgediffSampleParams, vae_tile_size),
@@ -2785,6 +2808,7 @@ mod tests {
                 std::mem::offset_of!(EdgediffSampleParams, init_image),
                 30 * 8
             );
+            assert_eq!(std::mem::offset_of!(EdgediffSampleParams, gamma), 37 * 8);
             assert_eq!(std::mem::size_of::<EdgediffModelParams>(), 5 * 8 + 6 * 4);
             assert_eq!(std::mem::size_of::<EdgediffLikelihoodParams>(), 13 * 8);
             assert_eq!(std::mem::size_of::<EdgediffCalibrateParams>(), 13 * 8);

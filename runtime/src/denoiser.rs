@@ -6,9 +6,10 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use ndarray::{concatenate, s, Array3, Array4, ArrayView3, ArrayView4, Axis, Zip};
+use ndarray::{concatenate, s, Array1, Array3, Array4, ArrayView3, ArrayView4, Axis, Zip};
 
 use crate::error::{Error, Result};
+use crate::guidance::guidance_embedding;
 use crate::metadata::{Prediction, TimeInput};
 use crate::model::Model;
 use crate::schedule::NoiseLevel;
@@ -170,6 +171,8 @@ pub struct ModelDenoiser<'m> {
     /// Channels `[n, k, H, W]` appended to each row's sample on the channel axis, one row per
     /// sample, under both conditionings: an inpainting U-Net's mask and masked image latents.
     channels: Option<Array4<f32>>,
+    /// The `timestep_cond` row every call gets, for a network that takes one.
+    timestep_cond: Option<Array1<f32>>,
     /// Global index of the batch's first sample, for error messages.
     first_sample: usize,
     calls: usize,
@@ -178,8 +181,14 @@ pub struct ModelDenoiser<'m> {
 
 impl<'m> ModelDenoiser<'m> {
     /// Wraps `model`; `class_labels` (one per sample) are passed when the graph takes them.
-    /// `first_sample` is the batch's first index in the whole run, for error messages.
+    /// `first_sample` is the batch's first index in the whole run, for error messages. A
+    /// network that takes the guidance scale (`timestep_cond`) gets scale 1, no guidance, until
+    /// [`ModelDenoiser::with_guidance_embedding`] sets another.
     pub fn new(model: &'m mut Model, class_labels: Option<Vec<i64>>, first_sample: usize) -> Self {
+        let timestep_cond = model
+            .network
+            .timestep_cond_dim
+            .map(|d| guidance_embedding(1.0, d));
         ModelDenoiser {
             model,
             class_labels,
@@ -187,6 +196,7 @@ impl<'m> ModelDenoiser<'m> {
             context: None,
             uncond_context: None,
             channels: None,
+            timestep_cond,
             first_sample,
             calls: 0,
             cancel: None,
@@ -216,6 +226,15 @@ impl<'m> ModelDenoiser<'m> {
     /// StableDiffusionInpaintPipeline's `cat([latents, mask, masked_image_latents], 1)`).
     pub fn with_channels(mut self, channels: Option<Array4<f32>>) -> Self {
         self.channels = channels;
+        self
+    }
+
+    /// The guidance scale `w` a guidance-distilled network gets as its `timestep_cond`
+    /// ([`guidance_embedding`]); nothing changes for a network without that input.
+    pub fn with_guidance_embedding(mut self, w: f64) -> Self {
+        if let Some(d) = self.model.network.timestep_cond_dim {
+            self.timestep_cond = Some(guidance_embedding(w, d));
+        }
         self
     }
 
@@ -258,14 +277,15 @@ impl<'m> ModelDenoiser<'m> {
         context: Option<ArrayView3<f32>>,
         channels: Option<ArrayView4<f32>>,
     ) -> Result<Array4<f32>> {
+        let cond = self.timestep_cond.as_ref().map(|c| c.view());
         let out = match channels {
-            None => self.model.network.run(x, times, labels, context)?,
+            None => self.model.network.run(x, times, labels, context, cond)?,
             Some(ch) => {
                 let input = concatenate(Axis(1), &[x, ch])
                     .map_err(|e| Error::invalid(format!("extra input channels: {e}")))?;
                 self.model
                     .network
-                    .run(input.view(), times, labels, context)?
+                    .run(input.view(), times, labels, context, cond)?
             }
         };
         self.calls += 1;

@@ -15,7 +15,7 @@ use crate::pipeline::{Pipeline, Stage};
 use crate::sampler::ode_adaptive::StepCount;
 use crate::sampler::{SamplerKind, Trajectory};
 use crate::schedule::{NoiseLevel, Schedule};
-use crate::spacing::{levels, spaced_levels_offset, LeadingRatio, Spacing};
+use crate::spacing::{levels, spaced_levels_offset, LeadingRatio, Spacing, LCM_ORIGINAL_STEPS};
 
 /// A sampling request: what to generate and how. The CLI's `sample` and C's
 /// `edgediff_sample_params_init` both start from [`SampleOptions::default`], so the defaults
@@ -34,9 +34,11 @@ use crate::spacing::{levels, spaced_levels_offset, LeadingRatio, Spacing};
 /// ```
 #[derive(Debug, Clone)]
 pub struct SampleOptions {
-    /// The sampler with its own options. Default: `ddim` with eta 0.
+    /// The sampler with its own options. Default: `ddim` with eta 0
+    /// ([`SampleOptions::for_model`]: the model's `sampling.sampler` when it names one).
     pub sampler: SamplerKind,
-    /// Steps: network evaluations per sample for one-call-per-step samplers. Default: 100.
+    /// Steps: network evaluations per sample for one-call-per-step samplers. Default: 100
+    /// ([`SampleOptions::for_model`]: the model's `sampling.steps` when it names them).
     pub steps: usize,
     /// How the steps are placed on the schedule. Default: [`Spacing::Trailing`].
     pub spacing: Spacing,
@@ -57,7 +59,11 @@ pub struct SampleOptions {
     /// Classifier-free guidance scale for class-conditional models with `class_label` (1 is
     /// plain conditional sampling; each step then evaluates the network on a doubled batch),
     /// and for text-to-image pipelines (None: the pipeline's default, 7.5 for Stable Diffusion;
-    /// as in diffusers, a scale of 1 or less samples from the prompt alone). Default: None.
+    /// as in diffusers, a scale of 1 or less samples from the prompt alone). For a network
+    /// distilled with guidance (it takes `timestep_cond`, [`Model::guidance_embedding_width`])
+    /// the scale is that input and each step is one plain call, as in diffusers'
+    /// LatentConsistencyModelPipeline (None: the pipeline's default, 8.5 for an LCM pipeline,
+    /// else 1). Default: None.
     pub guidance: Option<f64>,
     /// The text prompt of a text-to-image pipeline (None: the empty prompt). Default: None.
     pub prompt: Option<String>,
@@ -87,7 +93,9 @@ pub struct SampleOptions {
     pub set_alpha_to_one: bool,
     /// Whether leading spacing takes the layout of the sampler's diffusers counterpart
     /// ([`SamplerKind::leading_ratio`]: the multistep solvers divide by steps + 1), as one
-    /// scheduler config gives in each diffusers scheduler class. Default: false, edgediff's
+    /// scheduler config gives in each diffusers scheduler class, and whether lcm and tcd run on
+    /// their counterparts' consistency grid ([`Spacing::Lcm`], of the pipeline's
+    /// `original_inference_steps`) whatever the spacing. Default: false, edgediff's
     /// [`Spacing::Leading`] for every sampler ([`SampleOptions::for_model`]: true for a
     /// pipeline, whose scheduler config is reproduced).
     pub leading_as_diffusers: bool,
@@ -158,13 +166,24 @@ impl SampleOptions {
         model.shapes_for(self.image_size.or(from_image))
     }
 
-    /// The defaults for `model`: [`SampleOptions::default`], with a text-to-image pipeline's
-    /// scheduler settings (spacing, steps_offset, set_alpha_to_one, leading_as_diffusers) in
-    /// place of the library's,
-    /// so a run with only a sampler and steps gives what diffusers' scheduler of the same
-    /// config gives.
+    /// The defaults for `model`: [`SampleOptions::default`], with the sampler (at its default
+    /// options), steps and spacing the model's metadata names (`sampling`, e.g. a distilled
+    /// model's lcm at 4 steps) and a text-to-image pipeline's scheduler settings (spacing,
+    /// steps_offset, set_alpha_to_one, leading_as_diffusers) in place of the library's, so a
+    /// run with only a sampler and steps gives what diffusers' scheduler of the same config
+    /// gives.
     pub fn for_model(model: &Model) -> SampleOptions {
         let mut opts = SampleOptions::default();
+        if let Some(s) = &model.metadata().sampling {
+            // Sampler and spacing names were checked when the metadata was read.
+            if let Ok(sampler) = s.sampler.parse() {
+                opts.sampler = sampler;
+                opts.steps = s.steps;
+            }
+            if let Some(Ok(spacing)) = s.spacing.as_deref().map(str::parse) {
+                opts.spacing = spacing;
+            }
+        }
         if let Some(p) = model.pipeline() {
             if let Ok(spacing) = p.spacing() {
                 opts.spacing = spacing;
@@ -304,7 +323,7 @@ pub fn generate_chunks(
                 den: b.den,
                 noise: b.noise,
                 levels: b.levels,
-                level_at_sbar: b.level_at_sbar,
+                schedule: b.schedule,
                 step_counts: None,
             };
             let out = opts.sampler.run(&mut tr, x, &mut |i, _| progress(i))?;
@@ -350,7 +369,7 @@ pub(crate) struct Batch<'a> {
     /// The batch's own random streams (or its rows of the injected noise).
     pub noise: &'a mut dyn NoiseSource,
     pub levels: &'a [NoiseLevel],
-    pub level_at_sbar: &'a dyn Fn(f64) -> NoiseLevel,
+    pub schedule: &'a Schedule,
 }
 
 /// The sampling of one batch: from its noise `x` (already scaled to the prior) to samples,
@@ -378,8 +397,8 @@ pub(crate) fn run_batches(
     let meta = model.metadata().clone();
     let prior_std = prior_std(model.schedule(), plan.levels);
     let schedule = model.schedule().clone();
-    let level_at_sbar = move |s: f64| schedule.level_for_sbar(s);
-    let guidance = guidance_for(&meta, opts)?;
+    let guidance = guidance_for(model, opts)?;
+    let embedded = embedded_guidance(model, opts);
     let shapes = opts.shapes(model)?;
     // Low-memory mode holds one graph at a time: every prompt of the run is encoded before
     // the U-Net is opened, and the latents of every batch are kept until it is freed again
@@ -429,6 +448,9 @@ pub(crate) fn run_batches(
             .with_channels(channels)
             .with_cancel(opts.cancel.clone())
             .with_unconditional(guidance.map(|(_, null)| vec![null; m]));
+        if let Some(w) = embedded {
+            net = net.with_guidance_embedding(w);
+        }
         let mut scale = guidance.map(|(w, _)| w);
         if let (Some(t), Some(cond)) = (&text, cond) {
             // One row per sample: the run's prompt, or each sample's own (prompts).
@@ -450,7 +472,7 @@ pub(crate) fn run_batches(
             den: &mut den,
             noise,
             levels: plan.levels,
-            level_at_sbar: &level_at_sbar,
+            schedule: &schedule,
         };
         let base = b * plan.steps_per_batch;
         let (out, counts) = sample(&mut batch, x, &mut |i| progress(base + i, total_steps))?;
@@ -638,6 +660,8 @@ fn encode_prompts(
 /// StableDiffusionPipeline: an absent negative prompt is the empty string's embedding, and
 /// guidance applies when its scale exceeds 1 (otherwise the negative prompt is not encoded).
 fn text_conditioning(model: &mut Model, opts: &SampleOptions) -> Result<Option<TextConditioning>> {
+    // A U-Net that takes the scale as an input is guided by it alone (embedded_guidance).
+    let embedded = model.guidance_embedding_width().is_some();
     let Some(p) = model.pipeline.as_mut() else {
         return Ok(None);
     };
@@ -646,7 +670,7 @@ fn text_conditioning(model: &mut Model, opts: &SampleOptions) -> Result<Option<T
         Some(_) => None,
         None => Some(p.encode_prompt(opts.prompt.as_deref().unwrap_or(""))?),
     };
-    let (uncond, guidance) = if w > 1.0 {
+    let (uncond, guidance) = if w > 1.0 && !embedded {
         let negative = opts.negative_prompt.as_deref().unwrap_or("");
         (Some(p.encode_prompt(negative)?), Some(w))
     } else {
@@ -771,11 +795,39 @@ pub(crate) fn prepare(
         }
     }
     let labels = class_label_for(&meta, opts.class_label)?;
+    let def = opts.sampler.def();
+    if def.needs_discrete_schedule() && model.schedule().num_train_timesteps().is_none() {
+        return Err(Error::options(
+            format!(
+                "{{0}} {} needs a discrete schedule (its maths is written on training indices); this model's schedule is continuous",
+                def.name()
+            ),
+            &["sampler"],
+        ));
+    }
+    if model.guidance_embedding_width().is_some() && opts.negative_prompt.is_some() {
+        return Err(Error::options(
+            "{0} given but the U-Net takes the guidance scale as an input (timestep_cond) and runs without classifier-free guidance, so nothing steers away from a prompt (diffusers' LatentConsistencyModelPipeline takes none either)",
+            &["negative_prompt"],
+        ));
+    }
+    // A pipeline reproduces diffusers' scheduler classes, and LCMScheduler and TCDScheduler
+    // place their steps on the consistency grid whatever the config's spacing.
+    let spacing = if opts.leading_as_diffusers && def.on_consistency_grid() {
+        Spacing::Lcm {
+            original_steps: model
+                .pipeline()
+                .and_then(|p| p.original_inference_steps)
+                .unwrap_or(LCM_ORIGINAL_STEPS),
+        }
+    } else {
+        opts.spacing
+    };
     let mut lv = match &opts.timesteps {
         Some(ts) => levels(model.schedule(), &validate_timesteps(model, ts)?),
         None => spaced_levels_offset(
             model.schedule(),
-            opts.spacing,
+            spacing,
             opts.steps,
             opts.steps_offset,
             if opts.leading_as_diffusers {
@@ -806,7 +858,7 @@ pub(crate) fn prepare(
     if let Some(inj) = injected {
         check_injected(inj, opts.n, shapes.sample)?;
     }
-    guidance_for(&meta, opts)?;
+    guidance_for(model, opts)?;
     Ok((labels, lv))
 }
 
@@ -942,11 +994,9 @@ pub(crate) fn class_label_for(meta: &ModelMetadata, class: Option<i64>) -> Resul
     }
 }
 
-/// The (scale, null label) of classifier-free guidance, checked against the model.
-pub(crate) fn guidance_for(
-    meta: &ModelMetadata,
-    opts: &SampleOptions,
-) -> Result<Option<(f64, i64)>> {
+/// The (scale, null label) of classifier-free guidance, checked against the model; None also
+/// for a network that takes the scale as an input ([`embedded_guidance`]).
+pub(crate) fn guidance_for(model: &Model, opts: &SampleOptions) -> Result<Option<(f64, i64)>> {
     let Some(w) = opts.guidance else {
         return Ok(None);
     };
@@ -957,7 +1007,10 @@ pub(crate) fn guidance_for(
             "must be a finite number >= 0",
         ));
     }
-    match (&meta.conditioning, opts.class_label) {
+    if model.guidance_embedding_width().is_some() {
+        return Ok(None);
+    }
+    match (&model.metadata().conditioning, opts.class_label) {
         // Text guidance takes the negative prompt's embedding, not a label (run_batches).
         (Some(Conditioning::Text { .. }), _) => Ok(None),
         (Some(Conditioning::Class { null_label, .. }), Some(_)) => Ok(Some((w, *null_label))),
@@ -970,6 +1023,17 @@ pub(crate) fn guidance_for(
             &["guidance"],
         )),
     }
+}
+
+/// The guidance scale a network that takes it as an input (`timestep_cond`) gets: the one
+/// asked for, else the pipeline's default, else 1 (no guidance); None for other networks.
+fn embedded_guidance(model: &Model, opts: &SampleOptions) -> Option<f64> {
+    model.guidance_embedding_width()?;
+    Some(
+        opts.guidance
+            .or(model.pipeline().map(|p| p.guidance))
+            .unwrap_or(1.0),
+    )
 }
 
 /// Standard deviation of x_T: 1 on variance-preserving schedules, sigma_max on VE, so noise

@@ -10,6 +10,10 @@
 //!
 //! A sampling stack is network → guidance → x0 clipping:
 //!
+//! A network distilled with guidance (LCM, Luo et al. 2023) takes the scale as an input instead,
+//! `timestep_cond`, the sinusoidal [`guidance_embedding`], and runs once per step: no doubled
+//! batch, no negative prompt.
+//!
 //! ```no_run
 //! use edgediff::clip::{Clipped, X0Clip};
 //! use edgediff::denoiser::ModelDenoiser;
@@ -23,7 +27,7 @@
 //! # Ok::<(), edgediff::Error>(())
 //! ```
 
-use ndarray::{Array4, Zip};
+use ndarray::{Array1, Array4, Zip};
 
 use crate::denoiser::{Denoised, DenoisedPair, Denoiser, Rows};
 use crate::error::Result;
@@ -68,6 +72,42 @@ pub fn combine(pair: DenoisedPair, w: f64) -> Denoised {
         x0: mix(cond.x0, uncond.x0),
         eps: mix(cond.eps, uncond.eps),
     }
+}
+
+/// The smallest `timestep_cond` width [`guidance_embedding`] fills: its frequencies are
+/// 10000^(-i / (half - 1)), so it needs two of them, sin and cos of each.
+pub const MIN_EMBEDDING_WIDTH: usize = 4;
+
+/// Checks the width of a `timestep_cond` input (-1: dynamic) as the embedding's width.
+pub(crate) fn embedding_width(width: i64) -> std::result::Result<usize, String> {
+    match usize::try_from(width) {
+        Ok(w) if w >= MIN_EMBEDDING_WIDTH => Ok(w),
+        _ => Err(format!(
+            "the guidance-scale embedding (timestep_cond) has {}; it needs a fixed width of at least {MIN_EMBEDDING_WIDTH} (the U-Net's time_cond_proj_dim)",
+            if width < 0 { "a dynamic width".to_string() } else { format!("width {width}") }
+        )),
+    }
+}
+
+/// The guidance-scale embedding a guidance-distilled U-Net takes as `timestep_cond`, of width
+/// `dim` (>= [`MIN_EMBEDDING_WIDTH`]) for guidance scale `w`: diffusers'
+/// `get_guidance_scale_embedding(w - 1, dim)` (VDM's sinusoidal embedding of 1000 (w - 1)),
+/// sin of each frequency, then cos, a zero last for odd `dim`. The shift by one is the LCM
+/// pipelines': they take w in the Imagen form, where 1 is no guidance, while LCM distilled
+/// with w - 1. Computed in float32 in diffusers' order: the arguments reach 1000 (w - 1)
+/// radians, where a float32 ulp is 5e-4, so rounding them otherwise would move the
+/// embedding by more than the sampler parity allows.
+pub fn guidance_embedding(w: f64, dim: usize) -> Array1<f32> {
+    let half = dim / 2;
+    let scaled = (w - 1.0) as f32 * 1000.0;
+    let decay = 10000f32.ln() / (half as f32 - 1.0);
+    let mut out = Array1::zeros(dim);
+    for i in 0..half {
+        let arg = scaled * (i as f32 * -decay).exp();
+        out[i] = arg.sin();
+        out[half + i] = arg.cos();
+    }
+    out
 }
 
 #[cfg(test)]
@@ -143,6 +183,23 @@ mod tests {
             let d = plain.denoise(&x, &level).unwrap();
             assert_eq!(d.eps, to_x0_eps(pred, cond.clone(), &x, &level).eps);
         }
+    }
+
+    #[test]
+    fn the_guidance_embedding_is_vdms_sinusoid_of_1000_w_minus_1() {
+        // Closed form in f64: frequency i of 4 is 10000^(-i/3); w 1.5 gives arguments 500 f_i.
+        let e = guidance_embedding(1.5, 9);
+        assert_eq!(e.len(), 9);
+        for i in 0..4 {
+            let arg = 500.0 * 10000f64.powf(-(i as f64) / 3.0);
+            // float32 arguments near 500 are exact to 3e-5 (ulp 6e-5), the sines to as much.
+            assert!((e[i] as f64 - arg.sin()).abs() < 1e-4, "{i}");
+            assert!((e[4 + i] as f64 - arg.cos()).abs() < 1e-4, "{i}");
+        }
+        assert_eq!(e[8], 0.0);
+        // w = 1 is no guidance: every argument 0.
+        let none = guidance_embedding(1.0, 4);
+        assert_eq!(none.to_vec(), vec![0.0, 0.0, 1.0, 1.0]);
     }
 
     #[test]

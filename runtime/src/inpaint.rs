@@ -365,7 +365,7 @@ pub fn inpaint(
                         den: &mut *den,
                         noise: &mut *b.noise,
                         levels: &lv[start..=end],
-                        level_at_sbar: b.level_at_sbar,
+                        schedule: b.schedule,
                         step_counts: None,
                     };
                     let base = done;

@@ -102,6 +102,23 @@ pub enum Conditioning {
     },
 }
 
+/// The sampler and steps a model runs with when the caller names none, e.g. a distilled
+/// model's `"sampling": {"sampler": "lcm", "steps": 4}`; the sampler's own options keep their
+/// defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingDefaults {
+    /// A sampler of `edgediff samplers`.
+    pub sampler: String,
+    /// Steps, at least 1.
+    pub steps: usize,
+    /// A spacing name (`edgediff sample --spacing`), e.g. "lcm" for a model imported from a
+    /// diffusers LCMScheduler folder; None: the library's default. A pipeline folder's comes
+    /// from its scheduler instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spacing: Option<String>,
+}
+
 /// The parsed metadata record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelMetadata {
@@ -119,6 +136,9 @@ pub struct ModelMetadata {
     pub data_range: [f64; 2],
     #[serde(default)]
     pub conditioning: Option<Conditioning>,
+    /// The sampler and steps to use when none is asked for (None: the library's, ddim and 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<SamplingDefaults>,
     /// Free-form extras (the exporter stores the network config here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extra: Option<serde_json::Value>,
@@ -177,6 +197,9 @@ impl ModelMetadata {
         self.schedule.validate()?;
         if let Some(c) = &self.conditioning {
             c.validate()?;
+        }
+        if let Some(s) = &self.sampling {
+            s.validate()?;
         }
         self.check_time_input()
     }
@@ -269,6 +292,33 @@ impl ScheduleSpec {
     }
 }
 
+impl SamplingDefaults {
+    /// A sampler this runtime has and 1..=[`crate::spacing::MAX_STEPS`] steps.
+    fn validate(&self) -> Result<(), String> {
+        let names: Vec<&str> = crate::sampler::REGISTRY.iter().map(|d| d.name()).collect();
+        if !names.contains(&self.sampler.as_str()) {
+            return Err(format!(
+                "sampling.sampler {:?} is not a sampler of this runtime (expected one of: {}); upgrade edgediff or fix the metadata",
+                self.sampler,
+                names.join(", ")
+            ));
+        }
+        if let Some(spacing) = &self.spacing {
+            spacing
+                .parse::<crate::spacing::Spacing>()
+                .map_err(|e| format!("sampling.spacing: {e}"))?;
+        }
+        if !(1..=crate::spacing::MAX_STEPS).contains(&self.steps) {
+            return Err(format!(
+                "sampling.steps {} is outside 1..={}",
+                self.steps,
+                crate::spacing::MAX_STEPS
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Conditioning {
     fn validate(&self) -> Result<(), String> {
         match self {
@@ -313,6 +363,22 @@ mod tests {
     }
 
     #[test]
+    fn sampling_defaults_name_a_sampler_and_steps() {
+        let with = GOOD.replace(
+            r#""conditioning":null"#,
+            r#""conditioning":null,"sampling":{"sampler":"lcm","steps":4}"#,
+        );
+        let m = ModelMetadata::from_json(&with).unwrap();
+        let want = SamplingDefaults {
+            sampler: "lcm".into(),
+            steps: 4,
+            spacing: None,
+        };
+        assert_eq!(m.sampling, Some(want));
+        assert_eq!(ModelMetadata::from_json(GOOD).unwrap().sampling, None);
+    }
+
+    #[test]
     fn names_missing_fields() {
         let err =
             ModelMetadata::from_json(r#"{"format_version":1,"prediction":"epsilon"}"#).unwrap_err();
@@ -334,6 +400,18 @@ mod tests {
                 r#""num_train_timesteps":1"#,
             ),
             (r#""time_input":"index""#, r#""time_input":"sigma""#),
+            (
+                r#""conditioning":null"#,
+                r#""conditioning":null,"sampling":{"sampler":"magic","steps":4}"#,
+            ),
+            (
+                r#""conditioning":null"#,
+                r#""conditioning":null,"sampling":{"sampler":"lcm","steps":0}"#,
+            ),
+            (
+                r#""conditioning":null"#,
+                r#""conditioning":null,"sampling":{"sampler":"lcm","steps":4,"spacing":"odd"}"#,
+            ),
         ] {
             let bad = GOOD.replace(from, to);
             assert_ne!(bad, GOOD);

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use crate::backend::{Network, NetworkOptions};
 use crate::error::{Error, Result};
+use crate::guidance::embedding_width;
 use crate::metadata::{Conditioning, ModelMetadata};
 use crate::pipeline::{Pipeline, PipelineConfig, Stage};
 use crate::schedule::Schedule;
@@ -288,7 +289,7 @@ impl Model {
         })
     }
 
-    fn from_network(network: Network, raw: Option<String>, path: &Path) -> Result<Model> {
+    fn from_network(mut network: Network, raw: Option<String>, path: &Path) -> Result<Model> {
         let raw = raw.ok_or_else(|| Error::Metadata {
             path: path.into(),
             detail: format!(
@@ -342,6 +343,9 @@ impl Model {
                 "metadata conditioning is text, which only a pipeline folder (text encoder, U-Net, VAE) provides".into(),
             ));
         }
+        if let Some(width) = network.timestep_cond_width {
+            network.timestep_cond_dim = Some(embedding_width(width).map_err(contract)?);
+        }
         let wants_labels = matches!(metadata.conditioning, Some(Conditioning::Class { .. }));
         if wants_labels != network.has_class_labels() {
             return Err(contract(format!(
@@ -368,6 +372,13 @@ impl Model {
         &self.metadata
     }
 
+    /// The width of the guidance-scale embedding when the network takes the guidance scale as
+    /// an input (`timestep_cond`, LCM's): guidance is then that input, not classifier-free
+    /// guidance. None for other networks.
+    pub fn guidance_embedding_width(&self) -> Option<usize> {
+        self.network.timestep_cond_dim
+    }
+
     /// Whether the network takes integer timesteps: times between training indices reach it
     /// rounded, so it is piecewise constant in time.
     pub fn integer_time(&self) -> bool {
@@ -388,7 +399,7 @@ impl Model {
         t: f64,
     ) -> Result<ndarray::Array4<f32>> {
         let n = x.shape()[0];
-        self.network.run(x, &vec![t; n], None, None)
+        self.network.run(x, &vec![t; n], None, None, None)
     }
 
     /// The file the model came from.

@@ -33,7 +33,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::{output_f32, Network, NetworkOptions, SampleType};
 use crate::error::{Error, Result};
-use crate::metadata::{Conditioning, ModelMetadata, Prediction, ScheduleSpec, TimeInput};
+use crate::metadata::{
+    Conditioning, ModelMetadata, Prediction, SamplingDefaults, ScheduleSpec, TimeInput,
+};
 use crate::spacing::Spacing;
 use crate::text::ClipTokenizer;
 
@@ -46,7 +48,18 @@ pub const SUPPORTED_PIPELINES: &[&str] = &[
     "ORTStableDiffusionPipeline",
     "StableDiffusionInpaintPipeline",
     "ORTStableDiffusionInpaintPipeline",
+    "LatentConsistencyModelPipeline",
+    "ORTLatentConsistencyModelPipeline",
 ];
+
+/// The pipeline classes of guidance-distilled LCMs: their default guidance scale is 8.5.
+const LCM_PIPELINES: &[&str] = &[
+    "LatentConsistencyModelPipeline",
+    "ORTLatentConsistencyModelPipeline",
+];
+
+/// LatentConsistencyModelPipeline's default `guidance_scale`.
+const LCM_GUIDANCE: f64 = 8.5;
 
 /// Families whose graphs or conditioning differ from Stable Diffusion 1.x/2.x (two text
 /// encoders, added time ids, transformers instead of a U-Net): named when refused.
@@ -121,9 +134,20 @@ pub struct PipelineConfig {
     pub data_range: [f64; 2],
     pub vae: VaeScaling,
     pub text: TextConfig,
-    /// The guidance scale when none is asked for (StableDiffusionPipeline's 7.5).
+    /// The guidance scale when none is asked for (StableDiffusionPipeline's 7.5,
+    /// LatentConsistencyModelPipeline's 8.5).
     #[serde(default = "default_guidance")]
     pub guidance: f64,
+    /// diffusers' `original_inference_steps` of LCMScheduler and TCDScheduler, the points of
+    /// the consistency grid the lcm and tcd samplers run on ([`Spacing::Lcm`]). Default: None,
+    /// [`crate::spacing::LCM_ORIGINAL_STEPS`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_inference_steps: Option<usize>,
+    /// The sampler and steps a run takes when none is asked for: lcm and 4 for a folder whose
+    /// scheduler is LCMScheduler, tcd and 4 for TCDScheduler (as [`PipelineConfig::derive`]
+    /// and the exporter write it). Default: None, the library's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<SamplingDefaults>,
 }
 
 fn yes() -> bool {
@@ -145,6 +169,22 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
     })
 }
 
+/// The sampling defaults of a scheduler class: a consistency scheduler names its sampler at
+/// diffusers' usual 4 steps (LCM's and TCD's model cards and pipeline examples); the others
+/// leave them to the library.
+fn scheduler_sampling(class: &str) -> Option<SamplingDefaults> {
+    let sampler = match class {
+        "LCMScheduler" => "lcm",
+        "TCDScheduler" => "tcd",
+        _ => return None,
+    };
+    Some(SamplingDefaults {
+        sampler: sampler.into(),
+        steps: 4,
+        spacing: None,
+    })
+}
+
 impl PipelineConfig {
     /// Whether the U-Net is an inpainting U-Net (`unet_in_channels` is `2C + 1`).
     pub fn inpainting(&self) -> bool {
@@ -162,7 +202,9 @@ impl PipelineConfig {
     }
 
     /// The record of an optimum folder (no edgediff.json), from the parts' JSON configs: the
-    /// scheduler's betas, prediction type and spacing, the U-Net's latent shape (its output
+    /// scheduler's betas, prediction type and spacing (and, for LCMScheduler and TCDScheduler,
+    /// its consistency grid and sampler at 4 steps), the pipeline class's default guidance,
+    /// the U-Net's latent shape (its output
     /// channels) and input channels (an inpainting U-Net's differ), the VAE's
     /// scaling and upsampling, the text encoder's width and the tokenizer's length.
     pub fn derive(dir: &Path) -> Result<PipelineConfig> {
@@ -172,6 +214,13 @@ impl PipelineConfig {
         };
         let sc_file = "scheduler/scheduler_config.json";
         let sc = read_json(&dir.join(sc_file))?;
+        let class = |v: &serde_json::Value| {
+            v.get("_class_name")
+                .and_then(|c| c.as_str())
+                .unwrap_or("")
+                .to_owned()
+        };
+        let index = read_json(&dir.join("model_index.json"))?;
         let unet = read_json(&dir.join("unet/config.json"))?;
         let vae = read_json(&dir.join("vae_decoder/config.json"))?;
         let text = read_json(&dir.join("text_encoder/config.json"))?;
@@ -289,7 +338,13 @@ impl PipelineConfig {
                 max_length,
                 hidden_size: hidden,
             },
-            guidance: default_guidance(),
+            guidance: if LCM_PIPELINES.contains(&class(&index).as_str()) {
+                LCM_GUIDANCE
+            } else {
+                default_guidance()
+            },
+            original_inference_steps: int(&sc, "original_inference_steps"),
+            sampling: scheduler_sampling(&class(&sc)),
         })
     }
 
@@ -308,6 +363,7 @@ impl PipelineConfig {
                 max_length: self.text.max_length,
                 hidden_size: self.text.hidden_size,
             }),
+            sampling: self.sampling.clone(),
             extra: serde_json::to_value(self)
                 .ok()
                 .map(|p| serde_json::json!({ "pipeline": p })),
@@ -424,6 +480,37 @@ impl std::fmt::Debug for Pipeline {
     }
 }
 
+/// The width of a U-Net's guidance-scale embedding from the graph's `timestep_cond` input
+/// (`graph`: its width, -1 if dynamic) and the U-Net config's `time_cond_proj_dim`: they must
+/// agree, and a config that names one needs the input (diffusers' UNet2DConditionModel adds
+/// it to the time embedding; a graph traced without it was traced with none).
+fn guidance_embedding_width(
+    graph: Option<i64>,
+    config: Option<u64>,
+) -> std::result::Result<Option<usize>, String> {
+    let width = match (graph, config) {
+        (None, None) => return Ok(None),
+        (None, Some(c)) => {
+            return Err(format!(
+                "unet/config.json has time_cond_proj_dim {c} (a guidance-distilled U-Net) but unet/model.onnx has no 'timestep_cond' input; export the U-Net with it (edgediff-export diffusers does, as optimum does)"
+            ))
+        }
+        (Some(g), Some(c)) if g >= 0 && g as u64 != c => {
+            return Err(format!(
+                "unet/model.onnx's 'timestep_cond' has width {g} but unet/config.json's time_cond_proj_dim is {c}: the graph and its config do not belong together"
+            ))
+        }
+        (Some(g), _) if g >= 0 => g,
+        (Some(_), Some(c)) => i64::try_from(c).unwrap_or(-1),
+        (Some(_), None) => {
+            return Err(
+                "unet/model.onnx's 'timestep_cond' has a dynamic width and unet/config.json names no time_cond_proj_dim, so the guidance-scale embedding's width is unknown".into(),
+            )
+        }
+    };
+    crate::guidance::embedding_width(width).map(Some)
+}
+
 /// Whether `dir` is a pipeline folder (it has a model_index.json).
 pub(crate) fn is_pipeline_dir(dir: &Path) -> bool {
     dir.join("model_index.json").is_file()
@@ -493,9 +580,12 @@ impl Pipeline {
         // The U-Net's config names its cross-attention width (the graph's declared input
         // too) and its levels.
         let unet_config = read_json(&dir.join("unet/config.json")).ok();
-        let cross = unet_config
-            .as_ref()
-            .and_then(|c| c.get("cross_attention_dim").and_then(|v| v.as_u64()));
+        let unet_int = |k: &str| {
+            unet_config
+                .as_ref()
+                .and_then(|c| c.get(k).and_then(|v| v.as_u64()))
+        };
+        let cross = unet_int("cross_attention_dim");
         let unet_downsamplings = unet_config
             .as_ref()
             .and_then(|c| {
@@ -538,6 +628,9 @@ impl Pipeline {
         }
         // An inpainting U-Net's mask and masked-image channels come beside the latents.
         network.extra_channels = unet_in - c;
+        network.timestep_cond_dim =
+            guidance_embedding_width(network.timestep_cond_width, unet_int("time_cond_proj_dim"))
+                .map_err(contract)?;
         match network.context_shape {
             None => {
                 return Err(contract(

@@ -19,10 +19,20 @@ pub enum Spacing {
     Karras { rho: f64 },
     /// Evenly spaced in log-SNR (DPM-Solver's "logSNR" time steps).
     LogSnr,
+    /// The consistency-distillation grid of diffusers' LCMScheduler and TCDScheduler: of the
+    /// `original_steps` training indices k - 1, 2k - 1, ..., T - 1 (k = T / original_steps) the
+    /// distillation used, most noisy first, the ones at floor(i original_steps / steps) for
+    /// i < steps (4 of 50 on 1000: 999, 759, 499, 259). A consistency model learnt its map
+    /// only from those indices. "lcm" takes `original_steps` 50, diffusers' default.
+    Lcm { original_steps: usize },
 }
 
+/// diffusers' default `original_inference_steps` of LCMScheduler and TCDScheduler: the
+/// number of grid points LCM distillation used (LCM-LoRA and the released LCMs keep it).
+pub const LCM_ORIGINAL_STEPS: usize = 50;
+
 /// The names [`Spacing::from_str`] takes.
-const NAMES: [&str; 5] = ["leading", "trailing", "linspace", "karras", "logsnr"];
+const NAMES: [&str; 6] = ["leading", "trailing", "linspace", "karras", "logsnr", "lcm"];
 
 impl FromStr for Spacing {
     type Err = Error;
@@ -33,6 +43,9 @@ impl FromStr for Spacing {
             "linspace" => Ok(Spacing::Linspace),
             "karras" => Ok(Spacing::Karras { rho: 7.0 }),
             "logsnr" => Ok(Spacing::LogSnr),
+            "lcm" => Ok(Spacing::Lcm {
+                original_steps: LCM_ORIGINAL_STEPS,
+            }),
             other => Err(Error::unknown("spacing", other, &NAMES)),
         }
     }
@@ -117,6 +130,7 @@ pub fn timesteps(schedule: &Schedule, spacing: Spacing, steps: usize) -> Result<
                 }
             })
             .collect(),
+        Spacing::Lcm { original_steps } => consistency_grid(t_train, original_steps, steps)?,
         Spacing::Karras { .. } | Spacing::LogSnr => spaced_levels(schedule, spacing, steps)?
             .iter()
             .take(steps)
@@ -181,7 +195,7 @@ pub fn spaced_levels(
     steps: usize,
 ) -> Result<Vec<NoiseLevel>> {
     let sbars: Vec<f64> = match spacing {
-        Spacing::Leading | Spacing::Trailing | Spacing::Linspace => {
+        Spacing::Leading | Spacing::Trailing | Spacing::Linspace | Spacing::Lcm { .. } => {
             return Ok(levels(schedule, &timesteps(schedule, spacing, steps)?))
         }
         Spacing::Karras { rho } => {
@@ -202,6 +216,35 @@ pub fn spaced_levels(
         .into_iter()
         .map(|s| schedule.level_for_sbar(s))
         .chain([NoiseLevel::CLEAN])
+        .collect())
+}
+
+/// [`Spacing::Lcm`]'s `steps` indices on `t_train` training steps, refused where diffusers'
+/// set_timesteps raises (more original steps than training steps, more steps than original).
+fn consistency_grid(t_train: usize, original_steps: usize, steps: usize) -> Result<Vec<f64>> {
+    if original_steps == 0 || original_steps > t_train {
+        return Err(Error::out_of_range(
+            "original_steps",
+            original_steps,
+            &format!("must be in 1..={t_train}, the model's training timesteps"),
+        ));
+    }
+    if steps > original_steps {
+        return Err(Error::out_of_range(
+            "steps",
+            steps,
+            &format!("exceeds the {original_steps} points of the lcm spacing's grid (its original_inference_steps)"),
+        ));
+    }
+    let k = t_train / original_steps;
+    // numpy's floor(linspace(0, original_steps, steps, endpoint=False)), whose points are
+    // i * (original_steps / steps): the same product here, so that the floors agree.
+    let stride = original_steps as f64 / steps as f64;
+    Ok((0..steps)
+        .map(|i| {
+            let j = (i as f64 * stride).floor() as usize;
+            ((original_steps - j) * k - 1) as f64
+        })
         .collect())
 }
 
@@ -333,6 +376,32 @@ mod tests {
             many.message_with(&flag),
             "invalid argument: --steps 1001 exceeds the model's 1000 training timesteps"
         );
+    }
+
+    #[test]
+    fn the_lcm_grid_is_diffusers_lcm_schedulers() {
+        let s = linear();
+        // LCMScheduler(original_inference_steps=50).set_timesteps(n).timesteps, printed by
+        // diffusers 0.42 for n = 4, 1, 3, 6 and 50.
+        let lcm = |n| timesteps(&s, "lcm".parse().unwrap(), n).unwrap();
+        assert_eq!(lcm(4), vec![999.0, 759.0, 499.0, 259.0]);
+        assert_eq!(lcm(1), vec![999.0]);
+        assert_eq!(lcm(3), vec![999.0, 679.0, 339.0]);
+        assert_eq!(lcm(6), vec![999.0, 839.0, 679.0, 499.0, 339.0, 179.0]);
+        assert_eq!(
+            lcm(50),
+            (1..=50)
+                .rev()
+                .map(|j| (j * 20 - 1) as f64)
+                .collect::<Vec<_>>()
+        );
+        let e = timesteps(&s, "lcm".parse().unwrap(), 51).unwrap_err();
+        assert_eq!(e.argument().and_then(|a| a.arg()), Some("steps"));
+        let grid = Spacing::Lcm {
+            original_steps: 2000,
+        };
+        let e = timesteps(&s, grid, 4).unwrap_err();
+        assert_eq!(e.argument().and_then(|a| a.arg()), Some("original_steps"));
     }
 
     #[test]

@@ -237,9 +237,37 @@ def conditioning_from_config(cfg: dict, null_class: str | None) -> dict | None:
     return {"type": "class", "num_classes": embeds, "null_label": embeds}
 
 
+# Consistency schedulers name their sampler; 4 steps is what LCM's and TCD's model cards and
+# diffusers' pipeline examples use. Their steps lie on the grid of `original_inference_steps`
+# whatever `timestep_spacing` says (edgediff's --spacing lcm).
+CONSISTENCY_SCHEDULERS = {"LCMScheduler": "lcm", "TCDScheduler": "tcd"}
+CONSISTENCY_STEPS = 4
+
+
+def consistency_sampling(sc: dict) -> dict | None:
+    """The metadata's `sampling` for a consistency scheduler's config, else None."""
+    sampler = CONSISTENCY_SCHEDULERS.get(sc.get("_class_name", ""))
+    return None if sampler is None else {"sampler": sampler, "steps": CONSISTENCY_STEPS}
+
+
+def pixel_sampling(sc: dict) -> dict | None:
+    """A single-file model's `sampling`: a consistency scheduler's, on its grid (a pipeline
+    folder takes the grid from its scheduler config instead)."""
+    sampling = consistency_sampling(sc)
+    if sampling is None or sc.get("original_inference_steps", 50) != 50:
+        return sampling  # --spacing lcm has 50 points; other grids go by --timesteps
+    return {**sampling, "spacing": "lcm"}
+
+
 def sampling_hints(sc: dict) -> list[str]:
     """`edgediff sample` flags that reproduce the scheduler's sampling settings."""
     hints = []
+    consistency = consistency_sampling(sc) is not None
+    if consistency:
+        original = sc.get("original_inference_steps", 50)
+        hints.append(f"{sc['_class_name']}: its steps are on the grid of {original} original steps: "
+                     "pass --spacing lcm" + ("" if original == 50 else
+                                             f" (which takes 50; pass --timesteps for {original})"))
     if sc.get("clip_sample"):
         r = sc.get("clip_sample_range", 1.0)
         note = "" if r == 1.0 else f" (clips to the data range [-1, 1]; diffusers used +-{r})"
@@ -248,7 +276,7 @@ def sampling_hints(sc: dict) -> list[str]:
         hints.append(f"thresholding: pass --dynamic-threshold {sc.get('dynamic_thresholding_ratio', 0.995)} "
                      f"--threshold-max {sc.get('sample_max_value', 1.0)}")
     spacing = sc.get("timestep_spacing")
-    if spacing in ("leading", "trailing", "linspace"):
+    if spacing in ("leading", "trailing", "linspace") and not consistency:
         hints.append(f"timestep_spacing {spacing}: pass --spacing {spacing}")
     if sc.get("steps_offset", 0):
         hints.append(f"steps_offset {sc['steps_offset']}: edgediff's spacings have no offset; "
@@ -359,7 +387,7 @@ def import_folder(unet: Path, scheduler: Path | None, out: Path, name: str | Non
     meta = make_metadata(
         name=name, description=description or f"diffusers UNet2DModel imported from {unet.resolve().name}",
         prediction=prediction, time_input="index", schedule=schedule, sample_shape=sample_shape(cfg),
-        conditioning=conditioning,
+        conditioning=conditioning, sampling=pixel_sampling(sc),
         extra={"diffusers": {"unet": cfg, "scheduler": {k: v for k, v in sc.items() if k != "trained_betas"}}})
     check = export(model, cfg, meta, out, T)
     hints = sampling_hints(sc)

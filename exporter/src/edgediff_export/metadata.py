@@ -14,7 +14,11 @@ REQUIRED = ("format_version", "prediction", "time_input", "schedule", "sample_sh
 
 def make_metadata(*, name: str, description: str, prediction: str, time_input: str,
                   schedule: dict, sample_shape: list[int], data_range: tuple[float, float] = (-1.0, 1.0),
-                  conditioning: dict | None = None, extra: dict | None = None) -> dict:
+                  conditioning: dict | None = None, extra: dict | None = None,
+                  sampling: dict | None = None) -> dict:
+    """The `edgediff` record; `sampling` ({"sampler": NAME, "steps": K[, "spacing": NAME]})
+    names the sampler, steps (and spacing) the runtime takes when a run names none (a
+    distilled model's few steps)."""
     if prediction not in ("epsilon", "v", "sample", "score"):
         raise ValueError(f"prediction must be epsilon, v, sample or score, not {prediction!r}")
     if time_input not in ("index", "continuous", "sigma"):
@@ -30,6 +34,13 @@ def make_metadata(*, name: str, description: str, prediction: str, time_input: s
         "data_range": list(data_range),
         "conditioning": conditioning,
     }
+    if sampling is not None:
+        if not {"sampler", "steps"} <= set(sampling) <= {"sampler", "steps", "spacing"} \
+                or not int(sampling["steps"]) >= 1:
+            raise ValueError("sampling must be {'sampler': NAME, 'steps': K >= 1[, 'spacing': NAME]}, "
+                             f"not {sampling!r}")
+        meta["sampling"] = {"sampler": str(sampling["sampler"]), "steps": int(sampling["steps"]),
+                            **({"spacing": str(sampling["spacing"])} if "spacing" in sampling else {})}
     if extra:
         meta["extra"] = extra
     return meta

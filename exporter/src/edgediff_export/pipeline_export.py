@@ -12,7 +12,10 @@ writes the folder in the layout of optimum's ONNX export, so that one loader ser
     OUT/unet/model.onnx                  sample, timestep float32 [N], encoder_hidden_states -> out_sample
                                          (an inpainting U-Net's sample: latents || mask || masked
                                          image latents, 2C + 1 channels, edgediff.json's
-                                         "unet_in_channels"; out_sample has the latents' C)
+                                         "unet_in_channels"; out_sample has the latents' C;
+                                         a guidance-distilled U-Net, time_cond_proj_dim D in its
+                                         config, also takes timestep_cond float32 [N, D], LCM's
+                                         guidance-scale embedding, as optimum names it)
     OUT/vae_decoder/model.onnx           latent_sample -> sample (any height and width: tiled decoding)
     OUT/vae_encoder/model.onnx           sample -> latent_parameters (mean || logvar)
     OUT/tokenizer/                       vocab.json merges.txt tokenizer_config.json special_tokens_map.json
@@ -53,13 +56,17 @@ import torch
 
 from .precision import FP16_MAX, FP16_RTOL, compare, fp16_peak, io_types, load_inferred, to_fp16
 
-from .diffusers_import import (DiffusersImportError, _read_json, prediction_from_config,
-                               schedule_from_config)
+from .diffusers_import import (DiffusersImportError, _read_json, consistency_sampling,
+                               prediction_from_config, schedule_from_config)
 
 FORMAT_VERSION = 1
 # Relative to max |PyTorch output|, as every other export (export.VERIFY_RTOL).
 VERIFY_RTOL = 1e-4
-SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline")
+SUPPORTED = ("StableDiffusionPipeline", "StableDiffusionInpaintPipeline",
+             "LatentConsistencyModelPipeline")
+# The pipelines' default guidance_scale: StableDiffusionPipeline's, LatentConsistencyModelPipeline's.
+GUIDANCE = {"LatentConsistencyModelPipeline": 8.5}
+DEFAULT_GUIDANCE = 7.5
 # Families whose graphs or conditioning differ (two text encoders, added time ids, a
 # transformer instead of a U-Net): refused by name rather than exported wrongly.
 REFUSED = {
@@ -107,8 +114,9 @@ class UNet(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.model(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, encoder_hidden_states, timestep_cond=None):
+        return self.model(sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond,
+                          return_dict=False)[0]
 
 
 class VaeDecoder(torch.nn.Module):
@@ -332,6 +340,13 @@ def manifest(index: dict, sc: dict, unet_cfg: dict, vae_cfg: dict, text_cfg: dic
                                    f"denoises {c_out}: the parts do not belong together")
     h, w = _sizes(unet_cfg["sample_size"])
     factor = 2 ** (len(vae_cfg.get("block_out_channels", [1])) - 1)
+    # A consistency scheduler (LCMScheduler, TCDScheduler) names its sampler and grid: the
+    # runtime then samples with it at 4 steps when a run names none.
+    consistency = {}
+    sampling = consistency_sampling(sc)
+    if sampling is not None:
+        consistency = {"sampling": sampling,
+                       "original_inference_steps": int(sc.get("original_inference_steps", 50))}
     return {
         "format_version": FORMAT_VERSION,
         "kind": "text-to-image",
@@ -351,7 +366,8 @@ def manifest(index: dict, sc: dict, unet_cfg: dict, vae_cfg: dict, text_cfg: dic
         "vae": {"scaling_factor": float(vae_cfg.get("scaling_factor", 0.18215)),
                 "shift_factor": vae_cfg.get("shift_factor")},
         "text": {"max_length": int(max_length), "hidden_size": hidden},
-        "guidance": 7.5,  # StableDiffusionPipeline's default guidance_scale
+        "guidance": GUIDANCE.get(index.get("_class_name"), DEFAULT_GUIDANCE),
+        **consistency,
     }
 
 
@@ -434,12 +450,18 @@ def export_pipeline(src: Path, out: Path, name: str | None = None, description: 
     def ids(n: int, seed: int) -> dict:
         return {"input_ids": torch.randint(0, vocab, (n, L), generator=g(seed))}
 
+    cond_dim = unet_cfg.get("time_cond_proj_dim")
+
     def unet_in(n: int, seed: int, size: tuple[int, int] | None = None) -> dict:
         r = g(seed)
         # Fractional times too: diffusers' Euler-family schedulers pass them.
-        return {"sample": torch.randn(n, C_in, *(size or (h, w)), generator=r),
+        feed = {"sample": torch.randn(n, C_in, *(size or (h, w)), generator=r),
                 "timestep": torch.rand(n, generator=r) * (T - 1),
                 "encoder_hidden_states": torch.randn(n, L, D, generator=r)}
+        if cond_dim is not None:
+            # The guidance-scale embedding is sines and cosines: values in [-1, 1].
+            feed["timestep_cond"] = torch.rand(n, int(cond_dim), generator=r) * 2 - 1
+        return feed
 
     def dec_in(n: int, seed: int, size: tuple[int, int] | None = None) -> dict:
         # What the runtime feeds: unit-variance latents divided by the scaling factor.

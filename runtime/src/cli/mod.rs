@@ -69,14 +69,15 @@ model_command! {
 #[argh(subcommand, name = "sample")]
 /// Generate samples into a PNG grid (OUT.png), a folder of PNGs (OUT/), or a float32 OUT.npy.
 struct SampleCmd {
-    /// sampler (default ddim); `edgediff samplers` lists them
+    /// sampler (default: the model's, else ddim); `edgediff samplers` lists them
     #[argh(option)]
     sampler: Option<String>,
-    /// number of sampling steps (default 100)
+    /// number of sampling steps (default: the model's, else 100)
     #[argh(option)]
     steps: Option<usize>,
-    /// time-step spacing: leading, trailing, linspace, karras or logsnr (default trailing; a
-    /// pipeline folder's: its scheduler's spacing, steps offset and final alpha)
+    /// time-step spacing: leading, trailing, linspace, karras, logsnr or lcm (default
+    /// trailing; a pipeline folder's: its scheduler's spacing, steps offset and final alpha,
+    /// and for lcm and tcd its consistency grid)
     #[argh(option)]
     spacing: Option<String>,
     /// rho of the karras spacing (default 7)
@@ -88,6 +89,9 @@ struct SampleCmd {
     /// stochasticity in [0, 1] for ddim (default 0) and euler-a (default 1)
     #[argh(option)]
     eta: Option<f64>,
+    /// stochasticity in [0, 1] of tcd (default 0.3)
+    #[argh(option)]
+    gamma: Option<f64>,
     /// solver order for lms (1-4), dpm++ and unipc (1-3)
     #[argh(option)]
     order: Option<usize>,
@@ -119,7 +123,9 @@ struct SampleCmd {
     #[argh(option)]
     class: Option<i64>,
     /// classifier-free guidance scale with --class (1: plain conditional; e.g. 3) or with a
-    /// text-to-image pipeline (default there 7.5)
+    /// text-to-image pipeline (default there 7.5, 8.5 for an LCM pipeline); for a U-Net that
+    /// takes it as an input (timestep_cond), the scale it gets, with no second call
+    /// (default 1 for a pixel model)
     #[argh(option)]
     guidance: Option<f64>,
     /// text prompt for a text-to-image pipeline folder
@@ -210,7 +216,7 @@ pub fn flag(name: &str) -> String {
         "fallback" => "--fallback".into(),
         // Names of a job record's entries (job.rs) that are not one flag each.
         "sampler_options" => {
-            "the sampler's options (--eta --order --snr --rtol --atol --min-steps --max-steps)"
+            "the sampler's options (--eta --gamma --order --snr --rtol --atol --min-steps --max-steps)"
                 .into()
         }
         "x0_clip" => "--clip-x0/--dynamic-threshold".into(),
@@ -320,20 +326,25 @@ impl Bar {
 }
 
 fn sample(cmd: SampleCmd) -> Result<()> {
-    // The defaults are the library's (SampleOptions::default), which C's params_init also takes.
+    // The defaults are the library's (SampleOptions::default), which C's params_init also takes,
+    // with the model's sampler and steps when it names them (SampleOptions::for_model).
     let defaults = SampleOptions::default();
-    let sampler = SamplerKind::new(
-        cmd.sampler.as_deref().unwrap_or(defaults.sampler.name()),
-        SamplerParams {
-            eta: cmd.eta,
-            order: cmd.order,
-            snr: cmd.snr,
-            rtol: cmd.rtol,
-            atol: cmd.atol,
-            min_steps: cmd.min_steps,
-            max_steps: cmd.max_steps,
-        },
-    )?;
+    let params = SamplerParams {
+        eta: cmd.eta,
+        gamma: cmd.gamma,
+        order: cmd.order,
+        snr: cmd.snr,
+        rtol: cmd.rtol,
+        atol: cmd.atol,
+        min_steps: cmd.min_steps,
+        max_steps: cmd.max_steps,
+    };
+    // A sampler given is checked before the model is opened; the model's, once it is.
+    let chosen = cmd
+        .sampler
+        .as_deref()
+        .map(|name| SamplerKind::new(name, params))
+        .transpose()?;
     let spacing = match (cmd.rho, cmd.spacing.as_deref()) {
         (Some(rho), Some("karras")) => Some(Spacing::Karras { rho }),
         (Some(_), _) => return Err(Error::invalid("--rho applies to --spacing karras")),
@@ -391,10 +402,19 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         [cmd.height.unwrap_or(base[0]), cmd.width.unwrap_or(base[1])]
     });
     // A pipeline's scheduler settings are its defaults (the library's otherwise); a --spacing
-    // given replaces them all, as a scheduler of another spacing would have no offset.
+    // given replaces them all, as a scheduler of another spacing would have no offset. The
+    // model's sampler and steps stay the defaults either way.
+    let model_defaults = SampleOptions::for_model(&model);
+    let sampler = match chosen {
+        Some(s) => s,
+        None => SamplerKind::new(model_defaults.sampler.name(), params)?,
+    };
     let defaults = match spacing {
-        None => SampleOptions::for_model(&model),
-        Some(_) => defaults,
+        None => model_defaults,
+        Some(_) => SampleOptions {
+            steps: model_defaults.steps,
+            ..defaults
+        },
     };
     let opts = SampleOptions {
         sampler,
@@ -570,8 +590,12 @@ fn info(cmd: InfoCmd) -> Result<()> {
             }
         }
         println!(
-            "scheduler:    {} spacing, steps offset {}, set_alpha_to_one {}",
-            p.spacing, p.steps_offset, p.set_alpha_to_one
+            "scheduler:    {} spacing, steps offset {}, set_alpha_to_one {}; lcm and tcd on the consistency grid of {} steps",
+            p.spacing,
+            p.steps_offset,
+            p.set_alpha_to_one,
+            p.original_inference_steps
+                .unwrap_or(edgediff::spacing::LCM_ORIGINAL_STEPS)
         );
         println!(
             "vae:          scaling factor {}, shift {:?}",
@@ -581,6 +605,27 @@ fn info(cmd: InfoCmd) -> Result<()> {
             "text:         {} tokens x {}; default guidance {}",
             p.text.max_length, p.text.hidden_size, p.guidance
         );
+    }
+    if let Some(dim) = model.guidance_embedding_width() {
+        println!("guidance:     an input of the network (timestep_cond, width {dim}): one call per step, no classifier-free guidance");
+    }
+    match &m.sampling {
+        Some(s) => println!(
+            "defaults:     sampler {}, {} steps{} (the model's)",
+            s.sampler,
+            s.steps,
+            s.spacing
+                .as_ref()
+                .map_or(String::new(), |sp| format!(", {sp} spacing"))
+        ),
+        None => {
+            let d = SampleOptions::default();
+            println!(
+                "defaults:     sampler {}, {} steps (the library's)",
+                d.sampler.name(),
+                d.steps
+            )
+        }
     }
     Ok(())
 }

@@ -17,7 +17,7 @@
 //!
 //! /// An Euler half step to the middle sbar, then the whole step along the slope there.
 //! fn step(tr: &mut Trajectory<'_>, s: Step<'_>) -> Result<Array4<f32>> {
-//!     let mid = (tr.level_at_sbar)(0.5 * (s.cur.sbar() + s.next.sbar()));
+//!     let mid = tr.schedule.level_for_sbar(0.5 * (s.cur.sbar() + s.next.sbar()));
 //!     let half = transfer(s.x, &s.d.eps, &s.cur, &mid);
 //!     let eps = tr.den.denoise(&half, &mid)?.eps;
 //!     Ok(transfer(s.x, &eps, &s.cur, &s.next))
@@ -39,11 +39,13 @@ pub mod dpmpp;
 pub mod euler;
 pub mod euler_ancestral;
 pub mod heun;
+pub mod lcm;
 pub mod lms;
 pub mod ode_adaptive;
 pub(crate) mod ops;
 pub mod pndm;
 pub mod sde;
+pub mod tcd;
 pub mod unipc;
 
 use ndarray::Array4;
@@ -51,7 +53,7 @@ use ndarray::Array4;
 use crate::denoiser::{Denoised, Denoiser};
 use crate::error::{Error, Result};
 use crate::noise::NoiseSource;
-use crate::schedule::NoiseLevel;
+use crate::schedule::{NoiseLevel, Schedule};
 use crate::spacing::LeadingRatio;
 
 use ops::lincomb;
@@ -75,6 +77,8 @@ pub static REGISTRY: &[&SamplerDef] = &[
     &pndm::PNDM,
     &unipc::UNIPC,
     &dpmpp::DPMPP_2M_SDE,
+    &lcm::LCM,
+    &tcd::TCD,
 ];
 
 /// Called after each step with (steps done, total steps).
@@ -85,8 +89,10 @@ pub struct Trajectory<'a> {
     pub den: &'a mut dyn Denoiser,
     pub noise: &'a mut dyn NoiseSource,
     pub levels: &'a [NoiseLevel],
-    /// The schedule's level at any sigma/alpha, for solvers that choose their own steps.
-    pub level_at_sbar: &'a dyn Fn(f64) -> NoiseLevel,
+    /// The model's schedule, for samplers that visit levels of their own between the grid's
+    /// (solvers that choose their own steps, TCD's intermediate level) or need the training
+    /// index of one (LCM's boundary condition).
+    pub schedule: &'a Schedule,
     /// Steps each sample took, set by the solvers that choose their own steps.
     pub step_counts: Option<Vec<ode_adaptive::StepCount>>,
 }
@@ -180,6 +186,8 @@ pub struct SamplerDef {
     run: Option<RunFn>,
     leading: LeadingRatio,
     final_alpha: bool,
+    consistency_grid: bool,
+    discrete: bool,
 }
 
 /// An option a sampler takes, with its default.
@@ -187,6 +195,8 @@ pub struct SamplerDef {
 pub enum SamplerOption {
     /// `eta` in [0, 1].
     Eta(f64),
+    /// `gamma` in [0, 1]: TCD's stochasticity (diffusers' `eta` of TCDScheduler.step).
+    Gamma(f64),
     /// `order` in 1..=`max`.
     Order { default: usize, max: usize },
     /// `snr`, positive.
@@ -206,6 +216,8 @@ pub(crate) enum Stochastic {
     Always,
     /// Fresh noise when its `eta` is above 0.
     WithEta,
+    /// Fresh noise when its `gamma` is above 0.
+    WithGamma,
 }
 
 /// A sampler's options resolved: the caller's values or the sampler's defaults, checked. The
@@ -213,6 +225,7 @@ pub(crate) enum Stochastic {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Settings {
     pub eta: f64,
+    pub gamma: f64,
     pub order: usize,
     pub snr: f64,
     pub rtol: f64,
@@ -224,6 +237,7 @@ pub struct Settings {
 impl Settings {
     const NONE: Settings = Settings {
         eta: 0.0,
+        gamma: 0.0,
         order: 0,
         snr: 0.0,
         rtol: 0.0,
@@ -238,6 +252,7 @@ impl Settings {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct SamplerParams {
     pub eta: Option<f64>,
+    pub gamma: Option<f64>,
     pub order: Option<usize>,
     pub snr: Option<f64>,
     pub rtol: Option<f64>,
@@ -266,6 +281,8 @@ impl SamplerDef {
             run: None,
             leading: LeadingRatio::Steps,
             final_alpha: false,
+            consistency_grid: false,
+            discrete: false,
         }
     }
 
@@ -316,6 +333,25 @@ impl SamplerDef {
         }
     }
 
+    /// Its diffusers counterpart (LCMScheduler, TCDScheduler) places its steps on the
+    /// distillation's grid whatever the config's `timestep_spacing` says: with
+    /// [`crate::SampleOptions::leading_as_diffusers`] (a pipeline's defaults) it runs on
+    /// [`crate::spacing::Spacing::Lcm`] too.
+    const fn consistency_grid(self) -> SamplerDef {
+        SamplerDef {
+            consistency_grid: true,
+            ..self
+        }
+    }
+
+    /// It needs training indices (a discrete schedule): its maths is written on them.
+    const fn discrete(self) -> SamplerDef {
+        SamplerDef {
+            discrete: true,
+            ..self
+        }
+    }
+
     /// How it runs.
     const fn run(self, run: RunFn) -> SamplerDef {
         SamplerDef {
@@ -349,6 +385,16 @@ impl SamplerDef {
         self.adaptive
     }
 
+    /// Whether a pipeline's defaults put its steps on the consistency grid (see the setter).
+    pub const fn on_consistency_grid(&self) -> bool {
+        self.consistency_grid
+    }
+
+    /// Whether it runs on discrete schedules only.
+    pub const fn needs_discrete_schedule(&self) -> bool {
+        self.discrete
+    }
+
     /// Its options at their defaults (evaluated at compile time for the listing and the
     /// `const` constructors).
     pub const fn defaults(&self) -> Settings {
@@ -357,6 +403,7 @@ impl SamplerDef {
         while k < self.options.len() {
             match self.options[k] {
                 SamplerOption::Eta(eta) => s.eta = eta,
+                SamplerOption::Gamma(gamma) => s.gamma = gamma,
                 SamplerOption::Order { default, .. } => s.order = default,
                 SamplerOption::Snr(snr) => s.snr = snr,
                 SamplerOption::Tolerance { rtol, atol } => (s.rtol, s.atol) = (rtol, atol),
@@ -385,6 +432,7 @@ impl SamplerDef {
             Stochastic::Never => false,
             Stochastic::Always => true,
             Stochastic::WithEta => settings.eta > 0.0,
+            Stochastic::WithGamma => settings.gamma > 0.0,
         }
     }
 
@@ -408,6 +456,12 @@ impl SamplerDef {
                     s.eta = params.eta.unwrap_or(default);
                     if !(0.0..=1.0).contains(&s.eta) {
                         return Err(Error::out_of_range("eta", s.eta, "is outside [0, 1]"));
+                    }
+                }
+                SamplerOption::Gamma(default) => {
+                    s.gamma = params.gamma.unwrap_or(default);
+                    if !(0.0..=1.0).contains(&s.gamma) {
+                        return Err(Error::out_of_range("gamma", s.gamma, "is outside [0, 1]"));
                     }
                 }
                 SamplerOption::Order { default, max } => {
@@ -656,6 +710,7 @@ mod tests {
         let cases = [
             ("lms", with(|p| p.order = Some(5)), "order 5 is outside 1..=4 for lms"),
             ("ddim", with(|p| p.eta = Some(2.0)), "eta 2 is outside [0, 1]"),
+            ("tcd", with(|p| p.gamma = Some(1.5)), "gamma 1.5 is outside [0, 1]"),
             ("pc", with(|p| p.snr = Some(0.0)), "snr 0 must be positive"),
             ("ode-adaptive", with(|p| p.min_steps = Some(3)), "min_steps/max_steps apply to the adaptive sampler"),
             ("adaptive", with(|p| p.min_steps = Some(0)), "min_steps 0 and max_steps 500 need 1 <= min <= max"),

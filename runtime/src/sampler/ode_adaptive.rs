@@ -126,7 +126,7 @@ impl<'t, 'a> Ode<'t, 'a> {
     fn eval(&mut self, rows: &[usize], us: &[f64], xbar: &Array4<f32>) -> Result<Array4<f32>> {
         let levels: Vec<NoiseLevel> = us
             .iter()
-            .map(|u| (self.tr.level_at_sbar)(u.exp()))
+            .map(|u| self.tr.schedule.level_for_sbar(u.exp()))
             .collect();
         let alphas: Vec<f64> = levels.iter().map(|l| l.alpha).collect();
         let sbars: Vec<f64> = levels.iter().map(|l| l.sbar()).collect();
