@@ -1,7 +1,8 @@
 """The C library: header in sync with the exports, the example built against the static and
 the shared library and compared byte for byte with the CLI, the interface checks of
 tests/c/capi_check.c (errors, cancellation, buffers, two threads on one handle), the typed
-parameter structs of tests/c/params_check.c against the CLI, pkg-config, and the programs
+parameter structs of tests/c/params_check.c against the CLI (prompts, img2img and the rest on
+pipelines in tests/c/text_check.c, image sizes in tests/c/size_check.c), pkg-config, and the programs
 under valgrind: no invalid reads or writes and nothing definitely, indirectly
 or possibly lost once the handles are freed (ONNX Runtime's own self-overlapping memcpy is
 and ld.so's over-reading strncmp are suppressed by tests/c/valgrind-ort.supp; what stays
@@ -217,6 +218,52 @@ def test_prompts_through_c_match_the_cli(edgediff_bin, tmp_path, env):
     inpainted = np.load(tmp_path / "inpaint-s.npy")
     assert raw("inpaint-s-out", 1, 3, 16, 16).tobytes() == inpainted.tobytes()
     assert np.abs(inpainted - np.load(tmp_path / "inpaint.npy")).max() > 1e-3  # strength and noise were read
+
+
+def test_image_sizes_through_c_match_the_cli(edgediff_bin, tmp_path, env):
+    """tests/c/size_check.c: height/width 16x32 on the tiny pipeline (8x16 latents; its own
+    size is 16x16) byte for byte against `edgediff sample --height 16 --width 32` from the same
+    latent noise (and --latents-out), img2img of a 16x32 image and inpainting one; the shapes
+    function, the request keys, older struct sizes, one side alone and bad sizes (not a
+    multiple, models/mnist-t2i's fixed-size graphs, a pixel model, inversion) in the program."""
+    pytest.importorskip("diffusers")
+    import sd_tiny
+    pipe = sd_tiny.exported()
+    exe = tmp_path / "size_check"
+    build(ROOT / "tests" / "c" / "size_check.c", exe, shared=False)
+    proc = subprocess.run([str(exe), str(pipe), str(ROOT / "models" / "mnist-t2i"), str(tmp_path)],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "size_check: all passed" in proc.stdout
+    print(proc.stdout)
+
+    def raw(name, *shape):
+        return np.fromfile(tmp_path / f"{name}.f32", np.float32).reshape(shape)
+
+    def cli(*args):
+        run_cli(edgediff_bin, *args, "--model", str(pipe), "--prompt", "a lighthouse at dusk", "--negative-prompt",
+                "blurry low quality", "--guidance", "7.5", "--sampler", "ddim", "--steps", "4", "--seed", "3", "-q",
+                env=env)
+        return np.load(tmp_path / "cli.npy")
+
+    np.save(tmp_path / "noise.npy", raw("size-noise", 2, 4, 8, 16))
+    sampled = cli("sample", "--height", "16", "--width", "32", "--init-noise", str(tmp_path / "noise.npy"),
+                  "--latents-out", str(tmp_path / "z.npy"), "--out", str(tmp_path / "cli.npy"))
+    assert sampled.shape == (2, 3, 16, 32)
+    assert raw("size", 2, 3, 16, 32).tobytes() == sampled.tobytes()
+    assert raw("size-latents", 2, 4, 8, 16).tobytes() == np.load(tmp_path / "z.npy").tobytes()
+    # img2img and inpainting take their files' size: no --height/--width.
+    image = raw("size-image", 1, 3, 16, 32)
+    np.save(tmp_path / "image.npy", image)
+    np.save(tmp_path / "mask.npy", raw("size-mask", 1, 1, 16, 32))
+    img2img = cli("sample", "-n", "2", "--image", str(tmp_path / "image.npy"), "--strength", "0.6",
+                  "--out", str(tmp_path / "cli.npy"))
+    assert raw("size-img2img", 2, 3, 16, 32).tobytes() == img2img.tobytes()
+    assert np.abs(img2img - sampled).max() > 1e-3  # the image was read
+    inpainted = cli("inpaint", "--image", str(tmp_path / "image.npy"), "--mask", str(tmp_path / "mask.npy"),
+                    "--out", str(tmp_path / "cli.npy"))
+    assert raw("size-inpaint", 1, 3, 16, 32).tobytes() == inpainted.tobytes()
+    assert np.abs(inpainted - image)[..., 16:].max() > 1e-3  # the masked half was filled
 
 
 def test_pkg_config_builds_an_application(tmp_path, env):

@@ -488,9 +488,11 @@ def table(rows: list[tuple[str, str, int, str]]) -> str:
             "(NaN from the network: exit 5 naming the step and sample, finished chunks kept; SIGKILL",
             "then `--resume`: the uninterrupted bytes; a second writer on one output: exit 4),",
             "`tests/test_integrity.py` (resume of another job, planted links, impossible destinations),",
-            "`tests/c/capi_check.c` (NULL handles, small buffers, invalid UTF-8, cancellation) and",
+            "`tests/c/capi_check.c` (NULL handles, small buffers, invalid UTF-8, cancellation),",
             "`tests/c/text_check.c` (bad img2img, prompt-list and latents fields of `edgediff_sample_params`:",
-            "EDGEDIFF_ERR_ARGUMENT naming the field, the output buffers untouched).", "",
+            "EDGEDIFF_ERR_ARGUMENT naming the field, the output buffers untouched) and `tests/c/size_check.c`",
+            "(bad `height`/`width`: the rows of --height/--width below, naming `height/width`; buffers of the",
+            "folder's size at another: naming `out`, `init_noise_len`, `latents_out_len`, `init_image_len`).", "",
             "| case | id | exit | C status | message |", "|---|---|---|---|---|"]
     body = [f"| {case} | `{cid}` | {code} | {C_STATUS.get(code, '-')} | {msg.replace('|', '/')} |"
             for cid, case, code, msg in rows]

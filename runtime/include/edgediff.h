@@ -193,9 +193,10 @@ void edgediff_model_free(edgediff_model *model);
 /* The sample shape [C, H, W]: what the network denoises (a pipeline's latents). */
 int edgediff_model_sample_shape(const edgediff_model *model, size_t shape[3]);
 
-/* The shape [C, H, W] of one output sample, which sizes the out buffers of sampling: a
- * text-to-image pipeline's decoded image (its sample shape, and init_noise's, is the
- * latents'), else the sample shape. */
+/* The shape [C, H, W] of one output sample, which sizes the out buffers of sampling at the
+ * model's own size: a text-to-image pipeline's decoded image (its sample shape, and
+ * init_noise's, is the latents'), else the sample shape. For a run of another height and
+ * width, edgediff_sample_shapes. */
 int edgediff_model_output_shape(const edgediff_model *model, size_t shape[3]);
 
 /* The model's metadata as JSON into buf (cap bytes, NUL-terminated); *needed (if not NULL)
@@ -242,7 +243,9 @@ typedef struct edgediff_sample_params {
                                  * e.g. 0.995; needed by it, refused otherwise [unset] */
     double threshold_max;       /* upper bound >= 1 of the dynamic threshold in data-range
                                  * units, EDGEDIFF_X0_CLIP_DYNAMIC only [unset: no bound] */
-    const float *init_noise;    /* initial noise [n, C, H, W] instead of the seeded noise [NULL] */
+    const float *init_noise;    /* initial noise [n, C, H, W] (the sample shape of
+                                 * edgediff_sample_shapes: a pipeline's latents) instead of the
+                                 * seeded noise [NULL] */
     size_t init_noise_len;      /* floats at init_noise: n * C * H * W [0] */
     const float *step_noise;    /* per-step noise [steps, n, C, H, W] for stochastic samplers,
                                  * with init_noise [NULL] */
@@ -264,8 +267,10 @@ typedef struct edgediff_sample_params {
     /* Appended for img2img, one prompt per sample, the final latents and the consistency
      * samplers (same rule). */
     const float *init_image;    /* img2img, pipelines only (`edgediff sample --image`): images
-                                 * [1 or n, C, H, W] in [-1, 1], [C, H, W] as
-                                 * edgediff_model_output_shape, one for every sample or one each;
+                                 * [1 or n, C, H, W] in [-1, 1], [C, H, W] the output shape of
+                                 * edgediff_sample_shapes (height and width, else the folder's:
+                                 * an image of another size needs them set to its size), one for
+                                 * every sample or one each;
                                  * encoded by the VAE encoder, noised to the level strength
                                  * selects, and sampled from there [NULL: none] */
     size_t init_image_len;      /* floats at init_image: C * H * W or n * C * H * W [0] */
@@ -278,7 +283,7 @@ typedef struct edgediff_sample_params {
                                  * refused with prompt (`--prompts FILE`) [NULL: none] */
     size_t prompts_len;         /* strings at prompts, at least 1 with prompts [0] */
     float *latents_out;         /* pipelines only: receives the final latents [n, C, h, w]
-                                 * (edgediff_model_sample_shape), those the VAE decodes into the
+                                 * (edgediff_sample_shapes), those the VAE decodes into the
                                  * samples, by edgediff_sample_with and
                                  * edgediff_sample_to_file_with (not with resume), as
                                  * `--latents-out`; written only when the run succeeds
@@ -286,6 +291,17 @@ typedef struct edgediff_sample_params {
     size_t latents_out_len;     /* floats at latents_out: at least n * C * h * w [0] */
     double gamma;               /* stochasticity in [0, 1] of tcd (Zheng et al.'s gamma,
                                  * diffusers' eta of TCDScheduler) [unset: 0.3] */
+    /* Appended for image sizes (same rule). */
+    size_t height;              /* pipelines only: the images' height, as `edgediff sample
+                                 * --height` (the latents': it over the VAE's upsampling); a
+                                 * multiple of the pipeline's (`edgediff info`, "other sizes":
+                                 * 64 for Stable Diffusion) that its U-Net and VAE decoder
+                                 * graphs take (dynamic axes). init_image and
+                                 * edgediff_inpaint_with's images are read at this size (a flat
+                                 * buffer has none of its own). Refused by pixel models and
+                                 * edgediff_invert; edgediff_sample_shapes gives a run's shapes
+                                 * [0: the folder's, edgediff_model_output_shape] */
+    size_t width;               /* the images' width, as `--width`; as height [0: the folder's] */
 } edgediff_sample_params;
 
 /* Fills *params with the defaults; size is sizeof *params (use edgediff_sample_params_init). */
@@ -296,10 +312,22 @@ static inline int edgediff_sample_params_init(edgediff_sample_params *params) {
     return edgediff_sample_params_init_sized(params, sizeof *params);
 }
 
-/* Generates params->n samples into out (out_len floats >= n * C * H * W, [C, H, W] from
- * edgediff_model_output_shape; C order, the model's data range, a pipeline's images in
- * [-1, 1]), and their latents into params->latents_out if given. Every field is checked
- * before anything is written. A cancelling progress callback gives EDGEDIFF_ERR_CANCELLED. */
+/* The shapes [C, H, W] of one sample of a run of params: into output_shape what it outputs
+ * (sizing out, init_image and edgediff_inpaint_with's images; [H, W] of the masks), of
+ * params' height and width (else the folder's: edgediff_model_output_shape), into
+ * sample_shape what it denoises (sizing init_noise and latents_out: a pipeline's latents,
+ * the size divided by the VAE's upsampling). Either may be NULL. A size the model cannot
+ * make is refused as edgediff_sample_with refuses it: EDGEDIFF_ERR_ARGUMENT naming
+ * height/width (not a multiple of the pipeline's, or a pixel model), EDGEDIFF_ERR_MODEL for
+ * a U-Net or VAE decoder graph of one fixed size (naming the graph). */
+int edgediff_sample_shapes(const edgediff_model *model, const edgediff_sample_params *params,
+                           size_t output_shape[3], size_t sample_shape[3]);
+
+/* Generates params->n samples into out (out_len floats >= n * C * H * W, [C, H, W] the output
+ * shape of edgediff_sample_shapes, edgediff_model_output_shape's unless height or width is
+ * set; C order, the model's data range, a pipeline's images in [-1, 1]), and their latents
+ * into params->latents_out if given. Every field is checked before anything is written. A
+ * cancelling progress callback gives EDGEDIFF_ERR_CANCELLED. */
 int edgediff_sample_with(const edgediff_model *model, const edgediff_sample_params *params,
                          float *out, size_t out_len);
 
@@ -319,8 +347,9 @@ int edgediff_sample_to_file_with(const edgediff_model *model, const edgediff_sam
  * that level, and init_noise (n * C * H * W floats of the sample shape, a pipeline's
  * latents) replaces the seeded noise, as `inpaint --strength --init-noise`; step_noise,
  * init_image, prompts and latents_out are refused (inpainting has no use for them).
- * [C, H, W] is edgediff_model_output_shape's: a text-to-image pipeline inpaints its images
- * (in [-1, 1]) through its latents, with params' prompt and negative_prompt, as
+ * [C, H, W] is the output shape of edgediff_sample_shapes: a pipeline's images of params'
+ * height and width (the folder's where 0; `edgediff inpaint` takes an image file's size),
+ * inpainted (in [-1, 1]) through their latents, with params' prompt and negative_prompt, as
  * `edgediff inpaint --model PIPELINE` does. */
 int edgediff_inpaint_with(const edgediff_model *model, const edgediff_sample_params *params,
                           const float *images, const float *masks, size_t n, size_t jumps,
@@ -330,10 +359,10 @@ int edgediff_inpaint_with(const edgediff_model *model, const edgediff_sample_par
  * >= that) that deterministic DDIM decodes back to the n images (n * C * H * W floats, data
  * range). Reads steps, spacing, rho, batch_size, class_label and progress of params; sampler
  * must be "ddim" with eta unset or 0, and timesteps, guidance, x0_clip, init_noise,
- * step_noise, prompt, negative_prompt, vae_tile_size, init_image, strength, prompts and
- * latents_out must be unset (inversion has no use for them). The same params with init_noise
- * set to the noise decode it again through edgediff_sample_with. progress's return value is
- * not heeded (inversion cannot be cancelled). */
+ * step_noise, prompt, negative_prompt, vae_tile_size, init_image, strength, prompts,
+ * latents_out, height and width must be unset (inversion has no use for them). The same
+ * params with init_noise set to the noise decode it again through edgediff_sample_with.
+ * progress's return value is not heeded (inversion cannot be cancelled). */
 int edgediff_invert(const edgediff_model *model, const edgediff_sample_params *params,
                     const float *images, size_t n, float *noise, size_t noise_len);
 
@@ -352,13 +381,14 @@ void edgediff_request_free(edgediff_request *req);
  * by its field name ("sampler", "steps", "spacing" as a name, "rho", "eta", "gamma", "order",
  * "snr", "rtol", "atol", "min_steps", "max_steps", "n", "batch_size", "seed", "class_label" or
  * "class" (negative: unconditional), "guidance", "x0_clip" ("none", "range", "dynamic"),
- * "dynamic_threshold", "threshold_max", "vae_tile_size", "strength" (for edgediff_inpaint:
- * img2img needs init_image, which is no text)), "prompt" and "negative_prompt" (the request
- * keeps its own copy of the text), "prompts" as one prompt per line (as a `--prompts` file:
- * "\n" or "\r\n" ends a line, a final one is optional) and "timesteps" as a
- * comma-separated list. The buffers (init_image, init_noise, step_noise, latents_out) have no
- * text form: use edgediff_sample_params for them. Names (of the sampler, spacing, x0_clip)
- * and the syntax of numbers are checked here, ranges when the request runs. */
+ * "dynamic_threshold", "threshold_max", "vae_tile_size", "height", "width", "strength" (for
+ * edgediff_inpaint: img2img needs init_image, which is no text)), "prompt" and
+ * "negative_prompt" (the request keeps its own copy of the text), "prompts" as one prompt
+ * per line (as a `--prompts` file: "\n" or "\r\n" ends a line, a final one is optional) and
+ * "timesteps" as a comma-separated list. The buffers (init_image, init_noise, step_noise,
+ * latents_out) have no text form: use edgediff_sample_params for them. Names (of the
+ * sampler, spacing, x0_clip) and the syntax of numbers are checked here, ranges when the
+ * request runs. */
 int edgediff_request_set(edgediff_request *req, const char *key, const char *value);
 
 /* Sets the progress callback (NULL: none). */

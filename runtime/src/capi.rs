@@ -28,7 +28,7 @@ use crate::denoiser::X0Clip;
 use crate::error::Error;
 use crate::generate::{generate_chunks, Report, SampleOptions};
 use crate::likelihood::{LikelihoodOptions, OdeSolver, Probe};
-use crate::model::{Model, ModelOptions};
+use crate::model::{Model, ModelOptions, Shapes};
 use crate::noise::InjectedNoise;
 use crate::output::generate_to_path;
 use crate::sampler::{SamplerKind, SamplerParams};
@@ -97,6 +97,8 @@ fn c_field(name: &str) -> String {
     match name {
         // SampleOptions::keep_latents is set by giving the buffer.
         "keep_latents" => "latents_out".into(),
+        // SampleOptions::image_size is the pair of fields.
+        "image_size" => "height/width".into(),
         other => other.into(),
     }
 }
@@ -1023,6 +1025,11 @@ pub struct EdgediffSampleParams {
     pub latents_out_len: usize,
     /// `SamplerParams::gamma` (tcd); unset: the sampler's default.
     pub gamma: f64,
+    // Version 5 (image sizes of pipelines): appended likewise.
+    /// `SampleOptions::image_size` `[height, width]` (0: that side the folder's; both 0:
+    /// None), resolved against the model in [`for_model`].
+    pub height: usize,
+    pub width: usize,
 }
 
 // SAFETY: repr(C), struct_size first, only integers, floats, raw and Option<fn> pointers.
@@ -1087,6 +1094,9 @@ impl EdgediffSampleParams {
             latents_out: std::ptr::null_mut(),
             latents_out_len: 0,
             gamma: f64_or_unset(s.gamma),
+            // SampleOptions' None, the folder's size (a 0 side is the folder's).
+            height: d.image_size.map_or(0, |[h, _]| h),
+            width: d.image_size.map_or(0, |[_, w]| w),
         }
     }
 
@@ -1258,7 +1268,7 @@ unsafe fn latents_buffer<'a>(
         return Err(Error::out_of_range(
             "latents_out_len",
             p.latents_out_len,
-            &format!("is too small: the latents of n = {n} samples of [{c}, {h}, {w}] (edgediff_model_sample_shape) need {need} floats"),
+            &format!("is too small: the latents of n = {n} samples of [{c}, {h}, {w}] (edgediff_sample_shapes) need {need} floats"),
         ));
     }
     // SAFETY: `latents_out` holds `latents_out_len` >= `need` writable floats (caller).
@@ -1287,10 +1297,18 @@ fn put_latents(dst: Option<&mut [f32]>, report: &Report) -> Result<(), Error> {
     Ok(())
 }
 
-/// `opts` (of `p`) with the model's scheduler settings when `p.spacing` leaves them to it,
-/// as the CLI's `sample` takes them when `--spacing` is not given; an explicit spacing
-/// replaces them all, as there.
+/// `opts` (of `p`) completed with what `p` leaves to the model: the image size of a side
+/// `p.height` or `p.width` leaves 0 (the folder's, as a side `edgediff sample --height
+/// --width` does not give), and the scheduler settings when `p.spacing` leaves them, as the
+/// CLI's `sample` takes them when `--spacing` is not given; an explicit spacing replaces them
+/// all, as there.
 fn for_model(opts: SampleOptions, p: &EdgediffSampleParams, model: &Model) -> SampleOptions {
+    let image_size = (p.height != 0 || p.width != 0).then(|| {
+        let [_, h, w] = model.output_shape();
+        let side = |given: usize, own: usize| if given == 0 { own } else { given };
+        [side(p.height, h), side(p.width, w)]
+    });
+    let opts = SampleOptions { image_size, ..opts };
     if p.spacing != EDGEDIFF_SPACING_DEFAULT {
         return opts;
     }
@@ -1414,6 +1432,8 @@ impl Op {
                     ("strength", opt_f64(p.strength).is_some()),
                     ("prompts", !p.prompts.is_null()),
                     ("latents_out", !p.latents_out.is_null()),
+                    ("height", p.height != 0),
+                    ("width", p.width != 0),
                 ],
             ),
         };
@@ -1430,6 +1450,9 @@ impl Op {
 /// One run: the options with the flag its progress callback sets to cancel it.
 struct Run {
     opts: SampleOptions,
+    /// Its shapes: `output` sizes the images (out, init_image, inpainting's images and
+    /// masks), `sample` the latents (init_noise, step_noise, latents_out).
+    shapes: Shapes,
     cancel: Arc<AtomicBool>,
     progress: EdgediffProgress,
     user: *mut c_void,
@@ -1446,15 +1469,19 @@ impl Run {
         let cancel = Arc::new(AtomicBool::new(false));
         // SAFETY: forwarded from the caller.
         let opts = for_model(unsafe { sample_options(p) }?, p, model);
+        // Of height and width (or the folder's size), before any image: a flat buffer has no
+        // size of its own, so these say what init_image holds (the CLI takes an image file's).
+        let shapes = opts.shapes(model)?;
         // The images are what the model outputs (a pipeline's, not its latents).
         // SAFETY: forwarded from the caller.
-        let init_image = unsafe { init_image(p, p.n, model.output_shape()) }?;
+        let init_image = unsafe { init_image(p, p.n, shapes.output) }?;
         Ok(Run {
             opts: SampleOptions {
                 cancel: Some(cancel.clone()),
                 init_image,
                 ..opts
             },
+            shapes,
             cancel,
             progress: p.progress,
             user: p.progress_user,
@@ -1491,6 +1518,42 @@ unsafe fn read_sample_params(
     unsafe { read_prefix(params, EdgediffSampleParams::defaults()) }
 }
 
+/// The shapes `[C, H, W]` of one sample of a run of `params` (`SampleOptions::shapes`): into
+/// `output_shape` what it outputs (the images of its height and width), into `sample_shape`
+/// what it denoises (a pipeline's latents); either may be NULL. Checks `params` as a run
+/// does up to its shapes, so a size the model cannot make is refused here as there.
+///
+/// # Safety
+/// `model` is a valid handle; `params` an initialised struct whose pointers are valid as the
+/// header says; `output_shape` and `sample_shape` are NULL or point to 3 writable `size_t`.
+#[no_mangle]
+pub unsafe extern "C" fn edgediff_sample_shapes(
+    model: *const EdgediffModel,
+    params: *const EdgediffSampleParams,
+    output_shape: *mut usize,
+    sample_shape: *mut usize,
+) -> c_int {
+    guard(|| {
+        // SAFETY: `model` is NULL or from this library; live handles are checked.
+        let m = unsafe { model_ref(model) }?;
+        // SAFETY: `params` is NULL or an initialised struct (caller).
+        let p = unsafe { read_sample_params(params) }?;
+        let model = lock(m);
+        // SAFETY: the pointers in `p` are valid as the header says (caller).
+        let shapes = for_model(unsafe { sample_options(&p) }?, &p, &model).shapes(&model)?;
+        for (dst, shape, what) in [
+            (output_shape, shapes.output, "output_shape"),
+            (sample_shape, shapes.sample, "sample_shape"),
+        ] {
+            if !dst.is_null() {
+                // SAFETY: non-NULL, so 3 writable size_t (caller).
+                unsafe { slice_mut(dst, 3, what) }?.copy_from_slice(&shape);
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Samples as `p` says into `out` (`out_len` floats, at least n * C * H * W).
 ///
 /// # Safety
@@ -1504,10 +1567,10 @@ unsafe fn sample_into(
     let mut model = lock(m);
     // SAFETY: forwarded from the caller.
     let run = unsafe { Run::new(p, &model, Op::Sample) }?;
-    // The buffer takes what sampling outputs (a pipeline's decoded images); injected noise
-    // and the latents are in the sample (latent) shape.
-    let shape = model.metadata().sample_shape;
-    let [c, h, w] = model.output_shape();
+    // The buffer takes what sampling outputs (a pipeline's decoded images, of the run's
+    // size); injected noise and the latents are in the sample (latent) shape.
+    let shape = run.shapes.sample;
+    let [c, h, w] = run.shapes.output;
     let per = count(&[c, h, w], "C * H * W")?;
     let need = count(&[p.n, c, h, w], "n * C * H * W")?;
     if out.is_null() {
@@ -1559,7 +1622,7 @@ unsafe fn checked_latents<'a>(
     }
     crate::generate::check_options(model, &run.opts, injected)?;
     // SAFETY: forwarded from the caller.
-    unsafe { latents_buffer(p, p.n, model.metadata().sample_shape) }
+    unsafe { latents_buffer(p, p.n, run.shapes.sample) }
 }
 
 /// Samples as `p` says into a file, as `edgediff sample --out path [--resume]` does.
@@ -1577,9 +1640,8 @@ unsafe fn sample_to_file(
     let mut model = lock(m);
     // SAFETY: forwarded from the caller.
     let run = unsafe { Run::new(p, &model, Op::Sample) }?;
-    let shape = model.metadata().sample_shape;
     // SAFETY: forwarded from the caller.
-    let injected = unsafe { injected_noise(p, p.n, shape) }?;
+    let injected = unsafe { injected_noise(p, p.n, run.shapes.sample) }?;
     // SAFETY: forwarded from the caller.
     let latents = unsafe { checked_latents(p, &model, &run, injected.as_ref()) }?;
     let mut progress = run.progress();
@@ -1613,8 +1675,9 @@ unsafe fn inpaint_into(
     let mut model = lock(m);
     // SAFETY: forwarded from the caller.
     let run = unsafe { Run::new(p, &model, Op::Inpaint) }?;
-    // Images, masks and out are what the model outputs: a pipeline's images, not its latents.
-    let [c, h, w] = model.output_shape();
+    // Images, masks and out are what the model outputs: a pipeline's images, not its
+    // latents, of height and width (the folder's size where they are 0).
+    let [c, h, w] = run.shapes.output;
     let need = count(&[n, c, h, w], "n * C * H * W")?;
     let mask_len = count(&[n, h, w], "n * H * W")?;
     if out.is_null() {
@@ -1635,7 +1698,7 @@ unsafe fn inpaint_into(
         Array4::from_shape_vec((n, 1, h, w), mks.to_vec()).map_err(|e| arg(&e.to_string()))?;
     // Initial noise in the sample shape (a pipeline's latents), one row per image.
     // SAFETY: forwarded from the caller.
-    let injected = unsafe { injected_noise(p, n, model.metadata().sample_shape) }?;
+    let injected = unsafe { injected_noise(p, n, run.shapes.sample) }?;
     let mut progress = run.progress();
     let defaults = crate::inpaint::InpaintOptions::default();
     let how = crate::inpaint::InpaintOptions {
@@ -1905,6 +1968,8 @@ impl EdgediffRequest {
             }
             "steps" => p.steps = size(value)?,
             "vae_tile_size" => p.vae_tile_size = size(value)?,
+            "height" => p.height = size(value)?,
+            "width" => p.width = size(value)?,
             "n" => p.n = size(value)?,
             "batch_size" => p.batch_size = size(value)?,
             "seed" => p.seed = num(key, value, "an unsigned integer")?,
@@ -2755,6 +2820,34 @@ mod tests {
     }
 
     #[test]
+    fn a_version_4_struct_reads_no_image_size() {
+        // A program built before height and width: its struct ends at gamma, and what lies
+        // after it (here a size) is not read.
+        let mut p = EdgediffSampleParams::defaults();
+        p.height = 32;
+        p.width = 48;
+        p.struct_size = std::mem::offset_of!(EdgediffSampleParams, height);
+        // SAFETY: `p` is a whole struct; read_prefix reads only its first struct_size bytes.
+        let read = unsafe { read_prefix(&p, EdgediffSampleParams::defaults()) }.unwrap();
+        assert_eq!((read.height, read.width), (0, 0));
+        p.struct_size = std::mem::size_of::<EdgediffSampleParams>();
+        // SAFETY: as above.
+        let read = unsafe { read_prefix(&p, EdgediffSampleParams::defaults()) }.unwrap();
+        assert_eq!((read.height, read.width), (32, 48));
+        // The library's image_size is the pair of fields in C messages; the request sets them.
+        let e = Error::options("{0} applies to pipelines", &["image_size"]);
+        assert_eq!(
+            e.message_with(&c_field),
+            "invalid argument: height/width applies to pipelines"
+        );
+        let mut r = EdgediffRequest::new();
+        r.set("height", "16").unwrap();
+        r.set("width", "32").unwrap();
+        assert_eq!((r.params().height, r.params().width), (16, 32));
+        assert!(r.set("width", "-4").is_err());
+    }
+
+    #[test]
     fn request_prompts_are_lines() {
         let mut r = EdgediffRequest::new();
         r.set("prompts", "a cat\r\nthe sea\n").unwrap();
@@ -2796,9 +2889,10 @@ mod tests {
         // 64-bit targets: every field 8 bytes but the pairs of ints, so adding a field later
         // cannot land in padding an older caller left uninitialised.
         if std::mem::size_of::<usize>() == 8 {
-            assert_eq!(std::mem::size_of::<EdgediffSampleParams>(), 38 * 8);
+            assert_eq!(std::mem::size_of::<EdgediffSampleParams>(), 40 * 8);
             // Version 1 (before the prompts) was 27 fields of 8 bytes, version 2 (before
-            // vae_tile_size) 29, version 3 (before init_image) 30; version 4 ends with gamma.
+            // vae_tile_size) 29, version 3 (before init_image) 30, version 4 (before height)
+            // 38 ending with gamma; version 5 ends with width.
             assert_eq!(EdgediffSampleParams::MIN_SIZE, 27 * 8);
             assert_eq!(
                 std::mem::offset_of!(EdgediffSampleParams, vae_tile_size),
@@ -2809,6 +2903,8 @@ mod tests {
                 30 * 8
             );
             assert_eq!(std::mem::offset_of!(EdgediffSampleParams, gamma), 37 * 8);
+            assert_eq!(std::mem::offset_of!(EdgediffSampleParams, height), 38 * 8);
+            assert_eq!(std::mem::offset_of!(EdgediffSampleParams, width), 39 * 8);
             assert_eq!(std::mem::size_of::<EdgediffModelParams>(), 5 * 8 + 6 * 4);
             assert_eq!(std::mem::size_of::<EdgediffLikelihoodParams>(), 13 * 8);
             assert_eq!(std::mem::size_of::<EdgediffCalibrateParams>(), 13 * 8);

@@ -6,10 +6,9 @@
 #include <string.h>
 
 #include "edgediff.h"
+#include "check.h"
 
 #define N 4
-static int failures = 0;
-#define EXPECT(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); fprintf(stderr, __VA_ARGS__); fprintf(stderr, " [%s]\n", edgediff_last_error()); } } while (0)
 
 static edgediff_model *model;
 static size_t len;

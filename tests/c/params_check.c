@@ -14,15 +14,7 @@
 #include <string.h>
 
 #include "edgediff.h"
-
-static int failures = 0;
-#define EXPECT(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); fprintf(stderr, __VA_ARGS__); fprintf(stderr, " [%s]\n", edgediff_last_error()); } } while (0)
-
-/* The status was EDGEDIFF_ERR_ARGUMENT and the message names `field` and no CLI flag. */
-static int argument_error(int status, const char *field) {
-    const char *msg = edgediff_last_error();
-    return status == EDGEDIFF_ERR_ARGUMENT && strstr(msg, field) != NULL && strstr(msg, "--") == NULL;
-}
+#include "check.h"
 
 static size_t steps_seen = 0;
 static int count_steps(size_t done, size_t total, void *user) {

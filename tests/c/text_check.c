@@ -27,37 +27,7 @@
 #include <string.h>
 
 #include "edgediff.h"
-
-static int failures = 0;
-#define EXPECT(cond, ...) do { if (!(cond)) { failures++; fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__); fprintf(stderr, __VA_ARGS__); fprintf(stderr, " [%s]\n", edgediff_last_error()); } } while (0)
-
-/* The status was EDGEDIFF_ERR_ARGUMENT and the message names `field` and no CLI flag. */
-static int argument_error(int status, const char *field) {
-    const char *msg = edgediff_last_error();
-    return status == EDGEDIFF_ERR_ARGUMENT && strstr(msg, field) != NULL && strstr(msg, "--") == NULL;
-}
-
-/* Writes len floats raw to DIR/NAME.f32. */
-static void save(const char *dir, const char *name, const float *buf, size_t len) {
-    char path[4096];
-    snprintf(path, sizeof path, "%s/%s.f32", dir, name);
-    FILE *f = fopen(path, "wb");
-    if (f) {
-        fwrite(buf, sizeof(float), len, f);
-        fclose(f);
-    }
-}
-
-/* Output buffers are filled with this before a call that must fail, and checked after. */
-#define SENTINEL 12345.0f
-static void fill(float *buf, size_t len) {
-    for (size_t i = 0; i < len; i++) buf[i] = SENTINEL;
-}
-static int untouched(const float *buf, size_t len) {
-    for (size_t i = 0; i < len; i++)
-        if (buf[i] != SENTINEL) return 0;
-    return 1;
-}
+#include "check.h"
 
 /* A bad sampling call: EDGEDIFF_ERR_ARGUMENT naming `field`, and out and latents (either may
  * be NULL) as they were. */
@@ -289,13 +259,7 @@ int main(int argc, char **argv) {
     edgediff_sample_params p;
     edgediff_sample_params_init(&p);
     EXPECT(p.prompt == NULL && p.negative_prompt == NULL, "no prompt by default");
-    p.prompt = "a lighthouse at dusk";
-    p.negative_prompt = "blurry low quality";
-    p.guidance = 7.5;
-    p.sampler = "dpm++2m";
-    p.steps = 4;
-    p.n = 2;
-    p.seed = 3;
+    prompt_settings(&p, "dpm++2m");
     const size_t len = p.n * per;
     float *a = calloc(len, sizeof(float)), *b = calloc(len, sizeof(float));
     EXPECT(edgediff_sample_with(pipe, &p, a, len) == EDGEDIFF_OK, "sample with a prompt");
