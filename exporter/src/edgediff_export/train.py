@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,6 +101,85 @@ def train_step_loss(model: nn.Module, cfg: TrainConfig, x0: torch.Tensor, eps: t
     return per_sample_loss(cfg.objective, cfg.prediction, x0, eps, lv, out, cfg.gamma).mean()
 
 
+def progress_bar(start: int, total: int):
+    """Steps start..total with a bar on stderr, shown only on a terminal: logs of batch runs
+    stay readable."""
+    from tqdm import tqdm
+    return tqdm(range(start, total), initial=start, total=total, dynamic_ncols=True,
+                disable=not sys.stderr.isatty())
+
+
+def update_ema(ema_params: list, params: list, step: int, decay: float) -> None:
+    """EMA after `step`, its decay warmed up as min(decay, (1 + step) / (10 + step)) so the
+    first steps' weights do not linger."""
+    d = min(decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema_params, params, 1 - d)
+
+
+class Clock:
+    """Training time counted across resumptions, the checkpoint schedule and the time budget."""
+
+    def __init__(self, elapsed: float, checkpoint_every: int, total: int,
+                 budget_min: float | None) -> None:
+        self.elapsed, self.run_start = elapsed, elapsed
+        self.t0 = time.time() - elapsed
+        self.every, self.total, self.budget_min = checkpoint_every, total, budget_min
+
+    def tick(self, done: int) -> tuple[bool, bool]:
+        """After `done` steps: (checkpoint now, stop now: the budget is spent)."""
+        self.elapsed = time.time() - self.t0
+        over = self.budget_min is not None and self.elapsed > self.budget_min * 60
+        return done % self.every == 0 or done == self.total or over, over
+
+    def rate(self, steps_this_run: int, batch_size: int) -> float:
+        """Samples per second since this process started."""
+        return steps_this_run * batch_size / max(1e-9, self.elapsed - self.run_start)
+
+
+def resume(ckpt_path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer,
+           config_key: str, what: str, same_run: Callable[[dict], bool],
+           device: torch.device | str = "cpu") -> tuple[int, float]:
+    """Load a run's checkpoint if there is one: each module of `modules` (checkpoint key ->
+    module) and `opt` take their stored state; returns (steps done, seconds trained), (0, 0.0)
+    without a checkpoint. A checkpoint `same_run` refuses stops the program, naming the stored
+    settings (`ck[config_key]`)."""
+    if not ckpt_path.exists():
+        return 0, 0.0
+    ck = torch.load(ckpt_path, weights_only=False, map_location=device)
+    if not same_run(ck):
+        raise SystemExit(f"{ckpt_path} was made with other {what}; use another --out-dir or the "
+                         f"same settings (stored: {ck[config_key]})")
+    for key, module in modules.items():
+        module.load_state_dict(ck[key])
+    opt.load_state_dict(ck["opt"])
+    print(f"resuming from step {ck['step']} ({ck['elapsed_s'] / 60:.1f} min trained)")
+    return ck["step"], ck["elapsed_s"]
+
+
+def to_cpu(state: dict) -> dict:
+    """A (nested) state dict with CPU tensors: checkpoints always hold them, so a GPU run
+    resumes (and exports) on any machine."""
+    return {k: (to_cpu(v) if isinstance(v, dict) else v.cpu() if torch.is_tensor(v) else v)
+            for k, v in state.items()}
+
+
+def reset_log(log_path: Path, start: int) -> None:
+    """Keep the loss log consistent with the checkpoint at `start`: rows written after it are
+    dropped (those steps are trained again)."""
+    rows = _log_rows(log_path, start)
+    with log_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def append_log(log_path: Path, step: int, loss: float, lr: float, rate: float,
+               seconds: float) -> None:
+    with log_path.open("a", newline="") as f:
+        f.write(f"{step},{loss:.6f},{lr:.3e},{rate:.1f},{seconds:.1f}\n")
+
+
 def _log_rows(log_path: Path, start: int) -> list[dict]:
     """Rows of an earlier run's log before `start` (the checkpoint), in today's columns."""
     if not log_path.exists():
@@ -143,46 +223,23 @@ def train(out_dir: Path, cfg: TrainConfig, ucfg: UNetConfig, checkpoint_every: i
     ema = build_network(ucfg, schedule, cfg.prediction).to(dev)
     ema.load_state_dict(model.state_dict())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    start, elapsed = 0, 0.0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False, map_location=dev)
-        stored_u = UNetConfig.from_dict(ck["unet_config"]).to_dict()
-        if stored_u != ucfg.to_dict() or not cfg.same_run(ck["train_config"]):
-            raise SystemExit(f"{ckpt_path} was made with other settings; use another --out-dir "
-                             f"or the same settings (stored: {ck['train_config']})")
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        start, elapsed = ck["step"], ck["elapsed_s"]
-        print(f"resuming from step {start} ({elapsed / 60:.1f} min trained)")
+    start, elapsed = resume(
+        ckpt_path, {"model": model, "ema": ema}, opt, "train_config", "settings",
+        lambda ck: (UNetConfig.from_dict(ck["unet_config"]).to_dict() == ucfg.to_dict()
+                    and cfg.same_run(ck["train_config"])), dev)
     print(f"U-Net: {count_parameters(model):,} parameters; {cfg.objective} objective, "
           f"{cfg.prediction} target, {cfg.schedule} schedule; training steps {start}..{cfg.steps}")
 
-    def cpu(state: dict) -> dict:
-        # Checkpoints always hold CPU tensors, so a GPU run resumes (and exports) on any machine.
-        return {k: (cpu(v) if isinstance(v, dict) else v.cpu() if torch.is_tensor(v) else v)
-                for k, v in state.items()}
-
     def checkpoint(step: int) -> None:
-        save_atomic({"model": cpu(model.state_dict()), "ema": cpu(ema.state_dict()),
-                     "opt": cpu(opt.state_dict()), "step": step, "elapsed_s": elapsed,
+        save_atomic({"model": to_cpu(model.state_dict()), "ema": to_cpu(ema.state_dict()),
+                     "opt": to_cpu(opt.state_dict()), "step": step, "elapsed_s": elapsed,
                      "unet_config": ucfg.to_dict(), "train_config": cfg.__dict__,
                      "schedule": schedule, "prediction": PREDICTIONS[cfg.prediction],
                      "time_input": "continuous" if sampler.continuous else "index"}, ckpt_path)
 
-    # Keep the log consistent with the checkpoint: drop rows written after it.
-    rows = _log_rows(log_path, start)
-    with log_path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LOG_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-
-    from tqdm import tqdm
-    # The bar goes to stderr and only to a terminal: logs of batch runs stay readable.
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, dynamic_ncols=True,
-               disable=not sys.stderr.isatty())
-    t0 = time.time() - elapsed
-    run_start = elapsed
+    reset_log(log_path, start)
+    bar = progress_bar(start, cfg.steps)
+    clock = Clock(elapsed, checkpoint_every, cfg.steps, time_budget_min)
     loss_ema = None
     model.train()
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
@@ -202,21 +259,17 @@ def train(out_dir: Path, cfg: TrainConfig, ucfg: UNetConfig, checkpoint_every: i
             labels[drop.to(dev)] = ucfg.num_classes
         loss = train_step_loss(model, cfg, x0, eps, t, sampler.levels(t), sampler, labels)
         lr = lr_at(step, cfg)
-        optimizer_step(opt, loss, list(model.parameters()), lr, cfg.grad_clip)
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, model_params, 1 - decay)
-        elapsed = time.time() - t0
+        optimizer_step(opt, loss, model_params, lr, cfg.grad_clip)
+        update_ema(ema_params, model_params, step, cfg.ema_decay)
+        done = step + 1
+        save, over_budget = clock.tick(done)
+        elapsed = clock.elapsed
         value = loss.item()
-        run_s = max(1e-9, elapsed - run_start)
-        rate = (step + 1 - start) * cfg.batch_size / run_s
-        with log_path.open("a", newline="") as f:
-            f.write(f"{step},{value:.6f},{lr:.3e},{rate:.1f},{elapsed:.1f}\n")
+        rate = clock.rate(done - start, cfg.batch_size)
+        append_log(log_path, step, value, lr, rate, elapsed)
         loss_ema = value if loss_ema is None else 0.98 * loss_ema + 0.02 * value
         bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{lr:.1e}", samples_s=f"{rate:.0f}")
-        done = step + 1
-        over_budget = time_budget_min is not None and elapsed > time_budget_min * 60
-        if done % checkpoint_every == 0 or done == cfg.steps or over_budget:
+        if save:
             checkpoint(done)
         if over_budget:
             print(f"time budget reached at step {done}; rerun the same command to resume")
@@ -225,7 +278,13 @@ def train(out_dir: Path, cfg: TrainConfig, ucfg: UNetConfig, checkpoint_every: i
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="edgediff-train", description=__doc__.splitlines()[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["distill"]:
+        from .distill import main as distill_main
+        return distill_main(argv[1:])
+    p = argparse.ArgumentParser(prog="edgediff-train", description=__doc__.splitlines()[0],
+                                epilog="edgediff-train distill --help: few-step students of "
+                                       "a trained model (consistency distillation)")
     p.add_argument("--out-dir", type=Path, required=True, help="checkpoint and loss log folder")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
@@ -268,12 +327,17 @@ def main(argv: list[str] | None = None) -> None:
         check_combination(cfg.objective, cfg.prediction, cfg.schedule)
     except ValueError as e:
         p.error(str(e))  # exit 2, as for any invalid argument
+    run_and_report("edgediff-train", lambda: train(a.out_dir, cfg, ucfg, a.checkpoint_every,
+                                                    a.time_budget_min, a.threads, a.device))
+
+
+def run_and_report(prog: str, run: Callable[[], Path]) -> None:
+    """Run a training job and print its checkpoint's path as JSON."""
     try:
-        path = train(a.out_dir, cfg, ucfg, a.checkpoint_every, a.time_budget_min, a.threads,
-                     a.device)
+        path = run()
     except FileNotFoundError as e:
         # Missing data is an I/O error (exit 4, the runtime's code for it), not a usage error.
-        print(f"edgediff-train: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(4) from None
     print(json.dumps({"checkpoint": str(path)}))
 
