@@ -1308,7 +1308,8 @@ fn for_model(opts: SampleOptions, p: &EdgediffSampleParams, model: &Model) -> Sa
         let side = |given: usize, own: usize| if given == 0 { own } else { given };
         [side(p.height, h), side(p.width, w)]
     });
-    let opts = SampleOptions { image_size, ..opts };
+    let opts = SampleOptions { image_size, ..opts }
+        .with_model_grid(model, p.spacing != EDGEDIFF_SPACING_DEFAULT);
     if p.spacing != EDGEDIFF_SPACING_DEFAULT {
         return opts;
     }

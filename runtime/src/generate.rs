@@ -156,6 +156,21 @@ impl Default for SampleOptions {
 }
 
 impl SampleOptions {
+    /// These options with the times the model records for their step count
+    /// ([`crate::metadata::SamplingDefaults::timesteps`], a distilled student's grid) when the
+    /// caller gave neither `timesteps` nor a spacing (`spacing_given`); else unchanged.
+    pub fn with_model_grid(self, model: &Model, spacing_given: bool) -> SampleOptions {
+        if spacing_given || self.timesteps.is_some() {
+            return self;
+        }
+        let timesteps = model
+            .metadata()
+            .sampling
+            .as_ref()
+            .and_then(|s| s.timesteps_for(self.steps));
+        SampleOptions { timesteps, ..self }
+    }
+
     /// The shapes of this run on `model` ([`crate::Model::shapes_for`]): of `image_size`, or
     /// for a pipeline given an `init_image`, of the image's size; checked as there.
     pub fn shapes(&self, model: &Model) -> Result<crate::Shapes> {

@@ -117,6 +117,12 @@ pub struct SamplingDefaults {
     /// from its scheduler instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spacing: Option<String>,
+    /// Schedule times (most noisy first) by step count, e.g. `{"1": [749], "2": [749, 374]}`:
+    /// a distilled student is accurate only at the times of its training grid, so a run of
+    /// one of these step counts with no spacing or timesteps given takes these (any sampler).
+    /// None: the spacing's times.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timesteps: Option<std::collections::BTreeMap<String, Vec<f64>>>,
 }
 
 /// The parsed metadata record.
@@ -315,7 +321,21 @@ impl SamplingDefaults {
                 crate::spacing::MAX_STEPS
             ));
         }
+        for (k, times) in self.timesteps.iter().flatten() {
+            let fits = k.parse::<usize>().is_ok_and(|n| n == times.len());
+            let decreasing = times.windows(2).all(|w| w[0] > w[1]);
+            if !fits || !decreasing || times.iter().any(|t| !t.is_finite() || *t < 0.0) {
+                return Err(format!(
+                    "sampling.timesteps[{k:?}] = {times:?}: each entry must be a step count and that many finite, non-negative, strictly decreasing times"
+                ));
+            }
+        }
         Ok(())
+    }
+
+    /// The recorded times for a run of `steps` steps, if the record has them.
+    pub fn timesteps_for(&self, steps: usize) -> Option<Vec<f64>> {
+        self.timesteps.as_ref()?.get(&steps.to_string()).cloned()
     }
 }
 
@@ -373,9 +393,30 @@ mod tests {
             sampler: "lcm".into(),
             steps: 4,
             spacing: None,
+            timesteps: None,
         };
         assert_eq!(m.sampling, Some(want));
         assert_eq!(ModelMetadata::from_json(GOOD).unwrap().sampling, None);
+    }
+
+    #[test]
+    fn sampling_timesteps_are_checked_and_found_by_step_count() {
+        let with = |t: &str| {
+            GOOD.replace(
+                r#""conditioning":null"#,
+                &format!(
+                    r#""conditioning":null,"sampling":{{"sampler":"lcm","steps":2,"timesteps":{t}}}"#
+                ),
+            )
+        };
+        let m = ModelMetadata::from_json(&with(r#"{"1":[749],"2":[749,374]}"#)).unwrap();
+        let s = m.sampling.unwrap();
+        assert_eq!(s.timesteps_for(2), Some(vec![749.0, 374.0]));
+        assert_eq!(s.timesteps_for(4), None);
+        for bad in [r#"{"2":[749]}"#, r#"{"2":[374,749]}"#, r#"{"x":[1]}"#, r#"{"1":[-1]}"#] {
+            let err = ModelMetadata::from_json(&with(bad)).unwrap_err();
+            assert!(err.contains("sampling.timesteps"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -182,6 +182,7 @@ fn scheduler_sampling(class: &str) -> Option<SamplingDefaults> {
         sampler: sampler.into(),
         steps: 4,
         spacing: None,
+        timesteps: None,
     })
 }
 

@@ -205,11 +205,22 @@ def distillation_record(cfg: DistillConfig, meta: dict, teacher_path: Path, done
         "loss": cfg.loss,
         "training": {**asdict(cfg), "steps_done": done, "seconds": round(seconds, 1),
                      "exported_weights": weights},
-        # DDIM with eta 1 at grid times is multistep consistency sampling with the DDPM
-        # posterior's noise: `edgediff sample --sampler ddim --eta 1 --timesteps T1,T2,...`.
-        "sampler": {"name": "ddim", "eta": 1.0, "default_steps": 4,
-                    "timesteps": {str(k): student_timesteps(grid, top, k) for k in (1, 2, 4, 8)}},
+        # Multistep consistency sampling (Song et al.'s algorithm 1: x0, then fresh noise to the
+        # next grid time) is the runtime's `lcm`; `ddim --eta 1` at the same times is close.
+        "sampler": {"name": "lcm", "default_steps": 4,
+                    "timesteps": student_grids(grid, top)},
     }
+
+
+def student_grids(grid: torch.Tensor, top: int) -> dict[str, list[int]]:
+    """The sampling grid of each step count the student is made for (1, 2, 4, 8)."""
+    return {str(k): student_timesteps(grid, top, k) for k in (1, 2, 4, 8)}
+
+
+def sampling_record(grid: torch.Tensor, top: int) -> dict:
+    """The metadata's `sampling` entry: what `edgediff sample --model STUDENT` runs with no
+    sampler, steps or spacing given (lcm at 4 steps, each step count on its grid)."""
+    return {"sampler": "lcm", "steps": 4, "timesteps": student_grids(grid, top)}
 
 
 def export_student(ckpt_path: Path, out: Path, weights: str = "ema", name: str = "") -> dict:
@@ -227,6 +238,7 @@ def export_student(ckpt_path: Path, out: Path, weights: str = "ema", name: str =
                              f"({ck['step']} steps)", prediction=meta["prediction"])
     out_meta["distillation"] = distillation_record(cfg, meta, ck["teacher_path"], ck["step"],
                                                    ck["elapsed_s"], weights, grid)
+    out_meta["sampling"] = sampling_record(grid, top_index(grid, cfg.t_max))
     err = export_unet(model, out_meta, out, timestep_dtype="float32")
     return {"out": str(out), "step": ck["step"], "weights": weights, "max_rel_err": err}
 

@@ -437,6 +437,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         image_size,
         ..defaults
     };
+    let opts = opts.with_model_grid(&model, spacing.is_some());
     if let Some(path) = &cmd.latents_out {
         edgediff::generate::check_options(&model, &opts, injected.as_ref())?; // a pixel model: refused first
         edgediff::output::check_file(path)?; // written at the end: checked before the work
