@@ -413,7 +413,12 @@ mod tests {
         let s = m.sampling.unwrap();
         assert_eq!(s.timesteps_for(2), Some(vec![749.0, 374.0]));
         assert_eq!(s.timesteps_for(4), None);
-        for bad in [r#"{"2":[749]}"#, r#"{"2":[374,749]}"#, r#"{"x":[1]}"#, r#"{"1":[-1]}"#] {
+        for bad in [
+            r#"{"2":[749]}"#,
+            r#"{"2":[374,749]}"#,
+            r#"{"x":[1]}"#,
+            r#"{"1":[-1]}"#,
+        ] {
             let err = ModelMetadata::from_json(&with(bad)).unwrap_err();
             assert!(err.contains("sampling.timesteps"), "{bad}: {err}");
         }
