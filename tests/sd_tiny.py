@@ -137,3 +137,14 @@ def exported(root: Path | None = None, inpainting: bool = False, sample_size: in
                         "--out", str(out)], check=True, capture_output=True, env=env)
         _EXPORTED[name] = out
     return _EXPORTED[name]
+
+
+def mode_encoding_pipeline(module, cls, src: Path, monkeypatch):
+    """`cls` (a diffusers img2img or inpainting pipeline defined in `module`) loaded from `src`,
+    with its VAE encodings taken at the mode (argmax) as edgediff takes them, not drawn."""
+    real = module.retrieve_latents
+    monkeypatch.setattr(module, "retrieve_latents",
+                        lambda out, generator=None, sample_mode="sample": real(out, generator, "argmax"))
+    pipe = cls.from_pretrained(str(src), safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -72,12 +72,7 @@ def diffusers_inpaint(src: Path, images: np.ndarray, masks: np.ndarray, strength
                       monkeypatch) -> tuple[np.ndarray, np.ndarray]:
     """(images in [-1, 1], the noise its generator drew) from StableDiffusionInpaintPipeline."""
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_inpaint as m
-    real = m.retrieve_latents
-    monkeypatch.setattr(m, "retrieve_latents",
-                        lambda out, generator=None, sample_mode="sample": real(out, generator, "argmax"))
-    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(
-        str(src), safety_checker=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = sd_tiny.mode_encoding_pipeline(m, diffusers.StableDiffusionInpaintPipeline, src, monkeypatch)
     n = images.shape[0]
     # prepare_latents' one draw: randn_tensor(shape, generator) on the CPU, as here.
     noise = torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(seed)).numpy()

@@ -233,13 +233,8 @@ def diffusers_img2img(src: Path, scheduler: str, images: np.ndarray, strength: f
                       monkeypatch) -> tuple[np.ndarray, np.ndarray]:
     """(images in [-1, 1], the noise the pipeline added) from StableDiffusionImg2ImgPipeline."""
     from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as m
-    real = m.retrieve_latents
-    monkeypatch.setattr(m, "retrieve_latents",
-                        lambda out, generator=None, sample_mode="sample": real(out, generator, "argmax"))
-    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(
-        str(src), safety_checker=None, requires_safety_checker=False)
+    pipe = sd_tiny.mode_encoding_pipeline(m, diffusers.StableDiffusionImg2ImgPipeline, src, monkeypatch)
     pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
     n = images.shape[0]
     # prepare_latents' one draw: randn_tensor(shape, generator) on the CPU, as here.
     noise = torch.randn((n, 4, 8, 8), generator=torch.Generator().manual_seed(seed)).numpy()
