@@ -121,6 +121,9 @@ pub(crate) fn job_record(
         // Tiled decoding changes the images a little (not below one tile: recorded anyway).
         m.insert("vae_tile_size".into(), json!(t));
     }
+    if let Some(c) = &opts.coefficients {
+        m.insert("coefficients".into(), json!(c));
+    }
     if opts.leading_as_diffusers {
         // It moves a multistep solver's leading steps: a record from before it (another
         // layout) must not be resumed as this run.
@@ -216,6 +219,7 @@ const KEYS: &[&str] = &[
     "set_alpha_to_one",
     "leading_as_diffusers",
     "vae_tile_size",
+    "coefficients",
     "guidance",
     "init_noise",
     "step_noise",
