@@ -148,6 +148,13 @@ def test_typed_params_match_the_cli(edgediff_bin, tiny_models, tmp_path, env):
     inpainted = np.load(tmp_path / "inpaint.npy")
     assert (out / "inpaint-out.f32").read_bytes() == inpainted.tobytes()
     assert np.abs(inpainted - images).max() > 1e-3  # the masked pixels were filled
+    # The fitted sampler's calibration file, saved and sampled from through C, as the CLI does.
+    fitted = json.loads(cli("calibrate", "--sampler", "fitted", "--steps", "3", "--pilot", "8", "--teacher-steps", "8",
+                            "--max-evals", "6", "--starts", "2", "--batch-size", "8", "--json"))
+    saved = json.loads((out / "fitted.json").read_text())
+    assert (saved["timesteps"], saved["coefficients"]) == (fitted["timesteps"], fitted["coefficients"])
+    cli("sample", "--calibration", str(out / "fitted.json"), "-n", "2", "--out", str(tmp_path / "fitted.npy"))
+    assert (out / "fitted.npy").read_bytes() == (tmp_path / "fitted.npy").read_bytes()
 
 
 def test_prompts_through_c_match_the_cli(edgediff_bin, tmp_path, env):

@@ -147,6 +147,20 @@ def cases():
          lambda t, m: ["calibrate", "--model", str(m), "--sampler", "euler-maruyama"], 2),
         ("calibrate-steps", "calibrate: a single time point (nothing to place)",
          lambda t, m: ["calibrate", "--model", str(m), "--steps", "1"], 2),
+        ("calibrate-fitted-steps", "calibrate: the fitted sampler on more steps than it fits",
+         lambda t, m: ["calibrate", "--model", str(m), "--sampler", "fitted", "--steps", "51", "--json"], 2),
+        ("calibrate-fitted-unsaved", "calibrate: the fitted sampler with nowhere to keep its coefficients",
+         lambda t, m: ["calibrate", "--model", str(m), "--sampler", "fitted", "--steps", "3", "-q"], 2),
+        ("calibration-not-json", "a calibration file that is not JSON",
+         lambda t, m: do((t / "c.json").write_text("999,500,1"), ["--model", str(m), "--calibration", str(t / "c.json")]), 4),
+        ("calibration-schedule", "a calibration file made for another schedule",
+         lambda t, m: _calibration(t, m, lambda c: c["schedule"].update(kind="quadratic")), 4),
+        ("calibration-coefficients", "a calibration file whose coefficients do not fit its time steps",
+         lambda t, m: _calibration(t, m, lambda c: c["coefficients"][1].pop()), 4),
+        ("calibration-and-sampler", "a calibration file beside --sampler",
+         lambda t, m: _calibration(t, m, lambda c: None) + ["--sampler", "ddim"], 2),
+        ("fitted-without-calibration", "the fitted sampler without a calibration file",
+         lambda t, m: ["--model", str(m), "--sampler", "fitted"], 2),
         ("provider", "a GPU provider this build or library lacks", lambda t, m: ["--model", str(m), "--provider", "cuda"], 3),
         ("no-ort", "no ONNX Runtime library at the path given",
          lambda t, m: ["--model", str(m), "--ort-lib", str(t / "libonnxruntime.so")], 3),
@@ -441,6 +455,16 @@ def _dynamic_timestep_cond(t: Path) -> list[str]:
     return ["--model", str(t / "m.onnx")]
 
 
+def _calibration(t: Path, m: Path, edit) -> list[str]:
+    """A valid 2-step calibration file of the fitted sampler for the tiny linear model, edited."""
+    cal = {"edgediff_calibration": 1, "model": "tiny",
+           "schedule": {"kind": "linear", "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02},
+           "sampler": "fitted", "timesteps": [999.0, 400.0], "coefficients": [[0.9, 0.1], [0.0, 0.2, 0.8]]}
+    edit(cal)
+    (t / "c.json").write_text(json.dumps(cal))
+    return ["--model", str(m), "--calibration", str(t / "c.json")]
+
+
 def _libm() -> str:
     for p in ("/lib/x86_64-linux-gnu/libm.so.6", "/usr/lib/x86_64-linux-gnu/libm.so.6", "/lib64/libm.so.6"):
         if Path(p).exists():
@@ -458,7 +482,7 @@ def run_case(binary: Path, tiny: Path, tmp: Path, setup) -> tuple[int, str, Path
         args = [*args, "--per-image", str(out)]
     elif "--out" not in args and command != "elbo":  # elbo writes nothing but stdout
         args = [*args, "--out", str(out)]
-    if "--steps" not in args and command not in ("invert", "elbo"):
+    if "--steps" not in args and "--calibration" not in args and command not in ("invert", "elbo"):
         args = [*args, "--steps", "2"]
     env = {}
     while "--ENV" in args:  # --ENV K=V: an environment variable for this case's run

@@ -302,6 +302,12 @@ typedef struct edgediff_sample_params {
                                  * edgediff_invert; edgediff_sample_shapes gives a run's shapes
                                  * [0: the folder's, edgediff_model_output_shape] */
     size_t width;               /* the images' width, as `--width`; as height [0: the folder's] */
+    /* Appended for calibration files (same rule). */
+    const char *calibration;    /* a calibration file (`edgediff calibrate --save`, or
+                                 * edgediff_calibrate_params.save): its sampler, time steps and
+                                 * the fitted sampler's coefficients replace sampler, steps,
+                                 * spacing and timesteps; refused for a model of another
+                                 * schedule (`edgediff sample --calibration`) [NULL: none] */
 } edgediff_sample_params;
 
 /* Fills *params with the defaults; size is sizeof *params (use edgediff_sample_params_init). */
@@ -493,18 +499,25 @@ typedef void (*edgediff_calibrate_progress_fn)(size_t evals, double best_rmse, v
 typedef struct edgediff_calibrate_params {
     size_t struct_size;    /* set by edgediff_calibrate_params_init */
     const char *sampler;   /* a deterministic fixed-grid sampler (unipc, dpm++2m, dpm++3m,
-                            * ddim, heun...) ["unipc"] */
+                            * ddim, heun...), or "fitted" to fit its coefficients too
+                            * (write them with save) ["unipc"] */
     int64_t order;         /* its solver order [unset: 3 for unipc, else the sampler's default] */
     size_t steps;          /* time points to place, 2..=1000 [10] */
     size_t pilot;          /* pilot noises the error is measured on [256] */
     uint64_t seed;         /* seed of the pilot noises; sample with others to judge it [1] */
     size_t teacher_steps;  /* Heun steps of the teacher, >= 2 * steps [250] */
-    size_t max_evals;      /* most sampler runs of the search [0: 50 * steps] */
+    size_t max_evals;      /* most sampler runs of the search, all starts together
+                            * [0: 50 * steps * starts] */
     size_t batch_size;     /* pilot samples per network call [256] */
     int64_t class_label;   /* class of a class-conditional model [EDGEDIFF_UNCONDITIONAL] */
     double guidance;       /* classifier-free guidance scale, with class_label [unset: none] */
     edgediff_calibrate_progress_fn progress; /* [NULL]; calibration cannot be cancelled */
     void *progress_user;   /* passed to progress [NULL] */
+    /* Appended for the fitted sampler: a program built against an older header passes the
+     * smaller struct_size and gets the defaults for these. */
+    size_t starts;         /* points the search starts from, 0..=1000 [0: 4 for fitted, else 1] */
+    const char *save;      /* write the calibration file here, for
+                            * edgediff_sample_params.calibration [NULL: nowhere] */
 } edgediff_calibrate_params;
 
 /* What edgediff_calibrate achieved on the pilot batch. */

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use ndarray::{Array4, ArrayD};
 
 use crate::backend::{NetworkOptions, Provider};
+use crate::calibrate::file::CalibrationFile;
 use crate::calibrate::CalibrateOptions;
 use crate::denoiser::X0Clip;
 use crate::error::Error;
@@ -1030,6 +1031,10 @@ pub struct EdgediffSampleParams {
     /// None), resolved against the model in [`for_model`].
     pub height: usize,
     pub width: usize,
+    // Version 6 (calibration files): appended likewise.
+    /// A calibration file (`edgediff calibrate --save`) whose sampler, time steps and
+    /// coefficients replace `sampler`, `steps`, `spacing` and `timesteps`; NULL: none.
+    pub calibration: *const c_char,
 }
 
 // SAFETY: repr(C), struct_size first, only integers, floats, raw and Option<fn> pointers.
@@ -1097,6 +1102,7 @@ impl EdgediffSampleParams {
             // SampleOptions' None, the folder's size (a 0 side is the folder's).
             height: d.image_size.map_or(0, |[h, _]| h),
             width: d.image_size.map_or(0, |[_, w]| w),
+            calibration: std::ptr::null(),
         }
     }
 
@@ -1469,7 +1475,12 @@ impl Run {
         op.refuse_unused(p)?;
         let cancel = Arc::new(AtomicBool::new(false));
         // SAFETY: forwarded from the caller.
-        let opts = for_model(unsafe { sample_options(p) }?, p, model);
+        let mut opts = for_model(unsafe { sample_options(p) }?, p, model);
+        // SAFETY: `p.calibration` is NULL or NUL-terminated (caller).
+        if let Some(path) = unsafe { opt_text(p.calibration, "calibration") }? {
+            let path = std::path::Path::new(path);
+            CalibrationFile::read(path)?.apply(model, path, &mut opts)?;
+        }
         // Of height and width (or the folder's size), before any image: a flat buffer has no
         // size of its own, so these say what init_image holds (the CLI takes an image file's).
         let shapes = opts.shapes(model)?;
@@ -2499,12 +2510,18 @@ pub struct EdgediffCalibrateParams {
     pub guidance: f64,
     pub progress: EdgediffCalibrateProgress,
     pub progress_user: *mut c_void,
+    // Version 2 (the fitted sampler): appended, so version 1 structs stay readable.
+    /// `CalibrateOptions::starts` (0: the default).
+    pub starts: usize,
+    /// Where to write the calibration file (`edgediff calibrate --save`); NULL: nowhere.
+    pub save: *const c_char,
 }
 
 // SAFETY: repr(C), struct_size first, only integers, floats, raw and Option<fn> pointers.
 unsafe impl SizedStruct for EdgediffCalibrateParams {
     const NAME: &'static str = "edgediff_calibrate_params";
-    const MIN_SIZE: usize = std::mem::size_of::<EdgediffCalibrateParams>();
+    /// Version 1 ended at `progress_user`.
+    const MIN_SIZE: usize = std::mem::offset_of!(EdgediffCalibrateParams, starts);
 }
 
 impl EdgediffCalibrateParams {
@@ -2526,6 +2543,8 @@ impl EdgediffCalibrateParams {
             guidance: f64_or_unset(d.guidance),
             progress: None,
             progress_user: std::ptr::null_mut(),
+            starts: d.starts,
+            save: std::ptr::null(),
         }
     }
 }
@@ -2549,6 +2568,7 @@ unsafe fn calibrate_options(p: &EdgediffCalibrateParams) -> Result<CalibrateOpti
         seed: p.seed,
         teacher_steps: p.teacher_steps,
         max_evals: p.max_evals,
+        starts: p.starts,
         batch_size: p.batch_size,
         class_label: class_of(p.class_label),
         guidance: opt_f64(p.guidance),
@@ -2620,6 +2640,11 @@ pub unsafe extern "C" fn edgediff_calibrate(
         }
         // SAFETY: the caller passes `timesteps_len` writable doubles.
         let dst = unsafe { slice_mut(timesteps, timesteps_len, "timesteps") }?;
+        // SAFETY: `p.save` is NULL or NUL-terminated (caller).
+        let save = unsafe { opt_text(p.save, "save") }?.map(std::path::Path::new);
+        if let Some(path) = save {
+            crate::output::check_file(path)?; // written at the end: checked before the work
+        }
         let mut model = lock(m);
         let (cb, user) = (p.progress, p.progress_user);
         let cal = crate::calibrate::calibrate(&mut model, &opts, &mut |evals, best| {
@@ -2635,6 +2660,9 @@ pub unsafe extern "C" fn edgediff_calibrate(
             )));
         }
         dst[..k].copy_from_slice(&cal.timesteps);
+        if let Some(path) = save {
+            CalibrationFile::new(&model, &opts, &cal).write(path)?;
+        }
         if let Some(size) = result_size {
             let r = EdgediffCalibrateResult {
                 struct_size: size,
@@ -2890,10 +2918,11 @@ mod tests {
         // 64-bit targets: every field 8 bytes but the pairs of ints, so adding a field later
         // cannot land in padding an older caller left uninitialised.
         if std::mem::size_of::<usize>() == 8 {
-            assert_eq!(std::mem::size_of::<EdgediffSampleParams>(), 40 * 8);
+            assert_eq!(std::mem::size_of::<EdgediffSampleParams>(), 41 * 8);
             // Version 1 (before the prompts) was 27 fields of 8 bytes, version 2 (before
             // vae_tile_size) 29, version 3 (before init_image) 30, version 4 (before height)
-            // 38 ending with gamma; version 5 ends with width.
+            // 38 ending with gamma, version 5 (before calibration) 40 ending with width;
+            // version 6 ends with calibration.
             assert_eq!(EdgediffSampleParams::MIN_SIZE, 27 * 8);
             assert_eq!(
                 std::mem::offset_of!(EdgediffSampleParams, vae_tile_size),
@@ -2906,9 +2935,15 @@ mod tests {
             assert_eq!(std::mem::offset_of!(EdgediffSampleParams, gamma), 37 * 8);
             assert_eq!(std::mem::offset_of!(EdgediffSampleParams, height), 38 * 8);
             assert_eq!(std::mem::offset_of!(EdgediffSampleParams, width), 39 * 8);
+            assert_eq!(
+                std::mem::offset_of!(EdgediffSampleParams, calibration),
+                40 * 8
+            );
             assert_eq!(std::mem::size_of::<EdgediffModelParams>(), 5 * 8 + 6 * 4);
             assert_eq!(std::mem::size_of::<EdgediffLikelihoodParams>(), 13 * 8);
-            assert_eq!(std::mem::size_of::<EdgediffCalibrateParams>(), 13 * 8);
+            // Version 1 (before starts and save) was 13 fields.
+            assert_eq!(std::mem::size_of::<EdgediffCalibrateParams>(), 15 * 8);
+            assert_eq!(EdgediffCalibrateParams::MIN_SIZE, 13 * 8);
         }
     }
 }

@@ -124,6 +124,11 @@ pub struct SampleOptions {
     /// When set, the run stops with [`Error::Cancelled`] before its next network call.
     /// Default: None.
     pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// The `fitted` sampler's coefficients, one row per time step of `timesteps` (row i: the
+    /// coefficient of x_i, then those of the x0 predictions 0..=i), as
+    /// [`crate::calibrate::file::CalibrationFile::apply`] sets them from a calibration file.
+    /// Default: None.
+    pub coefficients: Option<Vec<Vec<f64>>>,
 }
 
 impl Default for SampleOptions {
@@ -151,6 +156,7 @@ impl Default for SampleOptions {
             vae_tile_size: None,
             image_size: None,
             cancel: None,
+            coefficients: None,
         }
     }
 }
@@ -334,13 +340,7 @@ pub fn generate_chunks(
                 }
                 None => x,
             };
-            let mut tr = Trajectory {
-                den: b.den,
-                noise: b.noise,
-                levels: b.levels,
-                schedule: b.schedule,
-                step_counts: None,
-            };
+            let mut tr = b.trajectory(opts.coefficients.as_deref());
             let out = opts.sampler.run(&mut tr, x, &mut |i, _| progress(i))?;
             Ok((out, tr.step_counts.take()))
         },
@@ -385,6 +385,24 @@ pub(crate) struct Batch<'a> {
     pub noise: &'a mut dyn NoiseSource,
     pub levels: &'a [NoiseLevel],
     pub schedule: &'a Schedule,
+}
+
+impl Batch<'_> {
+    /// The trajectory a sampler drives over the batch's levels; `coefficients` are the fitted
+    /// sampler's.
+    pub(crate) fn trajectory<'t>(
+        &'t mut self,
+        coefficients: Option<&'t [Vec<f64>]>,
+    ) -> Trajectory<'t> {
+        Trajectory {
+            den: &mut *self.den,
+            noise: &mut *self.noise,
+            levels: self.levels,
+            schedule: self.schedule,
+            step_counts: None,
+            coefficients,
+        }
+    }
 }
 
 /// The sampling of one batch: from its noise `x` (already scaled to the prior) to samples,
@@ -870,11 +888,42 @@ pub(crate) fn prepare(
     if opts.init_image.is_some() {
         lv = img2img_levels(lv, opts.strength)?;
     }
+    check_fitted(opts, lv.len() - 1)?;
     if let Some(inj) = injected {
         check_injected(inj, opts.n, shapes.sample)?;
     }
     guidance_for(model, opts)?;
     Ok((labels, lv))
+}
+
+/// Refuses coefficients without the `fitted` sampler and the `fitted` sampler without its
+/// coefficients, its time steps (they were fitted on one grid), or with img2img (which would
+/// run only the last of its steps).
+fn check_fitted(opts: &SampleOptions, steps: usize) -> Result<()> {
+    let fitted = opts.sampler.def().name() == crate::sampler::fitted::FITTED.name();
+    match &opts.coefficients {
+        Some(_) if !fitted => Err(Error::options(
+            format!(
+                "{{0}} apply to the fitted sampler, not {}",
+                opts.sampler.name()
+            ),
+            &["coefficients"],
+        )),
+        None if fitted => Err(Error::options(
+            "{0}: the fitted sampler needs them, from a calibration file (`edgediff calibrate --sampler fitted --save FILE`, then `edgediff sample --calibration FILE`)",
+            &["coefficients"],
+        )),
+        Some(_) if opts.timesteps.is_none() => Err(Error::options(
+            "{0} need the time steps they were fitted on ({1})",
+            &["coefficients", "timesteps"],
+        )),
+        Some(_) if opts.init_image.is_some() => Err(Error::options(
+            "{0} apply to the whole grid they were fitted on; img2img ({1}) runs only its last steps",
+            &["coefficients", "init_image"],
+        )),
+        Some(rows) => crate::sampler::fitted::check_coefficients(rows, steps),
+        None => Ok(()),
+    }
 }
 
 /// An img2img run's levels: as diffusers' StableDiffusionImg2ImgPipeline.get_timesteps, the

@@ -242,6 +242,12 @@ pub fn inpaint(
             &["init_image"],
         ));
     }
+    if opts.coefficients.is_some() {
+        return Err(Error::options(
+            "{0} do not apply to inpainting: it runs the grid in segments (strength, jumps), not the whole grid they were fitted on",
+            &["coefficients"],
+        ));
+    }
     if let Some(p) = model.pipeline.as_ref() {
         p.check_vae_encoder()?;
     }
@@ -367,6 +373,8 @@ pub fn inpaint(
                         levels: &lv[start..=end],
                         schedule: b.schedule,
                         step_counts: None,
+                        // RePaint runs segments of the grid: fitted coefficients are refused.
+                        coefficients: None,
                     };
                     let base = done;
                     x = opts

@@ -131,6 +131,9 @@ pub(crate) fn job_record(
             );
         }
     }
+    if let Some(c) = &opts.coefficients {
+        m.insert("coefficients".into(), json!(c));
+    }
     if opts.leading_as_diffusers {
         // It moves a multistep solver's leading steps: a record from before it (another
         // layout) must not be resumed as this run.
@@ -227,6 +230,7 @@ const KEYS: &[&str] = &[
     "leading_as_diffusers",
     "vae_tile_size",
     "image_size",
+    "coefficients",
     "guidance",
     "init_noise",
     "step_noise",

@@ -4,7 +4,8 @@
  * the result against a second run and against the request API with the same settings; writes
  * files and prints figures that the Python side compares with the CLI's for the same settings
  * (OUTDIR/sample.npy, OUTDIR/karras.npy, OUTDIR/noise.f32, OUTDIR/inpaint-*.f32 of inpainting
- * with strength and init_noise, the "likelihood" and "calibrate" lines); and checks that bad values fail with EDGEDIFF_ERR_ARGUMENT and a message naming the
+ * with strength and init_noise, OUTDIR/fitted.json and .npy, the "likelihood" and "calibrate"
+ * lines); and checks that bad values fail with EDGEDIFF_ERR_ARGUMENT and a message naming the
  * field by its C name. */
 #include <math.h>
 #include <stddef.h>
@@ -303,6 +304,25 @@ int main(int argc, char **argv) {
     EXPECT(edgediff_calibrate(model, &cp, ts, 2, NULL) == EDGEDIFF_ERR_ARGUMENT, "too few timesteps");
     cp.sampler = "ddpm";
     EXPECT(argument_error(edgediff_calibrate(model, &cp, ts, 3, NULL), "ddpm"), "stochastic sampler");
+
+    /* The fitted sampler: its calibration file saved, then sampled from through the sample
+     * params (OUTDIR/fitted.json and OUTDIR/fitted.npy, which the CLI must reproduce). */
+    char cal_path[4096];
+    snprintf(cal_path, sizeof cal_path, "%s", path_in(dir, "fitted.json"));
+    cp.sampler = "fitted";
+    cp.starts = 2;
+    cp.save = cal_path;
+    EXPECT(edgediff_calibrate(model, &cp, ts, 3, &cr) == EDGEDIFF_OK && cr.evals <= 6, "fitted calibration");
+    edgediff_sample_params fp;
+    edgediff_sample_params_init(&fp);
+    EXPECT(fp.calibration == NULL, "no calibration by default");
+    fp.calibration = cal_path;
+    fp.n = 2;
+    EXPECT(edgediff_sample_to_file_with(model, &fp, path_in(dir, "fitted.npy"), 0) == EDGEDIFF_OK,
+           "sample with the calibration file");
+    fp.calibration = path_in(dir, "sample.npy");
+    EXPECT(edgediff_sample_with(model, &fp, a, 2 * per) == EDGEDIFF_ERR_IO
+           && strstr(edgediff_last_error(), "not an edgediff calibration file") != NULL, "not a calibration file");
 
     free(a); free(b); free(c);
     edgediff_model_free(model);

@@ -52,6 +52,19 @@ def default_mixture(dim: int = 4) -> Mixture:
     return Mixture(np.array([0.5, 0.3, 0.2]), means, variances)
 
 
+def random_mixture(dim: int = 4, k: int = 5, seed: int = 5) -> Mixture:
+    """Five components of unequal weights, with means and diagonal variances drawn from a
+    seeded generator: a second oracle, unlike `default_mixture` in every parameter, for judging
+    on one model what was tuned on another."""
+    rng = np.random.default_rng(seed)
+    weights = np.array([0.35, 0.25, 0.2, 0.12, 0.08][:k])
+    return Mixture(weights / weights.sum(), rng.uniform(-0.8, 0.8, (k, dim)),
+                   rng.uniform(0.005, 0.05, (k, dim)))
+
+
+MIXTURES = {"default": default_mixture, "random": random_mixture}
+
+
 class MixtureEps(nn.Module):
     """eps(x_t, t) of a Gaussian mixture; `time_input` says how t maps to (alpha, sigma)."""
 
@@ -139,8 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--schedule", default="vp", choices=["vp", "ve", "linear", "cosine"])
     p.add_argument("--shape", default="1,2,2")
+    p.add_argument("--mixture", default="default", choices=sorted(MIXTURES),
+                   help="default: three components (default_mixture); random: five, drawn (random_mixture)")
     a = p.parse_args(argv)
-    mix = export_oracle(a.out, a.schedule, tuple(int(v) for v in a.shape.split(",")))
+    shape = tuple(int(v) for v in a.shape.split(","))
+    mix = export_oracle(a.out, a.schedule, shape, MIXTURES[a.mixture](int(np.prod(shape))))
     print(json.dumps({"out": str(a.out), "mixture": mix.to_json()}))
 
 

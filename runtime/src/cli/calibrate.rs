@@ -1,4 +1,5 @@
-//! `edgediff calibrate`: time steps fitted to one model and sampler, for `sample --timesteps`.
+//! `edgediff calibrate`: time steps (and the fitted sampler's coefficients) fitted to one model
+//! and sampler, for `sample --timesteps` or `sample --calibration`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -6,7 +7,8 @@ use std::time::Instant;
 use argh::FromArgs;
 
 use super::model_command;
-use edgediff::calibrate::{calibrate, default_max_evals, CalibrateOptions};
+use edgediff::calibrate::file::CalibrationFile;
+use edgediff::calibrate::{calibrate, default_max_evals, default_starts, CalibrateOptions};
 use edgediff::npy::write_atomic;
 use edgediff::sampler::{SamplerKind, SamplerParams};
 use edgediff::Result;
@@ -17,8 +19,12 @@ model_command! {
 /// Fit a deterministic sampler's time steps to the model: the grid whose output on pilot noises
 /// is closest to a converged probability-flow ODE solution. Prints the list for --timesteps:
 /// edgediff sample --sampler unipc --order 3 --timesteps "$(edgediff calibrate --sampler unipc --order 3 --steps 10 -q)"
+/// With --sampler fitted the solver's coefficients are fitted too (the teacher's trajectory is
+/// kept: 2 x teacher-steps pilot-sized arrays); save them with --save FILE and sample with
+/// `edgediff sample --calibration FILE`.
 pub(super) struct CalibrateCmd {
-    /// a deterministic sampler, e.g. unipc, dpm++2m, dpm++3m, ddim, heun (default unipc)
+    /// a deterministic sampler, e.g. unipc, dpm++2m, dpm++3m, ddim, heun, or fitted (its
+    /// coefficients fitted as well) (default unipc)
     #[argh(option, default = "String::from(\"unipc\")")]
     sampler: String,
     /// solver order for samplers that take one (unipc default here: 3)
@@ -36,9 +42,13 @@ pub(super) struct CalibrateCmd {
     /// steps of the Heun teacher, uniform in log SNR (default 250)
     #[argh(option, default = "250")]
     teacher_steps: usize,
-    /// most sampler runs of the search (default 50 x steps)
+    /// most sampler runs of the search, all starts together (default 50 x steps x starts)
     #[argh(option, default = "0")]
     max_evals: usize,
+    /// points the search starts from: the uniform log-SNR grid, then seeded random ones; the
+    /// best wins (default 1; 4 for the fitted sampler)
+    #[argh(option, default = "0")]
+    starts: usize,
     /// class label for class-conditional models (default: unconditional)
     #[argh(option)]
     class: Option<i64>,
@@ -51,6 +61,10 @@ pub(super) struct CalibrateCmd {
     /// also write the list to this file
     #[argh(option, short = 'o')]
     out: Option<PathBuf>,
+    /// also write the calibration file (sampler, time steps, the fitted sampler's coefficients;
+    /// JSON) for `edgediff sample --calibration`
+    #[argh(option)]
+    save: Option<PathBuf>,
     /// print only the list
     #[argh(switch, short = 'q')]
     quiet: bool,
@@ -81,11 +95,18 @@ pub(super) fn calibrate_cmd(cmd: CalibrateCmd) -> Result<()> {
         seed: cmd.seed,
         teacher_steps: cmd.teacher_steps,
         max_evals: cmd.max_evals,
+        starts: cmd.starts,
         batch_size: cmd.batch_size,
         class_label: cmd.class,
         guidance: cmd.guidance,
     };
-    if let Some(path) = &cmd.out {
+    if sampler.name() == edgediff::sampler::fitted::FITTED.name() && cmd.save.is_none() && !cmd.json
+    {
+        return Err(edgediff::Error::invalid(
+            "--sampler fitted fits coefficients that only --save FILE (or --json) keeps; the list alone cannot sample as it",
+        ));
+    }
+    for path in cmd.out.iter().chain(&cmd.save) {
         edgediff::output::check_file(path)?; // written at the end: checked before the work
     }
     let mut model = cmd.open_model()?;
@@ -97,15 +118,18 @@ pub(super) fn calibrate_cmd(cmd: CalibrateCmd) -> Result<()> {
         );
     }
     let start = Instant::now();
-    let budget = if cmd.max_evals == 0 {
-        default_max_evals(cmd.steps)
-    } else {
-        cmd.max_evals
+    let starts = match cmd.starts {
+        0 => default_starts(&sampler),
+        k => k,
+    };
+    let budget = match cmd.max_evals {
+        0 => default_max_evals(cmd.steps, starts),
+        k => k,
     };
     let show = !cmd.quiet && !cmd.json;
     if show {
         eprintln!(
-            "teacher: heun, {} log-SNR steps on {} pilot noises (seed {}); then at most {budget} runs of {}",
+            "teacher: heun, {} log-SNR steps on {} pilot noises (seed {}); then at most {budget} runs of {} from {starts} start(s)",
             cmd.teacher_steps, cmd.pilot, cmd.seed, sampler.name()
         );
     }
@@ -123,6 +147,9 @@ pub(super) fn calibrate_cmd(cmd: CalibrateCmd) -> Result<()> {
     if let Some(path) = &cmd.out {
         write_atomic(path, format!("{list}\n").as_bytes())?;
     }
+    if let Some(path) = &cmd.save {
+        CalibrationFile::new(&model, &opts, &cal).write(path)?;
+    }
     let secs = start.elapsed().as_secs_f64();
     if cmd.json {
         let v = serde_json::json!({
@@ -130,7 +157,8 @@ pub(super) fn calibrate_cmd(cmd: CalibrateCmd) -> Result<()> {
             "timesteps": cal.timesteps, "pilot": cmd.pilot, "seed": cmd.seed,
             "teacher_steps": cmd.teacher_steps, "teacher_rmse": cal.teacher_rmse,
             "rmse": cal.rmse, "rmse_logsnr": cal.rmse_logsnr, "rmse_trailing": cal.rmse_trailing,
-            "evals": cal.evals, "seconds": secs,
+            "evals": cal.evals, "starts": starts, "coefficients": cal.coefficients,
+            "seconds": secs,
         });
         println!("{v}");
         return Ok(());

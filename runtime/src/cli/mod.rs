@@ -8,6 +8,7 @@ use argh::FromArgs;
 use model_args::model_command;
 use ndarray::Ix5;
 
+use edgediff::calibrate::file::CalibrationFile;
 use edgediff::denoiser::X0Clip;
 use edgediff::generate::SampleOptions;
 use edgediff::noise::InjectedNoise;
@@ -86,6 +87,10 @@ struct SampleCmd {
     /// explicit comma-separated schedule times, most noisy first (overrides --steps/--spacing)
     #[argh(option)]
     timesteps: Option<String>,
+    /// a calibration file from `edgediff calibrate --save`: its sampler, time steps and (the
+    /// fitted sampler's) coefficients, in place of --sampler/--steps/--timesteps
+    #[argh(option)]
+    calibration: Option<PathBuf>,
     /// stochasticity in [0, 1] for ddim (default 0) and euler-a (default 1)
     #[argh(option)]
     eta: Option<f64>,
@@ -221,6 +226,7 @@ pub fn flag(name: &str) -> String {
         }
         "x0_clip" => "--clip-x0/--dynamic-threshold".into(),
         "sample_shape" => "--model".into(),
+        "coefficients" => "--calibration's coefficients".into(),
         "init_image" => "--image".into(),
         "keep_latents" => "--latents-out".into(),
         "vae_tile_size" => "--vae-tiles".into(),
@@ -358,6 +364,11 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         (None, None) => None,
     };
     let prompts = cmd.prompts.as_deref().map(read_prompts).transpose()?;
+    let calibration = cmd
+        .calibration
+        .as_deref()
+        .map(|p| calibration_file(p, &cmd))
+        .transpose()?;
     // -n, else the injected noise's rows, else one sample per prompt line, else the default.
     let n = match (&injected, &prompts) {
         (Some(inj), _) => inj.initial.shape()[0],
@@ -437,6 +448,11 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         image_size,
         ..defaults
     };
+    let mut opts = opts;
+    if let (Some(file), Some(path)) = (&calibration, &cmd.calibration) {
+        file.apply(&model, path, &mut opts)?;
+    }
+    // A calibration's time steps stand: the model's recorded grid is for its own steps.
     let opts = opts.with_model_grid(&model, spacing.is_some());
     if let Some(path) = &cmd.latents_out {
         edgediff::generate::check_options(&model, &opts, injected.as_ref())?; // a pixel model: refused first
@@ -464,7 +480,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
     log::info!("{} samples in {sample_secs:.2}s", n);
     if cmd.json {
         let summary = serde_json::json!({
-            "out": cmd.out, "files": files, "n": n, "sampler": sampler.name(),
+            "out": cmd.out, "files": files, "n": n, "sampler": opts.sampler.name(),
             "height": height, "width": width,
             "steps": opts.timesteps.as_ref().map_or(opts.steps, Vec::len),
             "seconds": sample_secs, "model": model.path(), "network_calls": report.network_calls,
@@ -482,6 +498,23 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The calibration file at `path`, read and checked; refused beside the flags it replaces.
+fn calibration_file(path: &Path, cmd: &SampleCmd) -> Result<CalibrationFile> {
+    let given = [
+        ("--sampler", cmd.sampler.is_some()),
+        ("--steps", cmd.steps.is_some()),
+        ("--spacing", cmd.spacing.is_some()),
+        ("--timesteps", cmd.timesteps.is_some()),
+        ("--order", cmd.order.is_some()),
+    ];
+    if let Some((flag, _)) = given.iter().find(|(_, g)| *g) {
+        return Err(Error::invalid(format!(
+            "--calibration sets the sampler and its time steps; drop {flag}"
+        )));
+    }
+    CalibrationFile::read(path)
 }
 
 /// The lines of a prompts file, each one prompt (a non-UTF-8 line is refused, naming it).

@@ -9,7 +9,7 @@ use super::{SamplerDef, Step, Trajectory};
 use crate::error::Result;
 
 /// An Euler predictor, then the transfer along the mean of both ends' slopes.
-fn step(tr: &mut Trajectory<'_>, s: Step<'_>) -> Result<Array4<f32>> {
+pub(crate) fn step(tr: &mut Trajectory<'_>, s: Step<'_>) -> Result<Array4<f32>> {
     let euler = transfer(s.x, &s.d.eps, &s.cur, &s.next);
     if s.next.is_clean() {
         return Ok(euler);

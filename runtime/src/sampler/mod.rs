@@ -38,6 +38,7 @@ pub mod dpm_solver;
 pub mod dpmpp;
 pub mod euler;
 pub mod euler_ancestral;
+pub mod fitted;
 pub mod heun;
 pub mod lcm;
 pub mod lms;
@@ -79,6 +80,7 @@ pub static REGISTRY: &[&SamplerDef] = &[
     &dpmpp::DPMPP_2M_SDE,
     &lcm::LCM,
     &tcd::TCD,
+    &fitted::FITTED,
 ];
 
 /// Called after each step with (steps done, total steps).
@@ -95,6 +97,8 @@ pub struct Trajectory<'a> {
     pub schedule: &'a Schedule,
     /// Steps each sample took, set by the solvers that choose their own steps.
     pub step_counts: Option<Vec<ode_adaptive::StepCount>>,
+    /// The `fitted` sampler's coefficients, one row per step ([`fitted`]); None elsewhere.
+    pub coefficients: Option<&'a [Vec<f64>]>,
 }
 
 /// One step of a [`Trajectory::walk`]: from `cur` to `next`, the `i`-th (0-based) of `n`, with

@@ -37,6 +37,29 @@ pub(crate) fn lincomb(terms: &[(f64, &Array4<f32>)]) -> Array4<f32> {
     Array4::from_shape_vec(shape, out).expect("same shape as the inputs")
 }
 
+/// Solves the k x k system whose augmented rows `[A | b]` are `a` (k rows of k + 1), by
+/// Gauss-Jordan elimination with partial pivoting: the small dense systems of UniPC's
+/// coefficients and of fitted solver coefficients (crate::calibrate).
+pub(crate) fn solve_augmented(mut a: Vec<Vec<f64>>) -> Vec<f64> {
+    let k = a.len();
+    for col in 0..k {
+        let pivot = (col..k)
+            .max_by(|&p, &q| a[p][col].abs().total_cmp(&a[q][col].abs()))
+            .unwrap_or(col);
+        a.swap(col, pivot);
+        let pivot_row = a[col].clone();
+        for (row, r) in a.iter_mut().enumerate() {
+            if row != col {
+                let f = r[col] / pivot_row[col];
+                for (v, p) in r[col..].iter_mut().zip(&pivot_row[col..]) {
+                    *v -= f * p;
+                }
+            }
+        }
+    }
+    (0..k).map(|i| a[i][k] / a[i][i]).collect()
+}
+
 /// The coefficients (c_x, c_eps) of the DDIM/Euler transfer from `cur` to `next`:
 /// x_next = c_x x + c_eps eps = alpha_next x0 + sigma_next eps with x0 = (x - sigma eps) / alpha,
 /// which is also one Euler step of d xbar / d sbar = eps. c_eps is written in the x0/eps form,

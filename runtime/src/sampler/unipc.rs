@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 
 use ndarray::Array4;
 
-use super::ops::lincomb;
+use super::ops::{lincomb, solve_augmented};
 use super::{SamplerDef, SamplerOption, Step};
 use crate::schedule::NoiseLevel;
 use crate::spacing::LeadingRatio;
@@ -30,30 +30,16 @@ fn b_vector(hh: f64, order: usize) -> (f64, f64, Vec<f64>) {
 /// Solves R rho = b with R[i][j] = rks[j]^i (a Vandermonde system, at most 3x3).
 fn solve_vandermonde(rks: &[f64], b: &[f64]) -> Vec<f64> {
     let k = rks.len();
-    let mut a: Vec<Vec<f64>> = (0..k)
-        .map(|i| {
-            (0..k)
-                .map(|j| rks[j].powi(i as i32))
-                .chain([b[i]])
-                .collect()
-        })
-        .collect();
-    for col in 0..k {
-        let pivot = (col..k)
-            .max_by(|&p, &q| a[p][col].abs().total_cmp(&a[q][col].abs()))
-            .unwrap_or(col);
-        a.swap(col, pivot);
-        let pivot_row = a[col].clone();
-        for (row, r) in a.iter_mut().enumerate() {
-            if row != col {
-                let f = r[col] / pivot_row[col];
-                for (v, p) in r[col..].iter_mut().zip(&pivot_row[col..]) {
-                    *v -= f * p;
-                }
-            }
-        }
-    }
-    (0..k).map(|i| a[i][k] / a[i][i]).collect()
+    solve_augmented(
+        (0..k)
+            .map(|i| {
+                (0..k)
+                    .map(|j| rks[j].powi(i as i32))
+                    .chain([b[i]])
+                    .collect()
+            })
+            .collect(),
+    )
 }
 
 /// One UniP / UniC update from level `s0` (sample `x`, data prediction `m0`) to level `t`.

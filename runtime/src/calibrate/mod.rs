@@ -14,15 +14,33 @@
 //! the N-th weight being the gap left between the last visited point and the schedule's clean
 //! end. Every parameter vector is thus a valid, strictly decreasing grid, and zeros give the
 //! uniform log-SNR spacing the search starts from. The search is a compass (coordinate pattern)
-//! search: derivative-free, so it needs only sampler runs, and monotone in the pilot error.
+//! search: derivative-free, so it needs only sampler runs, and monotone in the pilot error. It
+//! is local and the pilot error has many basins at few steps, so it can start from several
+//! points ([`CalibrateOptions::starts`]): the uniform grid, then seeded random ones.
+//!
+//! With the `fitted` sampler ([`crate::sampler::fitted`]) the solver is fitted too: for every
+//! grid the search tries, the solver's coefficients are fitted step by step to the teacher's
+//! trajectory by least squares ([`fit`]), and the grid is judged by the fitted solver's pilot
+//! error. The teacher's states are then kept at all its levels and interpolated ([`teacher`]).
+//! [`file`] writes and reads the result for `edgediff sample --calibration`.
+
+pub mod file;
+mod fit;
+mod pilot;
+mod teacher;
 
 use ndarray::Array4;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, StandardNormal};
 
 use crate::error::{Error, Result};
-use crate::generate::{generate, SampleOptions};
+use crate::generate::{generate, prepare, SampleOptions};
 use crate::model::Model;
-use crate::sampler::{heun, unipc, SamplerKind};
-use crate::spacing::Spacing;
+use crate::sampler::{fitted, heun, unipc, SamplerKind};
+use crate::schedule::NoiseLevel;
+use crate::spacing::{levels, spaced_levels, Spacing};
+use pilot::{pilot_x0, record_teacher};
 
 /// What to calibrate and how hard to search.
 #[derive(Debug, Clone)]
@@ -38,8 +56,13 @@ pub struct CalibrateOptions {
     pub seed: u64,
     /// Heun steps (uniform in log SNR) of the teacher solution.
     pub teacher_steps: usize,
-    /// Most sampler runs the search may make.
+    /// Most sampler runs the search may make, all starts together (0: 50 per time point and
+    /// start, [`default_max_evals`]).
     pub max_evals: usize,
+    /// Points the search starts from: the uniform log-SNR grid, then seeded random grids (of
+    /// `seed`), each with an equal share of `max_evals`; the best result wins (0: the default,
+    /// [`default_starts`]: 4 for the fitted sampler, whose pilot error has more basins, else 1).
+    pub starts: usize,
     pub batch_size: usize,
     pub class_label: Option<i64>,
     pub guidance: Option<f64>,
@@ -54,6 +77,7 @@ impl Default for CalibrateOptions {
             seed: 1,
             teacher_steps: 250,
             max_evals: 0,
+            starts: 0,
             batch_size: 256,
             class_label: None,
             guidance: None,
@@ -76,12 +100,32 @@ pub struct Calibration {
     pub teacher_rmse: f64,
     /// Sampler runs the search made.
     pub evals: usize,
+    /// The fitted sampler's coefficients on `timesteps` (one row per step); None for the
+    /// other samplers.
+    pub coefficients: Option<Vec<Vec<f64>>>,
 }
 
-/// Most sampler runs the search may make unless told otherwise: measured on the oracle, the
+/// Most sampler runs the search may make unless told otherwise: measured on the oracle, one
 /// search settles after about 30 runs per free point.
-pub fn default_max_evals(steps: usize) -> usize {
-    50 * steps
+pub fn default_max_evals(steps: usize, starts: usize) -> usize {
+    50 * steps * starts
+}
+
+/// Starts of the search unless told otherwise: 4 for the fitted sampler, 1 for the others.
+pub fn default_starts(sampler: &SamplerKind) -> usize {
+    if is_fitted(sampler) {
+        4
+    } else {
+        1
+    }
+}
+
+/// Most time points the fitted sampler is calibrated for: each step's least squares has a
+/// column per prediction so far, and beyond a few tens of steps they are nearly collinear.
+pub const MAX_FITTED_STEPS: usize = 50;
+
+fn is_fitted(sampler: &SamplerKind) -> bool {
+    sampler.def().name() == fitted::FITTED.name()
 }
 
 /// Refuses a model [`calibrate`] cannot fit: a text-to-image pipeline (it would run with the
@@ -130,55 +174,115 @@ pub fn calibrate(
         guidance: opts.guidance,
         ..Default::default()
     };
-    let teacher = generate(model, &base, None, &mut |_, _| {})?;
+    let fitting = is_fitted(&opts.sampler);
+    let dense = fitting.then(|| record_teacher(model, &base)).transpose()?;
+    let teacher = match &dense {
+        Some(t) => t.out.clone(),
+        None => generate(model, &base, None, &mut |_, _| {})?,
+    };
     let half = SampleOptions {
         steps: opts.teacher_steps.div_ceil(2),
         ..base.clone()
     };
     let teacher_rmse = rmse(&generate(model, &half, None, &mut |_, _| {})?, &teacher);
 
-    let grid = Grid::new(model.schedule());
-    let mut run = |opts_t: SampleOptions| -> Result<f64> {
-        Ok(rmse(
-            &generate(model, &opts_t, None, &mut |_, _| {})?,
-            &teacher,
-        ))
-    };
+    let schedule = model.schedule().clone();
+    let grid = Grid::new(&schedule);
     let student = SampleOptions {
         sampler: opts.sampler,
         steps: opts.steps,
         spacing: Spacing::Trailing,
-        ..base
+        ..base.clone()
     };
-    let rmse_trailing = run(student.clone())?;
-    let max_evals = if opts.max_evals == 0 {
-        default_max_evals(opts.steps)
-    } else {
-        opts.max_evals
+    let (label, _) = prepare(model, &base, None)?;
+    // The pilot error of the grid `ts`, and the fitted sampler's coefficients there.
+    let mut run = |ts: Vec<f64>| -> Result<(f64, Option<Vec<Vec<f64>>>)> {
+        let Some(t) = &dense else {
+            let opts_t = SampleOptions {
+                timesteps: Some(ts),
+                ..student.clone()
+            };
+            let x = generate(model, &opts_t, None, &mut |_, _| {})?;
+            return Ok((rmse(&x, &teacher), None));
+        };
+        let lv = levels(&schedule, &ts);
+        let mut x0_at = |x: &Array4<f32>, l: &NoiseLevel| pilot_x0(model, &base, label, x, l);
+        let (rows, out) = fit::fit_coefficients(t.x[0].clone(), &lv, t, &mut x0_at)?;
+        let e = rmse(&out, &t.out);
+        let finite = e.is_finite() && rows.iter().flatten().all(|c| c.is_finite());
+        Ok((if finite { e } else { f64::INFINITY }, Some(rows)))
     };
-    let mut evals = 0;
+    let trailing: Vec<f64> = spaced_levels(&schedule, Spacing::Trailing, opts.steps)?
+        .iter()
+        .filter(|l| !l.is_clean())
+        .map(|l| l.t)
+        .collect();
+    let rmse_trailing = run(trailing)?.0;
+    let starts = match opts.starts {
+        0 => default_starts(&opts.sampler),
+        k => k,
+    };
+    let max_evals = match opts.max_evals {
+        0 => default_max_evals(opts.steps, starts),
+        k => k,
+    };
+    let (mut evals, mut best_so_far) = (0, f64::INFINITY);
     let mut objective = |z: &[f64]| -> Result<f64> {
         evals += 1;
-        let Some(ts) = grid.times(z) else {
-            return Ok(f64::INFINITY);
+        let e = match grid.times(z) {
+            Some(ts) => run(ts)?.0,
+            None => f64::INFINITY,
         };
-        let e = run(SampleOptions {
-            timesteps: Some(ts),
-            ..student.clone()
-        })?;
-        Ok(if e.is_finite() { e } else { f64::INFINITY })
+        let e = if e.is_finite() { e } else { f64::INFINITY };
+        best_so_far = best_so_far.min(e);
+        progress(evals, best_so_far);
+        Ok(e)
     };
-    let start = vec![0.0; opts.steps - 1];
-    let rmse_logsnr = objective(&start)?;
-    progress(1, rmse_logsnr);
-    let (z, best) = compass_search(start, rmse_logsnr, max_evals - 1, &mut objective, progress)?;
+    // The uniform log-SNR grid, then random logits (standard normal: gaps within a factor of
+    // e or so of each other) from a stream of the pilot's seed that no sample uses.
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+    rng.set_stream(u64::MAX);
+    let mut best: Option<(Vec<f64>, f64)> = None;
+    let mut rmse_logsnr = f64::INFINITY;
+    for k in 0..starts {
+        let z: Vec<f64> = (0..opts.steps - 1)
+            .map(|_| {
+                if k == 0 {
+                    0.0
+                } else {
+                    StandardNormal.sample(&mut rng)
+                }
+            })
+            .collect();
+        let share = max_evals / starts + usize::from(k < max_evals % starts);
+        if share == 0 {
+            break;
+        }
+        let fz = objective(&z)?;
+        if k == 0 {
+            rmse_logsnr = fz;
+        }
+        let (z, fz) = compass_search(z, fz, share - 1, &mut objective)?;
+        if best.as_ref().is_none_or(|(_, b)| fz < *b) {
+            best = Some((z, fz));
+        }
+    }
+    let (z, best) = best.expect("the first start has at least two runs (max_evals >= 2)");
+    let timesteps = grid.times(&z).expect("the search keeps only valid grids");
+    // The fit is deterministic: refitting the winning grid gives the coefficients it scored.
+    let coefficients = if fitting {
+        run(timesteps.clone())?.1
+    } else {
+        None
+    };
     Ok(Calibration {
-        timesteps: grid.times(&z).expect("the search keeps only valid grids"),
+        timesteps,
         rmse: best,
         rmse_logsnr,
         rmse_trailing,
         teacher_rmse,
         evals,
+        coefficients,
     })
 }
 
@@ -209,6 +313,14 @@ fn check(opts: &CalibrateOptions) -> Result<()> {
             ),
             &["teacher_steps", "steps"],
         ));
+    }
+    if is_fitted(&opts.sampler) && opts.steps > MAX_FITTED_STEPS {
+        let allowed = format!("must be at most {MAX_FITTED_STEPS} for the fitted sampler (its late predictions are nearly collinear)");
+        return Err(Error::out_of_range("steps", opts.steps, &allowed));
+    }
+    if opts.starts > 1000 {
+        let allowed = "must be in 1..=1000 (0: the default)";
+        return Err(Error::out_of_range("starts", opts.starts, allowed));
     }
     if opts.max_evals == 1 || opts.max_evals > 1_000_000 {
         let allowed = "must be in 2..=1000000 (0: the default)";
@@ -262,7 +374,6 @@ fn compass_search(
     mut fz: f64,
     budget: usize,
     f: &mut dyn FnMut(&[f64]) -> Result<f64>,
-    progress: &mut dyn FnMut(usize, f64),
 ) -> Result<(Vec<f64>, f64)> {
     let (mut delta, mut used) = (1.0, 0);
     while delta >= 0.02 && used < budget {
@@ -276,7 +387,6 @@ fn compass_search(
                 y[i] += s * delta;
                 let fy = f(&y)?;
                 used += 1;
-                progress(used + 1, fz.min(fy));
                 if fy < fz {
                     (z, fz, improved) = (y, fy, true);
                     break;
@@ -309,14 +419,7 @@ mod tests {
         let mut f = |z: &[f64]| -> Result<f64> {
             Ok(z.iter().zip(target).map(|(a, b)| (a - b).powi(2)).sum())
         };
-        let (z, fz) = compass_search(
-            vec![0.0; 3],
-            f(&[0.0; 3]).unwrap(),
-            10_000,
-            &mut f,
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let (z, fz) = compass_search(vec![0.0; 3], f(&[0.0; 3]).unwrap(), 10_000, &mut f).unwrap();
         // The search stops once delta < 0.02, so each coordinate is within 0.02 of the minimum.
         for (a, b) in z.iter().zip(target) {
             assert!((a - b).abs() <= 0.02, "{z:?}");
@@ -331,7 +434,7 @@ mod tests {
             calls += 1;
             Ok(z.iter().map(|v| (v - 5.0).powi(2)).sum())
         };
-        compass_search(vec![0.0; 4], 100.0, 7, &mut f, &mut |_, _| {}).unwrap();
+        compass_search(vec![0.0; 4], 100.0, 7, &mut f).unwrap();
         assert_eq!(calls, 7);
     }
 
