@@ -192,11 +192,15 @@ def test_stopped_runs_equal_the_straight_run_and_export(tmp_path: Path, edgediff
     # --snapshot exports a checkpoint's other weights without training. Its `sampling` record
     # makes `--steps K` alone the lcm sampler on the student's K-step grid (4: 749, 549, 374,
     # 199), the same samples as that list given; a spacing given replaces the grid.
+    # --sampling replaces some step counts' grids in both records (1 step at 699 here).
     snap = tmp_path / "target.onnx"
-    distill.main(["--out-dir", str(tmp_path / "a"), "--snapshot",
-                  str(snap), "--weights", "target"])
-    assert read_metadata(snap)["distillation"]["training"]["exported_weights"] == "target"
-    assert read_metadata(snap)["sampling"]["timesteps"]["2"] == [749, 374]
+    distill.main(["--out-dir", str(tmp_path / "a"), "--snapshot", str(snap), "--weights",
+                  "target", "--sampling", "1=699"])
+    meta = read_metadata(snap)
+    assert meta["distillation"]["training"]["exported_weights"] == "target"
+    grids = {"1": [699], "2": [749, 374], "4": [749, 549, 374, 199],
+             "8": [749, 649, 549, 474, 374, 274, 199, 99]}
+    assert meta["sampling"]["timesteps"] == grids == meta["distillation"]["sampler"]["timesteps"]
     outs = []
     for grid in (["--steps", "4"], ["--sampler", "lcm", "--timesteps", "749,549,374,199"],
                  ["--steps", "4", "--spacing", "trailing"]):
@@ -232,9 +236,17 @@ def test_bad_teachers_and_options_exit_with_their_codes(tmp_path: Path, capsys) 
         distill.main(["--out-dir", str(tmp_path / "none"), "--snapshot", str(tmp_path / "s.onnx")])
     assert e.value.code == 2 and "start the run first" in capsys.readouterr().err
     assert not (tmp_path / "never").exists()
-    # A checkpoint is resumed only with the settings (and teacher) that made it.
     distill.distill(tmp_path / "run", teacher, distill.DistillConfig(steps=1, batch_size=2), 100,
                     None, 1, data=bars(4))
+    for spec, needle in (("2=749", "give 2 distinct decreasing times"),
+                         ("2=374,749", "give 2 distinct decreasing times"),
+                         ("1=999", "from the trained grid (749, 724"), ("x", "expected STEPS=T1")):
+        with pytest.raises(SystemExit) as e:
+            distill.main(["--out-dir", str(tmp_path / "run"), "--snapshot", str(tmp_path / "s.onnx"),
+                          "--sampling", spec])
+        assert e.value.code == 2 and needle in capsys.readouterr().err, spec
+    assert not (tmp_path / "s.onnx").exists()
+    # A checkpoint is resumed only with the settings (and teacher) that made it.
     with pytest.raises(SystemExit, match="made with other settings or another teacher"):
         distill.distill(tmp_path / "run", teacher, distill.DistillConfig(steps=1, batch_size=4),
                         100, None, 1, data=bars(4))

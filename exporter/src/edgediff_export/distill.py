@@ -192,9 +192,29 @@ def load_teacher(path: Path) -> tuple[nn.Module, dict]:
     return teacher, meta
 
 
+def parse_sampling(specs: list[str], grid: torch.Tensor, t_max: int) -> dict[int, list[int]]:
+    """`K=T1,T2,...` (K steps at these times, most noisy first) -> {K: [T1, ...]}; every time
+    must be one the student was trained at (a grid time up to t_max)."""
+    trained = {t for t in grid.tolist()[1:] if t <= t_max}
+    out = {}
+    for spec in specs:
+        steps, _, times = spec.partition("=")
+        try:
+            k, ts = int(steps), [int(t) for t in times.split(",")]
+        except ValueError:
+            raise ValueError(f"--sampling {spec!r}: expected STEPS=T1,T2,... (integers)") from None
+        if len(ts) != k or ts != sorted(set(ts), reverse=True) or not set(ts) <= trained:
+            raise ValueError(f"--sampling {spec!r}: give {k} distinct decreasing times from the "
+                             f"trained grid ({', '.join(map(str, sorted(trained, reverse=True)))})")
+        out[k] = ts
+    return out
+
+
 def distillation_record(cfg: DistillConfig, meta: dict, teacher_path: Path, done: int,
-                        seconds: float, weights: str, grid: torch.Tensor) -> dict:
-    """The metadata's `distillation` entry: how the student was made and how to sample it."""
+                        seconds: float, weights: str, grid: torch.Tensor,
+                        grids: dict[str, list[int]]) -> dict:
+    """The metadata's `distillation` entry: how the student was made and how to sample it
+    (`grids`: the time steps of each step count, `student_grids`)."""
     top = top_index(grid, cfg.t_max)
     return {
         "method": "consistency-distillation",
@@ -207,25 +227,30 @@ def distillation_record(cfg: DistillConfig, meta: dict, teacher_path: Path, done
                      "exported_weights": weights},
         # Multistep consistency sampling (Song et al.'s algorithm 1: x0, then fresh noise to the
         # next grid time) is the runtime's `lcm`; `ddim --eta 1` at the same times is close.
-        "sampler": {"name": "lcm", "default_steps": 4,
-                    "timesteps": student_grids(grid, top)},
+        "sampler": {"name": "lcm", "default_steps": 4, "timesteps": grids},
     }
 
 
-def student_grids(grid: torch.Tensor, top: int) -> dict[str, list[int]]:
-    """The sampling grid of each step count the student is made for (1, 2, 4, 8)."""
-    return {str(k): student_timesteps(grid, top, k) for k in (1, 2, 4, 8)}
+def student_grids(grid: torch.Tensor, top: int,
+                  chosen: dict[int, list[int]] | None = None) -> dict[str, list[int]]:
+    """The sampling grid of each step count the student is made for (1, 2, 4, 8, and those of
+    `chosen`): `chosen`'s times where given (measured better ones, `--sampling`), else evenly
+    spaced in grid index."""
+    grids = {k: student_timesteps(grid, top, k) for k in (1, 2, 4, 8)} | (chosen or {})
+    return {str(k): v for k, v in sorted(grids.items())}
 
 
-def sampling_record(grid: torch.Tensor, top: int) -> dict:
+def sampling_record(grids: dict[str, list[int]]) -> dict:
     """The metadata's `sampling` entry: what `edgediff sample --model STUDENT` runs with no
     sampler, steps or spacing given (lcm at 4 steps, each step count on its grid)."""
-    return {"sampler": "lcm", "steps": 4, "timesteps": student_grids(grid, top)}
+    return {"sampler": "lcm", "steps": 4, "timesteps": grids}
 
 
-def export_student(ckpt_path: Path, out: Path, weights: str = "ema", name: str = "") -> dict:
+def export_student(ckpt_path: Path, out: Path, weights: str = "ema", name: str = "",
+                   sampling: list[str] | None = None) -> dict:
     """Write the checkpoint's student (`weights`: ema, target or student) as an edgediff ONNX
-    model with a `distillation` metadata record; returns a summary."""
+    model with a `distillation` metadata record (`sampling`: `K=T1,...` specs of its time
+    steps, see `parse_sampling`); returns a summary."""
     ck = torch.load(ckpt_path, weights_only=False, map_location="cpu")
     cfg, meta = DistillConfig(**ck["config"]), ck["teacher_meta"]
     ucfg = UNetConfig.from_dict(meta["extra"]["unet"])
@@ -236,9 +261,11 @@ def export_student(ckpt_path: Path, out: Path, weights: str = "ema", name: str =
     out_meta = unet_metadata(ucfg, meta["schedule"], name,
                              f"consistency-distilled student of {meta.get('name', '')} "
                              f"({ck['step']} steps)", prediction=meta["prediction"])
+    grids = student_grids(grid, top_index(grid, cfg.t_max),
+                          parse_sampling(sampling or [], grid, cfg.t_max))
     out_meta["distillation"] = distillation_record(cfg, meta, ck["teacher_path"], ck["step"],
-                                                   ck["elapsed_s"], weights, grid)
-    out_meta["sampling"] = sampling_record(grid, top_index(grid, cfg.t_max))
+                                                   ck["elapsed_s"], weights, grid, grids)
+    out_meta["sampling"] = sampling_record(grids)
     err = export_unet(model, out_meta, out, timestep_dtype="float32")
     return {"out": str(out), "step": ck["step"], "weights": weights, "max_rel_err": err}
 
@@ -356,6 +383,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="export the checkpoint in --out-dir as it stands and exit (no training)")
     p.add_argument("--weights", choices=WEIGHTS, default="ema",
                    help="which weights --snapshot exports")
+    p.add_argument("--sampling", action="append", default=[], metavar="K=T1,T2,...",
+                   help="--snapshot: record these K time steps for K-step sampling (repeat per "
+                        "K; default: K grid times evenly spaced in index from --t-max)")
     p.add_argument("--name", default="", help="model name in the snapshot's metadata "
                                               "(empty: the teacher's name + '-cd')")
     a = p.parse_args(argv)
@@ -363,7 +393,10 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = a.out_dir / "checkpoint.pt"
         if not ckpt.exists():
             p.error(f"--snapshot: {ckpt} does not exist; start the run first")
-        print(json.dumps(export_student(ckpt, a.snapshot, a.weights, a.name)))
+        try:
+            print(json.dumps(export_student(ckpt, a.snapshot, a.weights, a.name, a.sampling)))
+        except ValueError as e:
+            p.error(str(e))
         return
     if a.teacher is None:
         p.error("--teacher is required (an edgediff ONNX model to distill)")
