@@ -124,6 +124,13 @@ def test_typed_params_match_the_cli(edgediff_bin, tiny_models, tmp_path, env):
     cli("sample", "--sampler", "dpm++2m", "--steps", "6", "-n", "3", "--seed", "5", "--batch-size", "2",
         "--out", str(tmp_path / "sample.npy"))
     assert (out / "sample.npy").read_bytes() == (tmp_path / "sample.npy").read_bytes()
+    # C's first_index 2 with n 2 is the CLI's --first-index 2 -n 2, and rows 2..4 of its -n 4.
+    cli("sample", "--sampler", "dpm++2m", "--steps", "6", "-n", "2", "--first-index", "2", "--seed", "5",
+        "--batch-size", "2", "--out", str(tmp_path / "range.npy"))
+    assert (out / "range.npy").read_bytes() == (tmp_path / "range.npy").read_bytes()
+    cli("sample", "--sampler", "dpm++2m", "--steps", "6", "-n", "4", "--seed", "5", "--batch-size", "2",
+        "--out", str(tmp_path / "four.npy"))
+    assert np.load(tmp_path / "four.npy")[2:].tobytes() == np.load(out / "range.npy").tobytes()
     cli("sample", "--steps", "5", "-n", "2", "--seed", "9", "--spacing", "karras", "--rho", "5",
         "--dynamic-threshold", "0.9", "--threshold-max", "2", "--out", str(tmp_path / "karras.npy"))
     assert (out / "karras.npy").read_bytes() == (tmp_path / "karras.npy").read_bytes()

@@ -172,6 +172,13 @@ def cases():
          lambda t, m: ["--model", str(m), "-n", "64", "--ULIMIT"], 4),
         ("resume-other-job", "resuming an output that another job's options made",
          lambda t, m: _made_with_seed_1(t, m), 2),
+        ("resume-other-range", "resuming an output of another index range (`--first-index`)",
+         lambda t, m: _made_from_index_4(t, m), 2),
+        ("first-index-overflow", "a first index whose range passes the largest index",
+         lambda t, m: ["--model", str(m), "-n", "2", "--first-index", "18446744073709551615"], 2),
+        ("first-index-init-noise", "a first index with injected noise (it replaces the streams the index selects)",
+         lambda t, m: do(np.save(t / "z.npy", np.zeros((2, 1, 8, 8), np.float32)),
+                         ["--model", str(m), "--init-noise", str(t / "z.npy"), "--first-index", "2"]), 2),
         ("partial-link", "a symbolic link planted where the hidden partial file goes",
          lambda t, m: do(os.symlink(t / "elsewhere", t / ".out.npy.partial"), ["--model", str(m)]), 4),
         ("out-is-directory", "a .npy output path that is an existing directory",
@@ -379,6 +386,12 @@ def _made_with_seed_1(t: Path, m: Path) -> list[str]:
     run_cli(ROOT / "target" / "debug" / "edgediff", "sample", "--model", str(m), "-n", "2", "--steps", "2",
             "-q", "--seed", "1", "--out", str(t / "imgs"))
     return ["--model", str(m), "-n", "2", "--seed", "2", "--resume", "--out", str(t / "imgs")]
+
+
+def _made_from_index_4(t: Path, m: Path) -> list[str]:
+    run_cli(ROOT / "target" / "debug" / "edgediff", "sample", "--model", str(m), "-n", "2", "--steps", "2",
+            "-q", "--first-index", "4", "--out", str(t / "range.npy"))
+    return ["--model", str(m), "-n", "2", "--resume", "--out", str(t / "range.npy")]
 
 
 def _torch_model(dst: Path, module, sample_dtype=None, extra=None) -> None:

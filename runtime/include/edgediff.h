@@ -308,6 +308,15 @@ typedef struct edgediff_sample_params {
                                  * the fitted sampler's coefficients replace sampler, steps,
                                  * spacing and timesteps; refused for a model of another
                                  * schedule (`edgediff sample --calibration`) [NULL: none] */
+    /* Appended for index ranges (same rule). */
+    size_t first_index;         /* index of the first sample in the seed's stream: sample i is
+                                 * sample first_index + i of the seed (its noise, its prompt of
+                                 * prompts, its number in messages), so runs of n from 0, n, 2n, ...
+                                 * make one run's samples (`edgediff sample --first-index`);
+                                 * init_image and inpainting's images are the range's own;
+                                 * refused with init_noise, by edgediff_invert, and where
+                                 * first_index + n overflows; a folder output names files by
+                                 * it [0] */
 } edgediff_sample_params;
 
 /* Fills *params with the defaults; size is sizeof *params (use edgediff_sample_params_init). */
@@ -366,8 +375,9 @@ int edgediff_inpaint_with(const edgediff_model *model, const edgediff_sample_par
  * range). Reads steps, spacing, rho, batch_size, class_label and progress of params; sampler
  * must be "ddim" with eta unset or 0, and timesteps, guidance, x0_clip, init_noise,
  * step_noise, prompt, negative_prompt, vae_tile_size, init_image, strength, prompts,
- * latents_out, height and width must be unset (inversion has no use for them). The same
- * params with init_noise set to the noise decode it again through edgediff_sample_with.
+ * latents_out, height, width and first_index must be unset (inversion has no use for
+ * them). The same params with init_noise set to the noise decode it again through
+ * edgediff_sample_with.
  * progress's return value is not heeded (inversion cannot be cancelled). */
 int edgediff_invert(const edgediff_model *model, const edgediff_sample_params *params,
                     const float *images, size_t n, float *noise, size_t noise_len);
@@ -385,10 +395,10 @@ void edgediff_request_free(edgediff_request *req);
 
 /* Sets a parameter from text: any field of edgediff_sample_params holding a name or a number,
  * by its field name ("sampler", "steps", "spacing" as a name, "rho", "eta", "gamma", "order",
- * "snr", "rtol", "atol", "min_steps", "max_steps", "n", "batch_size", "seed", "class_label" or
- * "class" (negative: unconditional), "guidance", "x0_clip" ("none", "range", "dynamic"),
- * "dynamic_threshold", "threshold_max", "vae_tile_size", "height", "width", "strength" (for
- * edgediff_inpaint: img2img needs init_image, which is no text)), "prompt" and
+ * "snr", "rtol", "atol", "min_steps", "max_steps", "n", "first_index", "batch_size", "seed",
+ * "class_label" or "class" (negative: unconditional), "guidance", "x0_clip" ("none", "range",
+ * "dynamic"), "dynamic_threshold", "threshold_max", "vae_tile_size", "height", "width",
+ * "strength" (for edgediff_inpaint: img2img needs init_image, which is no text)), "prompt" and
  * "negative_prompt" (the request keeps its own copy of the text), "prompts" as one prompt
  * per line (as a `--prompts` file: "\n" or "\r\n" ends a line, a final one is optional) and
  * "timesteps" as a comma-separated list. The buffers (init_image, init_noise, step_noise,

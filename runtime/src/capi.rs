@@ -1035,6 +1035,9 @@ pub struct EdgediffSampleParams {
     /// A calibration file (`edgediff calibrate --save`) whose sampler, time steps and
     /// coefficients replace `sampler`, `steps`, `spacing` and `timesteps`; NULL: none.
     pub calibration: *const c_char,
+    // Version 7 (index ranges): appended likewise.
+    /// `SampleOptions::first_index`: sample i is sample `first_index + i` of the seed.
+    pub first_index: usize,
 }
 
 // SAFETY: repr(C), struct_size first, only integers, floats, raw and Option<fn> pointers.
@@ -1103,6 +1106,7 @@ impl EdgediffSampleParams {
             height: d.image_size.map_or(0, |[h, _]| h),
             width: d.image_size.map_or(0, |[_, w]| w),
             calibration: std::ptr::null(),
+            first_index: d.first_index,
         }
     }
 
@@ -1177,6 +1181,7 @@ unsafe fn sample_options(p: &EdgediffSampleParams) -> Result<SampleOptions, Erro
         spacing,
         timesteps,
         n: p.n,
+        first_index: p.first_index,
         batch_size: p.batch_size,
         seed: p.seed,
         class_label: class_of(p.class_label),
@@ -1441,6 +1446,7 @@ impl Op {
                     ("latents_out", !p.latents_out.is_null()),
                     ("height", p.height != 0),
                     ("width", p.width != 0),
+                    ("first_index", p.first_index != 0),
                 ],
             ),
         };
@@ -1983,6 +1989,7 @@ impl EdgediffRequest {
             "height" => p.height = size(value)?,
             "width" => p.width = size(value)?,
             "n" => p.n = size(value)?,
+            "first_index" => p.first_index = size(value)?,
             "batch_size" => p.batch_size = size(value)?,
             "seed" => p.seed = num(key, value, "an unsigned integer")?,
             "order" => p.order = int(value)?,
@@ -2877,6 +2884,27 @@ mod tests {
     }
 
     #[test]
+    fn a_version_6_struct_reads_no_first_index() {
+        // A program built before index ranges: its struct ends at calibration, and what lies
+        // after it (here an index) is not read.
+        let mut p = EdgediffSampleParams::defaults();
+        p.first_index = 12;
+        p.struct_size = std::mem::offset_of!(EdgediffSampleParams, first_index);
+        // SAFETY: `p` is a whole struct; read_prefix reads only its first struct_size bytes.
+        let read = unsafe { read_prefix(&p, EdgediffSampleParams::defaults()) }.unwrap();
+        assert_eq!(read.first_index, 0);
+        p.struct_size = std::mem::size_of::<EdgediffSampleParams>();
+        // SAFETY: as above.
+        let read = unsafe { read_prefix(&p, EdgediffSampleParams::defaults()) }.unwrap();
+        // SAFETY: the test's structs hold static strings and no other pointer.
+        assert_eq!(unsafe { sample_options(&read) }.unwrap().first_index, 12);
+        let mut r = EdgediffRequest::new();
+        r.set("first_index", "8").unwrap();
+        assert_eq!(r.params().first_index, 8);
+        assert!(r.set("first_index", "-1").is_err());
+    }
+
+    #[test]
     fn request_prompts_are_lines() {
         let mut r = EdgediffRequest::new();
         r.set("prompts", "a cat\r\nthe sea\n").unwrap();
@@ -2918,11 +2946,12 @@ mod tests {
         // 64-bit targets: every field 8 bytes but the pairs of ints, so adding a field later
         // cannot land in padding an older caller left uninitialised.
         if std::mem::size_of::<usize>() == 8 {
-            assert_eq!(std::mem::size_of::<EdgediffSampleParams>(), 41 * 8);
+            assert_eq!(std::mem::size_of::<EdgediffSampleParams>(), 42 * 8);
             // Version 1 (before the prompts) was 27 fields of 8 bytes, version 2 (before
             // vae_tile_size) 29, version 3 (before init_image) 30, version 4 (before height)
-            // 38 ending with gamma, version 5 (before calibration) 40 ending with width;
-            // version 6 ends with calibration.
+            // 38 ending with gamma, version 5 (before calibration) 40 ending with width,
+            // version 6 (before first_index) 41 ending with calibration; version 7 ends with
+            // first_index.
             assert_eq!(EdgediffSampleParams::MIN_SIZE, 27 * 8);
             assert_eq!(
                 std::mem::offset_of!(EdgediffSampleParams, vae_tile_size),
@@ -2938,6 +2967,10 @@ mod tests {
             assert_eq!(
                 std::mem::offset_of!(EdgediffSampleParams, calibration),
                 40 * 8
+            );
+            assert_eq!(
+                std::mem::offset_of!(EdgediffSampleParams, first_index),
+                41 * 8
             );
             assert_eq!(std::mem::size_of::<EdgediffModelParams>(), 5 * 8 + 6 * 4);
             assert_eq!(std::mem::size_of::<EdgediffLikelihoodParams>(), 13 * 8);

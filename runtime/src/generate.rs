@@ -47,6 +47,15 @@ pub struct SampleOptions {
     pub timesteps: Option<Vec<f64>>,
     /// Number of samples. Default: 16.
     pub n: usize,
+    /// Index of the run's first sample in the seed's stream of samples: sample i of this run
+    /// is sample `first_index + i` of the seed (its random stream, its prompt of `prompts`,
+    /// its number in error messages), so runs of `n` samples from first indices 0, n, 2n, ...
+    /// make, together, exactly the samples of one run from 0 (index ranges, for sharding a
+    /// job over processes or machines). Arrays given per sample (`init_image`, inpainting's
+    /// images) are the range's own, row 0 its first sample; injected noise is refused with a
+    /// first index (it replaces the streams the index selects). `first_index + n` must fit
+    /// in a usize. Default: 0.
+    pub first_index: usize,
     /// Samples per network call; memory grows with it, not with `n`. Default: 64.
     pub batch_size: usize,
     /// Seed of every random stream; the same seed gives the same samples. Default: 0.
@@ -70,8 +79,9 @@ pub struct SampleOptions {
     /// The prompt guidance steers away from (None: the empty prompt, the unconditional
     /// embedding). Default: None.
     pub negative_prompt: Option<String>,
-    /// One prompt per sample, instead of `prompt`: sample i uses `prompts[i % len]` (a list
-    /// shorter than `n` is cycled). Sample i keeps its own random stream, so it is the sample
+    /// One prompt per sample, instead of `prompt`: sample i uses `prompts[(first_index + i) %
+    /// len]` (a list shorter than the samples is cycled; `first_index` counts in it as for the
+    /// random streams). Sample i keeps its own random stream, so it is the sample
     /// i of a run with `prompt` set to its prompt. Default: None.
     pub prompts: Option<Vec<String>>,
     /// img2img (SDEdit) for a text-to-image pipeline: images `[1, C, H, W]` (one for every
@@ -139,6 +149,7 @@ impl Default for SampleOptions {
             spacing: Spacing::Trailing,
             timesteps: None,
             n: 16,
+            first_index: 0,
             batch_size: 64,
             seed: 0,
             class_label: None,
@@ -375,8 +386,12 @@ pub(crate) struct BatchPlan<'a> {
 
 /// One batch as the code that samples it sees it.
 pub(crate) struct Batch<'a> {
-    /// Index of the batch's first sample in the run.
+    /// Index of the batch's first sample in the run (rows of the run's per-sample arrays).
     pub first: usize,
+    /// Index of the batch's first sample in the seed's stream of samples
+    /// ([`SampleOptions::first_index`] + `first`): what its random streams, prompts and
+    /// error messages follow.
+    pub index: usize,
     /// Samples in the batch.
     pub len: usize,
     /// The model as a denoiser: labels, x0 clipping, guidance and cancellation applied.
@@ -456,6 +471,7 @@ pub(crate) fn run_batches(
     let mut undecoded = Vec::new();
     for (b, &(first, m)) in batches.iter().enumerate() {
         model.enter(Stage::Sampling);
+        let index = opts.first_index + first;
         let mut seeded;
         let mut rows;
         let noise: &mut dyn NoiseSource = match plan.injected {
@@ -464,20 +480,20 @@ pub(crate) fn run_batches(
                 &mut rows
             }
             None => {
-                seeded = SeededNoise::new(opts.seed, first, m, shapes.sample);
+                seeded = SeededNoise::new(opts.seed, index, m, shapes.sample);
                 &mut seeded
             }
         };
         let x = noise.initial()?.mapv(|v| v * prior_std as f32);
         // Encoded before the denoiser borrows the model for the batch.
         let cond = match &text {
-            Some(t) => Some(prompt_rows(model, opts, t, first, m)?),
+            Some(t) => Some(prompt_rows(model, opts, t, index, m)?),
             None => None,
         };
         let channels = plan
             .channels
             .map(|c| c.slice(s![first..first + m, .., .., ..]).to_owned());
-        let mut net = ModelDenoiser::new(model, plan.label.map(|k| vec![k; m]), first)
+        let mut net = ModelDenoiser::new(model, plan.label.map(|k| vec![k; m]), index)
             .with_channels(channels)
             .with_cancel(opts.cancel.clone())
             .with_unconditional(guidance.map(|(_, null)| vec![null; m]));
@@ -501,6 +517,7 @@ pub(crate) fn run_batches(
         let mut den = Clipped::new(Guided::new(&mut net, scale), opts.x0_clip, meta.data_range);
         let mut batch = Batch {
             first,
+            index,
             len: m,
             den: &mut den,
             noise,
@@ -614,8 +631,9 @@ struct TextConditioning {
     encoded: HashMap<String, Array3<f32>>,
 }
 
-/// The hidden states `[m, L, D]` of samples `first .. first + m`: the run's prompt for each,
-/// or each sample's own prompt of `opts.prompts`, every distinct one encoded once.
+/// The hidden states `[m, L, D]` of samples `first .. first + m` (indices in the seed's
+/// stream): the run's prompt for each, or each sample's own prompt of `opts.prompts`, every
+/// distinct one encoded once.
 fn prompt_rows(
     model: &mut Model,
     opts: &SampleOptions,
@@ -660,7 +678,8 @@ fn prompt_rows(
 }
 
 /// The hidden states of every distinct prompt of `opts.prompts` that the samples in `ranges`
-/// use (none without a prompt list), each `[1, L, D]`.
+/// (of the run, from `opts.first_index` in the seed's stream) use (none without a prompt
+/// list), each `[1, L, D]`.
 fn encode_prompts(
     model: &mut Model,
     opts: &SampleOptions,
@@ -677,7 +696,7 @@ fn encode_prompts(
             break;
         }
         for i in r.clone() {
-            used[i % k] = true;
+            used[(opts.first_index + i) % k] = true;
         }
     }
     let mut encoded = HashMap::new();
@@ -757,6 +776,7 @@ pub(crate) fn prepare(
     if opts.batch_size == 0 {
         return Err(Error::options("{0} must be at least 1", &["batch_size"]));
     }
+    check_first_index(opts, injected)?;
     let meta = model.metadata().clone();
     if let (Some(img), Some([h, w])) = (&opts.init_image, opts.image_size) {
         let k = img.shape();
@@ -894,6 +914,30 @@ pub(crate) fn prepare(
     }
     guidance_for(model, opts)?;
     Ok((labels, lv))
+}
+
+/// Refuses a range whose last index would not fit in a usize, and a first index with injected
+/// noise: the noise replaces the seed's streams, so the index would select nothing in it, and a
+/// caller who meant rows of a whole run's noise file would silently get other samples.
+fn check_first_index(opts: &SampleOptions, injected: Option<&InjectedNoise>) -> Result<()> {
+    if opts.first_index.checked_add(opts.n).is_none() {
+        return Err(Error::out_of_range(
+            "first_index",
+            opts.first_index,
+            &format!(
+                "plus n {} passes the largest index {}; give a smaller first index",
+                opts.n,
+                usize::MAX
+            ),
+        ));
+    }
+    if opts.first_index != 0 && injected.is_some() {
+        return Err(Error::options(
+            "{0} selects samples of the seed's random streams, which {1} replaces; give the noise of the range's own samples (rows K..K+n of a whole run's noise) with {0} 0",
+            &["first_index", "init_noise"],
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses coefficients without the `fitted` sampler and the `fitted` sampler without its

@@ -111,6 +111,11 @@ pub(crate) fn job_record(
         m.insert("init_image".into(), json!(array_fingerprint(img.iter())));
         m.insert("strength".into(), json!(opts.strength));
     }
+    if opts.first_index != 0 {
+        // Another range of the same job is another output: resuming it into this one would
+        // mix samples of two ranges.
+        m.insert("first_index".into(), json!(opts.first_index));
+    }
     if opts.steps_offset != 0 {
         m.insert("steps_offset".into(), json!(opts.steps_offset));
     }
@@ -196,8 +201,8 @@ pub(crate) fn check_record(at: &Path, out: &Path, want: &Map<String, Value>) -> 
                 format!(
                     "{{0}}: {} was made with {{1}} {}, this run has {}; give the same options to continue it, or remove it",
                     out.display(),
-                    show(old),
-                    show(value)
+                    show(key, old),
+                    show(key, value)
                 ),
                 &["resume", arg],
             ));
@@ -212,6 +217,7 @@ const KEYS: &[&str] = &[
     "model",
     "sample_shape",
     "n",
+    "first_index",
     "sampler",
     "sampler_options",
     "steps",
@@ -236,8 +242,10 @@ const KEYS: &[&str] = &[
     "step_noise",
 ];
 
-fn show(v: &Value) -> String {
+/// An entry's value as a message shows it; an absent first index is 0 (recorded only when not).
+fn show(key: &str, v: &Value) -> String {
     match v {
+        Value::Null if key == "first_index" => "0".into(),
         Value::Null => "none".into(),
         Value::String(s) => s.clone(),
         other => other.to_string(),

@@ -55,6 +55,9 @@ pub(crate) struct Output {
     kind: OutKind,
     range: [f64; 2],
     n: usize,
+    /// Global index of the first sample (`SampleOptions::first_index`): a folder names its
+    /// files by it, so the folders of index ranges merge by copying.
+    first: usize,
     shape: [usize; 3],
     grid_cols: Option<usize>,
     grid: Vec<Array4<f32>>,
@@ -166,14 +169,15 @@ fn is_whole_sample(file: &Path, shape: [usize; 3], range: [f64; 2]) -> bool {
 }
 
 impl Output {
-    /// Prepares `path` for `n` samples of `shape` in the data range `range`; returns the
-    /// output and the sample ranges still to generate (all of 0..n unless `resume` finds work
-    /// already done). `job` is the identity of the run (see `job.rs`): recorded beside folder
+    /// Prepares `path` for the samples of global indices `samples` (n of them), of `shape` in
+    /// the data range `range`; returns the output and the sample ranges still to generate, as
+    /// indices of the run (all of 0..n unless `resume` finds work already done). A folder
+    /// names sample i `{first + i:06}.png`. `job` is the identity of the run (see `job.rs`): recorded beside folder
     /// and `.npy` outputs, and what `resume` checks before continuing one. `grid_cols` sets a
     /// grid's columns (None: square).
     pub(crate) fn create(
         path: &Path,
-        n: usize,
+        samples: Range<usize>,
         shape: [usize; 3],
         range: [f64; 2],
         resume: bool,
@@ -186,11 +190,13 @@ impl Output {
             (Some(j), OutKind::Folder | OutKind::Npy) => Some((job::record_path(path)?, j.clone())),
             _ => None,
         };
+        let n = samples.len();
         let mut out = Output {
             path: path.into(),
             kind,
             range,
             n,
+            first: samples.start,
             shape,
             grid_cols,
             grid: Vec::new(),
@@ -220,7 +226,7 @@ impl Output {
     }
 
     fn sample_path(&self, i: usize) -> PathBuf {
-        self.path.join(format!("{i:06}.png"))
+        self.path.join(format!("{:06}.png", self.first + i))
     }
 
     /// Locks the folder, then either checks the job and keeps the whole samples (resume) or
@@ -241,8 +247,11 @@ impl Output {
 
     /// The samples a locked folder still needs (see [`Output::open_folder`]).
     fn folder_todo(&mut self, resume: bool) -> Result<Vec<Range<usize>>> {
+        // A record without the range's samples is still of the folder's job (another range's
+        // samples may lie there): resumed, it must be this job's too.
+        let recorded = self.record.as_ref().is_some_and(|(at, _)| at.exists());
         let any_sample = (0..self.n).any(|i| self.sample_path(i).exists());
-        if resume && any_sample {
+        if resume && (any_sample || recorded) {
             if let Some((at, want)) = &self.record {
                 job::check_record(at, &self.path, want)?;
             }
@@ -493,7 +502,7 @@ pub fn generate_to_path(
     let meta = model.metadata().clone();
     let (mut output, todo) = Output::create(
         path,
-        opts.n,
+        opts.first_index..opts.first_index + opts.n,
         opts.shapes(model)?.output,
         meta.data_range,
         resume,
@@ -522,16 +531,19 @@ pub fn generate_to_path(
     }
 }
 
-/// Writes all of `x` at once (for outputs small enough to hold: reconstructions, strips).
+/// Writes all of `x` at once (for outputs small enough to hold: reconstructions, strips); a
+/// folder names row i by `first + i`, the sample's global index (inpainting's
+/// [`crate::SampleOptions::first_index`]; 0 elsewhere).
 pub fn write_all(
     x: &Array4<f32>,
     path: &Path,
     range: [f64; 2],
     grid_cols: Option<usize>,
+    first: usize,
 ) -> Result<Vec<PathBuf>> {
-    let [_, c, h, w] = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
-    let (mut out, _) =
-        Output::create(path, x.shape()[0], [c, h, w], range, false, grid_cols, None)?;
+    let [n, c, h, w] = [x.shape()[0], x.shape()[1], x.shape()[2], x.shape()[3]];
+    let samples = first..first + n;
+    let (mut out, _) = Output::create(path, samples, [c, h, w], range, false, grid_cols, None)?;
     out.write(0, x.clone())?;
     out.finish()
 }
@@ -552,7 +564,7 @@ mod tests {
         let path = dir.path().join("x.npy");
         let x = Array4::from_shape_fn((5, 1, 2, 2), |(i, _, j, k)| (i * 4 + j * 2 + k) as f32);
         let (mut out, todo) =
-            Output::create(&path, 5, [1, 2, 2], [0.0, 1.0], false, None, None).unwrap();
+            Output::create(&path, 0..5, [1, 2, 2], [0.0, 1.0], false, None, None).unwrap();
         assert_eq!(todo, vec![0..5]);
         out.write(0, x.slice(ndarray::s![0..2, .., .., ..]).to_owned())
             .unwrap();
@@ -566,7 +578,7 @@ mod tests {
         f.write_all(&[0u8; 6]).unwrap();
         assert!(!path.exists());
         let (mut out, todo) =
-            Output::create(&path, 5, [1, 2, 2], [0.0, 1.0], true, None, None).unwrap();
+            Output::create(&path, 0..5, [1, 2, 2], [0.0, 1.0], true, None, None).unwrap();
         assert_eq!(todo, vec![2..5]);
         out.write(2, x.slice(ndarray::s![2..5, .., .., ..]).to_owned())
             .unwrap();
@@ -574,8 +586,9 @@ mod tests {
         let back = crate::npy::read_npy(&path).unwrap();
         assert_eq!(back.as_slice().unwrap(), x.as_slice().unwrap());
         // Resuming a complete file does nothing; a different shape is refused.
-        let (_, todo) = Output::create(&path, 5, [1, 2, 2], [0.0, 1.0], true, None, None).unwrap();
+        let (_, todo) =
+            Output::create(&path, 0..5, [1, 2, 2], [0.0, 1.0], true, None, None).unwrap();
         assert!(todo.is_empty());
-        assert!(Output::create(&path, 6, [1, 2, 2], [0.0, 1.0], true, None, None).is_err());
+        assert!(Output::create(&path, 0..6, [1, 2, 2], [0.0, 1.0], true, None, None).is_err());
     }
 }

@@ -98,6 +98,29 @@ int main(int argc, char **argv) {
     EXPECT(finite, "finite samples");
     EXPECT(edgediff_sample_to_file_with(model, &p, path_in(dir, "sample.npy"), 0) == EDGEDIFF_OK, "to file");
 
+    /* An index range: samples 2 and 3 of the same settings (OUTDIR/range.npy, for the CLI's
+     * --first-index 2 -n 2 and rows 2..4 of its -n 4). A smaller struct_size reads none of it. */
+    edgediff_sample_params rp = p;
+    EXPECT(rp.first_index == 0, "first_index defaults to 0");
+    rp.first_index = 2;
+    rp.n = 2;
+    rp.progress = NULL;
+    EXPECT(edgediff_sample_to_file_with(model, &rp, path_in(dir, "range.npy"), 0) == EDGEDIFF_OK, "range to file");
+    float *r0 = calloc(2 * per, sizeof(float)), *r1 = calloc(2 * per, sizeof(float));
+    EXPECT(edgediff_sample_with(model, &rp, r0, 2 * per) == EDGEDIFF_OK && memcmp(r0, a + 2 * per, per * sizeof(float)) == 0,
+           "sample 2 of a range from 2 is sample 2 of the run from 0");
+    rp.struct_size = offsetof(edgediff_sample_params, first_index);
+    EXPECT(edgediff_sample_with(model, &rp, r1, 2 * per) == EDGEDIFF_OK && memcmp(r1, a, 2 * per * sizeof(float)) == 0,
+           "a version 6 struct reads no first_index");
+    rp.struct_size = sizeof rp;
+    rp.first_index = SIZE_MAX;
+    EXPECT(argument_error(edgediff_sample_with(model, &rp, r1, 2 * per), "first_index"), "first_index + n overflows");
+    rp.first_index = 2;
+    rp.init_noise = a;
+    rp.init_noise_len = 2 * per;
+    EXPECT(argument_error(edgediff_sample_with(model, &rp, r1, 2 * per), "first_index"), "first_index with init_noise");
+    free(r0); free(r1);
+
     /* The request API with the same settings gives the same samples. */
     edgediff_request *req = NULL;
     edgediff_request_new(&req);
@@ -258,6 +281,9 @@ int main(int argc, char **argv) {
     ip.guidance = NAN;
     ip.strength = 0.5;
     EXPECT(argument_error(edgediff_invert(model, &ip, a, p.n, z, len), "strength"), "no strength in inversion");
+    ip.strength = NAN;
+    ip.first_index = 4;
+    EXPECT(argument_error(edgediff_invert(model, &ip, a, p.n, z, len), "first_index"), "no index range in inversion");
     free(z);
 
     /* Likelihood of two of the images. */

@@ -203,7 +203,7 @@ pub(super) fn invert(cmd: InvertCmd) -> Result<()> {
         b.update(d, t)
     })?;
     if let Some(path) = &cmd.reconstruction {
-        write_all(&recon, path, meta.data_range, None)?;
+        write_all(&recon, path, meta.data_range, None, 0)?;
     }
     // Round-trip error per sample, in data units; PSNR against the range's width.
     let rmse: Vec<f64> = images
@@ -322,7 +322,7 @@ pub(super) fn interpolate(cmd: InterpolateCmd) -> Result<()> {
     let x = generate(&mut model, &opts, Some(&injected), &mut |d, t| {
         bar.update(d, t)
     })?;
-    let files = write_all(&x, &cmd.out, meta.data_range, Some(cmd.frames))?;
+    let files = write_all(&x, &cmd.out, meta.data_range, Some(cmd.frames), 0)?;
     if cmd.json {
         let summary = serde_json::json!({
             "out": cmd.out, "files": files, "frames": cmd.frames, "sampler": sampler.name(),
@@ -391,6 +391,10 @@ pub(super) struct InpaintCmd {
     /// random seed (default 0)
     #[argh(option, default = "0")]
     seed: u64,
+    /// index in the seed's streams of the first image's noise (default 0): the images given
+    /// are samples K.. of a larger job, inpainted as that job's one run would
+    #[argh(option, default = "0")]
+    first_index: usize,
     /// class label for class-conditional models
     #[argh(option)]
     class: Option<i64>,
@@ -484,6 +488,7 @@ pub(super) fn inpaint(cmd: InpaintCmd) -> Result<()> {
         n,
         batch_size: cmd.batch_size,
         seed: cmd.seed,
+        first_index: cmd.first_index,
         class_label: cmd.class,
         guidance: cmd.guidance,
         prompt: cmd.prompt,
@@ -507,7 +512,7 @@ pub(super) fn inpaint(cmd: InpaintCmd) -> Result<()> {
         injected.as_ref(),
         &mut |d, t| b.update(d, t),
     )?;
-    let files = write_all(&x, &cmd.out, meta.data_range, None)?;
+    let files = write_all(&x, &cmd.out, meta.data_range, None, cmd.first_index)?;
     // How far the known pixels came back from the image (they are not pasted in).
     let (mut se, mut count) = (0.0f64, 0usize);
     for i in 0..n {

@@ -124,6 +124,11 @@ struct SampleCmd {
     /// random seed (default 0); the same seed gives the same output
     #[argh(option)]
     seed: Option<u64>,
+    /// index of the first sample in the seed's stream (default 0): `--first-index K -n N`
+    /// makes samples K..K+N-1 of a run with `-n K+N`, byte for byte; a folder output names
+    /// each file by its sample's index (000012.png for 12), so range folders merge by copying
+    #[argh(option, default = "0")]
+    first_index: usize,
     /// class label for class-conditional models
     #[argh(option)]
     class: Option<i64>,
@@ -435,6 +440,7 @@ fn sample(cmd: SampleCmd) -> Result<()> {
         n,
         batch_size: cmd.batch_size.unwrap_or(defaults.batch_size),
         seed: cmd.seed.unwrap_or(defaults.seed),
+        first_index: cmd.first_index,
         class_label: cmd.class,
         x0_clip: x0_clip(cmd.clip_x0, cmd.dynamic_threshold, cmd.threshold_max)?,
         guidance: cmd.guidance,
@@ -480,8 +486,8 @@ fn sample(cmd: SampleCmd) -> Result<()> {
     log::info!("{} samples in {sample_secs:.2}s", n);
     if cmd.json {
         let summary = serde_json::json!({
-            "out": cmd.out, "files": files, "n": n, "sampler": opts.sampler.name(),
-            "height": height, "width": width,
+            "out": cmd.out, "files": files, "n": n, "first_index": opts.first_index,
+            "sampler": opts.sampler.name(), "height": height, "width": width,
             "steps": opts.timesteps.as_ref().map_or(opts.steps, Vec::len),
             "seconds": sample_secs, "model": model.path(), "network_calls": report.network_calls,
             "resumed_samples": skipped, "provider": model_opts.provider.name(),
