@@ -234,7 +234,10 @@ fn route(server: &Server, req: &HttpRequest, stream: &TcpStream) -> Option<Respo
                 });
             match native {
                 Ok(r) => wait(server, r, stream).map(openai_answer),
-                Err(f) => Some(counted(server, f)),
+                Err(failure) => {
+                    server.metrics().outcome(failure.code);
+                    Some(openai_answer(Event::Failed { id: None, failure }))
+                }
             }
         }
         ("DELETE", p) if p.starts_with("/v1/samples/") => {
@@ -274,16 +277,11 @@ fn counted(server: &Server, f: Failure) -> Response {
 fn wait(server: &Server, req: Request, stream: &TcpStream) -> Option<Event> {
     let (tx, rx) = channel();
     let id = server.submit(req, tx);
+    let mut checked = std::time::Instant::now();
     loop {
         match rx.recv_timeout(POLL) {
             Ok(e) if e.is_final() => return Some(e),
-            Ok(_) => {}
-            Err(RecvTimeoutError::Timeout) if client_gone(stream) => {
-                log::info!("serve: the client of {id} disconnected; cancelling it");
-                server.cancel(&id);
-                return None;
-            }
-            Err(RecvTimeoutError::Timeout) => {}
+            Ok(_) | Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => {
                 let f = Failure::new("internal", "the worker stopped without answering");
                 return Some(Event::Failed {
@@ -291,6 +289,15 @@ fn wait(server: &Server, req: Request, stream: &TcpStream) -> Option<Event> {
                     failure: f,
                 });
             }
+        }
+        // Checked every POLL, whether or not progress events arrive in between.
+        if checked.elapsed() >= POLL {
+            if client_gone(stream) {
+                log::info!("serve: the client of {id} disconnected; cancelling it");
+                server.cancel(&id);
+                return None;
+            }
+            checked = std::time::Instant::now();
         }
     }
 }

@@ -175,11 +175,9 @@ impl Request {
                 ),
             ));
         }
-        // OpenAI clients always send a size: a pixel model's own is no request for another.
-        let image_size = match (self.image_size, model.pipeline()) {
-            (Some(size), None) if size == [h, w] => None,
-            (size, _) => size,
-        };
+        // OpenAI clients always send a size: the model's own is no request for another (and
+        // a pixel model refuses any).
+        let image_size = self.image_size.filter(|&size| size != [h, w]);
         let (seed, first) = (
             self.seed.unwrap_or(defaults.seed),
             self.first_index.unwrap_or(0),
