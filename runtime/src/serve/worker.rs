@@ -128,6 +128,7 @@ fn batch_key(opts: &SampleOptions) -> String {
 
 /// Samples `members` (requests of one batch key) as one run, each sample on its own stream,
 /// and answers each.
+#[allow(clippy::single_range_in_vec_init)] // one range of samples: all of them
 fn run_batch(model: &mut Model, members: Vec<(Job, SampleOptions)>, metrics: &Metrics) {
     let start = Instant::now();
     let offsets: Vec<usize> = members
