@@ -518,7 +518,46 @@ def run_case(binary: Path, tiny: Path, tmp: Path, setup) -> tuple[int, str, Path
     return proc.returncode, message, out
 
 
-def table(rows: list[tuple[str, str, int, str]]) -> str:
+# `edgediff serve --stdio`: (id, case, setup(tmp) -> the request line); the answer is an error
+# event with a stable code (docs/serving.md), and the server goes on to the next line.
+def serve_cases():
+    return [
+        ("serve-malformed-json", "serve: a request line that is not JSON", lambda t: "{not json"),
+        ("serve-unknown-field", "serve: a misspelt field",
+         lambda t: json.dumps({"id": "serve-unknown-field", "stpes": 2})),
+        ("serve-unknown-model", "serve: a model that does not exist",
+         lambda t: json.dumps({"id": "serve-unknown-model", "model": str(t / "none.onnx")})),
+        ("serve-unknown-sampler", "serve: an unknown sampler",
+         lambda t: json.dumps({"id": "serve-unknown-sampler", "sampler": "magic"})),
+        ("serve-n-too-large", "serve: more samples than one request may hold",
+         lambda t: json.dumps({"id": "serve-n-too-large", "n": 5000})),
+        ("serve-batch-too-large", "serve: a batch size beyond the server's bound",
+         lambda t: json.dumps({"id": "serve-batch-too-large", "batch_size": 1000})),
+        ("serve-output-directory", "serve: an output .npy that is a directory",
+         lambda t: do((t / "d.npy").mkdir(), json.dumps({"id": "serve-output-directory", "steps": 2,
+                                                           "output": str(t / "d.npy")}))),
+    ]
+
+
+def run_serve_cases(binary: Path, tmp: Path) -> list[tuple[str, str, str, str]]:
+    """Every serve case as one line of one `serve --stdio` run: (id, case, code, message)."""
+    import subprocess
+    tmp.mkdir(parents=True, exist_ok=True)
+    cases = serve_cases()
+    lines = [setup(tmp) for _, _, setup in cases]
+    proc = subprocess.run([str(binary), "serve", "--stdio", "--threads", "1"], input="\n".join(lines) + "\n",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    events = {e["id"]: e for e in map(json.loads, proc.stdout.splitlines()) if e["event"] == "error"}
+    rows = []
+    for cid, case, _ in cases:
+        e = events[cid if cid != "serve-malformed-json" else None]
+        rows.append((cid, case, e["code"], e["message"].replace(str(tmp), "$TMP").replace(str(ROOT), "$REPO")))
+    assert not any(p.is_file() for p in tmp.rglob("*")), list(tmp.rglob("*"))
+    return rows
+
+
+def table(rows: list[tuple[str, str, int, str]], serve_rows: list[tuple[str, str, str, str]] = ()) -> str:
     head = ["# Errors: what bad input gives", "",
             "Every row is run by `tests/test_errors.py` (which also rewrites this table with",
             "`EDGEDIFF_WRITE_ERRORS_DOC=1`): the CLI's exit code, the C library's status for the same",
@@ -536,7 +575,13 @@ def table(rows: list[tuple[str, str, int, str]]) -> str:
             "| case | id | exit | C status | message |", "|---|---|---|---|---|"]
     body = [f"| {case} | `{cid}` | {code} | {C_STATUS.get(code, '-')} | {msg.replace('|', '/')} |"
             for cid, case, code, msg in rows]
-    return "\n".join(head + body) + "\n"
+    serve = ["", "## The server's requests", "",
+             "`edgediff serve` answers a bad request with an error event (stdio: a JSON line; HTTP: the body,",
+             "status 400) carrying a stable `code` (docs/serving.md) and goes on serving. These rows are one",
+             "`serve --stdio` run, a line each; nothing is written at their output paths.", "",
+             "| case | id | code | message |", "|---|---|---|---|"]
+    serve += [f"| {case} | `{cid}` | `{code}` | {msg.replace('|', '/')} |" for cid, case, code, msg in serve_rows]
+    return "\n".join(head + body + serve) + "\n"
 
 
 def test_errors_table(edgediff_bin, tiny_models, tmp_path):
@@ -550,7 +595,7 @@ def test_errors_table(edgediff_bin, tiny_models, tmp_path):
         left = [p for p in out.parent.glob(".*") if p.is_file()]
         assert not left or (cid == "disk-full" and left[0].name == ".out.npy.partial"), (cid, left)
         rows.append((cid, case, code, message))
-    text = table(rows)
+    text = table(rows, run_serve_cases(edgediff_bin, tmp_path / "serve"))
     if os.environ.get("EDGEDIFF_WRITE_ERRORS_DOC"):
         DOC.parent.mkdir(exist_ok=True)
         DOC.write_text(text)

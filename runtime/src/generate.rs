@@ -139,6 +139,11 @@ pub struct SampleOptions {
     /// [`crate::calibrate::file::CalibrationFile::apply`] sets them from a calibration file.
     /// Default: None.
     pub coefficients: Option<Vec<Vec<f64>>>,
+    /// The random stream of each sample as a `(seed, index)` pair, one per sample: sample i
+    /// draws from `streams[i]` in place of (`seed`, `first_index` + i), so that samples of several
+    /// requests sampled in one batch (`edgediff serve`) are each what their own request gives
+    /// alone; `first_index` must then be 0 (the streams say the indices). Default: None.
+    pub streams: Option<Vec<(u64, u64)>>,
 }
 
 impl Default for SampleOptions {
@@ -168,11 +173,50 @@ impl Default for SampleOptions {
             image_size: None,
             cancel: None,
             coefficients: None,
+            streams: None,
         }
     }
 }
 
 impl SampleOptions {
+    /// The `(seed, index)` stream sample `i` of the run draws from.
+    pub(crate) fn stream(&self, i: usize) -> (u64, u64) {
+        match &self.streams {
+            Some(s) => s[i],
+            None => (self.seed, (self.first_index + i) as u64),
+        }
+    }
+
+    /// The defaults for `model` ([`SampleOptions::for_model`]) with the caller's sampler
+    /// (None: the model's, at `params`) and spacing (None: the model's or pipeline's
+    /// scheduler settings; given, it replaces them all, as a scheduler of another spacing
+    /// would have no offset, while the model's steps stay the default), as `edgediff sample`
+    /// and the server take them.
+    pub fn for_choice(
+        model: &Model,
+        sampler: Option<SamplerKind>,
+        params: crate::sampler::SamplerParams,
+        spacing: Option<Spacing>,
+    ) -> Result<SampleOptions> {
+        let model_defaults = SampleOptions::for_model(model);
+        let sampler = match sampler {
+            Some(s) => s,
+            None => SamplerKind::new(model_defaults.sampler.name(), params)?,
+        };
+        let defaults = match spacing {
+            None => model_defaults,
+            Some(spacing) => SampleOptions {
+                steps: model_defaults.steps,
+                spacing,
+                ..SampleOptions::default()
+            },
+        };
+        Ok(SampleOptions {
+            sampler,
+            ..defaults
+        })
+    }
+
     /// These options with the times the model records for their step count
     /// ([`crate::metadata::SamplingDefaults::timesteps`], a distilled student's grid) when the
     /// caller gave neither `timesteps` nor a spacing (`spacing_given`); else unchanged.
@@ -480,7 +524,10 @@ pub(crate) fn run_batches(
                 &mut rows
             }
             None => {
-                seeded = SeededNoise::new(opts.seed, index, m, shapes.sample);
+                seeded = SeededNoise::from_streams(
+                    (first..first + m).map(|i| opts.stream(i)),
+                    shapes.sample,
+                );
                 &mut seeded
             }
         };
@@ -777,6 +824,22 @@ pub(crate) fn prepare(
         return Err(Error::options("{0} must be at least 1", &["batch_size"]));
     }
     check_first_index(opts, injected)?;
+    if opts.streams.is_some() && opts.first_index != 0 {
+        return Err(Error::options(
+            "{0} name each sample's stream: give {1} in them, not beside them",
+            &["streams", "first_index"],
+        ));
+    }
+    if let Some(s) = opts.streams.as_ref().filter(|s| s.len() != opts.n) {
+        return Err(Error::options(
+            format!(
+                "{{0}} holds {} streams for {} samples ({{1}})",
+                s.len(),
+                opts.n
+            ),
+            &["streams", "n"],
+        ));
+    }
     let meta = model.metadata().clone();
     if let (Some(img), Some([h, w])) = (&opts.init_image, opts.image_size) {
         let k = img.shape();

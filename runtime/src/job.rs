@@ -139,6 +139,14 @@ pub(crate) fn job_record(
     if let Some(c) = &opts.coefficients {
         m.insert("coefficients".into(), json!(c));
     }
+    if let Some(streams) = &opts.streams {
+        // By fingerprint: a list as long as n.
+        let mut h = Fnv::default();
+        for (seed, i) in streams {
+            h.update(&seed.to_le_bytes()).update(&i.to_le_bytes());
+        }
+        m.insert("streams".into(), json!(h.hex()));
+    }
     if opts.leading_as_diffusers {
         // It moves a multistep solver's leading steps: a record from before it (another
         // layout) must not be resumed as this run.
@@ -237,6 +245,7 @@ const KEYS: &[&str] = &[
     "vae_tile_size",
     "image_size",
     "coefficients",
+    "streams",
     "guidance",
     "init_noise",
     "step_noise",

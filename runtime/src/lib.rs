@@ -52,6 +52,7 @@ pub mod output;
 pub mod pipeline;
 pub mod sampler;
 pub mod schedule;
+pub mod serve;
 pub mod spacing;
 pub mod text;
 pub mod tiles;

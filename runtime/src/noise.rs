@@ -1,5 +1,7 @@
-//! Random streams. Each sample has its own counter-based stream (ChaCha8, stream = global
-//! sample index), so sample i is the same whatever the batch size or chunking.
+//! Random streams. Each sample has its own counter-based stream (ChaCha8 seeded by the run's
+//! seed, stream = global sample index), so sample i is the same whatever the batch size or
+//! chunking, and whatever other samples share its batch (the server batches several
+//! requests, each row keeping its own (seed, index) stream).
 
 use ndarray::{s, Array4, ArrayD, Axis, Ix4};
 use rand::{Rng, SeedableRng};
@@ -16,7 +18,7 @@ pub trait NoiseSource {
     fn step(&mut self, step: usize) -> Result<Array4<f32>>;
 }
 
-/// Per-sample ChaCha8 streams seeded by (seed, global sample index).
+/// Per-sample ChaCha8 streams, each seeded by a (seed, global sample index) pair.
 pub struct SeededNoise {
     rngs: Vec<ChaCha8Rng>,
     shape: [usize; 3],
@@ -25,10 +27,20 @@ pub struct SeededNoise {
 impl SeededNoise {
     /// Streams for samples `first .. first + n`.
     pub fn new(seed: u64, first: usize, n: usize, shape: [usize; 3]) -> SeededNoise {
-        let rngs = (first..first + n)
-            .map(|i| {
+        SeededNoise::from_streams((first..first + n).map(|i| (seed, i as u64)), shape)
+    }
+
+    /// One row per `(seed, index)` pair: row j draws what sample `index` of a run seeded
+    /// `seed` draws, whatever the other rows are.
+    pub fn from_streams(
+        streams: impl IntoIterator<Item = (u64, u64)>,
+        shape: [usize; 3],
+    ) -> SeededNoise {
+        let rngs = streams
+            .into_iter()
+            .map(|(seed, i)| {
                 let mut r = ChaCha8Rng::seed_from_u64(seed);
-                r.set_stream(i as u64);
+                r.set_stream(i);
                 r
             })
             .collect();
@@ -138,6 +150,23 @@ mod tests {
         let tail = SeededNoise::new(7, 4, 2, [1, 2, 2]).draw();
         assert_eq!(whole.slice(s![4..6, .., .., ..]), tail);
         assert_ne!(whole.slice(s![0..2, .., .., ..]), tail);
+    }
+
+    #[test]
+    fn rows_of_other_runs_keep_their_own_streams() {
+        // Rows from two runs in one batch draw what each run draws alone.
+        let a = SeededNoise::new(3, 5, 1, [1, 2, 2]).draw();
+        let b = SeededNoise::new(9, 0, 2, [1, 2, 2]).draw();
+        let mixed = SeededNoise::from_streams([(9, 0), (3, 5), (9, 1)], [1, 2, 2]).draw();
+        assert_eq!(mixed.slice(s![1..2, .., .., ..]), a);
+        assert_eq!(
+            mixed.slice(s![0..1, .., .., ..]),
+            b.slice(s![0..1, .., .., ..])
+        );
+        assert_eq!(
+            mixed.slice(s![2..3, .., .., ..]),
+            b.slice(s![1..2, .., .., ..])
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ mod edit;
 mod elbo;
 mod likelihood;
 mod schedule;
+mod serve;
 mod tokenize;
 
 /// edgediff: sample from self-describing ONNX diffusion models.
@@ -54,6 +55,7 @@ enum Command {
     Info(InfoCmd),
     Samplers(SamplersCmd),
     Tokenize(tokenize::TokenizeCmd),
+    Serve(serve::ServeCmd),
 }
 
 #[derive(FromArgs, Debug)]
@@ -254,6 +256,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Calibrate(cmd) => calibrate::calibrate_cmd(cmd),
         Command::Info(cmd) => info(cmd),
         Command::Tokenize(cmd) => tokenize::tokenize(cmd),
+        Command::Serve(cmd) => serve::serve(cmd),
         Command::Samplers(cmd) => {
             list_samplers(cmd.json);
             Ok(())
@@ -420,22 +423,9 @@ fn sample(cmd: SampleCmd) -> Result<()> {
     // A pipeline's scheduler settings are its defaults (the library's otherwise); a --spacing
     // given replaces them all, as a scheduler of another spacing would have no offset. The
     // model's sampler and steps stay the defaults either way.
-    let model_defaults = SampleOptions::for_model(&model);
-    let sampler = match chosen {
-        Some(s) => s,
-        None => SamplerKind::new(model_defaults.sampler.name(), params)?,
-    };
-    let defaults = match spacing {
-        None => model_defaults,
-        Some(_) => SampleOptions {
-            steps: model_defaults.steps,
-            ..defaults
-        },
-    };
+    let defaults = SampleOptions::for_choice(&model, chosen, params, spacing)?;
     let opts = SampleOptions {
-        sampler,
         steps: cmd.steps.unwrap_or(defaults.steps),
-        spacing: spacing.unwrap_or(defaults.spacing),
         timesteps,
         n,
         batch_size: cmd.batch_size.unwrap_or(defaults.batch_size),

@@ -19,11 +19,27 @@ macro_rules! model_command {
             $($body:tt)*
         }
     ) => {
+        $crate::cli::model_args::model_command! {
+            @model {
+                /// the ONNX model or pipeline folder (default: the shipped MNIST model; with --prompt, models/mnist-t2i)
+                #[argh(option)]
+                model: Option<std::path::PathBuf>,
+            }
+            $(#[$($attr)*])*
+            $vis struct $name { $($body)* }
+        }
+    };
+    // A command's own `model` field (`serve` takes several), whose `ModelField` gives the path.
+    (
+        @model { $($model:tt)* }
+        $(#[$($attr:tt)*])*
+        $vis:vis struct $name:ident {
+            $($body:tt)*
+        }
+    ) => {
         $(#[$($attr)*])*
         $vis struct $name {
-            /// the ONNX model or pipeline folder (default: the shipped MNIST model; with --prompt, models/mnist-t2i)
-            #[argh(option)]
-            model: Option<std::path::PathBuf>,
+            $($model)*
             $($body)*
             /// path of libonnxruntime.so (else ORT_DYLIB_PATH, else .ort/ of the repository)
             #[argh(option)]
@@ -56,7 +72,7 @@ macro_rules! model_command {
             #[allow(dead_code)] // a command may open its model another way
             fn model_options(&self) -> edgediff::Result<edgediff::ModelOptions> {
                 $crate::cli::model_args::ModelFlags {
-                    model: self.model.clone(),
+                    model: $crate::cli::model_args::ModelField::path(&self.model),
                     ort_lib: self.ort_lib.clone(),
                     threads: self.threads,
                     provider: &self.provider,
@@ -78,6 +94,24 @@ macro_rules! model_command {
     };
 }
 pub(crate) use model_command;
+
+/// The path `ModelOptions` takes from a command's `model` field: the one given, or none for a
+/// command that opens several itself.
+pub(crate) trait ModelField {
+    fn path(&self) -> Option<PathBuf>;
+}
+
+impl ModelField for Option<PathBuf> {
+    fn path(&self) -> Option<PathBuf> {
+        self.clone()
+    }
+}
+
+impl ModelField for Vec<PathBuf> {
+    fn path(&self) -> Option<PathBuf> {
+        None
+    }
+}
 
 /// The model flags of one command line, as given.
 pub(crate) struct ModelFlags<'a> {
