@@ -2953,25 +2953,22 @@ mod tests {
             // version 6 (before first_index) 41 ending with calibration; version 7 ends with
             // first_index.
             assert_eq!(EdgediffSampleParams::MIN_SIZE, 27 * 8);
-            assert_eq!(
-                std::mem::offset_of!(EdgediffSampleParams, vae_tile_size),
-                29 * 8
-            );
-            assert_eq!(
-                std::mem::offset_of!(EdgediffSampleParams, init_image),
-                30 * 8
-            );
-            assert_eq!(std::mem::offset_of!(EdgediffSampleParams, gamma), 37 * 8);
-            assert_eq!(std::mem::offset_of!(EdgediffSampleParams, height), 38 * 8);
-            assert_eq!(std::mem::offset_of!(EdgediffSampleParams, width), 39 * 8);
-            assert_eq!(
-                std::mem::offset_of!(EdgediffSampleParams, calibration),
-                40 * 8
-            );
-            assert_eq!(
-                std::mem::offset_of!(EdgediffSampleParams, first_index),
-                41 * 8
-            );
+            // Where the versions put these fields, counted in 8-byte fields from the start.
+            let firsts = [
+                (
+                    std::mem::offset_of!(EdgediffSampleParams, vae_tile_size),
+                    29,
+                ),
+                (std::mem::offset_of!(EdgediffSampleParams, init_image), 30),
+                (std::mem::offset_of!(EdgediffSampleParams, gamma), 37),
+                (std::mem::offset_of!(EdgediffSampleParams, height), 38),
+                (std::mem::offset_of!(EdgediffSampleParams, width), 39),
+                (std::mem::offset_of!(EdgediffSampleParams, calibration), 40),
+                (std::mem::offset_of!(EdgediffSampleParams, first_index), 41),
+            ];
+            for (offset, fields) in firsts {
+                assert_eq!(offset, fields * 8);
+            }
             assert_eq!(std::mem::size_of::<EdgediffModelParams>(), 5 * 8 + 6 * 4);
             assert_eq!(std::mem::size_of::<EdgediffLikelihoodParams>(), 13 * 8);
             // Version 1 (before starts and save) was 13 fields.
