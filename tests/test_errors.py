@@ -525,6 +525,8 @@ def serve_cases():
         ("serve-malformed-json", "serve: a request line that is not JSON", lambda t: "{not json"),
         ("serve-unknown-field", "serve: a misspelt field",
          lambda t: json.dumps({"id": "serve-unknown-field", "stpes": 2})),
+        ("serve-wrong-type", "serve: a value of the wrong type",
+         lambda t: json.dumps({"id": "serve-wrong-type", "steps": "ten"})),
         ("serve-unknown-model", "serve: a model that does not exist",
          lambda t: json.dumps({"id": "serve-unknown-model", "model": str(t / "none.onnx")})),
         ("serve-unknown-sampler", "serve: an unknown sampler",

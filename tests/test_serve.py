@@ -180,7 +180,9 @@ def test_cancel_and_disconnect(edgediff_bin, tmp_path):
 BAD = [
     # (request body, HTTP status, code, field)
     (b"{not json", 400, "bad_request", None),
-    ({"n": 1, "stpes": 4}, 400, "bad_request", None),
+    ({"n": 1, "stpes": 4}, 400, "bad_request", "stpes"),
+    ({"n": 1, "steps": "ten"}, 400, "bad_request", "steps"),
+    ([1, 2], 400, "bad_request", None),
     ({"model": "/no/such/model.onnx"}, 400, "model", None),
     ({"sampler": "magic"}, 400, "argument", None),
     ({"n": 100000}, 400, "argument", "n"),

@@ -207,7 +207,6 @@ fn read_request(stream: &mut TcpStream) -> std::result::Result<HttpRequest, Fail
 /// The response to `req`; None when the client left before its answer.
 fn route(server: &Server, req: &HttpRequest, stream: &TcpStream) -> Option<Response> {
     let path = req.path.split('?').next().unwrap_or("");
-    let bad_json = |e: serde_json::Error| Failure::new("bad_request", format!("bad request: {e}"));
     match (req.method.as_str(), path) {
         ("GET", "/health") => Some(json_response(200, &server.health())),
         ("GET", "/metrics") => Some(Response {
@@ -215,19 +214,21 @@ fn route(server: &Server, req: &HttpRequest, stream: &TcpStream) -> Option<Respo
             content_type: "text/plain; version=0.0.4",
             body: server.metrics_text().into_bytes(),
         }),
-        ("POST", "/v1/samples") => match serde_json::from_slice::<Request>(&req.body) {
-            Ok(r) => wait(server, r, stream).map(|e| {
-                let status = match &e {
-                    Event::Failed { failure, .. } => status_of(failure.code),
-                    _ => 200,
-                };
-                json_response(status, &e.to_json())
-            }),
-            Err(e) => Some(counted(server, bad_json(e))),
-        },
+        ("POST", "/v1/samples") => {
+            match body_json(&req.body).and_then(Failure::decode::<Request>) {
+                Ok(r) => wait(server, r, stream).map(|e| {
+                    let status = match &e {
+                        Event::Failed { failure, .. } => status_of(failure.code),
+                        _ => 200,
+                    };
+                    json_response(status, &e.to_json())
+                }),
+                Err(failure) => Some(counted(server, failure)),
+            }
+        }
         ("POST", "/v1/images/generations") => {
-            let native = serde_json::from_slice::<OpenAiRequest>(&req.body)
-                .map_err(bad_json)
+            let native = body_json(&req.body)
+                .and_then(Failure::decode::<OpenAiRequest>)
                 .and_then(|o| {
                     o.native(server.new_id(), server.out_dir())
                         .map_err(|e| Failure::from(&e))
@@ -343,4 +344,10 @@ fn openai_answer(e: Event) -> Response {
         ),
         other => json_response(500, &other.to_json()),
     }
+}
+
+/// A request body as JSON (malformed: a `bad_request`).
+fn body_json(body: &[u8]) -> std::result::Result<Value, Failure> {
+    serde_json::from_slice(body)
+        .map_err(|e| Failure::new("bad_request", format!("bad request: not JSON: {e}")))
 }

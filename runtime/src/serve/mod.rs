@@ -109,6 +109,28 @@ impl Failure {
             field: None,
         }
     }
+
+    /// A request body that does not fit the schema (`T`: [`Request`] or [`OpenAiRequest`]),
+    /// as a `bad_request` naming the field at fault: serde's own message gives only a line
+    /// and column ("invalid type: string \"ten\", expected usize").
+    pub fn decode<T: serde::de::DeserializeOwned>(value: Value) -> std::result::Result<T, Failure> {
+        if !value.is_object() {
+            // serde would read an array as the struct's fields in order.
+            return Err(Failure::new(
+                "bad_request",
+                "bad request: a request is a JSON object ({\"prompt\": ..., \"n\": ...})",
+            ));
+        }
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let path = e.path().to_string();
+            let mut f = Failure::new("bad_request", format!("bad request: {}", e.inner()));
+            if path != "." {
+                f.message = format!("bad request: {path}: {}", e.inner());
+                f.field = Some(path);
+            }
+            f
+        })
+    }
 }
 
 /// What the server tells a client about a request.

@@ -281,6 +281,24 @@ mod tests {
     }
 
     #[test]
+    fn a_value_of_the_wrong_type_is_refused_naming_its_field() {
+        let value = serde_json::json!({"n": 2, "steps": "ten"});
+        let f = super::super::Failure::decode::<Request>(value).unwrap_err();
+        assert_eq!((f.code, f.field.as_deref()), ("bad_request", Some("steps")));
+        assert!(
+            f.message.contains("steps: invalid type: string"),
+            "{}",
+            f.message
+        );
+        let f = super::super::Failure::decode::<Request>(serde_json::json!([1])).unwrap_err();
+        assert!(
+            f.field.is_none() && f.message.contains("a JSON object"),
+            "{}",
+            f.message
+        );
+    }
+
+    #[test]
     fn absurd_sizes_are_refused_naming_the_field() {
         for (req, field) in [
             (r#"{"n": 0}"#, "n"),

@@ -64,18 +64,19 @@ fn handle_line(server: &Server, line: &str, tx: &Sender<Event>) {
         });
         return;
     }
-    match serde_json::from_value::<Request>(value) {
+    match Failure::decode::<Request>(value) {
         Ok(req) => {
             server.submit(req, tx.clone());
         }
-        Err(e) => bad_request(server, tx, id, format!("bad request: {e}")),
+        Err(failure) => refuse(server, tx, id, failure),
     }
 }
 
 fn bad_request(server: &Server, tx: &Sender<Event>, id: Option<String>, message: String) {
-    server.metrics().outcome("bad_request");
-    let _ = tx.send(Event::Failed {
-        id,
-        failure: Failure::new("bad_request", message),
-    });
+    refuse(server, tx, id, Failure::new("bad_request", message));
+}
+
+fn refuse(server: &Server, tx: &Sender<Event>, id: Option<String>, failure: Failure) {
+    server.metrics().outcome(failure.code);
+    let _ = tx.send(Event::Failed { id, failure });
 }
