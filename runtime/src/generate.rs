@@ -430,12 +430,9 @@ pub(crate) struct BatchPlan<'a> {
 
 /// One batch as the code that samples it sees it.
 pub(crate) struct Batch<'a> {
-    /// Index of the batch's first sample in the run (rows of the run's per-sample arrays).
+    /// Index of the batch's first sample in the run (rows of the run's per-sample arrays;
+    /// [`SampleOptions::first_index`] + `first` in the seed's stream of samples).
     pub first: usize,
-    /// Index of the batch's first sample in the seed's stream of samples
-    /// ([`SampleOptions::first_index`] + `first`): what its random streams, prompts and
-    /// error messages follow.
-    pub index: usize,
     /// Samples in the batch.
     pub len: usize,
     /// The model as a denoiser: labels, x0 clipping, guidance and cancellation applied.
@@ -564,7 +561,6 @@ pub(crate) fn run_batches(
         let mut den = Clipped::new(Guided::new(&mut net, scale), opts.x0_clip, meta.data_range);
         let mut batch = Batch {
             first,
-            index,
             len: m,
             den: &mut den,
             noise,
@@ -823,23 +819,7 @@ pub(crate) fn prepare(
     if opts.batch_size == 0 {
         return Err(Error::options("{0} must be at least 1", &["batch_size"]));
     }
-    check_first_index(opts, injected)?;
-    if opts.streams.is_some() && opts.first_index != 0 {
-        return Err(Error::options(
-            "{0} name each sample's stream: give {1} in them, not beside them",
-            &["streams", "first_index"],
-        ));
-    }
-    if let Some(s) = opts.streams.as_ref().filter(|s| s.len() != opts.n) {
-        return Err(Error::options(
-            format!(
-                "{{0}} holds {} streams for {} samples ({{1}})",
-                s.len(),
-                opts.n
-            ),
-            &["streams", "n"],
-        ));
-    }
+    check_indices(opts, injected)?;
     let meta = model.metadata().clone();
     if let (Some(img), Some([h, w])) = (&opts.init_image, opts.image_size) {
         let k = img.shape();
@@ -979,10 +959,27 @@ pub(crate) fn prepare(
     Ok((labels, lv))
 }
 
-/// Refuses a range whose last index would not fit in a usize, and a first index with injected
-/// noise: the noise replaces the seed's streams, so the index would select nothing in it, and a
-/// caller who meant rows of a whole run's noise file would silently get other samples.
-fn check_first_index(opts: &SampleOptions, injected: Option<&InjectedNoise>) -> Result<()> {
+/// Refuses a range whose last index would not fit in a usize; a first index with injected
+/// noise (the noise replaces the seed's streams, so the index would select nothing in it, and
+/// a caller who meant rows of a whole run's noise file would silently get other samples) or
+/// beside explicit streams; and streams that are not one per sample.
+fn check_indices(opts: &SampleOptions, injected: Option<&InjectedNoise>) -> Result<()> {
+    if opts.streams.is_some() && opts.first_index != 0 {
+        return Err(Error::options(
+            "{0} name each sample's stream: give {1} in them, not beside them",
+            &["streams", "first_index"],
+        ));
+    }
+    if let Some(s) = opts.streams.as_ref().filter(|s| s.len() != opts.n) {
+        return Err(Error::options(
+            format!(
+                "{{0}} holds {} streams for {} samples ({{1}})",
+                s.len(),
+                opts.n
+            ),
+            &["streams", "n"],
+        ));
+    }
     if opts.first_index.checked_add(opts.n).is_none() {
         return Err(Error::out_of_range(
             "first_index",

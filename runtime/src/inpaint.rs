@@ -346,7 +346,7 @@ pub fn inpaint(
                         } else {
                             PinNoise::Fresh(SeededNoise::new(
                                 opts.seed ^ 0x1a9a_1a7e_5eed_0001,
-                                b.index,
+                                opts.first_index + b.first,
                                 b.len,
                                 shape,
                             ))
