@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -169,6 +170,16 @@ def _cmd_add_metadata(a: argparse.Namespace) -> dict:
     return {"out": str(out), "metadata": meta}
 
 
+def _cmd_recover_pipeline(a: argparse.Namespace) -> dict:
+    from .diffusers_import import DiffusersImportError
+    from .onnx_pipeline import recover_pipeline
+    try:
+        return recover_pipeline(a.folder, a.out)
+    except DiffusersImportError as e:
+        print(f"edgediff-export recover-pipeline: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def _cmd_diffusers(a: argparse.Namespace) -> dict:
     from .diffusers_import import run
     return _finish(a, run(a))
@@ -238,6 +249,13 @@ def main(argv: list[str] | None = None) -> None:
     from .diffusers_import import add_arguments
     add_arguments(d)
     d.set_defaults(fn=_cmd_diffusers)
+
+    rp = sub.add_parser("recover-pipeline", help="write the diffusers pipeline folder (PyTorch "
+                        "weights) of a text-to-image folder edgediff-export diffusers wrote, e.g. "
+                        "as a distill-t2i teacher; needs diffusers and transformers")
+    rp.add_argument("folder", type=Path, help="the edgediff text-to-image folder")
+    rp.add_argument("--out", type=Path, required=True, help="the diffusers folder to write")
+    rp.set_defaults(fn=_cmd_recover_pipeline)
 
     a = p.parse_args(argv)
     print(json.dumps(a.fn(a)))

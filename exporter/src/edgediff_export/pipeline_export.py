@@ -499,6 +499,10 @@ def export_pipeline(src: Path, out: Path, name: str | None = None, description: 
                                      [make(3, 1), make(1, 2), *extra], spatial=axes,
                                      fp16_islands=islands, threshold=threshold)
         (out / part / "config.json").write_text(json.dumps(cfg, indent=2))
+    if (src / "distillation.json").is_file():
+        # How a distilled student was made (edgediff-train distill-t2i writes it): the
+        # runtime and the model card read it as a single-file student's `distillation`.
+        meta["distillation"] = _read_json(src / "distillation.json")
     (out / "scheduler").mkdir(exist_ok=True)
     shutil.copy2(src / "scheduler" / "scheduler_config.json", out / "scheduler" / "scheduler_config.json")
     shutil.copy2(src / "model_index.json", out / "model_index.json")

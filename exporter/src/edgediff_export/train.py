@@ -282,9 +282,13 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["distill"]:
         from .distill import main as distill_main
         return distill_main(argv[1:])
+    if argv[:1] == ["distill-t2i"]:
+        from .distill_t2i import main as distill_t2i_main
+        return distill_t2i_main(argv[1:])
     p = argparse.ArgumentParser(prog="edgediff-train", description=__doc__.splitlines()[0],
                                 epilog="edgediff-train distill --help: few-step students of "
-                                       "a trained model (consistency distillation)")
+                                       "a trained model (consistency distillation); edgediff-train distill-t2i "
+                                       "--help: of a text-to-image pipeline (LCM)")
     p.add_argument("--out-dir", type=Path, required=True, help="checkpoint and loss log folder")
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
