@@ -213,6 +213,36 @@ def test_stopped_runs_equal_the_straight_run_and_export(tmp_path: Path, edgediff
     assert not np.array_equal(outs[0], outs[2])
 
 
+def test_a_run_continued_from_a_student_starts_from_its_weights(tmp_path: Path, capsys) -> None:
+    teacher = tmp_path / "teacher.onnx"
+    export_teacher(teacher)
+    first = distill.distill(tmp_path / "a", teacher, distill.DistillConfig(steps=2, batch_size=4),
+                            100, None, 1, data=bars(8))
+    init = tmp_path / "a" / "student.onnx"
+    cfg = distill.DistillConfig(steps=1, batch_size=4, lr=0.0, warmup=1)
+    distill.distill(tmp_path / "b", teacher, cfg, 100, None, 1, data=bars(8), init=init)
+    # lr 0: the one step moves nothing, so every weight set is the init file's (the first
+    # run's EMA), not the teacher's.
+    ck = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    ema = torch.load(first, weights_only=False)["ema"]
+    for part in ("student", "target", "ema"):
+        assert all(torch.equal(ck[part][k], ema[k]) for k in ema), part
+    record = read_metadata(tmp_path / "b" / "student.onnx")["distillation"]
+    assert record["continued_from"]["sha256"] == distill.file_sha256(init)
+    assert record["continued_from"]["steps_done"] == 2
+    assert record["training"]["init_sha256"] == distill.file_sha256(init)
+    # Another teacher's student, or a file that is no student, is refused by name.
+    other = tmp_path / "other.onnx"
+    export_teacher(other, seed=1)
+    for teacher_file, init_file, needle in ((other, init, "a student of another teacher"),
+                                            (teacher, teacher, "has no distillation record")):
+        with pytest.raises(SystemExit) as e:
+            distill.main(["--teacher", str(teacher_file), "--init", str(init_file), "--out-dir",
+                          str(tmp_path / "never")])
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
 def test_bad_teachers_and_options_exit_with_their_codes(tmp_path: Path, capsys) -> None:
     teacher = tmp_path / "teacher.onnx"
     export_teacher(teacher)

@@ -82,6 +82,7 @@ class DistillConfig:
     grad_clip: float = 1.0
     seed: int = 0
     dataset: str = "mnist"
+    init_sha256: str = ""  # --init: the student file this run starts from ("": the teacher)
 
 
 def file_sha256(path: Path) -> str:
@@ -265,16 +266,40 @@ def export_student(ckpt_path: Path, out: Path, weights: str = "ema", name: str =
                           parse_sampling(sampling or [], grid, cfg.t_max))
     out_meta["distillation"] = distillation_record(cfg, meta, ck["teacher_path"], ck["step"],
                                                    ck["elapsed_s"], weights, grid, grids)
+    if ck.get("init_record") is not None:
+        # A continued run: what it started from, so steps and time add up on the card.
+        prior = ck["init_record"]["training"]
+        out_meta["distillation"]["continued_from"] = {
+            "sha256": cfg.init_sha256, "steps_done": prior.get("steps_done"),
+            "seconds": prior.get("seconds"), "continued_from": ck["init_record"].get("continued_from")}
     out_meta["sampling"] = sampling_record(grids)
     err = export_unet(model, out_meta, out, timestep_dtype="float32")
     return {"out": str(out), "step": ck["step"], "weights": weights, "max_rel_err": err}
 
 
+def load_init(path: Path, teacher_meta: dict, teacher_sha256: str) -> tuple[dict, dict]:
+    """The weights and `distillation` record of a student of this teacher (`--init`: a run
+    continued from a shipped student, whose checkpoint is gone)."""
+    student, meta = unet_from_onnx(path)
+    record = meta.get("distillation")
+    if record is None:
+        raise ValueError(f"--init {path} has no distillation record; pass a student "
+                         "edgediff-train distill exported")
+    if record.get("teacher", {}).get("sha256") != teacher_sha256:
+        raise ValueError(f"--init {path} is a student of another teacher "
+                         f"({record.get('teacher', {}).get('file')})")
+    if meta["extra"]["unet"] != teacher_meta["extra"]["unet"]:
+        raise ValueError(f"--init {path} has another network than the teacher")
+    return student.state_dict(), record
+
+
 def distill(out_dir: Path, teacher_path: Path, cfg: DistillConfig, checkpoint_every: int,
             time_budget_min: float | None, threads: int | None,
-            data: torch.Tensor | None = None) -> Path:
+            data: torch.Tensor | None = None, init: Path | None = None) -> Path:
     """Distill (or resume) into out_dir; `data` (images [N, C, H, W] in [-1, 1]) replaces the
-    named dataset, for tests. Writes out_dir/student.onnx when all steps are done."""
+    named dataset, for tests. `init`: start student, target and EMA from this student file
+    instead of the teacher (its optimizer state is not in it, so the run is a continuation in
+    weights only). Writes out_dir/student.onnx when all steps are done."""
     if threads:
         torch.set_num_threads(threads)
     teacher, meta = load_teacher(teacher_path)
@@ -295,11 +320,15 @@ def distill(out_dir: Path, teacher_path: Path, cfg: DistillConfig, checkpoint_ev
     ckpt_path, log_path = out_dir / "checkpoint.pt", out_dir / "loss.csv"
     student = build_network(UNetConfig.from_dict(meta["extra"]["unet"]), schedule,
                             TRAINER_PREDICTION[prediction])
-    student.load_state_dict(teacher.state_dict())
+    start_weights, init_record = teacher.state_dict(), None
+    if init is not None:
+        start_weights, init_record = load_init(init, meta, cfg.teacher_sha256)
+        cfg.init_sha256 = file_sha256(init)
+    student.load_state_dict(start_weights)
     target = build_network(student.cfg, schedule, TRAINER_PREDICTION[prediction])
     ema = build_network(student.cfg, schedule, TRAINER_PREDICTION[prediction])
-    target.load_state_dict(teacher.state_dict())
-    ema.load_state_dict(teacher.state_dict())
+    target.load_state_dict(start_weights)
+    ema.load_state_dict(start_weights)
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=0.0)
     start, elapsed = resume(ckpt_path, {"student": student, "target": target, "ema": ema}, opt,
                             "config", "settings or another teacher",
@@ -312,7 +341,8 @@ def distill(out_dir: Path, teacher_path: Path, cfg: DistillConfig, checkpoint_ev
         save_atomic({"student": to_cpu(student.state_dict()), "target": to_cpu(target.state_dict()),
                      "ema": to_cpu(ema.state_dict()), "opt": to_cpu(opt.state_dict()),
                      "step": step, "elapsed_s": clock.elapsed, "config": asdict(cfg),
-                     "teacher_meta": meta, "teacher_path": str(teacher_path)}, ckpt_path)
+                     "teacher_meta": meta, "teacher_path": str(teacher_path),
+                     "init_record": init_record}, ckpt_path)
 
     reset_log(log_path, start)
     clock = Clock(elapsed, checkpoint_every, cfg.steps, time_budget_min)
@@ -379,6 +409,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--time-budget-min", type=float, default=None,
                    help="stop (with a checkpoint) after this many minutes of training in total")
     p.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's)")
+    p.add_argument("--init", type=Path, default=None, metavar="STUDENT.onnx",
+                   help="start from this student of the same teacher instead of the teacher "
+                        "(weights only: continue a run whose checkpoint is gone)")
     p.add_argument("--snapshot", type=Path, default=None, metavar="OUT.onnx",
                    help="export the checkpoint in --out-dir as it stands and exit (no training)")
     p.add_argument("--weights", choices=WEIGHTS, default="ema",
@@ -413,8 +446,16 @@ def main(argv: list[str] | None = None) -> None:
         p.error(str(e))  # exit 2: a teacher or option this distiller cannot use
     except Exception as e:  # noqa: BLE001 - onnx's parse errors have no common type
         p.error(f"--teacher {a.teacher} is not a readable ONNX model ({type(e).__name__}: {e})")
+    if a.init is not None:
+        try:
+            load_init(a.init, meta, file_sha256(a.teacher))
+        except ValueError as e:
+            p.error(str(e))
+        except FileNotFoundError:
+            p.error(f"--init {a.init} does not exist")
     run_and_report("edgediff-train distill", lambda: distill(
-        a.out_dir, a.teacher, cfg, a.checkpoint_every, a.time_budget_min, a.threads))
+        a.out_dir, a.teacher, cfg, a.checkpoint_every, a.time_budget_min, a.threads,
+        init=a.init))
 
 
 if __name__ == "__main__":
