@@ -293,6 +293,30 @@ def load_init(path: Path, teacher_meta: dict, teacher_sha256: str) -> tuple[dict
     return student.state_dict(), record
 
 
+def consistency_update(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list,
+                       target_params: list, ema_params: list, step: int, cfg, clock: Clock,
+                       start: int, log_path: Path, bar, checkpoint) -> tuple[int, bool]:
+    """One optimiser step of a consistency-distillation run (`cfg`: lr, warmup, steps,
+    lr_min, grad_clip, target_ema, ema_decay, batch_size) and its bookkeeping: the target
+    network's EMA, the exported EMA, the log line, a checkpoint when due. Returns (steps done,
+    whether the time budget is spent)."""
+    lr = lr_at(step, cfg)
+    optimizer_step(opt, loss, params, lr, cfg.grad_clip)
+    with torch.no_grad():
+        torch._foreach_lerp_(target_params, params, 1 - cfg.target_ema)
+    update_ema(ema_params, params, step, cfg.ema_decay)
+    done = step + 1
+    save, over = clock.tick(done)
+    rate = clock.rate(done - start, cfg.batch_size)
+    append_log(log_path, step, loss.item(), lr, rate, clock.elapsed)
+    bar.set_postfix(loss=f"{loss.item():.5f}", samples_s=f"{rate:.0f}")
+    if save:
+        checkpoint(done)
+    if over:
+        print(f"time budget reached at step {done}; rerun the same command to resume")
+    return done, over
+
+
 def distill(out_dir: Path, teacher_path: Path, cfg: DistillConfig, checkpoint_every: int,
             time_budget_min: float | None, threads: int | None,
             data: torch.Tensor | None = None, init: Path | None = None) -> Path:
@@ -357,20 +381,9 @@ def distill(out_dir: Path, teacher_path: Path, cfg: DistillConfig, checkpoint_ev
         n = torch.randint(0, top, (cfg.batch_size,), generator=g)
         eps = torch.randn((cfg.batch_size, *shape), generator=g)
         loss = cd_loss(student, target, teacher, prediction, cfg, levels, grid, x0, eps, n)
-        lr = lr_at(step, cfg)
-        optimizer_step(opt, loss, params, lr, cfg.grad_clip)
-        with torch.no_grad():
-            torch._foreach_lerp_(target_params, params, 1 - cfg.target_ema)
-        update_ema(ema_params, params, step, cfg.ema_decay)
-        done = step + 1
-        save, over = clock.tick(done)
-        rate = clock.rate(done - start, cfg.batch_size)
-        append_log(log_path, step, loss.item(), lr, rate, clock.elapsed)
-        bar.set_postfix(loss=f"{loss.item():.4f}", samples_s=f"{rate:.0f}")
-        if save:
-            checkpoint(done)
+        done, over = consistency_update(opt, loss, params, target_params, ema_params, step, cfg,
+                                        clock, start, log_path, bar, checkpoint)
         if over:
-            print(f"time budget reached at step {done}; rerun the same command to resume")
             break
     if done == cfg.steps and (start < done or not (out_dir / "student.onnx").exists()):
         print(json.dumps(export_student(ckpt_path, out_dir / "student.onnx")))

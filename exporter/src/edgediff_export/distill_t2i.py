@@ -48,8 +48,9 @@ from pathlib import Path
 
 import torch
 
-from .train import (Clock, append_log, lr_at, optimizer_step, progress_bar, reset_log, resume,
-                    run_and_report, save_atomic, step_generator, to_cpu, update_ema)
+from .distill import consistency_update
+from .train import (Clock, progress_bar, reset_log, resume, run_and_report, save_atomic,
+                    step_generator, to_cpu)
 
 SIGMA_DATA = 0.5  # LCMScheduler's boundary-condition constants
 TIMESTEP_SCALING = 10.0
@@ -327,20 +328,9 @@ def distill(out_dir: Path, pipeline: Path, cfg: T2IDistillConfig, checkpoint_eve
         eps = torch.randn((b, *shape), generator=g)
         text = texts[labels[idx] * per_digit + tmpl]
         loss = lcm_loss(student, target, teacher, cfg, grid, abar, z0, eps, n, w, text, empty)
-        lr = lr_at(step, cfg)
-        optimizer_step(opt, loss, params, lr, cfg.grad_clip)
-        with torch.no_grad():
-            torch._foreach_lerp_(target_params, params, 1 - cfg.target_ema)
-        update_ema(ema_params, params, step, cfg.ema_decay)
-        done = step + 1
-        save, over = clock.tick(done)
-        rate = clock.rate(done - start, cfg.batch_size)
-        append_log(log_path, step, loss.item(), lr, rate, clock.elapsed)
-        bar.set_postfix(loss=f"{loss.item():.5f}", samples_s=f"{rate:.0f}")
-        if save:
-            checkpoint(done)
+        done, over = consistency_update(opt, loss, params, target_params, ema_params, step, cfg,
+                                        clock, start, log_path, bar, checkpoint)
         if over:
-            print(f"time budget reached at step {done}; rerun the same command to resume")
             break
     if done == cfg.steps and (start < done or not (out_dir / "pipeline").exists()):
         record = distillation_record(cfg, pipeline, done, clock.elapsed, grid)
