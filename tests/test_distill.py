@@ -285,8 +285,8 @@ def test_bad_teachers_and_options_exit_with_their_codes(tmp_path: Path, capsys) 
 
 def test_the_shipped_student_makes_digits_with_no_flag_but_the_steps(edgediff_bin, tmp_path):
     # models/mnist-cd.onnx's card (2,000 samples, seed 0): `--steps 4` alone (its record: lcm on
-    # 749, 599, 449, 299) 87.8% confident, class balance 0.85; `--steps 1` (749) 79.5%, 0.62.
-    # Here the first 200 of each (measured 0.85 / 0.55 and 0.80 / 0.60: a class share over 200
+    # 749, 599, 449, 299) 88.5% confident, class balance 0.87; `--steps 1` (749) 79.35%, 0.575.
+    # Here the first 200 of each (measured 0.91 / 0.70 and 0.785 / 0.65: a class share over 200
     # samples is noisy). The balance bound fails a model whose record were ignored: 1 step from
     # the trailing grid's 999 gave the first student balance 0.17 (FID 2591), as a student is
     # never trained above 749.
