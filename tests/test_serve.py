@@ -184,7 +184,7 @@ BAD = [
     ({"n": 1, "steps": "ten"}, 400, "bad_request", "steps"),
     ([1, 2], 400, "bad_request", None),
     ({"model": "/no/such/model.onnx"}, 400, "model", None),
-    ({"sampler": "magic"}, 400, "argument", None),
+    ({"sampler": "magic"}, 400, "argument", "sampler"),
     ({"n": 100000}, 400, "argument", "n"),
     ({"batch_size": 100000}, 400, "argument", "batch_size"),
     ({"steps": 0}, 400, "argument", "steps"),

@@ -203,7 +203,8 @@ impl Error {
         ArgumentError::new(ArgumentKind::Invalid, template, args).into()
     }
 
-    /// A name that is none of the known ones: "unknown {what} '{name}'; expected {expected}".
+    /// A name that is none of the known ones: "unknown {what} '{name}'; expected {expected}",
+    /// about the option called `what` (the one [`ArgumentError::arg`] gives).
     pub fn unknown(what: &'static str, name: &str, expected: &[&str]) -> Error {
         let list = match expected {
             [] => String::new(),
@@ -217,7 +218,8 @@ impl Error {
                 expected: expected.iter().map(|s| s.to_string()).collect(),
             },
             format!("unknown {what} '{name}'; expected {list}"),
-            &[],
+            // `what` is the option's name: a server's answer and a caller name the field.
+            &[what],
         )
         .into()
     }
@@ -328,5 +330,6 @@ mod tests {
             e.to_string(),
             "invalid argument: unknown spacing 'odd'; expected leading, trailing, linspace, karras or logsnr"
         );
+        assert_eq!(e.argument().and_then(|a| a.arg()), Some("spacing"));
     }
 }
