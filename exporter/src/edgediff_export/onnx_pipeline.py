@@ -113,7 +113,7 @@ def recover_weights(module: torch.nn.Module, wrapper: torch.nn.Module,
     with tempfile.TemporaryDirectory() as tmp:
         probe_path = Path(tmp) / "probe.onnx"
         _probe_export(wrapper, feed, part, probe_path)
-        probe_graph, probe = _graph(probe_path)
+        probe = _graph(probe_path)[1]
     shipped_graph, inits = _graph(graph)
     shipped = _resolve(shipped_graph, inits)
     found: dict[str, torch.Tensor] = {}
@@ -163,6 +163,7 @@ def _check(wrapper: torch.nn.Module, graph: Path, feed: dict[str, torch.Tensor],
 def recover_pipeline(src: Path, out: Path) -> dict:
     """Write the diffusers pipeline folder `out` whose export is the text-to-image folder
     `src`; returns each part's check against `src`'s graphs."""
+    import diffusers
     from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -219,11 +220,9 @@ def recover_pipeline(src: Path, out: Path) -> dict:
     tok = CLIPTokenizer(str(src / "tokenizer" / "vocab.json"), str(src / "tokenizer" / "merges.txt"),
                         model_max_length=L)
     index = json.loads((src / "model_index.json").read_text())
-    from diffusers import schedulers
-
     sc = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
-    scheduler = getattr(schedulers, sc["_class_name"]).from_config(sc)
-    pipe_cls = getattr(__import__("diffusers"), index["_class_name"])
+    scheduler = getattr(diffusers, sc["_class_name"]).from_config(sc)
+    pipe_cls = getattr(diffusers, index["_class_name"])
     parts = dict(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler)
     if "safety_checker" in index:
         parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
